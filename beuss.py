@@ -1,0 +1,2106 @@
+#!/usr/bin/env python3
+"""beuss: a dead-simple message bus in one file.
+
+    python beuss.py                       serve named queues on 127.0.0.1:6552
+    echo hi | python beuss.py PUT jobs    put a message on the queue "jobs"
+    python beuss.py GET jobs out.bin      take one message, write it to a file
+    python beuss.py ON jobs               take messages as they come
+
+Queues hold binary messages in memory, first in, first out; a message is gone
+once it has been taken. The server speaks a subset of the Redis protocol
+(RESP2, and RESP3 after HELLO 3): its queues are Redis lists, so redis-cli,
+redis-py and other Redis clients work against it, and the client half of this
+file works against Redis or Valkey.
+
+Limits: a message is at most 10240 bytes unless --max-message-size (or
+BMAXMESSAGESIZE) says otherwise; a request has at most 1,048,576 arguments;
+an inline request line is at most 64 KiB.
+
+Standard library only, CPython 3.7 or newer. MIT licence.
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "BeussError", "ProtocolError", "ReplyError", "ConnectionFailed",
+    "Queues", "Server", "Client", "put", "get", "on", "main",
+]
+
+import collections
+import errno
+import heapq
+import os
+import re
+import selectors
+import socket
+import sys
+import threading
+import time
+
+
+# ##########################################################################
+# Constants
+# ##########################################################################
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 6552
+DEFAULT_MAX_MESSAGE_SIZE = 10240
+# selectors.SelectSelector, what Windows gets, cannot watch more than 512
+# sockets; keep room for the listener and the wake-up pair.
+DEFAULT_MAX_CLIENTS = 500 if sys.platform == "win32" else 10000
+
+MAX_BULK_LENGTH = 512 * 1024 * 1024     # Redis's proto-max-bulk-len
+MAX_ARGUMENTS = 1024 * 1024             # arguments in one request
+MAX_INLINE_LENGTH = 64 * 1024           # an inline line, or a length line
+READ_SIZE = 256 * 1024
+SELECT_TIMEOUT_MAX = 1.0                # Ctrl-C must get through on Windows
+FOREVER = float("inf")
+
+OK = b"+OK\r\n"
+PONG = b"+PONG\r\n"
+TYPE_LIST = b"+list\r\n"
+TYPE_NONE = b"+none\r\n"
+EMPTY_ARRAY = b"*0\r\n"
+RESP2_NULL_BULK = b"$-1\r\n"
+RESP2_NULL_ARRAY = b"*-1\r\n"
+RESP3_NULL = b"_\r\n"
+
+ERR_SYNTAX = "ERR syntax error"
+ERR_NOT_INTEGER = "ERR value is not an integer or out of range"
+ERR_NOT_POSITIVE = "ERR value is out of range, must be positive"
+ERR_TIMEOUT_NOT_FLOAT = "ERR timeout is not a float or out of range"
+ERR_TIMEOUT_NEGATIVE = "ERR timeout is negative"
+ERR_TIMEOUT_RANGE = "ERR timeout is out of range"
+ERR_MAX_CLIENTS = b"-ERR max number of clients reached\r\n"
+
+
+# ##########################################################################
+# Errors
+# ##########################################################################
+
+class BeussError(Exception):
+    """Base of every error beuss raises on purpose."""
+
+
+class ProtocolError(BeussError):
+    """The peer sent bytes that are not the Redis protocol; the connection
+    cannot be trusted to be in step any more and is closed."""
+
+
+class ReplyError(BeussError):
+    """A command was refused: the server answers it with an error reply and
+    the connection goes on. The client raises it for an error reply."""
+
+
+class ConnectionFailed(BeussError):
+    """The server could not be reached, or the connection to it broke."""
+
+
+# ##########################################################################
+# Protocol: pure functions on bytes, shared by the server and the client
+# ##########################################################################
+
+def encode_bulk(data):
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def encode_int(number):
+    return b":%d\r\n" % number
+
+
+def encode_bulks(items):
+    """An array of bulk strings: a request, or a reply such as LRANGE's."""
+    parts = [b"*%d\r\n" % len(items)]
+    for item in items:
+        parts.append(b"$%d\r\n" % len(item))
+        parts.append(item)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_error(text):
+    # An error reply is one line: Redis turns line breaks into spaces.
+    return b"-%s\r\n" % text.replace("\r", " ").replace("\n", " ").encode(
+        "utf-8", "replace")
+
+
+def encode_map(pairs, resp3):
+    """pairs: (encoded key, encoded value). RESP2 has no map: a flat array."""
+    head = b"%%%d\r\n" % len(pairs) if resp3 else b"*%d\r\n" % (2 * len(pairs))
+    return head + b"".join(key + value for key, value in pairs)
+
+
+def parse_integer(data):
+    """Return the integer written in data as Redis's string2ll accepts it
+    (optional minus, digits, no leading zero, 64 bits), else None."""
+    digits = data[1:] if data[:1] == b"-" else data
+    if not digits.isdigit() or len(digits) > 19:
+        return None
+    if digits[:1] == b"0" and len(data) > 1:
+        return None
+    number = int(data)
+    return number if -2 ** 63 <= number < 2 ** 63 else None
+
+
+def split_inline(line):
+    """Split an inline request into arguments, with Redis's quoting rules:
+    "double quotes" know \\n \\r \\t \\b \\a \\xHH and \\<char>, 'single
+    quotes' know only \\', and a closing quote must end the argument."""
+    if b'"' not in line and b"'" not in line:
+        return line.split()
+    args = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i:i + 1].isspace():
+            i += 1
+        if i == n:
+            return args
+        arg = bytearray()
+        quote = None
+        while True:
+            if i == n:
+                if quote:
+                    raise ProtocolError("unbalanced quotes in request")
+                break
+            c = line[i:i + 1]
+            if quote == b'"':
+                if c == b"\\" and i + 3 < n and line[i + 1:i + 2] == b"x" \
+                        and _is_hex(line[i + 2:i + 4]):
+                    arg.append(int(line[i + 2:i + 4], 16))
+                    i += 3
+                elif c == b"\\" and i + 1 < n:
+                    arg += _ESCAPES.get(line[i + 1:i + 2], line[i + 1:i + 2])
+                    i += 1
+                elif c == b'"':
+                    if i + 1 < n and not line[i + 1:i + 2].isspace():
+                        raise ProtocolError("unbalanced quotes in request")
+                    i += 1
+                    break
+                else:
+                    arg += c
+            elif quote == b"'":
+                if c == b"\\" and line[i + 1:i + 2] == b"'":
+                    arg += b"'"
+                    i += 1
+                elif c == b"'":
+                    if i + 1 < n and not line[i + 1:i + 2].isspace():
+                        raise ProtocolError("unbalanced quotes in request")
+                    i += 1
+                    break
+                else:
+                    arg += c
+            elif c.isspace():
+                break
+            elif c in (b'"', b"'"):
+                quote = c
+            else:
+                arg += c
+            i += 1
+        args.append(bytes(arg))
+
+
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"a": b"\a"}
+
+
+def _is_hex(two):
+    return len(two) == 2 and all(c in b"0123456789abcdefABCDEF" for c in two)
+
+
+class RequestReader:
+    """Turns the bytes a client sends into requests (lists of bytes).
+
+    read() returns the next whole request, or None while it is incomplete:
+    a request may be split at any byte and many may come in one read. It
+    raises ProtocolError for bytes that break the protocol, and ReplyError
+    for a request with an argument over max_argument bytes, after dropping
+    all of that request's bytes so the connection stays in step.
+
+    Bytes fed in are kept as a list of chunks and joined only once enough
+    have arrived for the next step, so a large message arriving in many
+    reads is copied a bounded number of times.
+    """
+
+    def __init__(self, max_argument=DEFAULT_MAX_MESSAGE_SIZE):
+        self.max_argument = max_argument
+        self._buf = b""
+        self._pos = 0
+        self._chunks = []
+        self._buffered = 0          # bytes in _buf past _pos, and in _chunks
+        self._need = 1              # bytes wanted before parsing again
+        self._args = None           # arguments of the request under way
+        self._left = 0              # arguments still to come
+        self._bulk = -1             # length of the argument under way
+        self._skip = 0              # bytes of an over-size argument to drop
+        self._too_large = 0         # size of the over-size argument, if any
+
+    def feed(self, data):
+        self._chunks.append(data)
+        self._buffered += len(data)
+
+    def pending(self):
+        """Bytes received but not yet part of a whole request."""
+        return self._buffered
+
+    def read(self):
+        if self._buffered < self._need:
+            return None
+        if self._chunks:
+            self._chunks.insert(0, self._buf[self._pos:])
+            self._buf = b"".join(self._chunks)
+            self._chunks = []
+            self._pos = 0
+        try:
+            return self._parse()
+        finally:
+            self._buffered = len(self._buf) - self._pos
+
+    def _parse(self):
+        buf, pos, end = self._buf, self._pos, len(self._buf)
+        self._need = 1
+        while True:
+            if self._skip:
+                dropped = min(self._skip, end - pos)
+                pos += dropped
+                self._skip -= dropped
+                if self._skip:
+                    return self._incomplete(pos, 1)
+                if not self._left:
+                    return self._finish_too_large(pos)
+            if not self._left:
+                if pos == end:
+                    return self._incomplete(pos, 1)
+                if buf[pos] != 42:                  # not b"*": inline
+                    newline = buf.find(b"\n", pos)
+                    if newline < 0 or newline - pos > MAX_INLINE_LENGTH + 1:
+                        if end - pos > MAX_INLINE_LENGTH:
+                            raise ProtocolError("too big inline request")
+                        return self._incomplete(pos, end - pos + 1)
+                    line = buf[pos:newline]
+                    self._pos = pos = newline + 1
+                    args = split_inline(line)
+                    if args:
+                        return args
+                    continue
+                newline = buf.find(b"\r\n", pos)
+                if newline < 0:
+                    if end - pos > MAX_INLINE_LENGTH:
+                        raise ProtocolError("too big mbulk count string")
+                    return self._incomplete(pos, end - pos + 1)
+                count = parse_integer(buf[pos + 1:newline])
+                if count is None or count > MAX_ARGUMENTS:
+                    raise ProtocolError("invalid multibulk length")
+                pos = newline + 2
+                if count <= 0:                      # Redis skips these
+                    self._pos = pos
+                    continue
+                self._left = count
+                self._args = []
+            while self._left:
+                if self._bulk < 0:
+                    if pos == end:
+                        return self._incomplete(pos, 1)
+                    if buf[pos] != 36:              # not b"$"
+                        raise ProtocolError("expected '$', got '%s'"
+                                            % chr(buf[pos]))
+                    newline = buf.find(b"\r\n", pos)
+                    if newline < 0:
+                        if end - pos > MAX_INLINE_LENGTH:
+                            raise ProtocolError("too big bulk count string")
+                        return self._incomplete(pos, end - pos + 1)
+                    length = parse_integer(buf[pos + 1:newline])
+                    if length is None or not 0 <= length <= MAX_BULK_LENGTH:
+                        raise ProtocolError("invalid bulk length")
+                    pos = newline + 2
+                    if length > self.max_argument:
+                        self._left -= 1
+                        self._skip = length + 2
+                        self._too_large = length
+                        break
+                    self._bulk = length
+                if end - pos < self._bulk + 2:
+                    return self._incomplete(pos, self._bulk + 2)
+                if self._too_large:                 # dropping this request
+                    pos += self._bulk + 2
+                else:
+                    self._args.append(buf[pos:pos + self._bulk])
+                    pos += self._bulk + 2
+                self._bulk = -1
+                self._left -= 1
+            if self._skip:
+                continue
+            if self._too_large:
+                return self._finish_too_large(pos)
+            self._pos = pos
+            args, self._args = self._args, None
+            return args
+
+    def _incomplete(self, pos, need):
+        # Keep what is not consumed; ask for `need` bytes before parsing again.
+        self._buf = self._buf[pos:]
+        self._pos = 0
+        self._need = need
+        return None
+
+    def _finish_too_large(self, pos):
+        self._pos = pos
+        self._args = None
+        self._too_large = 0
+        self._need = 1
+        raise ReplyError("ERR message too large (max %d bytes)"
+                         % self.max_argument)
+
+
+class ReplyReader:
+    """Reads RESP2 and RESP3 replies from a blocking socket, for the client.
+    Error replies come back as ReplyError instances, not raised, so a
+    pipeline can read all of its replies before the first error is raised."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def _fill(self):
+        data = self._sock.recv(READ_SIZE)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self._buf = self._buf[self._pos:] + data
+        self._pos = 0
+
+    def _line(self):
+        while True:
+            newline = self._buf.find(b"\r\n", self._pos)
+            if newline >= 0:
+                line = self._buf[self._pos:newline]
+                self._pos = newline + 2
+                return line
+            self._fill()
+
+    def _exactly(self, length):
+        while len(self._buf) - self._pos < length + 2:
+            self._fill()
+        data = self._buf[self._pos:self._pos + length]
+        self._pos += length + 2
+        return data
+
+    def read(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind in (b"+", b"#", b","):
+            return rest.decode("utf-8", "replace") if kind == b"+" else rest
+        if kind == b"-" or kind == b"!":
+            text = rest if kind == b"-" else self._exactly(int(rest))
+            return ReplyError(text.decode("utf-8", "replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$" or kind == b"=":
+            length = int(rest)
+            if length < 0:
+                return None
+            data = self._exactly(length)
+            return data[4:] if kind == b"=" else data
+        if kind in (b"*", b"~", b">"):
+            count = int(rest)
+            return None if count < 0 else [self.read() for _ in range(count)]
+        if kind == b"%":
+            pairs = [(self.read(), self.read()) for _ in range(int(rest))]
+            return dict(pairs)
+        if kind == b"_":
+            return None
+        raise ProtocolError("unexpected reply %r" % line[:40])
+
+
+# ##########################################################################
+# Queues: the store and its waiters, without sockets
+# ##########################################################################
+#
+# A queue is a deque of messages (bytes) under a name (bytes). It exists
+# while it holds a message: the pop that empties it removes it, as Redis
+# removes an empty list.
+#
+# A waiter is a client blocked in BLPOP, BRPOP, BLMOVE or BRPOPLPUSH on one
+# or more queues. It stands in the waiter line of each queue it names; the
+# line is first come, first served. A push never hands a message over by
+# itself: it marks the queue ready, and serve(), which the server calls once
+# the command that pushed has finished, gives the heads of the ready queues
+# to their oldest waiters. This is Redis's order: `RPUSH q a b c` with three
+# waiters gives a, b and c to them in the order they came.
+#
+# A waiter leaves every line it stands in when it is served, when its
+# timeout runs out and when its client goes away, all through cancel(); a
+# message is taken from a queue only at the moment it is handed to a waiter
+# that is still there, so a waiter that left loses nothing.
+
+class Waiter:
+    """One blocked client: what it waits on and where a message goes."""
+
+    __slots__ = ("names", "from_left", "target", "to_left", "owner",
+                 "deadline", "active")
+
+    def __init__(self, names, from_left=True, target=None, to_left=True,
+                 owner=None, deadline=FOREVER):
+        self.names = names          # queues, in the order the client gave
+        self.from_left = from_left  # take from the head (LPOP) or the tail
+        self.target = target        # BLMOVE: the queue the message moves to
+        self.to_left = to_left
+        self.owner = owner          # the server's connection, opaque here
+        self.deadline = deadline
+        self.active = True
+
+
+class Queues:
+    """Named FIFO queues of bytes, and the clients waiting on them."""
+
+    def __init__(self):
+        self._queues = {}
+        self._waiters = {}
+        self._ready = {}            # an ordered set of names to serve
+        self.size = 0               # bytes held in all messages
+        self.waiting = 0            # waiters not yet served or cancelled
+
+    # Reading -------------------------------------------------------------
+
+    def __len__(self):
+        return len(self._queues)
+
+    def __contains__(self, name):
+        return name in self._queues
+
+    def names(self):
+        return list(self._queues)
+
+    def length(self, name):
+        queue = self._queues.get(name)
+        return len(queue) if queue else 0
+
+    def message_count(self):
+        return sum(len(queue) for queue in self._queues.values())
+
+    def queue_sizes(self):
+        """(name, messages, bytes, waiters) for each queue with messages or
+        waiters."""
+        names = list(self._queues)
+        names += [name for name in self._waiters if name not in self._queues]
+        return [(name, self.length(name),
+                 sum(map(len, self._queues.get(name, ()))),
+                 len(self._waiters.get(name, ()))) for name in names]
+
+    def peek(self, name, start, stop):
+        """Messages from index start to stop, both included, as LRANGE
+        counts them (negative from the tail)."""
+        queue = self._queues.get(name)
+        if not queue:
+            return []
+        length = len(queue)
+        start = max(start + length if start < 0 else start, 0)
+        stop = min(stop + length if stop < 0 else stop, length - 1)
+        if start > stop:
+            return []
+        if start == 0 and stop == length - 1:
+            return list(queue)
+        return [queue[i] for i in range(start, stop + 1)]
+
+    # Changing ------------------------------------------------------------
+
+    def push(self, name, messages, left=False):
+        """Add messages at the tail (or the head); return the new length."""
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = collections.deque()
+        if left:
+            queue.extendleft(messages)
+        else:
+            queue.extend(messages)
+        self.size += sum(map(len, messages))
+        if name in self._waiters:
+            self._ready[name] = None
+        return len(queue)
+
+    def pop(self, name, left=True, count=1):
+        """Take up to count messages from the head (or the tail)."""
+        queue = self._queues.get(name)
+        if not queue:
+            return []
+        take = queue.popleft if left else queue.pop
+        messages = [take() for _ in range(min(count, len(queue)))]
+        self.size -= sum(map(len, messages))
+        if not queue:
+            del self._queues[name]
+        return messages
+
+    def move(self, source, target, from_left=True, to_left=True):
+        """Take one message from source and push it onto target; return it,
+        or None when source is empty."""
+        messages = self.pop(source, from_left)
+        if messages:
+            self.push(target, messages, to_left)
+            return messages[0]
+        return None
+
+    def remove(self, name, count, message):
+        """LREM: drop up to count copies of message from the head (count
+        > 0), from the tail (count < 0), or all of them (0)."""
+        queue = self._queues.get(name)
+        if not queue:
+            return 0
+        items = list(queue) if count >= 0 else list(reversed(queue))
+        limit = abs(count) or len(items)
+        kept, removed = [], 0
+        for item in items:
+            if removed < limit and item == message:
+                removed += 1
+            else:
+                kept.append(item)
+        if count < 0:
+            kept.reverse()
+        self.size -= removed * len(message)
+        if kept:
+            self._queues[name] = collections.deque(kept)
+        else:
+            del self._queues[name]
+        return removed
+
+    def delete(self, name):
+        queue = self._queues.pop(name, None)
+        if queue is None:
+            return False
+        self.size -= sum(map(len, queue))
+        return True
+
+    def clear(self):
+        self._queues.clear()
+        self.size = 0
+
+    # Waiting -------------------------------------------------------------
+
+    def wait(self, waiter):
+        for name in waiter.names:
+            line = self._waiters.get(name)
+            if line is None:
+                line = self._waiters[name] = collections.deque()
+            line.append(waiter)
+        self.waiting += 1
+
+    def cancel(self, waiter):
+        """Take the waiter out of every line; safe to call twice."""
+        if not waiter.active:
+            return
+        waiter.active = False
+        self.waiting -= 1
+        for name in waiter.names:
+            line = self._waiters.get(name)
+            if line is not None:
+                try:
+                    line.remove(waiter)
+                except ValueError:
+                    pass
+                if not line:
+                    del self._waiters[name]
+
+    def has_ready(self):
+        return bool(self._ready)
+
+    def serve(self):
+        """Hand the heads of ready queues to their waiters, oldest first.
+        Returns (waiter, name, message) for each waiter served."""
+        served = []
+        while self._ready:
+            name = next(iter(self._ready))
+            del self._ready[name]
+            line = self._waiters.get(name)
+            while line and name in self._queues:
+                waiter = line[0]
+                self.cancel(waiter)
+                if waiter.target is None:
+                    message = self.pop(name, waiter.from_left)[0]
+                else:
+                    message = self.move(name, waiter.target,
+                                        waiter.from_left, waiter.to_left)
+                served.append((waiter, name, message))
+                line = self._waiters.get(name)
+        return served
+
+
+# ##########################################################################
+# Server
+# ##########################################################################
+
+class _Conn:
+    """One client connection: its socket, what it sent, what it is owed."""
+
+    __slots__ = ("sock", "id", "reader", "out", "unsent", "resp3", "name",
+                 "lib_name", "lib_ver", "waiter", "closed", "closing", "writing",
+                 "created", "peer", "null_bulk", "null_array")
+
+    def __init__(self, sock, conn_id, peer, max_argument):
+        self.sock = sock
+        self.id = conn_id
+        self.peer = peer
+        self.reader = RequestReader(max_argument)
+        self.out = []               # replies not yet handed to the socket
+        self.unsent = None          # a memoryview the socket did not take
+        self.resp3 = False
+        self.null_bulk = RESP2_NULL_BULK
+        self.null_array = RESP2_NULL_ARRAY
+        self.name = b""
+        self.lib_name = b""
+        self.lib_ver = b""
+        self.waiter = None
+        self.closed = False
+        self.closing = False        # close once the replies are sent
+        self.writing = False        # EVENT_WRITE is registered
+        self.created = time.monotonic()
+
+
+class Server:
+    """The bus: a non-blocking selectors loop serving one set of queues.
+
+    The constructor binds (port 0 picks a free port; .address tells which).
+    serve_forever() runs the loop in the calling thread; start() runs it in
+    a background thread; stop() ends it from anywhere and is safe to call
+    twice. `with Server(port=0) as server:` starts and stops it.
+    """
+
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT,
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+                 max_clients=DEFAULT_MAX_CLIENTS):
+        self.max_message_size = max_message_size
+        self.max_clients = max_clients
+        self.queues = Queues()
+        self.started = time.time()
+        self._conns = {}
+        self._next_id = 1
+        self._deadlines = []        # heap of (deadline, id, waiter)
+        self._resumed = collections.deque()  # unblocked, with input to run
+        self._dirty = []            # connections with replies to send
+        self._stopping = False
+        self._serving = False
+        self._closed = False
+        self._thread = None
+        self._selector = selectors.DefaultSelector()
+        self._listener = _listen(host, port)
+        self.address = self._listener.getsockname()[:2]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ,
+                                self._accept)
+        self._selector.register(self._wake_r, selectors.EVENT_READ,
+                                lambda: _drain(self._wake_r))
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def start(self):
+        self._thread = threading.Thread(target=self.serve_forever,
+                                        name="beuss-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """End the loop and close every socket. From a signal handler in
+        the loop's own thread, the loop ends when the handler returns."""
+        self._stopping = True
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        elif not self._serving:
+            self._close_all()
+
+    def settings(self):
+        """(name, value) of what CONFIG GET shows, as bytes."""
+        host, port = self.address[:2]
+        return [(name.encode(), str(value).encode()) for name, value in (
+            ("bind", host), ("port", port), ("maxclients", self.max_clients),
+            ("max-message-size", self.max_message_size),
+            ("save", ""), ("appendonly", "no"))]
+
+    def info(self, sections=None):
+        """The text of INFO: the named sections (bytes, lower case), or
+        all of them."""
+        queues = self.queues
+        lines = []
+        def section(title, fields):
+            if sections is None or title.lower().encode() in sections:
+                lines.append("# " + title)
+                lines.extend("%s:%s" % field for field in fields)
+                lines.append("")
+        section("Server", [
+            ("beuss_version", __version__),
+            ("python_version", "%d.%d.%d" % sys.version_info[:3]),
+            ("os", sys.platform), ("process_id", os.getpid()),
+            ("tcp_port", self.address[1]),
+            ("uptime_in_seconds", int(time.time() - self.started))])
+        section("Clients", [
+            ("connected_clients", len(self._conns)),
+            ("blocked_clients", queues.waiting),
+            ("maxclients", self.max_clients)])
+        section("Memory", [
+            ("used_memory", queues.size),
+            ("max_message_size", self.max_message_size)])
+        section("Persistence", [("loading", 0), ("aof_enabled", 0)])
+        section("Queues", [("queues", len(queues)),
+                           ("messages", queues.message_count())] + [
+            ("queue_" + repr(name)[2:-1],
+             "messages=%d,bytes=%d,waiters=%d" % sizes)
+            for name, *sizes in queues.queue_sizes()])
+        return "\r\n".join(lines)
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass                    # full (a wake-up is pending) or closed
+
+    # The loop ------------------------------------------------------------
+
+    def serve_forever(self):
+        self._serving = True
+        try:
+            while not self._stopping:
+                for key, mask in self._selector.select(self._select_timeout()):
+                    conn = key.data
+                    if conn.__class__ is not _Conn:
+                        conn()              # the listener or the wake-up pair
+                        continue
+                    if mask & selectors.EVENT_WRITE:
+                        self._write(conn)
+                    if mask & selectors.EVENT_READ and not conn.closed:
+                        self._read(conn)
+                self._expire_waiters()
+                self._run_resumed()
+                self._flush_dirty()
+        finally:
+            self._close_all()
+
+    def _select_timeout(self):
+        if self._resumed:
+            return 0
+        timeout = SELECT_TIMEOUT_MAX
+        while self._deadlines and not self._deadlines[0][2].active:
+            heapq.heappop(self._deadlines)
+        if self._deadlines:
+            timeout = min(timeout, self._deadlines[0][0] - time.monotonic())
+        return max(timeout, 0)
+
+    def _accept(self):
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:         # e.g. out of file descriptors
+                return
+            if len(self._conns) >= self.max_clients:
+                try:
+                    sock.send(ERR_MAX_CLIENTS)
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock, self._next_id, peer, self.max_message_size)
+            self._next_id += 1
+            self._conns[conn.id] = conn
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _read(self, conn):
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        conn.reader.feed(data)
+        self._run(conn)
+
+    def _run(self, conn):
+        """Run the requests conn has sent, in order, until it blocks."""
+        reader = conn.reader
+        while conn.waiter is None and not conn.closing:
+            try:
+                args = reader.read()
+            except ReplyError as exc:
+                self._reply(conn, encode_error(str(exc)))
+                continue
+            except ProtocolError as exc:
+                self._reply(conn, encode_error("ERR Protocol error: %s" % exc))
+                conn.closing = True
+                break
+            if args is None:
+                break
+            self._execute(conn, args)
+
+    def _execute(self, conn, args):
+        name = args[0].lower()
+        command = COMMANDS.get(name)
+        try:
+            if command is None:
+                raise ReplyError(_unknown_command(args))
+            function, arity = command
+            if (len(args) != arity) if arity > 0 else (len(args) < -arity):
+                raise _wrong_arity(name)
+            reply = function(self, conn, args)
+        except ReplyError as exc:
+            reply = encode_error(str(exc))
+        except Exception as exc:    # a bug must cost one reply, not the bus
+            reply = encode_error("ERR internal error in '%s': %r" % (
+                name.decode("utf-8", "replace"), exc))
+        if reply is not None:
+            self._reply(conn, reply)
+        if self.queues.has_ready():
+            self._serve_waiters()
+
+    def _reply(self, conn, data):
+        if not conn.out and conn.unsent is None:
+            self._dirty.append(conn)
+        conn.out.append(data)
+
+    # Blocking ------------------------------------------------------------
+
+    def _block(self, conn, waiter, timeout):
+        waiter.owner = conn
+        waiter.deadline = time.monotonic() + timeout if timeout else FOREVER
+        conn.waiter = waiter
+        self.queues.wait(waiter)
+        if timeout:
+            heapq.heappush(self._deadlines, (waiter.deadline, conn.id, waiter))
+
+    def _serve_waiters(self):
+        for waiter, name, message in self.queues.serve():
+            conn = waiter.owner
+            if waiter.target is None:
+                self._reply(conn, encode_bulks([name, message]))
+            else:
+                self._reply(conn, encode_bulk(message))
+            self._unblock(conn)
+
+    def _unblock(self, conn):
+        conn.waiter = None
+        if conn.reader.pending():
+            self._resumed.append(conn)
+
+    def _expire_waiters(self):
+        now = time.monotonic()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            waiter = heapq.heappop(deadlines)[2]
+            if waiter.active:
+                self.queues.cancel(waiter)
+                conn = waiter.owner
+                self._reply(conn, conn.null_array if waiter.target is None
+                            else conn.null_bulk)
+                self._unblock(conn)
+
+    def _run_resumed(self):
+        while self._resumed:
+            conn = self._resumed.popleft()
+            if not conn.closed:
+                self._run(conn)
+
+    # Writing and closing -------------------------------------------------
+
+    def _flush_dirty(self):
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            if conn.unsent is None and not conn.closed:
+                self._write(conn)
+
+    def _write(self, conn):
+        while True:
+            if conn.unsent is None:
+                if not conn.out:
+                    break
+                data = b"".join(conn.out) if len(conn.out) > 1 else conn.out[0]
+                conn.out.clear()
+                conn.unsent = memoryview(data)
+            try:
+                sent = conn.sock.send(conn.unsent)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            if sent < len(conn.unsent):
+                conn.unsent = conn.unsent[sent:]
+                if not conn.writing:
+                    conn.writing = True
+                    self._selector.modify(conn.sock, selectors.EVENT_READ
+                                          | selectors.EVENT_WRITE, conn)
+                return
+            conn.unsent = None
+        if conn.writing:
+            conn.writing = False
+            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        if conn.closing:
+            self._close(conn)
+
+    def _close(self, conn):
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.waiter is not None:
+            self.queues.cancel(conn.waiter)
+            conn.waiter = None
+        self._conns.pop(conn.id, None)
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _close_all(self):
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        self._selector.close()
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            sock.close()
+
+
+def _listen(host, port):
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if sys.platform == "win32":
+            # Windows lets a second server share a port with SO_REUSEADDR.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(511)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _drain(sock):
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+
+
+# Commands -------------------------------------------------------------------
+#
+# One small function a command: (server, conn, args) -> the encoded reply,
+# or None when the client now waits. A refusal raises ReplyError.
+
+def _unknown_command(args):
+    # Redis quotes at most about 128 characters of the arguments.
+    shown = ""
+    for arg in args[1:]:
+        if len(shown) >= 128:
+            break
+        shown += "'%s' " % arg.decode("utf-8", "replace")[:128 - len(shown)]
+    return "ERR unknown command '%s', with args beginning with: %s" % (
+        args[0].decode("utf-8", "replace")[:128], shown)
+
+
+def _wrong_arity(name):
+    return ReplyError("ERR wrong number of arguments for '%s' command"
+                      % name.decode("utf-8", "replace"))
+
+
+def _integer(arg, error=ERR_NOT_INTEGER):
+    number = parse_integer(arg)
+    if number is None:
+        raise ReplyError(error)
+    return number
+
+
+def _timeout(arg):
+    """Seconds to wait, 0 for ever, as Redis reads a blocking timeout."""
+    text = arg.decode("ascii", "replace")
+    if not text or text[0].isspace() or text[-1].isspace() or "_" in text:
+        raise ReplyError(ERR_TIMEOUT_NOT_FLOAT)
+    try:
+        # Redis reads it with strtold, which also knows 0x hexadecimal.
+        if text.lstrip("+-")[:2].lower() == "0x":
+            seconds = float.fromhex(text)
+        else:
+            seconds = float(text)
+    except ValueError:
+        raise ReplyError(ERR_TIMEOUT_NOT_FLOAT)
+    if seconds != seconds:
+        raise ReplyError(ERR_TIMEOUT_NOT_FLOAT)
+    if seconds < 0:
+        raise ReplyError(ERR_TIMEOUT_NEGATIVE)
+    if seconds > 1e12:
+        raise ReplyError(ERR_TIMEOUT_RANGE)
+    return seconds
+
+
+def _side(arg):
+    side = arg.upper()
+    if side == b"LEFT":
+        return True
+    if side == b"RIGHT":
+        return False
+    raise ReplyError(ERR_SYNTAX)
+
+
+def _glob(pattern):
+    """A compiled regular expression matching as Redis's glob does."""
+    regex, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i:i + 1]
+        if c == b"*":
+            regex.append(b".*")
+        elif c == b"?":
+            regex.append(b".")
+        elif c == b"\\" and i + 1 < n:
+            i += 1
+            regex.append(re.escape(pattern[i:i + 1]))
+        elif c == b"[":
+            end = pattern.find(b"]", i + 1)
+            if end < 0:
+                regex.append(re.escape(pattern[i:]))
+                break
+            body = pattern[i + 1:end]
+            negate = body[:1] == b"^"
+            if negate:
+                body = body[1:]
+            items, j = [], 0
+            while j < len(body):
+                if body[j:j + 1] == b"\\" and j + 1 < len(body):
+                    j += 1
+                if body[j + 1:j + 2] == b"-" and j + 2 < len(body):
+                    low, high = sorted((body[j:j + 1], body[j + 2:j + 3]))
+                    items.append(re.escape(low) + b"-" + re.escape(high))
+                    j += 3
+                else:
+                    items.append(re.escape(body[j:j + 1]))
+                    j += 1
+            regex.append(b"[" + (b"^" if negate else b"") + b"".join(items)
+                         + b"]" if items else (b"." if negate else b"(?!)"))
+            i = end
+        else:
+            regex.append(re.escape(c))
+        i += 1
+    return re.compile(b"".join(regex) + b"\\Z", re.DOTALL)
+
+
+def cmd_push(server, conn, args):
+    left = args[0][0] in b"lL"
+    return encode_int(server.queues.push(args[1], args[2:], left))
+
+
+def cmd_pop(server, conn, args):
+    left = args[0][0] in b"lL"
+    if len(args) == 2:
+        messages = server.queues.pop(args[1], left)
+        return encode_bulk(messages[0]) if messages else conn.null_bulk
+    if len(args) > 3:
+        raise _wrong_arity(args[0].lower())
+    count = parse_integer(args[2])
+    if count is None or count < 0:
+        raise ReplyError(ERR_NOT_POSITIVE)
+    if args[1] not in server.queues:
+        return conn.null_array
+    return encode_bulks(server.queues.pop(args[1], left, count))
+
+
+def cmd_bpop(server, conn, args):
+    left = args[0][1] in b"lL"
+    names = list(dict.fromkeys(args[1:-1]))     # BLPOP q q waits once on q
+    timeout = _timeout(args[-1])
+    for name in names:
+        messages = server.queues.pop(name, left)
+        if messages:
+            return encode_bulks([name, messages[0]])
+    server._block(conn, Waiter(names, from_left=left), timeout)
+    return None
+
+
+def cmd_lmove(server, conn, args):
+    from_left, to_left = _side(args[3]), _side(args[4])
+    message = server.queues.move(args[1], args[2], from_left, to_left)
+    return conn.null_bulk if message is None else encode_bulk(message)
+
+
+def cmd_blmove(server, conn, args):
+    from_left, to_left = _side(args[3]), _side(args[4])
+    return _blocking_move(server, conn, args[1], args[2], from_left, to_left,
+                          args[5])
+
+
+def cmd_rpoplpush(server, conn, args):
+    message = server.queues.move(args[1], args[2], False, True)
+    return conn.null_bulk if message is None else encode_bulk(message)
+
+
+def cmd_brpoplpush(server, conn, args):
+    return _blocking_move(server, conn, args[1], args[2], False, True, args[3])
+
+
+def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
+    timeout = _timeout(timeout)
+    message = server.queues.move(source, target, from_left, to_left)
+    if message is not None:
+        return encode_bulk(message)
+    server._block(conn, Waiter([source], from_left, target, to_left), timeout)
+    return None
+
+
+def cmd_llen(server, conn, args):
+    return encode_int(server.queues.length(args[1]))
+
+
+def cmd_lrange(server, conn, args):
+    start, stop = _integer(args[2]), _integer(args[3])
+    return encode_bulks(server.queues.peek(args[1], start, stop))
+
+
+def cmd_lrem(server, conn, args):
+    count = _integer(args[2])
+    return encode_int(server.queues.remove(args[1], count, args[3]))
+
+
+def cmd_del(server, conn, args):
+    return encode_int(sum(server.queues.delete(name) for name in set(args[1:])))
+
+
+def cmd_exists(server, conn, args):
+    return encode_int(sum(name in server.queues for name in args[1:]))
+
+
+def cmd_type(server, conn, args):
+    return TYPE_LIST if args[1] in server.queues else TYPE_NONE
+
+
+def cmd_keys(server, conn, args):
+    match = _glob(args[1]).match
+    return encode_bulks([name for name in server.queues.names() if match(name)])
+
+
+def cmd_scan(server, conn, args):
+    # Every queue comes back at once with cursor 0, which the SCAN contract
+    # allows: COUNT is a hint, and no queue is missed or repeated.
+    if parse_integer(args[1]) is None and not args[1].isdigit():
+        raise ReplyError("ERR invalid cursor")
+    match, kind, i = None, None, 2
+    while i < len(args):
+        option = args[i].upper()
+        if i + 1 >= len(args):
+            raise ReplyError(ERR_SYNTAX)
+        if option == b"MATCH":
+            match = _glob(args[i + 1]).match
+        elif option == b"COUNT":
+            if _integer(args[i + 1]) < 1:
+                raise ReplyError(ERR_SYNTAX)
+        elif option == b"TYPE":
+            kind = args[i + 1].lower()
+        else:
+            raise ReplyError(ERR_SYNTAX)
+        i += 2
+    names = [] if kind not in (None, b"list") else server.queues.names()
+    if match is not None:
+        names = [name for name in names if match(name)]
+    return b"*2\r\n" + encode_bulk(b"0") + encode_bulks(names)
+
+
+def cmd_dbsize(server, conn, args):
+    return encode_int(len(server.queues))
+
+
+def cmd_flush(server, conn, args):
+    if len(args) > 2 or (len(args) == 2
+                         and args[1].upper() not in (b"ASYNC", b"SYNC")):
+        raise ReplyError(ERR_SYNTAX)
+    server.queues.clear()
+    return OK
+
+
+def cmd_ping(server, conn, args):
+    if len(args) > 2:
+        raise _wrong_arity(b"ping")
+    return PONG if len(args) == 1 else encode_bulk(args[1])
+
+
+def cmd_echo(server, conn, args):
+    return encode_bulk(args[1])
+
+
+def cmd_quit(server, conn, args):
+    conn.closing = True
+    return OK
+
+
+def cmd_hello(server, conn, args):
+    resp3 = conn.resp3
+    if len(args) > 1:
+        version = parse_integer(args[1])
+        if version is None:
+            raise ReplyError(
+                "ERR Protocol version is not an integer or out of range")
+        if version not in (2, 3):
+            raise ReplyError("NOPROTO unsupported protocol version")
+        resp3 = version == 3
+    name, i = None, 2
+    while i < len(args):
+        option = args[i].upper()
+        if option == b"AUTH" and i + 2 < len(args):
+            _authenticate(args[i + 1], args[i + 2])
+            i += 3
+        elif option == b"SETNAME" and i + 1 < len(args):
+            name = _client_name(args[i + 1])
+            i += 2
+        else:
+            raise ReplyError("ERR Syntax error in HELLO option '%s'"
+                             % args[i].decode("utf-8", "replace"))
+    if name is not None:
+        conn.name = name
+    conn.resp3 = resp3
+    conn.null_bulk = RESP3_NULL if resp3 else RESP2_NULL_BULK
+    conn.null_array = RESP3_NULL if resp3 else RESP2_NULL_ARRAY
+    return encode_map([
+        (encode_bulk(b"server"), encode_bulk(b"beuss")),
+        (encode_bulk(b"version"), encode_bulk(__version__.encode())),
+        (encode_bulk(b"proto"), encode_int(3 if resp3 else 2)),
+        (encode_bulk(b"id"), encode_int(conn.id)),
+        (encode_bulk(b"mode"), encode_bulk(b"standalone")),
+        (encode_bulk(b"role"), encode_bulk(b"master")),
+        (encode_bulk(b"modules"), EMPTY_ARRAY),
+    ], resp3)
+
+
+def _authenticate(user, password):
+    # No password is configured: like Redis's default user, any password
+    # opens "default", and no other user exists.
+    if user != b"default":
+        raise ReplyError("WRONGPASS invalid username-password pair or user "
+                         "is disabled.")
+
+
+def cmd_auth(server, conn, args):
+    if len(args) == 2:
+        raise ReplyError(
+            "ERR AUTH <password> called without any password configured for "
+            "the default user. Are you sure your configuration is correct?")
+    if len(args) > 3:
+        raise ReplyError(ERR_SYNTAX)
+    _authenticate(args[1], args[2])
+    return OK
+
+
+def cmd_select(server, conn, args):
+    if _integer(args[1]) != 0:
+        raise ReplyError("ERR DB index is out of range")
+    return OK
+
+
+def _client_name(name):
+    if any(c < 33 or c > 126 for c in name):
+        raise ReplyError("ERR Client names cannot contain spaces, newlines or "
+                         "special characters.")
+    return name
+
+
+def cmd_client(server, conn, args):
+    sub = args[1].upper()
+    arity = {b"SETNAME": 3, b"GETNAME": 2, b"ID": 2, b"SETINFO": 4}.get(sub)
+    if arity is None:
+        raise ReplyError("ERR unknown subcommand '%s'. Try CLIENT HELP."
+                         % args[1].decode("utf-8", "replace"))
+    if len(args) != arity:
+        raise _wrong_arity(b"client|" + sub.lower())
+    if sub == b"SETNAME":
+        conn.name = _client_name(args[2])
+        return OK
+    if sub == b"GETNAME":
+        return encode_bulk(conn.name) if conn.name else conn.null_bulk
+    if sub == b"ID":
+        return encode_int(conn.id)
+    attribute = args[2].upper()
+    if attribute not in (b"LIB-NAME", b"LIB-VER"):
+        raise ReplyError("ERR Unrecognized option '%s'"
+                         % args[2].decode("utf-8", "replace"))
+    if attribute == b"LIB-NAME":
+        conn.lib_name = _client_name(args[3])
+    else:
+        conn.lib_ver = _client_name(args[3])
+    return OK
+
+
+def cmd_command(server, conn, args):
+    if len(args) == 1:
+        return _command_info(conn, sorted(COMMANDS))
+    sub = args[1].upper()
+    if sub == b"COUNT" and len(args) == 2:
+        return encode_int(len(COMMANDS))
+    if sub == b"DOCS":
+        return encode_map([], conn.resp3)
+    if sub == b"INFO":
+        return _command_info(conn, [name.lower() for name in args[2:]])
+    if sub == b"COUNT":
+        raise _wrong_arity(b"command|count")
+    raise ReplyError("ERR unknown subcommand '%s'. Try COMMAND HELP."
+                     % args[1].decode("utf-8", "replace"))
+
+
+def _command_info(conn, names):
+    entries = []
+    for name in names:
+        if name not in COMMANDS:
+            entries.append(conn.null_array)
+            continue
+        arity = COMMANDS[name][1]
+        first_key = 1 if name in _KEYED_COMMANDS else 0
+        entries.append(b"*6\r\n" + encode_bulk(name) + encode_int(arity)
+                       + EMPTY_ARRAY + encode_int(first_key)
+                       + encode_int(first_key) + encode_int(first_key))
+    return b"*%d\r\n" % len(entries) + b"".join(entries)
+
+
+def cmd_config(server, conn, args):
+    sub = args[1].upper()
+    if sub != b"GET":
+        raise ReplyError("ERR unknown subcommand '%s'. Try CONFIG HELP."
+                         % args[1].decode("utf-8", "replace"))
+    if len(args) < 3:
+        raise _wrong_arity(b"config|get")
+    settings = server.settings()
+    pairs = {}
+    for pattern in args[2:]:
+        match = _glob(pattern.lower()).match
+        for name, value in settings:
+            if match(name):
+                pairs[name] = value
+    return encode_map([(encode_bulk(name), encode_bulk(value))
+                       for name, value in pairs.items()], conn.resp3)
+
+
+def cmd_info(server, conn, args):
+    wanted = {arg.lower() for arg in args[1:]}
+    if not wanted or wanted & {b"all", b"everything", b"default"}:
+        wanted = None
+    return encode_bulk(server.info(wanted).encode("utf-8", "replace"))
+
+
+COMMANDS = {
+    b"rpush": (cmd_push, -3), b"lpush": (cmd_push, -3),
+    b"lpop": (cmd_pop, -2), b"rpop": (cmd_pop, -2),
+    b"blpop": (cmd_bpop, -3), b"brpop": (cmd_bpop, -3),
+    b"lmove": (cmd_lmove, 5), b"blmove": (cmd_blmove, 6),
+    b"rpoplpush": (cmd_rpoplpush, 3), b"brpoplpush": (cmd_brpoplpush, 4),
+    b"llen": (cmd_llen, 2), b"lrange": (cmd_lrange, 4),
+    b"lrem": (cmd_lrem, 4), b"del": (cmd_del, -2),
+    b"exists": (cmd_exists, -2), b"type": (cmd_type, 2),
+    b"keys": (cmd_keys, 2), b"scan": (cmd_scan, -2),
+    b"dbsize": (cmd_dbsize, 1), b"flushdb": (cmd_flush, -1),
+    b"flushall": (cmd_flush, -1),
+    b"ping": (cmd_ping, -1), b"echo": (cmd_echo, 2), b"quit": (cmd_quit, -1),
+    b"hello": (cmd_hello, -1), b"auth": (cmd_auth, -2),
+    b"select": (cmd_select, 2), b"client": (cmd_client, -2),
+    b"command": (cmd_command, -1), b"config": (cmd_config, -2),
+    b"info": (cmd_info, -1),
+}
+_KEYED_COMMANDS = {
+    b"rpush", b"lpush", b"lpop", b"rpop", b"blpop", b"brpop", b"lmove",
+    b"blmove", b"rpoplpush", b"brpoplpush", b"llen", b"lrange", b"lrem",
+    b"del", b"exists", b"type",
+}
+
+
+# ##########################################################################
+# Client
+# ##########################################################################
+
+DEFAULT_TIMEOUT = 10.0          # seconds to connect, or to wait for a reply
+BLOCK_SLICE = 1.0               # a long wait is cut in slices so Ctrl-C works
+RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
+PUT_MANY_BATCH = 1000           # messages a RPUSH in put_many
+
+
+def _arg(value):
+    """A command argument as bytes: str as UTF-8, numbers in decimal."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value).encode()
+    raise TypeError("a message is bytes or str, not %s" % type(value).__name__)
+
+
+def _warn(text):
+    sys.stderr.write("beuss: %s\n" % text)
+    sys.stderr.flush()
+
+
+def _setting(value, env_name, default, convert=str):
+    """A setting: the value given, else the environment's, else the default.
+    A bad value raises ValueError naming where it came from."""
+    source = "--" + env_name[1:].lower()
+    if value is None:
+        value, source = os.environ.get(env_name), env_name
+    if value is None or value == "":
+        return default
+    try:
+        return convert(value)
+    except ValueError:
+        raise ValueError("%s: %r is not a valid value" % (source, value))
+
+
+def _port(value):
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(value)
+    return port
+
+
+class Client:
+    """One connection to a beuss (or Redis) server, opened on first use.
+
+    Settings not given come from BHOST and BPORT, then the defaults.
+    Error replies raise ReplyError; a server that cannot be reached, or a
+    connection that breaks, raises ConnectionFailed. Messages come back as
+    bytes.
+    """
+
+    def __init__(self, host=None, port=None, timeout=DEFAULT_TIMEOUT):
+        self.host = _setting(host, "BHOST", DEFAULT_HOST)
+        self.port = _setting(port, "BPORT", DEFAULT_PORT, _port)
+        self.timeout = timeout
+        self._sock = None
+        self._reader = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        return "<beuss.Client %s:%d>" % (self.host, self.port)
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = self._reader = None
+
+    def _connect(self):
+        try:
+            sock = socket.create_connection((self.host, self.port),
+                                            self.timeout)
+        except OSError as exc:
+            raise ConnectionFailed("cannot reach the server at %s:%d: %s"
+                                   % (self.host, self.port, _reason(exc)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._reader = sock, ReplyReader(sock)
+
+    def pipeline(self, commands, wait=0.0):
+        """Send every command at once, then read all their replies: one
+        round trip. An error reply comes back as a ReplyError instance."""
+        if self._sock is None:
+            self._connect()
+        request = b"".join(encode_bulks([_arg(arg) for arg in command])
+                           for command in commands)
+        try:
+            self._sock.settimeout(self.timeout + wait)
+            self._sock.sendall(request)
+            return [self._reader.read() for _ in commands]
+        except OSError as exc:
+            self.close()
+            raise ConnectionFailed("lost the server at %s:%d: %s"
+                                   % (self.host, self.port, _reason(exc)))
+        except BaseException:
+            # Interrupted half way: the replies still due would be read as
+            # answers to the next command, so the connection is dropped.
+            self.close()
+            raise
+
+    def call(self, *args, wait=0.0):
+        """Run one command; return its reply or raise its error."""
+        reply = self.pipeline([args], wait)[0]
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+    # Queues ----------------------------------------------------------------
+
+    def put(self, queue, message):
+        """Append message to queue; return the queue's new length."""
+        return self.call(b"RPUSH", queue, _arg(message))
+
+    def put_many(self, queue, messages):
+        """Append many messages in one round trip; return the final length."""
+        messages = [_arg(message) for message in messages]
+        commands = [[b"RPUSH", queue] + messages[i:i + PUT_MANY_BATCH]
+                    for i in range(0, len(messages), PUT_MANY_BATCH)]
+        if not commands:
+            return self.len(queue)
+        replies = self.pipeline(commands)
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                raise reply
+        return replies[-1]
+
+    def get(self, queue, wait=None):
+        """Take the head message of queue, or None when it is empty. With
+        wait, wait that many seconds for one (0: for ever)."""
+        if wait is None:
+            return self.call(b"LPOP", queue)
+        deadline = time.monotonic() + wait if wait else FOREVER
+        while True:
+            message = self._wait_one(queue, deadline)
+            if message is not None or time.monotonic() >= deadline:
+                return message
+
+    def _wait_one(self, queue, deadline):
+        # BLPOP for at most a slice, so that Ctrl-C gets through everywhere.
+        seconds = min(BLOCK_SLICE, max(deadline - time.monotonic(), 0.001))
+        reply = self.call(b"BLPOP", queue, "%.3f" % seconds, wait=seconds)
+        return None if reply is None else reply[1]
+
+    def listen(self, queue, idle=None, reconnect=True):
+        """Yield the messages of queue as they come, for ever, or until no
+        message came for `idle` seconds. If the server goes away, wait for
+        it to come back (saying so on stderr) unless reconnect is False."""
+        delay = None                    # seconds to the next retry, once lost
+        last = time.monotonic()
+        while True:
+            deadline = last + idle if idle is not None else FOREVER
+            try:
+                message = self._wait_one(queue, deadline)
+            except ConnectionFailed as exc:
+                if not reconnect:
+                    raise
+                if delay is None:
+                    _warn("%s; trying again until it is back" % exc)
+                    delay = RECONNECT_FIRST
+                time.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            if delay is not None:
+                _warn("back on the server at %s:%d" % (self.host, self.port))
+                delay = None
+            if message is not None:
+                yield message
+                last = time.monotonic()
+            elif time.monotonic() >= deadline:
+                return
+
+    def on(self, queue, handler, count=None, idle=None, reconnect=True):
+        """Call handler(message) for each message of queue, for ever, or for
+        count messages, or until none came for `idle` seconds. If handler
+        raises, its message goes back to the head of the queue and the
+        exception goes on up. Returns how many messages were handled."""
+        handled = 0
+        if count == 0:
+            return handled
+        for message in self.listen(queue, idle, reconnect):
+            try:
+                handler(message)
+            except BaseException:
+                self.put_back(queue, message)
+                raise
+            handled += 1
+            if count is not None and handled >= count:
+                break
+        return handled
+
+    def put_back(self, queue, message):
+        """Return a message that could not be handled to the head of queue."""
+        try:
+            self.call(b"LPUSH", queue, message)
+        except BeussError as exc:
+            _warn("could not return a message of %d bytes to %s: %s"
+                  % (len(message), _arg(queue).decode("utf-8", "replace"), exc))
+
+    def len(self, queue):
+        """How many messages queue holds."""
+        return self.call(b"LLEN", queue)
+
+    def queues(self):
+        """{name: length} of every queue that holds messages."""
+        names, cursor = [], b"0"
+        while True:
+            cursor, batch = self.call(b"SCAN", cursor, b"COUNT", b"1000",
+                                      b"TYPE", b"list")
+            names += batch
+            if cursor == b"0":
+                break
+        lengths = self.pipeline([(b"LLEN", name) for name in names])
+        return {name.decode("utf-8", "surrogateescape"): length
+                for name, length in zip(names, lengths)
+                if not isinstance(length, ReplyError)}
+
+    def info(self):
+        """INFO as {field: text}."""
+        text = self.call(b"INFO").decode("utf-8", "replace")
+        fields = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                field, _, value = line.rpartition(":") if line.startswith(
+                    "queue_") else line.partition(":")
+                fields[field] = value
+        return fields
+
+
+def _reason(exc):
+    if isinstance(exc, socket.timeout):
+        return "no answer in time"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def put(queue, message, **conn):
+    """Append message to queue on the server; return the queue's length."""
+    with Client(**conn) as client:
+        return client.put(queue, message)
+
+
+def get(queue, wait=None, **conn):
+    """Take the head message of queue, or None (see Client.get)."""
+    with Client(**conn) as client:
+        return client.get(queue, wait)
+
+
+def on(queue, handler, **conn):
+    """Call handler(message) for each message of queue, for ever."""
+    with Client(**conn) as client:
+        return client.on(queue, handler)
+
+
+# ##########################################################################
+# Command line
+# ##########################################################################
+
+USAGE = """\
+usage: python beuss.py [VERB] [options]
+
+  SERVE               serve the queues (the verb when none is given)
+  PUT <queue> [msg]   put msg, or all of stdin, as one message
+  GET <queue> [file]  take one message; write it to file, or to stdout
+  ON <queue>          take messages as they come; write each to stdout
+  LEN <queue>         how many messages the queue holds
+  LIST                every queue that holds messages, with its length
+  PING                check that the server answers
+  STATS               a summary of the server's state
+
+`python beuss.py VERB --help` tells a verb's options. Verbs may be written
+in any case. Settings come from flags, else the environment (BHOST, BPORT,
+BMAXMESSAGESIZE, BMAXCLIENTS), else the defaults (127.0.0.1:6552).
+Exit status: 0 done, 1 the queue was empty or the wait ran out, 2 usage
+error, 3 the server could not be reached or refused the request, 4 a
+message could not be written out or handled (it is back in its queue),
+130 interrupted.
+"""
+
+EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_SERVER, EXIT_HANDLER = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(BeussError):
+    """The command line was wrong: the user's fault, exit status 2."""
+
+
+class HandlerFailed(BeussError):
+    """A message could not be written out or handled: exit status 4."""
+
+
+def main(argv=None):
+    """Run the command line; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] in (["-h"], ["--help"], ["HELP"], ["help"]):
+            sys.stdout.write(USAGE)
+            return EXIT_OK
+        if argv[:1] == ["--version"]:
+            print("beuss", __version__)
+            return EXIT_OK
+        verb = "SERVE"
+        if argv and not argv[0].startswith("-"):
+            verb = argv.pop(0).upper()
+        if verb not in VERBS:
+            raise UsageError("unknown verb %r (try --help)" % verb)
+        run, add_arguments, summary = VERBS[verb]
+        parser = _parser(verb, summary)
+        add_arguments(parser)
+        options = parser.parse_args(argv)
+        return run(options)
+    except SystemExit as exc:       # argparse's --help
+        return exc.code or EXIT_OK
+    except UsageError as exc:
+        _warn(str(exc))
+        return EXIT_USAGE
+    except HandlerFailed as exc:
+        _warn(str(exc))
+        return EXIT_HANDLER
+    except (ConnectionFailed, ReplyError) as exc:
+        _warn(str(exc))
+        return EXIT_SERVER
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`): end quietly, and keep Python from
+        # complaining when it flushes stdout on the way out.
+        _silence_stdout()
+        return EXIT_OK
+
+
+def _parser(verb, summary):
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError("%s: %s (try %s --help)" % (
+                verb, message, verb))
+
+    return Parser(prog="python beuss.py " + verb, description=summary)
+
+
+def _add_address(parser):
+    parser.add_argument("--host", help="server host (BHOST; 127.0.0.1)")
+    parser.add_argument("--port", help="server port (BPORT; 6552)")
+
+
+def _client(options):
+    try:
+        return Client(options.host, options.port)
+    except ValueError as exc:
+        raise UsageError(str(exc))
+
+
+def _queue(name):
+    if not name:
+        raise UsageError("a queue name cannot be empty")
+    return os.fsencode(name)
+
+
+def _seconds(text):
+    import argparse
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1
+    if not 0 <= seconds < 1e9:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    return seconds
+
+
+def _count(text):
+    import argparse
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    return int(text)
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+# SERVE ----------------------------------------------------------------------
+
+def _serve_arguments(parser):
+    parser.add_argument("--host", help="address to listen on (BHOST; "
+                        "127.0.0.1; 0.0.0.0 or :: for every interface)")
+    parser.add_argument("--port", help="port to listen on (BPORT; 6552)")
+    parser.add_argument("--max-message-size", metavar="BYTES",
+                        help="largest message accepted (BMAXMESSAGESIZE; "
+                        "10240)")
+    parser.add_argument("--max-clients", metavar="N",
+                        help="most connections at once (BMAXCLIENTS; %d)"
+                        % DEFAULT_MAX_CLIENTS)
+
+
+def _positive(value):
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+def run_serve(options):
+    try:
+        host = _setting(options.host, "BHOST", DEFAULT_HOST)
+        port = _setting(options.port, "BPORT", DEFAULT_PORT, _port)
+        max_message_size = _setting(options.max_message_size,
+                                    "BMAXMESSAGESIZE",
+                                    DEFAULT_MAX_MESSAGE_SIZE, _positive)
+        max_clients = _setting(options.max_clients, "BMAXCLIENTS",
+                               DEFAULT_MAX_CLIENTS, _positive)
+    except ValueError as exc:
+        raise UsageError(str(exc))
+    if max_message_size > MAX_BULK_LENGTH:
+        raise UsageError("the largest message size is %d bytes"
+                         % MAX_BULK_LENGTH)
+    try:
+        server = Server(host, port, max_message_size, max_clients)
+    except OSError as exc:
+        raise ConnectionFailed("cannot listen on %s:%s: %s"
+                               % (host, port, _reason(exc)))
+    import signal
+
+    def stop(signum, frame):
+        server.stop()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    _warn("%s serving on %s port %d (messages up to %d bytes)" % (
+        __version__, server.address[0], server.address[1], max_message_size))
+    server.serve_forever()
+    _warn("stopped")
+    return EXIT_OK
+
+
+# PUT ------------------------------------------------------------------------
+
+def _put_arguments(parser):
+    parser.add_argument("queue")
+    parser.add_argument("message", nargs="?",
+                        help="the message; without it, all of stdin")
+    parser.add_argument("-l", "--lines", action="store_true",
+                        help="each line of stdin is a message of its own")
+    parser.add_argument("-f", "--file", help="put the contents of FILE")
+    _add_address(parser)
+
+
+def run_put(options):
+    queue = _queue(options.queue)
+    if options.message is not None and (options.file or options.lines):
+        raise UsageError("PUT takes a message, --file or stdin, not two")
+    if options.message is not None:
+        data = os.fsencode(options.message)
+    elif options.file:
+        try:
+            with open(options.file, "rb") as source:
+                data = source.read()
+        except OSError as exc:
+            raise UsageError("cannot read %s: %s" % (options.file, _reason(exc)))
+    else:
+        if sys.stdin is None:
+            raise UsageError("PUT needs a message: an argument, --file or "
+                             "stdin")
+        if sys.stdin.isatty():
+            _warn("reading the message from the terminal; end it with "
+                  "Ctrl-D (Ctrl-Z Enter on Windows)")
+        data = sys.stdin.buffer.read()
+    with _client(options) as client:
+        if options.lines:
+            lines = data.split(b"\n")
+            if lines[-1] == b"":
+                lines.pop()
+            client.put_many(queue, [line[:-1] if line.endswith(b"\r")
+                                    else line for line in lines])
+        else:
+            client.put(queue, data)
+    return EXIT_OK
+
+
+# GET ------------------------------------------------------------------------
+
+def _get_arguments(parser):
+    parser.add_argument("queue")
+    parser.add_argument("file", nargs="?", default="-",
+                        help="where to write the message (- or none: stdout)")
+    parser.add_argument("-w", "--wait", type=_seconds, metavar="SECONDS",
+                        help="wait up to SECONDS for a message (0: for ever)")
+    _add_address(parser)
+
+
+def run_get(options):
+    queue = _queue(options.queue)
+    with _client(options) as client:
+        if options.file == "-":
+            message = client.get(queue, options.wait)
+            if message is None:
+                return _empty(options.queue, options.wait)
+            _write_stdout(client, queue, message)
+            return EXIT_OK
+        # The file is made before the message is taken, so a folder that
+        # cannot be written loses nothing; it is renamed into place once
+        # whole, so a half-written file never appears.
+        import tempfile
+        folder = os.path.dirname(os.path.abspath(options.file))
+        try:
+            fd, temporary = tempfile.mkstemp(dir=folder, prefix=".beuss-")
+        except OSError as exc:
+            raise HandlerFailed("cannot write %s: %s"
+                                % (options.file, _reason(exc)))
+        try:
+            message = client.get(queue, options.wait)
+            if message is None:
+                return _empty(options.queue, options.wait)
+            try:
+                with os.fdopen(fd, "wb") as target:
+                    fd = None
+                    target.write(message)
+                os.replace(temporary, options.file)
+            except OSError as exc:
+                client.put_back(queue, message)
+                raise HandlerFailed("cannot write %s: %s; the message is "
+                                    "back in its queue"
+                                    % (options.file, _reason(exc)))
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    return EXIT_OK
+
+
+def _empty(queue, wait):
+    _warn("%s is empty" % queue if not wait else
+          "no message on %s within %g seconds" % (queue, wait))
+    return EXIT_EMPTY
+
+
+def _write_stdout(client, queue, message, separator=b""):
+    try:
+        sys.stdout.buffer.write(message + separator)
+        sys.stdout.buffer.flush()
+    except BaseException:
+        client.put_back(queue, message)
+        raise
+
+
+# ON -------------------------------------------------------------------------
+
+def _on_arguments(parser):
+    parser.add_argument("queue")
+    parser.add_argument("-x", "--exec", metavar="CMD", dest="command",
+                        help="run CMD (by the shell) for each message, the "
+                        "message on its stdin")
+    parser.add_argument("-C", "--count", type=_count, metavar="N",
+                        help="stop after N messages")
+    parser.add_argument("-W", "--timeout", type=_seconds, metavar="SECONDS",
+                        help="stop when no message came for SECONDS")
+    parser.add_argument("-s", "--separator", default="", metavar="TEXT",
+                        help="write TEXT after each message (\\n, \\t, \\0 "
+                        "and \\\\ are understood); nothing by default")
+    _add_address(parser)
+
+
+def run_on(options):
+    queue = _queue(options.queue)
+    separator = _unescape(options.separator)
+    with _client(options) as client:
+        if options.command:
+            def handle(message):
+                import subprocess
+                sys.stdout.flush()
+                done = subprocess.run(options.command, shell=True,
+                                      input=message)
+                if done.returncode != 0:
+                    raise HandlerFailed(
+                        "%r exited with status %d; its message is back at "
+                        "the head of %s" % (options.command, done.returncode,
+                                            options.queue))
+        else:
+            def handle(message):
+                sys.stdout.buffer.write(message + separator)
+                sys.stdout.buffer.flush()
+        handled = client.on(queue, handle, options.count, options.timeout)
+    if options.timeout is not None and not handled and options.count != 0:
+        return _empty(options.queue, options.timeout)
+    return EXIT_OK
+
+
+def _unescape(text):
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1:i + 2] in escapes:
+            out.append(escapes[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return os.fsencode("".join(out))
+
+
+# LEN, LIST, PING, STATS -----------------------------------------------------
+
+def _queue_argument(parser):
+    parser.add_argument("queue")
+    _add_address(parser)
+
+
+def run_len(options):
+    queue = _queue(options.queue)
+    with _client(options) as client:
+        print(client.len(queue))
+    return EXIT_OK
+
+
+def run_list(options):
+    with _client(options) as client:
+        for name, length in sorted(client.queues().items()):
+            print(name, length)
+    return EXIT_OK
+
+
+def run_ping(options):
+    with _client(options) as client:
+        reply = client.call(b"PING")
+    print(reply)
+    return EXIT_OK
+
+
+def run_stats(options):
+    with _client(options) as client:
+        info = client.info()
+    version = info.get("beuss_version")
+    server = ("beuss " + version if version else
+              "redis " + info.get("redis_version", "?"))
+    uptime = int(info.get("uptime_in_seconds", 0))
+    print("%s on %s:%d, up %dh %02dm %02ds" % (
+        server, client.host, client.port, uptime // 3600, uptime // 60 % 60,
+        uptime % 60))
+    print("clients: %s connected, %s waiting" % (
+        info.get("connected_clients", "?"), info.get("blocked_clients", "?")))
+    if version:
+        print("queues: %s holding %s messages, %s bytes" % (
+            info.get("queues"), info.get("messages"), info.get("used_memory")))
+        for field, value in sorted(info.items()):
+            if field.startswith("queue_"):
+                sizes = dict(part.split("=") for part in value.split(","))
+                print("  %s: %s messages, %s bytes, %s waiting" % (
+                    field[6:], sizes["messages"], sizes["bytes"],
+                    sizes["waiters"]))
+    else:
+        print("memory: %s" % info.get("used_memory_human", "?"))
+    return EXIT_OK
+
+
+VERBS = {
+    "SERVE": (run_serve, _serve_arguments, "Serve the queues."),
+    "PUT": (run_put, _put_arguments, "Put a message on a queue."),
+    "GET": (run_get, _get_arguments, "Take one message from a queue."),
+    "ON": (run_on, _on_arguments, "Take the messages of a queue as they "
+           "come, for ever unless --count or --timeout says otherwise."),
+    "LEN": (run_len, _queue_argument, "Print how many messages a queue "
+            "holds."),
+    "LIST": (run_list, _add_address, "Print each queue that holds messages, "
+             "with its length."),
+    "PING": (run_ping, _add_address, "Check that the server answers."),
+    "STATS": (run_stats, _add_address, "Print a summary of the server's "
+              "state."),
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
