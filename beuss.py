@@ -746,7 +746,7 @@ class Server:
         section("Queues", [("queues", len(queues)),
                            ("messages", queues.message_count())] + [
             ("queue_" + repr(name)[2:-1],
-             "messages=%d,bytes=%d,waiters=%d" % sizes)
+             "messages=%d,bytes=%d,waiters=%d" % tuple(sizes))
             for name, *sizes in queues.queue_sizes()])
         return "\r\n".join(lines)
 
@@ -898,8 +898,7 @@ class Server:
             if waiter.active:
                 self.queues.cancel(waiter)
                 conn = waiter.owner
-                self._reply(conn, conn.null_array if waiter.target is None
-                            else conn.null_bulk)
+                self._reply(conn, conn.null_array)  # BLMOVE too, as Redis
                 self._unblock(conn)
 
     def _run_resumed(self):

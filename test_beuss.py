@@ -1,0 +1,1148 @@
+"""Tests for beuss.py, in the file's order: protocol, queues, server, client,
+command line; then the side-by-side runs against Redis and its tools.
+
+`python -m unittest` runs them all. Tests that need an outside tool
+(redis-server, redis-cli, redis-benchmark, redis-py) skip when it is absent,
+and fail instead when CI=true, where .ci/run installs every one of them.
+redis-py is looked for in BEUSS_REDIS_PYTHON (an interpreter that has it),
+then in the interpreter running the tests.
+"""
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from unittest import mock
+
+import beuss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEUSS = os.path.join(HERE, "beuss.py")
+TIMEOUT = 10        # seconds any one socket operation may take in a test
+POSIX = os.name == "posix"
+
+
+def need_tool(test, name):
+    """The path of an outside program, or skip (fail under CI)."""
+    path = shutil.which(name)
+    if path is None:
+        missing(test, "%s is not installed" % name)
+    return path
+
+
+def missing(test, why):
+    if os.environ.get("CI") == "true":
+        test.fail(why + " (CI must install it)")
+    test.skipTest(why)
+
+
+def redis_python(test):
+    """An interpreter that can import redis (redis-py)."""
+    for python in (os.environ.get("BEUSS_REDIS_PYTHON"), sys.executable):
+        if python and subprocess.run(
+                [python, "-c", "import redis"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL).returncode == 0:
+            return python
+    missing(test, "redis-py is not installed")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, seconds=10):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError("nothing listens on port %d" % port)
+
+
+def requests(*commands):
+    return b"".join(beuss.encode_bulks([beuss._arg(a) for a in command])
+                    for command in commands)
+
+
+# ##########################################################################
+# Protocol
+# ##########################################################################
+
+class RequestReaderTest(unittest.TestCase):
+
+    def read_all(self, reader):
+        found = []
+        while True:
+            request = reader.read()
+            if request is None:
+                return found
+            found.append(request)
+
+    def test_one_multibulk_request(self):
+        reader = beuss.RequestReader()
+        reader.feed(b"*3\r\n$5\r\nRPUSH\r\n$4\r\njobs\r\n$2\r\nhi\r\n")
+        self.assertEqual(reader.read(), [b"RPUSH", b"jobs", b"hi"])
+        self.assertIsNone(reader.read())
+        self.assertEqual(reader.pending(), 0)
+
+    def test_many_requests_in_one_feed(self):
+        reader = beuss.RequestReader()
+        reader.feed(requests(["PING"], ["ECHO", "a"], ["LLEN", "q"]) + b"PING\r\n")
+        self.assertEqual(self.read_all(reader), [
+            [b"PING"], [b"ECHO", b"a"], [b"LLEN", b"q"], [b"PING"]])
+
+    def test_request_fed_one_byte_at_a_time(self):
+        data = requests(["RPUSH", "q", b"x" * 300, b""], ["PING"]) + b"ECHO hi\r\n"
+        reader = beuss.RequestReader(max_argument=1000)
+        found = []
+        for i in range(len(data)):
+            reader.feed(data[i:i + 1])
+            found += self.read_all(reader)
+        self.assertEqual(found, [[b"RPUSH", b"q", b"x" * 300, b""], [b"PING"],
+                                 [b"ECHO", b"hi"]])
+
+    def test_every_byte_value_survives(self):
+        message = bytes(range(256))
+        reader = beuss.RequestReader()
+        reader.feed(requests(["RPUSH", "q", message]))
+        self.assertEqual(reader.read(), [b"RPUSH", b"q", message])
+
+    def test_empty_and_negative_multibulk_are_skipped(self):
+        reader = beuss.RequestReader()
+        reader.feed(b"*0\r\n*-1\r\n\r\n\r\nPING\r\n")
+        self.assertEqual(self.read_all(reader), [[b"PING"]])
+
+    def test_inline_quoting_as_redis_splits_it(self):
+        self.assertEqual(beuss.split_inline(b'SET "a b" \'c\\\'d\' "\\x41\\n"'),
+                         [b"SET", b"a b", b"c'd", b"A\n"])
+        self.assertEqual(beuss.split_inline(b"  a\tb  "), [b"a", b"b"])
+        for bad in (b'PING "a', b'ECHO "a"b', b"ECHO 'a"):
+            with self.assertRaisesRegex(beuss.ProtocolError, "unbalanced"):
+                beuss.split_inline(bad)
+
+    def test_strict_integers(self):
+        self.assertEqual(beuss.parse_integer(b"-12"), -12)
+        self.assertEqual(beuss.parse_integer(b"0"), 0)
+        for bad in (b"", b"01", b"+1", b" 1", b"1_0", b"x", b"-", b"9" * 20):
+            self.assertIsNone(beuss.parse_integer(bad), bad)
+
+    def protocol_error(self, data, text):
+        reader = beuss.RequestReader()
+        reader.feed(data)
+        with self.assertRaises(beuss.ProtocolError) as caught:
+            self.read_all(reader)
+        self.assertEqual(str(caught.exception), text)
+
+    def test_malformed_frames(self):
+        self.protocol_error(b"*abc\r\n", "invalid multibulk length")
+        self.protocol_error(b"*1\r\n+PING\r\n", "expected '$', got '+'")
+        self.protocol_error(b"*1\r\n$-1\r\n", "invalid bulk length")
+        self.protocol_error(b"*1\r\n$x\r\n", "invalid bulk length")
+
+    def test_argument_count_at_and_past_the_limit(self):
+        reader = beuss.RequestReader()
+        reader.feed(b"*1048576\r\n$4\r\nPING\r\n")
+        self.assertIsNone(reader.read())          # waits for the rest
+        self.protocol_error(b"*1048577\r\n", "invalid multibulk length")
+
+    def test_bulk_length_at_and_past_the_limit(self):
+        reader = beuss.RequestReader(max_argument=beuss.MAX_BULK_LENGTH)
+        reader.feed(b"*1\r\n$536870912\r\n")
+        self.assertIsNone(reader.read())
+        self.protocol_error(b"*1\r\n$536870913\r\n", "invalid bulk length")
+
+    def test_inline_line_at_and_past_the_limit(self):
+        reader = beuss.RequestReader()
+        line = b"ECHO " + b"a" * (beuss.MAX_INLINE_LENGTH - 5)
+        reader.feed(line + b"\r\n")
+        self.assertEqual(reader.read(), [b"ECHO", line[5:]])
+        reader.feed(line)                          # no newline yet: waits
+        self.assertIsNone(reader.read())
+        self.protocol_error(line + b"a", "too big inline request")
+        self.protocol_error(line + b"a\r\n", "too big inline request")
+
+    def test_length_line_past_the_limit(self):
+        self.protocol_error(b"*" + b"1" * 70000, "too big mbulk count string")
+        self.protocol_error(b"*1\r\n$" + b"1" * 70000,
+                            "too big bulk count string")
+
+    def test_message_size_at_and_past_the_limit(self):
+        reader = beuss.RequestReader(max_argument=10)
+        reader.feed(requests(["RPUSH", "q", b"x" * 10]))
+        self.assertEqual(reader.read(), [b"RPUSH", b"q", b"x" * 10])
+        # Past the limit: the whole request is dropped, byte-exactly, and
+        # the next request reads as if nothing happened.
+        data = requests(["RPUSH", "q", b"y" * 11, b"z" * 5000], ["PING"])
+        for i in range(len(data)):
+            reader.feed(data[i:i + 1])
+            try:
+                request = reader.read()
+            except beuss.ReplyError as exc:
+                self.assertEqual(str(exc), "ERR message too large (max 10 bytes)")
+                request = reader.read()
+            if request is not None:
+                self.assertEqual(request, [b"PING"])
+                self.assertEqual(i, len(data) - 1)
+
+    def test_large_message_in_many_chunks(self):
+        message = os.urandom(3 * 1024 * 1024)
+        data = requests(["RPUSH", "q", message])
+        reader = beuss.RequestReader(max_argument=len(message))
+        for i in range(0, len(data), 65536):
+            reader.feed(data[i:i + 65536])
+            request = reader.read()
+        self.assertEqual(request, [b"RPUSH", b"q", message])
+
+
+class ReplyReaderTest(unittest.TestCase):
+
+    def read(self, data, count=1):
+        left, right = socket.socketpair()
+        with left, right:
+            left.sendall(data)
+            right.settimeout(TIMEOUT)
+            reader = beuss.ReplyReader(right)
+            return [reader.read() for _ in range(count)]
+
+    def test_resp2_and_resp3_values(self):
+        data = (b"+OK\r\n:-5\r\n$3\r\na\r\n\r\n$-1\r\n*-1\r\n*2\r\n$1\r\nx\r\n:1\r\n"
+                b"_\r\n%1\r\n$1\r\nk\r\n#t\r\n=7\r\ntxt:abc\r\n")
+        self.assertEqual(self.read(data, 9), [
+            "OK", -5, b"a\r\n", None, None, [b"x", 1], None, {b"k": b"t"},
+            b"abc"])
+
+    def test_error_is_returned_not_raised(self):
+        reply, = self.read(b"-ERR no\r\n")
+        self.assertIsInstance(reply, beuss.ReplyError)
+        self.assertEqual(str(reply), "ERR no")
+
+
+# ##########################################################################
+# Queues
+# ##########################################################################
+
+class QueuesTest(unittest.TestCase):
+
+    def test_fifo_and_an_empty_queue_disappears(self):
+        queues = beuss.Queues()
+        self.assertEqual(queues.push(b"q", [b"a", b"b"]), 2)
+        self.assertEqual(queues.push(b"q", [b"c"]), 3)
+        self.assertEqual(queues.size, 3)
+        self.assertEqual(queues.pop(b"q", count=2), [b"a", b"b"])
+        self.assertEqual(queues.pop(b"q", left=False), [b"c"])
+        self.assertNotIn(b"q", queues)
+        self.assertEqual(queues.size, 0)
+        self.assertEqual(queues.pop(b"q"), [])
+
+    def test_waiters_are_served_first_come_first_served(self):
+        queues = beuss.Queues()
+        first, second = beuss.Waiter([b"q"]), beuss.Waiter([b"other", b"q"])
+        queues.wait(first)
+        queues.wait(second)
+        queues.push(b"q", [b"1", b"2", b"3"])
+        self.assertEqual(queues.serve(), [(first, b"q", b"1"), (second, b"q", b"2")])
+        self.assertEqual(queues.pop(b"q"), [b"3"])
+        self.assertEqual(queues.waiting, 0)
+        self.assertFalse(queues.has_ready())
+
+    def test_a_cancelled_waiter_takes_nothing(self):
+        queues = beuss.Queues()
+        gone, staying = beuss.Waiter([b"q"]), beuss.Waiter([b"q"])
+        queues.wait(gone)
+        queues.wait(staying)
+        queues.cancel(gone)
+        queues.cancel(gone)
+        queues.push(b"q", [b"m"])
+        self.assertEqual(queues.serve(), [(staying, b"q", b"m")])
+        queues.push(b"q", [b"n"])
+        self.assertEqual(queues.serve(), [])
+        self.assertEqual(queues.length(b"q"), 1)
+
+    def test_a_move_waiter_pushes_onto_its_target(self):
+        queues = beuss.Queues()
+        mover = beuss.Waiter([b"src"], from_left=False, target=b"dst",
+                             to_left=True)
+        taker = beuss.Waiter([b"dst"])
+        queues.wait(mover)
+        queues.wait(taker)
+        queues.push(b"src", [b"a", b"b"])
+        self.assertEqual(queues.serve(), [(mover, b"src", b"b"),
+                                          (taker, b"dst", b"b")])
+        self.assertEqual(queues.peek(b"src", 0, -1), [b"a"])
+
+    def test_peek_and_remove(self):
+        queues = beuss.Queues()
+        queues.push(b"q", [b"a", b"b", b"a", b"c", b"a"])
+        self.assertEqual(queues.peek(b"q", 1, 2), [b"b", b"a"])
+        self.assertEqual(queues.peek(b"q", -2, -1), [b"c", b"a"])
+        self.assertEqual(queues.peek(b"q", 3, 1), [])
+        self.assertEqual(queues.remove(b"q", -1, b"a"), 1)
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"a", b"b", b"a", b"c"])
+        self.assertEqual(queues.remove(b"q", 0, b"a"), 2)
+        self.assertEqual(queues.size, 2)
+        self.assertTrue(queues.delete(b"q"))
+        self.assertEqual(queues.size, 0)
+
+
+# ##########################################################################
+# Server, over raw sockets
+# ##########################################################################
+
+class ServerCase(unittest.TestCase):
+    """Starts an embedded server on a free port for each test, and checks
+    that stopping it leaves no thread and no connection behind."""
+
+    server_options = {}
+
+    def setUp(self):
+        self.threads_before = threading.active_count()
+        self.server = beuss.Server("127.0.0.1", 0, **self.server_options)
+        self.server.start()
+        self.port = self.server.address[1]
+        self.sockets = []
+
+    def tearDown(self):
+        for sock in self.sockets:
+            sock.close()
+        self.server.stop()
+        self.server.stop()
+        self.assertEqual(self.server._conns, {})
+        self.assertEqual(threading.active_count(), self.threads_before)
+
+    def connect(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), TIMEOUT)
+        sock.settimeout(TIMEOUT)
+        self.sockets.append(sock)
+        return sock
+
+    def receive(self, sock, size):
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def client(self):
+        client = beuss.Client("127.0.0.1", self.port, timeout=TIMEOUT)
+        self.addCleanup(client.close)
+        return client
+
+    def expect(self, sock, expected):
+        self.assertEqual(self.receive(sock, len(expected)), expected)
+
+    def exchange(self, data, expected, sock=None):
+        sock = sock or self.connect()
+        sock.sendall(data)
+        self.assertEqual(self.receive(sock, len(expected)), expected)
+        return sock
+
+    def assert_closed(self, sock):
+        self.assertEqual(sock.recv(100), b"")
+
+    def assert_quiet(self, sock, seconds=0.1):
+        sock.settimeout(seconds)
+        with self.assertRaises(socket.timeout):
+            sock.recv(100)
+        sock.settimeout(TIMEOUT)
+
+
+class ServerTest(ServerCase):
+
+    def test_push_and_pop(self):
+        self.exchange(requests(["RPUSH", "q", "a", "b"], ["LPUSH", "q", "z"],
+                               ["LLEN", "q"], ["LPOP", "q"], ["RPOP", "q"],
+                               ["LPOP", "q", "5"], ["LPOP", "q"], ["EXISTS", "q"]),
+                      b":2\r\n:3\r\n:3\r\n$1\r\nz\r\n$1\r\nb\r\n*1\r\n$1\r\na\r\n"
+                      b"$-1\r\n:0\r\n")
+
+    def test_inline_commands_as_typed_in_nc(self):
+        self.exchange(b"PING\r\nrpush q 'a b'\nLRANGE q 0 -1\r\n",
+                      b"+PONG\r\n:1\r\n*1\r\n$3\r\na b\r\n")
+
+    def test_every_byte_value_round_trips(self):
+        message = bytes(range(256))
+        self.exchange(requests(["RPUSH", "q", message], ["LPOP", "q"]),
+                      b":1\r\n$256\r\n" + message + b"\r\n")
+
+    def test_ten_thousand_pipelined_pushes_answer_in_order(self):
+        data = b"".join(requests(["RPUSH", "q", str(i)]) for i in range(10000))
+        expected = b"".join(b":%d\r\n" % (i + 1) for i in range(10000))
+        sock = self.exchange(data, expected)
+        self.exchange(requests(["LRANGE", "q", "9998", "-1"]),
+                      b"*2\r\n$4\r\n9998\r\n$4\r\n9999\r\n", sock)
+
+    def test_request_fed_a_byte_at_a_time(self):
+        sock = self.connect()
+        for byte in requests(["RPUSH", "q", "hello"]):
+            sock.send(bytes([byte]))
+        self.expect(sock, b":1\r\n")
+
+    def test_three_waiters_get_three_messages_in_arrival_order(self):
+        waiters = []
+        for _ in range(3):
+            sock = self.connect()
+            sock.sendall(requests(["BLPOP", "q", "0"]))
+            waiters.append(sock)
+            self.wait_blocked(len(waiters))
+        self.exchange(requests(["RPUSH", "q", "a", "b", "c"]), b":3\r\n")
+        for sock, message in zip(waiters, b"abc"):
+            self.expect(sock, b"*2\r\n$1\r\nq\r\n$1\r\n" + bytes([message]) + b"\r\n")
+
+    def wait_blocked(self, count):
+        deadline = time.monotonic() + TIMEOUT
+        while self.server.queues.waiting != count:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+
+    def test_a_waiter_that_disconnects_loses_nothing(self):
+        gone = self.connect()
+        gone.sendall(requests(["BLPOP", "q", "0"]))
+        staying = self.connect()
+        staying.sendall(requests(["BRPOP", "other", "q", "0"]))
+        self.wait_blocked(2)
+        gone.close()
+        self.exchange(requests(["RPUSH", "q", "m"]), b":1\r\n")
+        self.expect(staying, b"*2\r\n$1\r\nq\r\n$1\r\nm\r\n")
+        # With no waiter left, a message stays queued.
+        waiter = self.connect()
+        waiter.sendall(requests(["BLPOP", "q", "0"]))
+        self.wait_blocked(1)
+        waiter.close()
+        self.wait_blocked(0)
+        self.exchange(requests(["RPUSH", "q", "kept"], ["LLEN", "q"]),
+                      b":1\r\n:1\r\n")
+
+    def test_timeouts(self):
+        started = time.monotonic()
+        self.exchange(requests(["BLPOP", "q", "0.1"], ["BLMOVE", "q", "r", "LEFT",
+                                                      "RIGHT", "0.05"]),
+                      b"*-1\r\n*-1\r\n")
+        self.assertGreaterEqual(time.monotonic() - started, 0.15)
+        self.exchange(requests(["BLPOP", "q", "-1"], ["BLPOP", "q", "soon"]),
+                      b"-ERR timeout is negative\r\n"
+                      b"-ERR timeout is not a float or out of range\r\n")
+
+    def test_commands_behind_a_blocking_call_wait_for_it(self):
+        waiter = self.connect()
+        waiter.sendall(requests(["BLPOP", "q", "0"], ["RPUSH", "log", "after"],
+                                ["PING"]))
+        self.wait_blocked(1)
+        self.assert_quiet(waiter)
+        self.exchange(requests(["LLEN", "log"], ["RPUSH", "q", "x"]), b":0\r\n:1\r\n")
+        self.expect(waiter, b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n:1\r\n+PONG\r\n")
+
+    def test_blocking_move_is_served_by_a_push(self):
+        waiter = self.connect()
+        waiter.sendall(requests(["BRPOPLPUSH", "src", "dst", "0"]))
+        self.wait_blocked(1)
+        self.exchange(requests(["RPUSH", "src", "a", "b"]), b":2\r\n")
+        self.expect(waiter, b"$1\r\nb\r\n")
+        self.exchange(requests(["LRANGE", "dst", "0", "-1"], ["LLEN", "src"]),
+                      b"*1\r\n$1\r\nb\r\n:1\r\n")
+
+    def test_message_size_at_and_past_the_limit(self):
+        sock = self.exchange(requests(["RPUSH", "q", b"x" * 10240]), b":1\r\n")
+        self.exchange(requests(["RPUSH", "q", b"y" * 10241], ["LLEN", "q"]),
+                      b"-ERR message too large (max 10240 bytes)\r\n:1\r\n", sock)
+
+    def test_protocol_errors_answer_then_close(self):
+        for data, text in [
+                (b"*1\r\n$536870913\r\n", b"invalid bulk length"),
+                (b"*1048577\r\n", b"invalid multibulk length"),
+                (b"*1\r\n:1\r\n", b"expected '$', got ':'"),
+                (b"PING " + b"x" * 70000, b"too big inline request")]:
+            sock = self.exchange(data, b"-ERR Protocol error: " + text + b"\r\n")
+            self.assert_closed(sock)
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+
+    def test_resp3_after_hello_3(self):
+        sock = self.connect()
+        sock.sendall(requests(["HELLO", "3"]))
+        hello = beuss.ReplyReader(sock).read()
+        self.assertEqual(hello[b"proto"], 3)
+        self.assertEqual(hello[b"server"], b"beuss")
+        self.exchange(requests(["LPOP", "q"], ["LPOP", "q", "2"], ["BLPOP", "q", "0.01"],
+                               ["HELLO", "2"]), b"_\r\n_\r\n_\r\n*14\r\n", sock)
+        self.expect(sock, b"$6\r\nserver")
+        self.exchange(requests(["HELLO", "4"]),
+                      b"-NOPROTO unsupported protocol version\r\n")
+
+    def test_quit_answers_then_closes(self):
+        sock = self.exchange(b"QUIT\r\nPING\r\n", b"+OK\r\n")
+        self.assert_closed(sock)
+
+    def test_a_failing_command_costs_one_error_reply(self):
+        def broken(server, conn, args):
+            raise RuntimeError("boom")
+        with mock.patch.dict(beuss.COMMANDS, {b"llen": (broken, 2)}):
+            sock = self.exchange(requests(["LLEN", "q"]),
+                                 b"-ERR internal error in 'llen': RuntimeError('boom')\r\n")
+        self.exchange(b"PING\r\n", b"+PONG\r\n", sock)
+
+    def test_info_describes_the_server_and_queues(self):
+        self.exchange(requests(["RPUSH", "jobs", "abc", "de"]), b":2\r\n")
+        sock = self.connect()
+        sock.sendall(requests(["INFO"]))
+        info = beuss.ReplyReader(sock).read().decode()
+        for line in ("beuss_version:" + beuss.__version__, "connected_clients:2",
+                     "blocked_clients:0", "used_memory:5", "queues:1",
+                     "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0",
+                     "tcp_port:%d" % self.port):
+            self.assertIn(line + "\r\n", info)
+        sock.sendall(requests(["INFO", "memory"]))
+        self.assertTrue(beuss.ReplyReader(sock).read().startswith(b"# Memory\r\n"))
+
+    def test_unknown_command_names_its_arguments(self):
+        self.exchange(b"FOO a b\r\nFOO\r\n",
+                      b"-ERR unknown command 'FOO', with args beginning with: 'a' 'b' \r\n"
+                      b"-ERR unknown command 'FOO', with args beginning with: \r\n")
+
+    def test_ipv6_loopback(self):
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        try:
+            server = beuss.Server("::1", 0)
+        except OSError:
+            self.skipTest("no IPv6 loopback here")
+        with server:
+            sock = socket.create_connection(("::1", server.address[1]), TIMEOUT)
+            with sock:
+                sock.sendall(b"PING\r\n")
+                self.assertEqual(sock.recv(10), b"+PONG\r\n")
+
+
+class MaxClientsTest(ServerCase):
+    server_options = {"max_clients": 2}
+
+    def test_clients_at_and_past_the_limit(self):
+        first = self.exchange(b"PING\r\n", b"+PONG\r\n")
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+        third = self.connect()
+        self.expect(third, b"-ERR max number of clients reached\r\n")
+        self.assert_closed(third)
+        first.close()
+        deadline = time.monotonic() + TIMEOUT
+        while len(self.server._conns) > 1:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+
+
+class SlowReaderTest(ServerCase):
+
+    def test_replies_wait_for_a_reader_that_is_slow(self):
+        # More reply bytes than socket buffers hold: the server keeps the
+        # rest and sends it as the reader catches up, serving others meanwhile.
+        message = b"m" * 10000
+        reader = self.connect()
+        reader.sendall(requests(["RPUSH", "q", message]))
+        self.receive(reader, 4)
+        reader.sendall(requests(*[["LRANGE", "q", "0", "-1"]] * 2000))
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+        reply = b"*1\r\n$10000\r\n" + message + b"\r\n"
+        self.assertEqual(self.receive(reader, len(reply) * 2000), reply * 2000)
+
+
+# ##########################################################################
+# Client
+# ##########################################################################
+
+class ClientTest(ServerCase):
+
+    def test_put_get_len_queues(self):
+        client = self.client()
+        self.assertEqual(client.put("jobs", "héllo"), 1)
+        self.assertEqual(client.put(b"jobs", bytearray(b"\x00\xff")), 2)
+        self.assertEqual(client.put("jobs", memoryview(b"mv")), 3)
+        self.assertEqual(client.put_many("other", [b"%d" % i for i in range(2500)]),
+                         2500)
+        self.assertEqual(client.len("jobs"), 3)
+        self.assertEqual(client.queues(), {"jobs": 3, "other": 2500})
+        self.assertEqual(client.get("jobs"), "héllo".encode())
+        self.assertEqual(client.get("jobs"), b"\x00\xff")
+        self.assertEqual(client.get("jobs"), b"mv")
+        self.assertIsNone(client.get("jobs"))
+        self.assertEqual(client.get("other", wait=1), b"0")
+        with self.assertRaises(TypeError):
+            client.put("jobs", 3.5j)
+
+    def test_get_waits(self):
+        client = self.client()
+        started = time.monotonic()
+        self.assertIsNone(client.get("q", wait=0.2))
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)
+        threading.Timer(0.1, beuss.put, ("q", "late"),
+                        {"port": self.port}).start()
+        self.assertEqual(client.get("q", wait=0), b"late")
+
+    def test_listen_and_on(self):
+        client = self.client()
+        client.put_many("q", ["a", "b", "c"])
+        self.assertEqual(list(client.listen("q", idle=0.1)), [b"a", b"b", b"c"])
+        client.put_many("q", ["d", "e", "f"])
+        seen = []
+        self.assertEqual(client.on("q", seen.append, count=2), 2)
+        self.assertEqual(seen, [b"d", b"e"])
+
+    def test_a_failing_handler_puts_its_message_back(self):
+        client = self.client()
+        client.put_many("q", ["first", "second"])
+
+        def handler(message):
+            raise ValueError(message)
+        with self.assertRaises(ValueError):
+            client.on("q", handler)
+        self.assertEqual(client.get("q"), b"first")
+        self.assertEqual(client.get("q"), b"second")
+
+    def test_error_reply_raises_reply_error(self):
+        with self.assertRaisesRegex(beuss.ReplyError, "message too large"):
+            self.client().put("q", b"x" * 10241)
+        with self.assertRaisesRegex(beuss.ReplyError, "unknown command"):
+            self.client().call("NOPE")
+
+    def test_module_functions(self):
+        self.assertEqual(beuss.put("q", "one", port=self.port), 1)
+        with mock.patch.dict(os.environ, {"BPORT": str(self.port),
+                                          "BHOST": "127.0.0.1"}):
+            self.assertEqual(beuss.get("q"), b"one")
+            self.assertIsNone(beuss.get("q"))
+            beuss.put("q", "two")
+        seen = []
+
+        def handler(message):
+            seen.append(message)
+            raise KeyboardInterrupt
+        with self.assertRaises(KeyboardInterrupt):
+            beuss.on("q", handler, port=self.port)
+        self.assertEqual(seen, [b"two"])
+
+    def test_unreachable_server_names_host_and_port(self):
+        port = free_port()
+        with self.assertRaisesRegex(beuss.ConnectionFailed,
+                                    "127.0.0.1:%d" % port):
+            beuss.put("q", "x", port=port)
+
+    def test_listen_outlives_a_server_restart(self):
+        port = free_port()
+        first = beuss.Server("127.0.0.1", port).start()
+        client = beuss.Client("127.0.0.1", port, timeout=TIMEOUT)
+        self.addCleanup(client.close)
+        client.put("q", "before")
+        messages = client.listen("q")
+        stderr = io.StringIO()
+        with mock.patch.object(sys, "stderr", stderr):
+            self.assertEqual(next(messages), b"before")
+            first.stop()
+            second = []
+
+            def restart():
+                time.sleep(0.5)
+                second.append(beuss.Server("127.0.0.1", port).start())
+                beuss.put("q", "after", port=port)
+            threading.Thread(target=restart).start()
+            self.assertEqual(next(messages), b"after")
+            second[0].stop()
+        lines = stderr.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("lost the server at 127.0.0.1:%d" % port, lines[0])
+        self.assertIn("back on the server", lines[1])
+
+
+# ##########################################################################
+# Command line, in process and as a real subprocess
+# ##########################################################################
+
+class CommandLineTest(ServerCase):
+
+    def run_main(self, *argv, stdin=b""):
+        out, err = io.BytesIO(), io.StringIO()
+        text_out = io.TextIOWrapper(out, write_through=True)
+        text_in = io.TextIOWrapper(io.BytesIO(stdin))
+        with mock.patch.object(sys, "stdout", text_out), \
+                mock.patch.object(sys, "stderr", err), \
+                mock.patch.object(sys, "stdin", text_in):
+            status = beuss.main(list(argv) + (["--port", str(self.port)] if argv
+                                              and argv[0].upper() not in
+                                              ("--HELP", "--VERSION")
+                                              and "--help" not in argv else []))
+        return status, out.getvalue(), err.getvalue()
+
+    def test_put_from_argument_and_stdin_then_get(self):
+        self.assertEqual(self.run_main("PUT", "q", "from argument")[0], 0)
+        self.assertEqual(self.run_main("put", "q", stdin=b"from stdin\n")[0], 0)
+        self.assertEqual(self.run_main("GET", "q"), (0, b"from argument", ""))
+        self.assertEqual(self.run_main("Get", "q", "-"), (0, b"from stdin\n", ""))
+        status, out, err = self.run_main("GET", "q")
+        self.assertEqual((status, out), (1, b""))
+        self.assertEqual(err, "beuss: q is empty\n")
+
+    def test_put_lines_and_file(self):
+        self.run_main("PUT", "q", "--lines", stdin=b"one\ntwo\r\n\nthree")
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "in.bin")
+            with open(path, "wb") as f:
+                f.write(b"\x00file\xff")
+            self.assertEqual(self.run_main("PUT", "q", "-f", path)[0], 0)
+        self.assertEqual(self.client().queues(), {"q": 5})
+        status, out, _ = self.run_main("ON", "q", "--count", "5", "-s", "|")
+        self.assertEqual((status, out), (0, b"one|two||three|\x00file\xff|"))
+
+    def test_get_into_a_file_is_atomic_and_binary(self):
+        message = os.urandom(1000000)
+        with tempfile.TemporaryDirectory() as folder:
+            target = os.path.join(folder, "out.bin")
+            with beuss.Server("127.0.0.1", 0, max_message_size=1000000) as big:
+                beuss.put("pics", message, port=big.address[1])
+                status = beuss.main(["GET", "pics", target, "--port",
+                                     str(big.address[1])])
+            self.assertEqual(status, 0)
+            with open(target, "rb") as f:
+                self.assertEqual(f.read(), message)
+            self.assertEqual(os.listdir(folder), ["out.bin"])
+
+    def test_get_into_an_unwritable_place_takes_nothing(self):
+        beuss.put("q", "keep me", port=self.port)
+        missing_folder = os.path.join(tempfile.gettempdir(), "no-such-beuss-dir",
+                                      "out.bin")
+        status, _, err = self.run_main("GET", "q", missing_folder)
+        self.assertEqual(status, 4)
+        self.assertIn("cannot write", err)
+        self.assertEqual(beuss.get("q", port=self.port), b"keep me")
+
+    def test_get_wait(self):
+        status, _, err = self.run_main("GET", "q", "--wait", "0.1")
+        self.assertEqual(status, 1)
+        self.assertEqual(err, "beuss: no message on q within 0.1 seconds\n")
+        threading.Timer(0.1, beuss.put, ("q", "late"), {"port": self.port}).start()
+        self.assertEqual(self.run_main("GET", "q", "-w", "0")[:2], (0, b"late"))
+
+    def test_on_exec_runs_the_command_per_message(self):
+        self.client().put_many("q", ["a", "b"])
+        with tempfile.TemporaryDirectory() as folder:
+            out = os.path.join(folder, "out")
+            command = '%s -c "import sys; open(sys.argv[1], \'ab\').write(sys.stdin.buffer.read())" %s' % (
+                sys.executable, out)
+            status, _, _ = self.run_main("ON", "q", "-x", command, "-C", "2")
+            self.assertEqual(status, 0)
+            with open(out, "rb") as f:
+                self.assertEqual(f.read(), b"ab")
+
+    def test_on_exec_that_fails_keeps_the_message(self):
+        self.client().put_many("q", ["a", "b"])
+        command = '%s -c "import sys; sys.exit(3)"' % sys.executable
+        status, _, err = self.run_main("ON", "q", "--exec", command)
+        self.assertEqual(status, 4)
+        self.assertIn("exited with status 3", err)
+        self.assertEqual(self.client().queues(), {"q": 2})
+        self.assertEqual(beuss.get("q", port=self.port), b"a")
+
+    def test_on_timeout(self):
+        status, out, err = self.run_main("ON", "q", "-W", "0.1")
+        self.assertEqual((status, out), (1, b""))
+        beuss.put("q", "x", port=self.port)
+        self.assertEqual(self.run_main("ON", "q", "--timeout", "0.1")[:2], (0, b"x"))
+
+    def test_len_list_ping_stats(self):
+        self.client().put_many("jobs", ["a", "bb"])
+        beuss.put("mail", "c", port=self.port)
+        self.assertEqual(self.run_main("LEN", "jobs")[:2], (0, b"2\n"))
+        self.assertEqual(self.run_main("LEN", "none")[:2], (0, b"0\n"))
+        self.assertEqual(self.run_main("list")[:2], (0, b"jobs 2\nmail 1\n"))
+        self.assertEqual(self.run_main("PING")[:2], (0, b"PONG\n"))
+        status, out, _ = self.run_main("STATS")
+        self.assertEqual(status, 0)
+        self.assertIn(b"beuss " + beuss.__version__.encode(), out)
+        self.assertIn(b"queues: 2 holding 3 messages, 4 bytes", out)
+        self.assertIn(b"  jobs: 2 messages, 3 bytes, 0 waiting", out)
+
+    def test_usage_errors_exit_2_with_one_line(self):
+        for argv in (["NOPE"], ["PUT"], ["GET", "q", "--wait", "soon"],
+                     ["ON", "q", "--count", "-1"], ["PUT", "q", "m", "--lines"]):
+            status, out, err = self.run_main(*argv)
+            self.assertEqual(status, 2, argv)
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertTrue(err.startswith("beuss: "), err)
+
+    def test_help_and_version(self):
+        status, out, _ = self.run_main("--help")
+        self.assertEqual(status, 0)
+        self.assertIn(b"PUT <queue>", out)
+        status, out, _ = self.run_main("--version")
+        self.assertEqual(out, ("beuss %s\n" % beuss.__version__).encode())
+        self.assertEqual(self.run_main("GET", "--help")[0], 0)
+
+    def test_unreachable_server_exits_3(self):
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            status = beuss.main(["PUT", "q", "x", "--port", str(free_port())])
+        self.assertEqual(status, 3)
+        self.assertEqual(len(err.getvalue().splitlines()), 1)
+        self.assertIn("cannot reach the server", err.getvalue())
+
+    def test_message_too_large_exits_3(self):
+        status, _, err = self.run_main("PUT", "q", stdin=b"x" * 10241)
+        self.assertEqual(status, 3)
+        self.assertEqual(err, "beuss: ERR message too large (max 10240 bytes)\n")
+
+
+class SubprocessTest(ServerCase):
+    """Real runs of `python beuss.py`, as a user types them."""
+
+    def beuss(self, *argv, stdin=b"", env=None, check=True):
+        environment = dict(os.environ, BPORT=str(self.port), BHOST="127.0.0.1")
+        environment.update(env or {})
+        done = subprocess.run([sys.executable, BEUSS] + list(argv), input=stdin,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=environment, timeout=60)
+        if check:
+            self.assertEqual(done.returncode, 0, done.stderr)
+        return done
+
+    def test_each_verb(self):
+        self.beuss("PUT", "jobs", stdin=b"my-message-content\n")
+        self.beuss("put", "jobs", "second")
+        self.assertEqual(self.beuss("LEN", "jobs").stdout, b"2\n")
+        self.assertEqual(self.beuss("LIST").stdout, b"jobs 2\n")
+        self.assertEqual(self.beuss("PING").stdout, b"PONG\n")
+        self.assertIn(b"2 messages", self.beuss("STATS").stdout)
+        with tempfile.TemporaryDirectory() as folder:
+            target = os.path.join(folder, "output.ext")
+            self.beuss("GET", "jobs", target)
+            with open(target, "rb") as f:
+                self.assertEqual(f.read(), b"my-message-content\n")
+        self.assertEqual(self.beuss("ON", "jobs", "--count", "1").stdout, b"second")
+        done = self.beuss("GET", "jobs", check=False)
+        self.assertEqual((done.returncode, done.stderr), (1, b"beuss: jobs is empty\n"))
+        done = self.beuss("FROB", check=False)
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(len(done.stderr.splitlines()), 1)
+
+    def test_one_megabyte_picture_as_in_the_founding_readme(self):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, BEUSS], stderr=subprocess.PIPE,
+                                  env=dict(os.environ, BPORT=str(port),
+                                           BMAXMESSAGESIZE="1000000"))
+        try:
+            wait_for_port(port)
+            picture = os.urandom(999999)
+            env = {"BPORT": str(port)}
+            self.beuss("PUT", "pics", stdin=picture, env=env)
+            with tempfile.TemporaryDirectory() as folder:
+                target = os.path.join(folder, "picfrombeuss.jpg")
+                self.beuss("GET", "pics", target, env=env)
+                with open(target, "rb") as f:
+                    self.assertEqual(f.read(), picture)
+        finally:
+            server.terminate()
+            _, err = server.communicate(timeout=TIMEOUT)
+        self.assertEqual(server.returncode, 0)
+        self.assertEqual(len(err.splitlines()), 2, err)
+
+    def test_on_piped_into_head_ends_quietly(self):
+        if not POSIX or not shutil.which("head"):
+            self.skipTest("needs a POSIX shell and head")
+        self.client().put_many("q", ["abc", "def"])
+        done = subprocess.run("'%s' '%s' ON q | head -c 1" % (sys.executable, BEUSS),
+                              shell=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60,
+                              env=dict(os.environ, BPORT=str(self.port)))
+        self.assertEqual((done.stdout, done.stderr), (b"a", b""))
+        # The message whose write failed went back to its queue.
+        self.assertEqual(self.client().len("q"), 1)
+
+    def test_sigint_exits_130_quietly(self):
+        if not POSIX:
+            self.skipTest("SIGINT to a child needs POSIX")
+        child = subprocess.Popen([sys.executable, BEUSS, "ON", "q"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=dict(os.environ, BPORT=str(self.port)))
+        self.wait_until(lambda: self.server.queues.waiting == 1)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=TIMEOUT)
+        self.assertEqual(child.returncode, 130)
+        self.assertLessEqual(len(err.splitlines()), 1, err)
+        self.assertNotIn(b"Traceback", err)
+
+    def test_consumer_keeps_going_across_a_server_restart(self):
+        port = free_port()
+        env = dict(os.environ, BPORT=str(port))
+
+        def serve():
+            process = subprocess.Popen([sys.executable, BEUSS], env=env,
+                                       stderr=subprocess.DEVNULL)
+            wait_for_port(port)
+            return process
+        server = serve()
+        consumer = subprocess.Popen([sys.executable, BEUSS, "ON", "q", "-C", "2",
+                                     "-s", "\\n"], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        try:
+            beuss.put("q", "before", port=port)
+            self.assertEqual(consumer.stdout.readline(), b"before\n")
+            server.terminate()
+            server.wait(TIMEOUT)
+            time.sleep(0.3)
+            server = serve()
+            beuss.put("q", "after", port=port)
+            out, err = consumer.communicate(timeout=30)
+        finally:
+            consumer.kill()
+            consumer.wait()
+            server.terminate()
+            server.wait(TIMEOUT)
+        self.assertEqual(out, b"after\n")
+        self.assertEqual(consumer.returncode, 0)
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("lost the server", lines[0])
+        self.assertIn("back on the server", lines[1])
+
+    def test_serve_stops_cleanly_on_sigterm(self):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, BEUSS, "SERVE", "--port", str(port)],
+                                  stderr=subprocess.PIPE)
+        wait_for_port(port)
+        server.terminate()
+        _, err = server.communicate(timeout=TIMEOUT)
+        self.assertEqual(server.returncode, 0)
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("serving on 127.0.0.1 port %d" % port, lines[0])
+        self.assertEqual(lines[1], "beuss: stopped")
+
+    def wait_until(self, condition):
+        deadline = time.monotonic() + TIMEOUT
+        while not condition():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+
+
+# ##########################################################################
+# Side by side with Redis and its tools
+# ##########################################################################
+
+class RedisServer:
+    """A real redis-server on a free loopback port, for comparison."""
+
+    def __init__(self, test):
+        path = need_tool(test, "redis-server")
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(TIMEOUT)
+
+
+# Every command of the design, with its error cases. A step is one command,
+# or a list of commands sent in one write.
+DIFFERENTIAL_SCRIPT = [
+    ["PING"], ["PING", "hi"], ["PING", "a", "b"], ["ECHO", "hello"], ["ECHO"],
+    ["SELECT", "0"], ["SELECT", "x"], ["AUTH", "secret"],
+    ["AUTH", "default", "x"], ["AUTH", "someone", "x"], ["AUTH", "a", "b", "c"],
+    ["CLIENT", "SETNAME", "worker"], ["CLIENT", "GETNAME"],
+    ["CLIENT", "SETNAME", "a b"], ["CLIENT", "SETNAME"], ["CLIENT", "NOPE"],
+    ["CLIENT"], ["FLUSHALL"], ["DBSIZE"],
+    ["RPUSH", "jobs", "a", "b", "c"], ["LPUSH", "jobs", "z", "y"],
+    ["RPUSH", "jobs"], ["LLEN", "jobs"], ["LLEN", "none"],
+    ["LRANGE", "jobs", "0", "-1"], ["LRANGE", "jobs", "1", "2"],
+    ["LRANGE", "jobs", "-2", "100"], ["LRANGE", "jobs", "3", "1"],
+    ["LRANGE", "jobs", "x", "1"], ["LRANGE", "none", "0", "-1"],
+    ["TYPE", "jobs"], ["TYPE", "none"], ["EXISTS", "jobs", "none", "jobs"],
+    ["KEYS", "jo*"], ["KEYS", "j?bs"], ["KEYS", "[a-j]obs"], ["KEYS", "nomatch*"],
+    ["SCAN", "0", "MATCH", "jo*"], ["SCAN", "x"], ["SCAN", "0", "COUNT", "0"],
+    ["SCAN", "0", "BOGUS", "1"], ["DBSIZE"],
+    ["LPOP", "jobs"], ["RPOP", "jobs"], ["LPOP", "jobs", "2"],
+    ["LPOP", "jobs", "0"], ["LPOP", "jobs", "-1"], ["LPOP", "jobs", "x"],
+    ["LPOP", "none"], ["LPOP", "none", "2"], ["RPOP", "none", "1"],
+    ["LPOP", "jobs", "1", "2"], ["LPOP"],
+    ["RPUSH", "jobs", "x", "y", "x", "z", "x"], ["LREM", "jobs", "1", "x"],
+    ["LREM", "jobs", "-1", "x"], ["LREM", "jobs", "0", "x"],
+    ["LREM", "jobs", "z", "x"], ["LREM", "none", "0", "x"],
+    ["LRANGE", "jobs", "0", "-1"],
+    ["LMOVE", "jobs", "done", "LEFT", "RIGHT"], ["LMOVE", "jobs", "done", "up", "left"],
+    ["LMOVE", "none", "done", "LEFT", "LEFT"], ["LMOVE", "done", "done", "RIGHT", "LEFT"],
+    ["RPOPLPUSH", "jobs", "done"], ["RPOPLPUSH", "none", "done"], ["RPOPLPUSH", "jobs"],
+    ["LRANGE", "done", "0", "-1"], ["EXISTS", "jobs"],
+    ["BLPOP", "none", "done", "0"], ["BRPOP", "done", "0.01"], ["BLPOP", "none", "0.01"],
+    ["BLPOP", "none", "-1"], ["BLPOP", "none", "soon"], ["BLPOP", "none"],
+    ["RPUSH", "src", "1", "2"], ["BLMOVE", "src", "dst", "RIGHT", "LEFT", "0"],
+    ["BLMOVE", "none", "dst", "LEFT", "LEFT", "0.01"],
+    ["BLMOVE", "src", "dst", "LEFT", "up", "1"],
+    ["BRPOPLPUSH", "src", "dst", "0"], ["BRPOPLPUSH", "none", "dst", "0.01"],
+    ["BRPOPLPUSH", "src", "dst", "-1"], ["LRANGE", "dst", "0", "-1"],
+    ["DEL", "dst", "none", "dst"], ["DEL"], ["EXISTS"],
+    ["RPUSH", "a", "1"], ["RPUSH", "b", "2"], ["DBSIZE"], ["FLUSHDB", "nope"],
+    ["FLUSHDB"], ["DBSIZE"], ["RPUSH", "a", "1"], ["FLUSHALL", "ASYNC"],
+    ["FLUSHDB", "SYNC"], ["DBSIZE", "x"],
+    ["CONFIG", "GET", "appendonly"], ["CONFIG", "GET"], ["COMMAND", "NOPE"],
+    ["NOSUCH", "a", "b"], ["HELLO", "4"], ["HELLO", "x"],
+    ["HELLO", "2", "BOGUS"],
+    [["RPUSH", "piped", "1"], ["RPUSH", "piped", "2"], ["LPOP", "piped"],
+     ["LLEN", "piped"]],
+    ["HELLO", "3", "SETNAME", "resp3"], ["LPOP", "none"], ["LPOP", "none", "2"],
+    ["BLPOP", "none", "0.01"], ["CLIENT", "GETNAME"],
+    ["CONFIG", "GET", "appendonly"], ["RPUSH", "r3", "v"],
+    ["LRANGE", "r3", "0", "-1"], ["BLPOP", "r3", "0"], ["KEYS", "*"],
+    ["SCAN", "0"], ["HELLO", "2"], ["LPOP", "none"],
+    ["QUIT"],
+]
+SERVER_DESCRIBING = {b"HELLO"}      # replies that describe the server itself
+
+
+class Recorder:
+    """A socket that keeps every byte it received, so that the exact bytes
+    of each reply can be compared."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.data = b""
+
+    def recv(self, size):
+        chunk = self.sock.recv(size)
+        self.data += chunk
+        return chunk
+
+    def consumed(self, reader):
+        return len(self.data) - (len(reader._buf) - reader._pos)
+
+
+class DifferentialTest(ServerCase):
+
+    def run_script(self, port):
+        sock = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+        sock.settimeout(TIMEOUT)
+        recorder = Recorder(sock)
+        reader = beuss.ReplyReader(recorder)
+        replies = []
+        with sock:
+            for step in DIFFERENTIAL_SCRIPT:
+                commands = step if isinstance(step[0], list) else [step]
+                sock.sendall(requests(*commands))
+                for command in commands:
+                    start = recorder.consumed(reader)
+                    reader.read()
+                    raw = recorder.data[start:recorder.consumed(reader)]
+                    if command[0].upper().encode() in SERVER_DESCRIBING:
+                        raw = b"(server description)"
+                    replies.append((command, raw))
+        return replies
+
+    def test_same_replies_as_redis_byte_for_byte(self):
+        self.assertGreaterEqual(len(DIFFERENTIAL_SCRIPT), 60)
+        redis = RedisServer(self)
+        try:
+            theirs = self.run_script(redis.port)
+        finally:
+            redis.stop()
+        ours = self.run_script(self.port)
+        for (command, mine), (_, expected) in zip(ours, theirs):
+            self.assertEqual(mine, expected, command)
+        self.assertEqual(len(ours), len(theirs))
+
+
+class RedisToolsTest(ServerCase):
+
+    def test_redis_cli_one_shot(self):
+        cli = need_tool(self, "redis-cli")
+        port = str(self.port)
+        run = lambda *args: subprocess.run([cli, "-p", port] + list(args),
+                                           stdout=subprocess.PIPE, timeout=60)
+        self.assertEqual(run("RPUSH", "jobs", "hello").stdout, b"1\n")
+        self.assertEqual(run("LPOP", "jobs").stdout, b"hello\n")
+        self.assertEqual(run("LPOP", "jobs").stdout, b"\n")
+        self.assertEqual(run("PING").stdout, b"PONG\n")
+
+    def test_redis_cli_pipe(self):
+        cli = need_tool(self, "redis-cli")
+        data = b"".join(requests(["RPUSH", "bulk", str(i)]) for i in range(5000))
+        done = subprocess.run([cli, "-p", str(self.port), "--pipe"], input=data,
+                              stdout=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stdout)
+        self.assertIn(b"errors: 0, replies: 5000", done.stdout)
+        self.assertEqual(self.server.queues.length(b"bulk"), 5000)
+
+    def test_redis_benchmark_finishes_without_errors(self):
+        bench = need_tool(self, "redis-benchmark")
+        done = subprocess.run([bench, "-p", str(self.port), "-t", "rpush,lpush,lpop,rpop",
+                               "-n", "10000", "-q"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stdout)
+        for test in (b"RPUSH", b"LPUSH", b"LPOP", b"RPOP"):
+            self.assertIn(test + b": ", done.stdout)
+        self.assertNotIn(b"ERR", done.stdout)
+
+    REDIS_PY_SCRIPT = """
+import sys, redis
+r = redis.Redis(port=int(sys.argv[1]), protocol=int(sys.argv[2]))
+assert r.ping()
+assert r.rpush("jobs", "a", "b", b"\\x00\\xff") == 3
+assert r.llen("jobs") == 3
+assert r.lrange("jobs", 0, -1) == [b"a", b"b", b"\\x00\\xff"]
+assert r.lpop("jobs") == b"a"
+assert r.lpop("jobs", 2) == [b"b", b"\\x00\\xff"]
+assert r.lpop("jobs") is None
+assert r.blpop(["jobs"], timeout=0.1) is None
+r.rpush("jobs", "c")
+assert r.blpop(["none", "jobs"], timeout=1) in ((b"jobs", b"c"), [b"jobs", b"c"])
+assert r.lmove("none", "x") is None
+assert r.exists("jobs") == 0
+try:
+    r.set("k", "v")
+except redis.ResponseError as exc:
+    assert "unknown command" in str(exc)
+else:
+    raise AssertionError("SET worked")
+print("ok", r.connection_pool.get_connection().protocol if False else "")
+"""
+
+    def test_redis_py_both_protocols(self):
+        python = redis_python(self)
+        for protocol in ("3", "2"):
+            done = subprocess.run([python, "-c", self.REDIS_PY_SCRIPT, str(self.port),
+                                   protocol], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
+            self.assertEqual(done.returncode, 0, done.stderr.decode())
+            self.assertTrue(done.stdout.startswith(b"ok"))
+
+
+class ClientAgainstRedisTest(unittest.TestCase):
+    """The client half of beuss works unchanged against a real Redis."""
+
+    def test_client_and_cli_against_redis(self):
+        redis = RedisServer(self)
+        self.addCleanup(redis.stop)
+        with beuss.Client(port=redis.port, timeout=TIMEOUT) as client:
+            self.assertEqual(client.put("jobs", "a"), 1)
+            self.assertEqual(client.put_many("jobs", ["b", "c"]), 3)
+            self.assertEqual(client.queues(), {"jobs": 3})
+            self.assertEqual(client.get("jobs"), b"a")
+            self.assertEqual(client.get("jobs", wait=1), b"b")
+            self.assertEqual(list(client.listen("jobs", idle=0.1)), [b"c"])
+        out = io.BytesIO()
+        text_out = io.TextIOWrapper(out, write_through=True)
+        with mock.patch.object(sys, "stdout", text_out):
+            self.assertEqual(beuss.main(["PUT", "q", "hi", "--port", str(redis.port)]), 0)
+            self.assertEqual(beuss.main(["GET", "q", "--port", str(redis.port)]), 0)
+            self.assertEqual(beuss.main(["STATS", "--port", str(redis.port)]), 0)
+        self.assertTrue(out.getvalue().startswith(b"hiredis "), out.getvalue())
+
+
+if __name__ == "__main__":
+    unittest.main()
