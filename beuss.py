@@ -205,6 +205,11 @@ def _is_hex(two):
     return len(two) == 2 and all(c in b"0123456789abcdefABCDEF" for c in two)
 
 
+# Length lines seen in almost every request ("*3", "$5"), looked up rather
+# than parsed: parsing them is most of the cost of reading a request.
+_KNOWN_LENGTHS = {b"%d" % n: n for n in range(4096)}
+
+
 class RequestReader:
     """Turns the bytes a client sends into requests (lists of bytes).
 
@@ -224,80 +229,85 @@ class RequestReader:
         self._buf = b""
         self._pos = 0
         self._chunks = []
-        self._buffered = 0          # bytes in _buf past _pos, and in _chunks
-        self._need = 1              # bytes wanted before parsing again
+        self._arrived = 0           # bytes fed since the last incomplete read
+        self._need = 1              # ... that make another read worth trying
         self._args = None           # arguments of the request under way
         self._left = 0              # arguments still to come
         self._bulk = -1             # length of the argument under way
         self._skip = 0              # bytes of an over-size argument to drop
-        self._too_large = 0         # size of the over-size argument, if any
+        self._too_large = False     # the request under way is being dropped
 
     def feed(self, data):
         self._chunks.append(data)
-        self._buffered += len(data)
+        self._arrived += len(data)
 
     def pending(self):
-        """Bytes received but not yet part of a whole request."""
-        return self._buffered
+        """Bytes received but not yet read as part of a whole request."""
+        return len(self._buf) - self._pos + sum(map(len, self._chunks))
 
     def read(self):
-        if self._buffered < self._need:
-            return None
         if self._chunks:
+            if self._arrived < self._need:
+                return None
             self._chunks.insert(0, self._buf[self._pos:])
             self._buf = b"".join(self._chunks)
             self._chunks = []
             self._pos = 0
-        try:
-            return self._parse()
-        finally:
-            self._buffered = len(self._buf) - self._pos
+        return self._parse()
 
     def _parse(self):
         buf, pos, end = self._buf, self._pos, len(self._buf)
-        self._need = 1
+        args, left, bulk = self._args, self._left, self._bulk
+        known = _KNOWN_LENGTHS
         while True:
             if self._skip:
                 dropped = min(self._skip, end - pos)
                 pos += dropped
                 self._skip -= dropped
                 if self._skip:
-                    return self._incomplete(pos, 1)
-                if not self._left:
-                    return self._finish_too_large(pos)
-            if not self._left:
+                    return self._incomplete(pos, 1, args, left, bulk)
+            if not left:
+                if self._too_large:
+                    self._too_large = False
+                    self._pos = pos
+                    self._args = None
+                    self._left, self._bulk = 0, -1
+                    raise ReplyError("ERR message too large (max %d bytes)"
+                                     % self.max_argument)
                 if pos == end:
-                    return self._incomplete(pos, 1)
+                    return self._incomplete(pos, 1, None, 0, -1)
                 if buf[pos] != 42:                  # not b"*": inline
                     newline = buf.find(b"\n", pos)
                     if newline < 0 or newline - pos > MAX_INLINE_LENGTH + 1:
                         if end - pos > MAX_INLINE_LENGTH:
                             raise ProtocolError("too big inline request")
-                        return self._incomplete(pos, end - pos + 1)
-                    line = buf[pos:newline]
-                    self._pos = pos = newline + 1
-                    args = split_inline(line)
+                        return self._incomplete(pos, end - pos + 1, None, 0, -1)
+                    args = split_inline(buf[pos:newline])
+                    pos = newline + 1
                     if args:
+                        self._pos = pos
                         return args
                     continue
                 newline = buf.find(b"\r\n", pos)
                 if newline < 0:
                     if end - pos > MAX_INLINE_LENGTH:
                         raise ProtocolError("too big mbulk count string")
-                    return self._incomplete(pos, end - pos + 1)
-                count = parse_integer(buf[pos + 1:newline])
-                if count is None or count > MAX_ARGUMENTS:
-                    raise ProtocolError("invalid multibulk length")
+                    return self._incomplete(pos, end - pos + 1, None, 0, -1)
+                line = buf[pos + 1:newline]
+                left = known.get(line)
+                if left is None:
+                    left = parse_integer(line)
+                    if left is None or left > MAX_ARGUMENTS:
+                        raise ProtocolError("invalid multibulk length")
                 pos = newline + 2
-                if count <= 0:                      # Redis skips these
-                    self._pos = pos
+                if left <= 0:                       # Redis skips these
+                    left = 0
                     continue
-                self._left = count
-                self._args = []
-            while self._left:
-                if self._bulk < 0:
+                args = []
+            while left:
+                if bulk < 0:
                     if pos == end:
-                        return self._incomplete(pos, 1)
+                        return self._incomplete(pos, 1, args, left, bulk)
                     if buf[pos] != 36:              # not b"$"
                         raise ProtocolError("expected '$', got '%s'"
                                             % chr(buf[pos]))
@@ -305,48 +315,44 @@ class RequestReader:
                     if newline < 0:
                         if end - pos > MAX_INLINE_LENGTH:
                             raise ProtocolError("too big bulk count string")
-                        return self._incomplete(pos, end - pos + 1)
-                    length = parse_integer(buf[pos + 1:newline])
-                    if length is None or not 0 <= length <= MAX_BULK_LENGTH:
-                        raise ProtocolError("invalid bulk length")
+                        return self._incomplete(pos, end - pos + 1, args,
+                                                left, bulk)
+                    line = buf[pos + 1:newline]
+                    bulk = known.get(line)
+                    if bulk is None:
+                        bulk = parse_integer(line)
+                        if bulk is None or not 0 <= bulk <= MAX_BULK_LENGTH:
+                            raise ProtocolError("invalid bulk length")
                     pos = newline + 2
-                    if length > self.max_argument:
-                        self._left -= 1
-                        self._skip = length + 2
-                        self._too_large = length
+                    if bulk > self.max_argument:
+                        self._skip = bulk + 2
+                        self._too_large = True
+                        bulk = -1
+                        left -= 1
                         break
-                    self._bulk = length
-                if end - pos < self._bulk + 2:
-                    return self._incomplete(pos, self._bulk + 2)
-                if self._too_large:                 # dropping this request
-                    pos += self._bulk + 2
-                else:
-                    self._args.append(buf[pos:pos + self._bulk])
-                    pos += self._bulk + 2
-                self._bulk = -1
-                self._left -= 1
-            if self._skip:
+                stop = pos + bulk
+                if stop + 2 > end:
+                    return self._incomplete(pos, bulk + 2, args, left, bulk)
+                if not self._too_large:
+                    args.append(buf[pos:stop])
+                pos = stop + 2
+                bulk = -1
+                left -= 1
+            if self._skip or self._too_large:
                 continue
-            if self._too_large:
-                return self._finish_too_large(pos)
             self._pos = pos
-            args, self._args = self._args, None
+            self._args, self._left, self._bulk = None, 0, -1
             return args
 
-    def _incomplete(self, pos, need):
-        # Keep what is not consumed; ask for `need` bytes before parsing again.
+    def _incomplete(self, pos, need, args, left, bulk):
+        # Keep what is not read yet, and the request under way; ask for
+        # `need` bytes before parsing again.
         self._buf = self._buf[pos:]
         self._pos = 0
+        self._arrived = len(self._buf)
         self._need = need
+        self._args, self._left, self._bulk = args, left, bulk
         return None
-
-    def _finish_too_large(self, pos):
-        self._pos = pos
-        self._args = None
-        self._too_large = 0
-        self._need = 1
-        raise ReplyError("ERR message too large (max %d bytes)"
-                         % self.max_argument)
 
 
 class ReplyReader:
@@ -842,12 +848,13 @@ class Server:
             self._execute(conn, args)
 
     def _execute(self, conn, args):
-        name = args[0].lower()
-        command = COMMANDS.get(name)
+        # The hot path: COMMANDS holds each name in upper and lower case, so
+        # most requests find theirs without making a lower-case copy.
+        command = COMMANDS.get(args[0]) or COMMANDS.get(args[0].lower())
         try:
             if command is None:
                 raise ReplyError(_unknown_command(args))
-            function, arity = command
+            function, arity, name = command
             if (len(args) != arity) if arity > 0 else (len(args) < -arity):
                 raise _wrong_arity(name)
             reply = function(self, conn, args)
@@ -855,9 +862,11 @@ class Server:
             reply = encode_error(str(exc))
         except Exception as exc:    # a bug must cost one reply, not the bus
             reply = encode_error("ERR internal error in '%s': %r" % (
-                name.decode("utf-8", "replace"), exc))
+                args[0].lower().decode("utf-8", "replace"), exc))
         if reply is not None:
-            self._reply(conn, reply)
+            if not conn.out and conn.unsent is None:
+                self._dirty.append(conn)
+            conn.out.append(reply)
         if self.queues.has_ready():
             self._serve_waiters()
 
@@ -1340,10 +1349,10 @@ def cmd_client(server, conn, args):
 
 def cmd_command(server, conn, args):
     if len(args) == 1:
-        return _command_info(conn, sorted(COMMANDS))
+        return _command_info(conn, sorted(set(c[2] for c in COMMANDS.values())))
     sub = args[1].upper()
     if sub == b"COUNT" and len(args) == 2:
-        return encode_int(len(COMMANDS))
+        return encode_int(len(COMMANDS) // 2)
     if sub == b"DOCS":
         return encode_map([], conn.resp3)
     if sub == b"INFO":
@@ -1393,7 +1402,7 @@ def cmd_info(server, conn, args):
     return encode_bulk(server.info(wanted).encode("utf-8", "replace"))
 
 
-COMMANDS = {
+_COMMANDS = {
     b"rpush": (cmd_push, -3), b"lpush": (cmd_push, -3),
     b"lpop": (cmd_pop, -2), b"rpop": (cmd_pop, -2),
     b"blpop": (cmd_bpop, -3), b"brpop": (cmd_bpop, -3),
@@ -1411,6 +1420,11 @@ COMMANDS = {
     b"command": (cmd_command, -1), b"config": (cmd_config, -2),
     b"info": (cmd_info, -1),
 }
+# name -> (function, arity as Redis counts it, lower-case name)
+COMMANDS = {}
+for _name, (_function, _arity) in _COMMANDS.items():
+    COMMANDS[_name] = COMMANDS[_name.upper()] = (_function, _arity, _name)
+del _COMMANDS, _name, _function, _arity
 _KEYED_COMMANDS = {
     b"rpush", b"lpush", b"lpop", b"rpop", b"blpop", b"brpop", b"lmove",
     b"blmove", b"rpoplpush", b"brpoplpush", b"llen", b"lrange", b"lrem",

@@ -487,7 +487,8 @@ class ServerTest(ServerCase):
     def test_a_failing_command_costs_one_error_reply(self):
         def broken(server, conn, args):
             raise RuntimeError("boom")
-        with mock.patch.dict(beuss.COMMANDS, {b"llen": (broken, 2)}):
+        with mock.patch.dict(beuss.COMMANDS, {b"llen": (broken, 2, b"llen"),
+                                              b"LLEN": (broken, 2, b"llen")}):
             sock = self.exchange(requests(["LLEN", "q"]),
                                  b"-ERR internal error in 'llen': RuntimeError('boom')\r\n")
         self.exchange(b"PING\r\n", b"+PONG\r\n", sock)
