@@ -1145,5 +1145,55 @@ class ClientAgainstRedisTest(unittest.TestCase):
         self.assertTrue(out.getvalue().startswith(b"hiredis "), out.getvalue())
 
 
+# ##########################################################################
+# Benchmark helper (not a test): python test_beuss.py --bench
+# ##########################################################################
+
+def benchmark(requests_count=200000, clients=50, rounds=3):
+    """Run redis-benchmark against beuss and a real redis-server started side
+    by side, alternating, and print the best of `rounds` for each, with the
+    ratio. Noise on a shared machine is why they alternate."""
+    import csv
+    bench = shutil.which("redis-benchmark")
+    redis_server = shutil.which("redis-server")
+    if not bench or not redis_server:
+        sys.exit("needs redis-benchmark and redis-server")
+    ours_port, theirs_port = free_port(), free_port()
+    ours = subprocess.Popen([sys.executable, BEUSS, "--port", str(ours_port)],
+                            stderr=subprocess.DEVNULL)
+    theirs = subprocess.Popen([redis_server, "--port", str(theirs_port), "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        for port in (ours_port, theirs_port):
+            wait_for_port(port)
+            subprocess.run([bench, "-p", str(port), "-t", "rpush,lpop", "-n", "20000",
+                            "-q"], stdout=subprocess.DEVNULL)     # warm up
+        print("redis-benchmark -t rpush,lpush,lpop,rpop -n %d -c %d, best of %d"
+              % (requests_count, clients, rounds))
+        print("%-16s %12s %12s %8s" % ("test", "beuss rps", "redis rps", "ratio"))
+        for pipeline in (1, 16):
+            best = {}
+            for _ in range(rounds):
+                for name, port in (("beuss", ours_port), ("redis", theirs_port)):
+                    done = subprocess.run(
+                        [bench, "-p", str(port), "-t", "rpush,lpush,lpop,rpop", "-n",
+                         str(requests_count), "-c", str(clients), "-P", str(pipeline),
+                         "--csv"], stdout=subprocess.PIPE, universal_newlines=True)
+                    for row in csv.DictReader(io.StringIO(done.stdout)):
+                        key = (row["test"], name)
+                        best[key] = max(best.get(key, 0), float(row["rps"]))
+            for test in ("RPUSH", "LPUSH", "LPOP", "RPOP"):
+                mine, redis = best[(test, "beuss")], best[(test, "redis")]
+                print("%-16s %12.0f %12.0f %8.2f" % (
+                    "%s -P %d" % (test, pipeline), mine, redis, mine / redis))
+    finally:
+        for process in (ours, theirs):
+            process.terminate()
+            process.wait()
+
+
 if __name__ == "__main__":
-    unittest.main()
+    if sys.argv[1:] == ["--bench"]:
+        benchmark()
+    else:
+        unittest.main()
