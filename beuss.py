@@ -216,16 +216,20 @@ class RequestReader:
     read() returns the next whole request, or None while it is incomplete:
     a request may be split at any byte and many may come in one read. It
     raises ProtocolError for bytes that break the protocol, and ReplyError
-    for a request with an argument over max_argument bytes, after dropping
-    all of that request's bytes so the connection stays in step.
+    for a request with an argument over both max_message and 64 KiB, after
+    dropping that request's bytes as they come, so that the connection stays
+    in step and nothing is buffered. Smaller arguments are read whole even
+    past max_message, for commands whose arguments are not messages; the
+    commands that take messages check the limit themselves.
 
     Bytes fed in are kept as a list of chunks and joined only once enough
     have arrived for the next step, so a large message arriving in many
     reads is copied a bounded number of times.
     """
 
-    def __init__(self, max_argument=DEFAULT_MAX_MESSAGE_SIZE):
-        self.max_argument = max_argument
+    def __init__(self, max_message=DEFAULT_MAX_MESSAGE_SIZE):
+        self.max_message = max_message
+        self._max_argument = max(max_message, MAX_INLINE_LENGTH)
         self._buf = b""
         self._pos = 0
         self._chunks = []
@@ -272,8 +276,7 @@ class RequestReader:
                     self._pos = pos
                     self._args = None
                     self._left, self._bulk = 0, -1
-                    raise ReplyError("ERR message too large (max %d bytes)"
-                                     % self.max_argument)
+                    raise message_too_large(self.max_message)
                 if pos == end:
                     return self._incomplete(pos, 1, None, 0, -1)
                 if buf[pos] != 42:                  # not b"*": inline
@@ -324,7 +327,7 @@ class RequestReader:
                         if bulk is None or not 0 <= bulk <= MAX_BULK_LENGTH:
                             raise ProtocolError("invalid bulk length")
                     pos = newline + 2
-                    if bulk > self.max_argument:
+                    if bulk > self._max_argument:
                         self._skip = bulk + 2
                         self._too_large = True
                         bulk = -1
@@ -353,6 +356,10 @@ class RequestReader:
         self._need = need
         self._args, self._left, self._bulk = args, left, bulk
         return None
+
+
+def message_too_large(limit):
+    return ReplyError("ERR message too large (max %d bytes)" % limit)
 
 
 class ReplyReader:
@@ -637,11 +644,11 @@ class _Conn:
                  "lib_name", "lib_ver", "waiter", "closed", "closing", "writing",
                  "created", "peer", "null_bulk", "null_array")
 
-    def __init__(self, sock, conn_id, peer, max_argument):
+    def __init__(self, sock, conn_id, peer, max_message):
         self.sock = sock
         self.id = conn_id
         self.peer = peer
-        self.reader = RequestReader(max_argument)
+        self.reader = RequestReader(max_message)
         self.out = []               # replies not yet handed to the socket
         self.unsent = None          # a memoryview the socket did not take
         self.resp3 = False
@@ -1107,7 +1114,10 @@ def _glob(pattern):
 
 def cmd_push(server, conn, args):
     left = args[0][0] in b"lL"
-    return encode_int(server.queues.push(args[1], args[2:], left))
+    messages = args[2:]
+    if max(map(len, messages)) > server.max_message_size:
+        raise message_too_large(server.max_message_size)
+    return encode_int(server.queues.push(args[1], messages, left))
 
 
 def cmd_pop(server, conn, args):
@@ -1861,17 +1871,25 @@ def run_serve(options):
     if max_message_size > MAX_BULK_LENGTH:
         raise UsageError("the largest message size is %d bytes"
                          % MAX_BULK_LENGTH)
+    # The handlers go in before the port opens: a signal that comes once
+    # anyone can connect must stop the server cleanly, never half way.
+    import signal
+    servers, signals = [], []
+
+    def stop(signum, frame):
+        signals.append(signum)
+        for server in servers:
+            server.stop()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         server = Server(host, port, max_message_size, max_clients)
     except OSError as exc:
         raise ConnectionFailed("cannot listen on %s:%s: %s"
                                % (host, port, _reason(exc)))
-    import signal
-
-    def stop(signum, frame):
+    servers.append(server)
+    if signals:
         server.stop()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     _warn("%s serving on %s port %d (messages up to %d bytes)" % (
         __version__, server.address[0], server.address[1], max_message_size))
     server.serve_forever()
