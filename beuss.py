@@ -26,7 +26,6 @@ __all__ = [
 ]
 
 import collections
-import errno
 import heapq
 import os
 import re
@@ -37,9 +36,7 @@ import threading
 import time
 
 
-# ##########################################################################
-# Constants
-# ##########################################################################
+# ## Constants ###############################################################
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6552
@@ -73,9 +70,7 @@ ERR_TIMEOUT_RANGE = "ERR timeout is out of range"
 ERR_MAX_CLIENTS = b"-ERR max number of clients reached\r\n"
 
 
-# ##########################################################################
-# Errors
-# ##########################################################################
+# ## Errors ##################################################################
 
 class BeussError(Exception):
     """Base of every error beuss raises on purpose."""
@@ -95,9 +90,13 @@ class ConnectionFailed(BeussError):
     """The server could not be reached, or the connection to it broke."""
 
 
-# ##########################################################################
-# Protocol: pure functions on bytes, shared by the server and the client
-# ##########################################################################
+def _warn(text):
+    """Say something to the person at the terminal: one line on stderr."""
+    sys.stderr.write("beuss: %s\n" % text)
+    sys.stderr.flush()
+
+
+# ## Protocol: pure functions on bytes, shared by the server and the client ####
 
 def encode_bulk(data):
     return b"$%d\r\n%s\r\n" % (len(data), data)
@@ -422,9 +421,7 @@ class ReplyReader:
         raise ProtocolError("unexpected reply %r" % line[:40])
 
 
-# ##########################################################################
-# Queues: the store and its waiters, without sockets
-# ##########################################################################
+# ## Queues: the store and its waiters, without sockets ######################
 #
 # A queue is a deque of messages (bytes) under a name (bytes). It exists
 # while it holds a message: the pop that empties it removes it, as Redis
@@ -633,21 +630,18 @@ class Queues:
         return served
 
 
-# ##########################################################################
-# Server
-# ##########################################################################
+# ## Server ##################################################################
 
 class _Conn:
     """One client connection: its socket, what it sent, what it is owed."""
 
     __slots__ = ("sock", "id", "reader", "out", "unsent", "resp3", "name",
-                 "lib_name", "lib_ver", "waiter", "closed", "closing", "writing",
-                 "created", "peer", "null_bulk", "null_array")
+                 "waiter", "closed", "closing", "writing", "null_bulk",
+                 "null_array")
 
-    def __init__(self, sock, conn_id, peer, max_message):
+    def __init__(self, sock, conn_id, max_message):
         self.sock = sock
         self.id = conn_id
-        self.peer = peer
         self.reader = RequestReader(max_message)
         self.out = []               # replies not yet handed to the socket
         self.unsent = None          # a memoryview the socket did not take
@@ -655,13 +649,10 @@ class _Conn:
         self.null_bulk = RESP2_NULL_BULK
         self.null_array = RESP2_NULL_ARRAY
         self.name = b""
-        self.lib_name = b""
-        self.lib_ver = b""
         self.waiter = None
         self.closed = False
         self.closing = False        # close once the replies are sent
         self.writing = False        # EVENT_WRITE is registered
-        self.created = time.monotonic()
 
 
 class Server:
@@ -682,7 +673,8 @@ class Server:
         self.started = time.time()
         self._conns = {}
         self._next_id = 1
-        self._deadlines = []        # heap of (deadline, id, waiter)
+        self._deadlines = []        # heap of (deadline, sequence, waiter)
+        self._sequence = 0          # orders waiters with equal deadlines
         self._resumed = collections.deque()  # unblocked, with input to run
         self._dirty = []            # connections with replies to send
         self._stopping = False
@@ -803,7 +795,7 @@ class Server:
     def _accept(self):
         while True:
             try:
-                sock, peer = self._listener.accept()
+                sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:         # e.g. out of file descriptors
@@ -818,7 +810,7 @@ class Server:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, self._next_id, peer, self.max_message_size)
+            conn = _Conn(sock, self._next_id, self.max_message_size)
             self._next_id += 1
             self._conns[conn.id] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
@@ -849,6 +841,12 @@ class Server:
             except ProtocolError as exc:
                 self._reply(conn, encode_error("ERR Protocol error: %s" % exc))
                 conn.closing = True
+                break
+            except Exception as exc:
+                # A bug must cost one connection, never the bus.
+                _warn("closed connection %d after an internal error: %r"
+                      % (conn.id, exc))
+                self._close(conn)
                 break
             if args is None:
                 break
@@ -890,7 +888,11 @@ class Server:
         conn.waiter = waiter
         self.queues.wait(waiter)
         if timeout:
-            heapq.heappush(self._deadlines, (waiter.deadline, conn.id, waiter))
+            # The sequence number settles ties, which a coarse clock makes
+            # common, before they reach the Waiter, which has no order.
+            self._sequence += 1
+            heapq.heappush(self._deadlines,
+                           (waiter.deadline, self._sequence, waiter))
 
     def _serve_waiters(self):
         for waiter, name, message in self.queues.serve():
@@ -1350,10 +1352,7 @@ def cmd_client(server, conn, args):
     if attribute not in (b"LIB-NAME", b"LIB-VER"):
         raise ReplyError("ERR Unrecognized option '%s'"
                          % args[2].decode("utf-8", "replace"))
-    if attribute == b"LIB-NAME":
-        conn.lib_name = _client_name(args[3])
-    else:
-        conn.lib_ver = _client_name(args[3])
+    _client_name(args[3])          # checked as Redis checks it, not kept
     return OK
 
 
@@ -1442,9 +1441,7 @@ _KEYED_COMMANDS = {
 }
 
 
-# ##########################################################################
-# Client
-# ##########################################################################
+# ## Client ##################################################################
 
 DEFAULT_TIMEOUT = 10.0          # seconds to connect, or to wait for a reply
 BLOCK_SLICE = 1.0               # a long wait is cut in slices so Ctrl-C works
@@ -1463,11 +1460,6 @@ def _arg(value):
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return repr(value).encode()
     raise TypeError("a message is bytes or str, not %s" % type(value).__name__)
-
-
-def _warn(text):
-    sys.stderr.write("beuss: %s\n" % text)
-    sys.stderr.flush()
 
 
 def _setting(value, env_name, default, convert=str):
@@ -1704,9 +1696,7 @@ def on(queue, handler, **conn):
         return client.on(queue, handler)
 
 
-# ##########################################################################
-# Command line
-# ##########################################################################
+# ## Command line ############################################################
 
 USAGE = """\
 usage: python beuss.py [VERB] [options]

@@ -8,6 +8,7 @@ redis-py is looked for in BEUSS_REDIS_PYTHON (an interpreter that has it),
 then in the interpreter running the tests.
 """
 
+import contextlib
 import io
 import os
 import shutil
@@ -75,9 +76,7 @@ def requests(*commands):
                     for command in commands)
 
 
-# ##########################################################################
-# Protocol
-# ##########################################################################
+# ## Protocol ################################################################
 
 class RequestReaderTest(unittest.TestCase):
 
@@ -229,9 +228,7 @@ class ReplyReaderTest(unittest.TestCase):
         self.assertEqual(str(reply), "ERR no")
 
 
-# ##########################################################################
-# Queues
-# ##########################################################################
+# ## Queues ##################################################################
 
 class QueuesTest(unittest.TestCase):
 
@@ -296,9 +293,7 @@ class QueuesTest(unittest.TestCase):
         self.assertEqual(queues.size, 0)
 
 
-# ##########################################################################
-# Server, over raw sockets
-# ##########################################################################
+# ## Server, over raw sockets ################################################
 
 class ServerCase(unittest.TestCase):
     """Starts an embedded server on a free port for each test, and checks
@@ -335,6 +330,17 @@ class ServerCase(unittest.TestCase):
                 break
             data += chunk
         return data
+
+    @contextlib.contextmanager
+    def later(self, seconds, function, *args, **kwargs):
+        """Run function(*args, **kwargs) in a thread after `seconds`, and
+        wait for it to finish when the block ends."""
+        timer = threading.Timer(seconds, function, args, kwargs)
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.join(TIMEOUT)
 
     def client(self):
         client = beuss.Client("127.0.0.1", self.port, timeout=TIMEOUT)
@@ -505,6 +511,16 @@ class ServerTest(ServerCase):
                                  b"-ERR internal error in 'llen': RuntimeError('boom')\r\n")
         self.exchange(b"PING\r\n", b"+PONG\r\n", sock)
 
+    def test_an_internal_error_costs_one_connection(self):
+        victim = self.connect()
+        with mock.patch.object(beuss.RequestReader, "read",
+                               side_effect=RuntimeError("bug")), \
+                mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            victim.sendall(b"PING\r\n")
+            self.assert_closed(victim)
+        self.assertIn("internal error: RuntimeError('bug')", err.getvalue())
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+
     def test_info_describes_the_server_and_queues(self):
         self.exchange(requests(["RPUSH", "jobs", "abc", "de"]), b":2\r\n")
         sock = self.connect()
@@ -569,9 +585,7 @@ class SlowReaderTest(ServerCase):
         self.assertEqual(self.receive(reader, len(reply) * 2000), reply * 2000)
 
 
-# ##########################################################################
-# Client
-# ##########################################################################
+# ## Client ##################################################################
 
 class ClientTest(ServerCase):
 
@@ -597,9 +611,8 @@ class ClientTest(ServerCase):
         started = time.monotonic()
         self.assertIsNone(client.get("q", wait=0.2))
         self.assertGreaterEqual(time.monotonic() - started, 0.2)
-        threading.Timer(0.1, beuss.put, ("q", "late"),
-                        {"port": self.port}).start()
-        self.assertEqual(client.get("q", wait=0), b"late")
+        with self.later(0.1, beuss.put, "q", "late", port=self.port):
+            self.assertEqual(client.get("q", wait=0), b"late")
 
     def test_listen_and_on(self):
         client = self.client()
@@ -666,8 +679,8 @@ class ClientTest(ServerCase):
                 time.sleep(0.5)
                 second.append(beuss.Server("127.0.0.1", port).start())
                 beuss.put("q", "after", port=port)
-            threading.Thread(target=restart).start()
-            self.assertEqual(next(messages), b"after")
+            with self.later(0, restart):
+                self.assertEqual(next(messages), b"after")
             second[0].stop()
         lines = stderr.getvalue().splitlines()
         self.assertEqual(len(lines), 2, lines)
@@ -675,9 +688,7 @@ class ClientTest(ServerCase):
         self.assertIn("back on the server", lines[1])
 
 
-# ##########################################################################
-# Command line, in process and as a real subprocess
-# ##########################################################################
+# ## Command line, in process and as a real subprocess #######################
 
 class CommandLineTest(ServerCase):
 
@@ -752,8 +763,8 @@ class CommandLineTest(ServerCase):
         status, _, err = self.run_main("GET", "q", "--wait", "0.1")
         self.assertEqual(status, 1)
         self.assertEqual(err, "beuss: no message on q within 0.1 seconds\n")
-        threading.Timer(0.1, beuss.put, ("q", "late"), {"port": self.port}).start()
-        self.assertEqual(self.run_main("GET", "q", "-w", "0")[:2], (0, b"late"))
+        with self.later(0.1, beuss.put, "q", "late", port=self.port):
+            self.assertEqual(self.run_main("GET", "q", "-w", "0")[:2], (0, b"late"))
 
     def test_on_exec_runs_the_command_per_message(self):
         self.client().put_many("q", ["a", "b"])
@@ -999,9 +1010,7 @@ class SubprocessTest(ServerCase):
             time.sleep(0.01)
 
 
-# ##########################################################################
-# Side by side with Redis and its tools
-# ##########################################################################
+# ## Side by side with Redis and its tools ###################################
 
 class RedisServer:
     """A real redis-server on a free loopback port, for comparison."""
@@ -1240,9 +1249,7 @@ class ClientAgainstRedisTest(unittest.TestCase):
         self.assertTrue(out.getvalue().startswith(b"hiredis "), out.getvalue())
 
 
-# ##########################################################################
-# Benchmark helper (not a test): python test_beuss.py --bench
-# ##########################################################################
+# ## Benchmark helper (not a test): python test_beuss.py --bench #############
 
 def benchmark(requests_count=200000, clients=50, rounds=3):
     """Run redis-benchmark against beuss and a real redis-server started side
