@@ -1880,10 +1880,12 @@ def run_serve(options):
     servers.append(server)
     if signals:
         server.stop()
-    _warn("%s serving on %s port %d (messages up to %d bytes)" % (
-        __version__, server.address[0], server.address[1], max_message_size))
+    sys.stderr.write("beuss %s serving on %s port %d (messages up to %d bytes; "
+                     "Ctrl-C stops it)\n" % (__version__, server.address[0],
+                                             server.address[1], max_message_size))
+    sys.stderr.flush()
     server.serve_forever()
-    _warn("stopped")
+    sys.stderr.write("beuss stopped\n")
     return EXIT_OK
 
 
@@ -1984,8 +1986,8 @@ def run_get(options):
 
 
 def _empty(queue, wait):
-    _warn("%s is empty" % queue if not wait else
-          "no message on %s within %g seconds" % (queue, wait))
+    _warn("queue %s is empty" % queue if not wait else
+          "no message on queue %s within %g seconds" % (queue, wait))
     return EXIT_EMPTY
 
 

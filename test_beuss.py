@@ -442,6 +442,13 @@ class ServerTest(ServerCase):
                       b"-ERR timeout is negative\r\n"
                       b"-ERR timeout is not a float or out of range\r\n")
 
+    def test_timeout_at_and_past_the_limit(self):
+        waiter = self.connect()
+        waiter.sendall(requests(["BLPOP", "q", "1e12"]))
+        self.wait_blocked(1)
+        self.exchange(requests(["BLPOP", "q", "1.000001e12"]),
+                      b"-ERR timeout is out of range\r\n")
+
     def test_commands_behind_a_blocking_call_wait_for_it(self):
         waiter = self.connect()
         waiter.sendall(requests(["BLPOP", "q", "0"], ["RPUSH", "log", "after"],
@@ -712,7 +719,7 @@ class CommandLineTest(ServerCase):
         self.assertEqual(self.run_main("Get", "q", "-"), (0, b"from stdin\n", ""))
         status, out, err = self.run_main("GET", "q")
         self.assertEqual((status, out), (1, b""))
-        self.assertEqual(err, "beuss: q is empty\n")
+        self.assertEqual(err, "beuss: queue q is empty\n")
 
     def test_put_lines_and_file(self):
         self.run_main("PUT", "q", "--lines", stdin=b"one\ntwo\r\n\nthree")
@@ -762,7 +769,7 @@ class CommandLineTest(ServerCase):
     def test_get_wait(self):
         status, _, err = self.run_main("GET", "q", "--wait", "0.1")
         self.assertEqual(status, 1)
-        self.assertEqual(err, "beuss: no message on q within 0.1 seconds\n")
+        self.assertEqual(err, "beuss: no message on queue q within 0.1 seconds\n")
         with self.later(0.1, beuss.put, "q", "late", port=self.port):
             self.assertEqual(self.run_main("GET", "q", "-w", "0")[:2], (0, b"late"))
 
@@ -861,7 +868,7 @@ class SubprocessTest(ServerCase):
                 self.assertEqual(f.read(), b"my-message-content\n")
         self.assertEqual(self.beuss("ON", "jobs", "--count", "1").stdout, b"second")
         done = self.beuss("GET", "jobs", check=False)
-        self.assertEqual((done.returncode, done.stderr), (1, b"beuss: jobs is empty\n"))
+        self.assertEqual((done.returncode, done.stderr), (1, b"beuss: queue jobs is empty\n"))
         done = self.beuss("FROB", check=False)
         self.assertEqual(done.returncode, 2)
         self.assertEqual(len(done.stderr.splitlines()), 1)
@@ -969,7 +976,7 @@ class SubprocessTest(ServerCase):
             lines = err.decode().splitlines()
             self.assertEqual(len(lines), 2, lines)
             self.assertIn("serving on 127.0.0.1 port %d" % port, lines[0])
-            self.assertEqual(lines[1], "beuss: stopped")
+            self.assertEqual(lines[1], "beuss stopped")
 
     def test_serve_flags(self):
         port = free_port()
@@ -988,6 +995,11 @@ class SubprocessTest(ServerCase):
         finally:
             server.terminate()
             server.wait(TIMEOUT)
+        done = self.beuss("--max-message-size", str(beuss.MAX_BULK_LENGTH + 1),
+                          check=False)
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr, b"beuss: the largest message size is "
+                                      b"536870912 bytes\n")
         done = self.beuss("--port", "nope", check=False)
         self.assertEqual(done.returncode, 2)
         self.assertEqual(done.stderr, b"beuss: --port: 'nope' is not a valid value\n")
