@@ -1709,6 +1709,7 @@ usage: python beuss.py [VERB] [options]
   LIST                every queue that holds messages, with its length
   PING                check that the server answers
   STATS               a summary of the server's state
+  BENCH               measure the server: put, then take, many messages
 
 `python beuss.py VERB --help` tells a verb's options. Verbs may be written
 in any case. Settings come from flags, else the environment (BHOST, BPORT,
@@ -2109,6 +2110,98 @@ def run_stats(options):
     return EXIT_OK
 
 
+# BENCH ----------------------------------------------------------------------
+
+def _bench_arguments(parser):
+    parser.add_argument("-n", "--messages", type=_count, default=100000,
+                        help="messages to put, then take (100000)")
+    parser.add_argument("-c", "--clients", type=_count, default=50,
+                        help="connections at once (50)")
+    parser.add_argument("-P", "--pipeline", type=_count, default=1,
+                        help="requests a connection sends at once (1)")
+    parser.add_argument("-d", "--size", type=_count, default=3,
+                        help="bytes a message (3)")
+    _add_address(parser)
+
+
+def run_bench(options):
+    """Put n messages with RPUSH, then take them with LPOP, over many
+    connections, and print the rate of each. The load comes from one
+    selectors loop that sends ready-made requests and counts reply line
+    ends instead of parsing replies, so that it costs far less than the
+    server it measures."""
+    if min(options.messages, options.clients, options.pipeline) < 1:
+        raise UsageError("BENCH: -n, -c and -P must be at least 1")
+    client = _client(options)
+    queue = b"beuss-bench-%d" % os.getpid()
+    message = b"x" * options.size
+    with client:
+        client.call(b"DEL", queue)
+        for name, command, line_ends in (
+                ("PUT (RPUSH)", [b"RPUSH", queue, message], 1),
+                ("GET (LPOP)", [b"LPOP", queue], 2)):
+            seconds = _bench_load(client, encode_bulks(command), line_ends,
+                                  options)
+            print("%-12s %9.0f messages/s  (%d in %.2f s, %d clients, "
+                  "pipeline %d)" % (name, options.messages / seconds,
+                                    options.messages, seconds,
+                                    options.clients, options.pipeline))
+        client.call(b"DEL", queue)
+    return EXIT_OK
+
+
+def _bench_load(client, request, line_ends, options):
+    # Each connection owns a share of the requests and keeps `pipeline` of
+    # them in flight; a reply is complete when its line ends have come.
+    shares = [options.messages // options.clients] * options.clients
+    for i in range(options.messages % options.clients):
+        shares[i] += 1
+    selector = selectors.DefaultSelector()
+    socks = []
+    try:
+        for share in shares:
+            if not share:
+                continue
+            sock = socket.create_connection((client.host, client.port),
+                                            client.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socks.append(sock)
+            selector.register(sock, selectors.EVENT_READ,
+                              {"left": share, "due": 0})
+        started = time.perf_counter()
+        for key in selector.get_map().values():
+            _bench_send(key.fileobj, key.data, request, line_ends, options)
+        while selector.get_map():
+            for key, _ in selector.select(client.timeout) or _timed_out():
+                state = key.data
+                data = key.fileobj.recv(READ_SIZE)
+                if not data:
+                    raise ConnectionFailed("the server closed a connection")
+                state["due"] -= data.count(b"\r\n")
+                if state["due"] <= 0:
+                    if state["left"]:
+                        _bench_send(key.fileobj, state, request, line_ends,
+                                    options)
+                    else:
+                        selector.unregister(key.fileobj)
+        return time.perf_counter() - started
+    finally:
+        selector.close()
+        for sock in socks:
+            sock.close()
+
+
+def _bench_send(sock, state, request, line_ends, options):
+    count = min(options.pipeline, state["left"])
+    state["left"] -= count
+    state["due"] = count * line_ends
+    sock.sendall(request * count)
+
+
+def _timed_out():
+    raise ConnectionFailed("the server stopped answering")
+
+
 VERBS = {
     "SERVE": (run_serve, _serve_arguments, "Serve the queues."),
     "PUT": (run_put, _put_arguments, "Put a message on a queue."),
@@ -2122,6 +2215,8 @@ VERBS = {
     "PING": (run_ping, _add_address, "Check that the server answers."),
     "STATS": (run_stats, _add_address, "Print a summary of the server's "
               "state."),
+    "BENCH": (run_bench, _bench_arguments, "Measure how fast the server "
+              "takes and gives messages."),
 }
 
 

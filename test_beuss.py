@@ -812,8 +812,20 @@ class CommandLineTest(ServerCase):
         self.assertIn(b"queues: 2 holding 3 messages, 4 bytes", out)
         self.assertIn(b"  jobs: 2 messages, 3 bytes, 0 waiting", out)
 
+    def test_bench_puts_then_takes_and_cleans_up(self):
+        self.client().put("other", "untouched")
+        status, out, _ = self.run_main("BENCH", "-n", "500", "-c", "3", "-P", "4",
+                                       "-d", "100")
+        self.assertEqual(status, 0)
+        lines = out.decode().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertRegex(lines[0], r"^PUT \(RPUSH\) +\d+ messages/s  \(500 in ")
+        self.assertRegex(lines[1], r"^GET \(LPOP\) +\d+ messages/s  \(500 in ")
+        self.assertEqual(self.client().queues(), {"other": 1})
+
     def test_usage_errors_exit_2_with_one_line(self):
         for argv in (["NOPE"], ["PUT"], ["GET", "q", "--wait", "soon"],
+                     ["BENCH", "-c", "0"],
                      ["ON", "q", "--count", "-1"], ["PUT", "q", "m", "--lines"]):
             status, out, err = self.run_main(*argv)
             self.assertEqual(status, 2, argv)
@@ -861,6 +873,7 @@ class SubprocessTest(ServerCase):
         self.assertEqual(self.beuss("LIST").stdout, b"jobs 2\n")
         self.assertEqual(self.beuss("PING").stdout, b"PONG\n")
         self.assertIn(b"2 messages", self.beuss("STATS").stdout)
+        self.assertIn(b"messages/s", self.beuss("BENCH", "-n", "100", "-c", "2").stdout)
         with tempfile.TemporaryDirectory() as folder:
             target = os.path.join(folder, "output.ext")
             self.beuss("GET", "jobs", target)
