@@ -261,7 +261,7 @@ class RequestReader:
     def _parse(self):
         buf, pos, end = self._buf, self._pos, len(self._buf)
         args, left, bulk = self._args, self._left, self._bulk
-        known = _KNOWN_LENGTHS
+        known, max_argument = _KNOWN_LENGTHS, self._max_argument
         while True:
             if self._skip:
                 dropped = min(self._skip, end - pos)
@@ -326,7 +326,7 @@ class RequestReader:
                         if bulk is None or not 0 <= bulk <= MAX_BULK_LENGTH:
                             raise ProtocolError("invalid bulk length")
                     pos = newline + 2
-                    if bulk > self._max_argument:
+                    if bulk > max_argument:
                         self._skip = bulk + 2
                         self._too_large = True
                         bulk = -1
@@ -335,7 +335,7 @@ class RequestReader:
                 stop = pos + bulk
                 if stop + 2 > end:
                     return self._incomplete(pos, bulk + 2, args, left, bulk)
-                if not self._too_large:
+                if not self._too_large:     # else the request is dropped
                     args.append(buf[pos:stop])
                 pos = stop + 2
                 bulk = -1
