@@ -1484,7 +1484,8 @@ def _port(value):
 
 
 class Client:
-    """One connection to a beuss (or Redis) server, opened on first use.
+    """One connection to a beuss (or Redis) server, opened on first use;
+    one thread at a time may use it.
 
     Settings not given come from BHOST and BPORT, then the defaults.
     Error replies raise ReplyError; a server that cannot be reached, or a
@@ -1603,6 +1604,8 @@ class Client:
                 if delay is None:
                     _warn("%s; trying again until it is back" % exc)
                     delay = RECONNECT_FIRST
+                if time.monotonic() + delay >= deadline:
+                    return                  # idle for longer than allowed
                 time.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue

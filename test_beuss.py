@@ -799,6 +799,15 @@ class CommandLineTest(ServerCase):
         beuss.put("q", "x", port=self.port)
         self.assertEqual(self.run_main("ON", "q", "--timeout", "0.1")[:2], (0, b"x"))
 
+    def test_on_timeout_holds_while_the_server_is_away(self):
+        started = time.monotonic()
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            status = beuss.main(["ON", "q", "-W", "0.5", "--port", str(free_port())])
+        self.assertEqual(status, 1)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIn("cannot reach the server", err.getvalue())
+        self.assertIn("no message on queue q within 0.5 seconds", err.getvalue())
+
     def test_len_list_ping_stats(self):
         self.client().put_many("jobs", ["a", "bb"])
         beuss.put("mail", "c", port=self.port)
