@@ -161,36 +161,28 @@ def split_inline(line):
                     raise ProtocolError("unbalanced quotes in request")
                 break
             c = line[i:i + 1]
-            if quote == b'"':
-                if c == b"\\" and i + 3 < n and line[i + 1:i + 2] == b"x" \
-                        and _is_hex(line[i + 2:i + 4]):
-                    arg.append(int(line[i + 2:i + 4], 16))
-                    i += 3
-                elif c == b"\\" and i + 1 < n:
-                    arg += _ESCAPES.get(line[i + 1:i + 2], line[i + 1:i + 2])
-                    i += 1
-                elif c == b'"':
-                    if i + 1 < n and not line[i + 1:i + 2].isspace():
-                        raise ProtocolError("unbalanced quotes in request")
-                    i += 1
+            if quote is None:
+                if c.isspace():
                     break
+                if c in (b'"', b"'"):
+                    quote = c
                 else:
                     arg += c
-            elif quote == b"'":
-                if c == b"\\" and line[i + 1:i + 2] == b"'":
-                    arg += b"'"
-                    i += 1
-                elif c == b"'":
-                    if i + 1 < n and not line[i + 1:i + 2].isspace():
-                        raise ProtocolError("unbalanced quotes in request")
-                    i += 1
-                    break
-                else:
-                    arg += c
-            elif c.isspace():
+            elif c == b"\\" and quote == b'"' and line[i + 1:i + 2] == b"x" \
+                    and _is_hex(line[i + 2:i + 4]):
+                arg.append(int(line[i + 2:i + 4], 16))
+                i += 3
+            elif c == b"\\" and quote == b'"' and i + 1 < n:
+                arg += _ESCAPES.get(line[i + 1:i + 2], line[i + 1:i + 2])
+                i += 1
+            elif c == b"\\" and quote == b"'" and line[i + 1:i + 2] == b"'":
+                arg += b"'"
+                i += 1
+            elif c == quote:
+                if i + 1 < n and not line[i + 1:i + 2].isspace():
+                    raise ProtocolError("unbalanced quotes in request")
+                i += 1
                 break
-            elif c in (b'"', b"'"):
-                quote = c
             else:
                 arg += c
             i += 1

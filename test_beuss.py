@@ -1063,7 +1063,7 @@ class RedisServer:
 
 
 # Every command of the design, with its error cases. A step is one command,
-# or a list of commands sent in one write.
+# a list of commands sent in one write, or an inline line as typed in nc.
 DIFFERENTIAL_SCRIPT = [
     ["PING"], ["PING", "hi"], ["PING", "a", "b"], ["ECHO", "hello"], ["ECHO"],
     ["SELECT", "0"], ["SELECT", "x"], ["AUTH", "secret"],
@@ -1106,6 +1106,9 @@ DIFFERENTIAL_SCRIPT = [
     ["CONFIG", "GET", "appendonly"], ["CONFIG", "GET"], ["COMMAND", "NOPE"],
     ["NOSUCH", "a", "b"], ["HELLO", "4"], ["HELLO", "x"],
     ["HELLO", "2", "BOGUS"],
+    b'ECHO "a\\"b"', b"ECHO 'a\\b'", b'ECHO "\\x4"', b'ECHO "\\xZZ" ', b'ECHO ab"c d"',
+    b"ECHO ''", b'ECHO "\\q\\ttab"', b'ECHO "\\x41\\x4a"', b'ECHO "end\\\\"',
+    b"ECHO a\tb", b"  rpush   spaced   'it\\'s'  ", b"lpop spaced", b"ping\n",
     [["RPUSH", "piped", "1"], ["RPUSH", "piped", "2"], ["LPOP", "piped"],
      ["LLEN", "piped"]],
     ["HELLO", "3", "SETNAME", "resp3"], ["LPOP", "none"], ["LPOP", "none", "2"],
@@ -1145,13 +1148,19 @@ class DifferentialTest(ServerCase):
         replies = []
         with sock:
             for step in DIFFERENTIAL_SCRIPT:
-                commands = step if isinstance(step[0], list) else [step]
-                sock.sendall(requests(*commands))
+                if isinstance(step, bytes):
+                    commands = [[step]]
+                    sock.sendall(step if step.endswith(b"\n") else step + b"\r\n")
+                else:
+                    commands = step if isinstance(step[0], list) else [step]
+                    sock.sendall(requests(*commands))
                 for command in commands:
                     start = recorder.consumed(reader)
                     reader.read()
                     raw = recorder.data[start:recorder.consumed(reader)]
-                    if command[0].upper().encode() in SERVER_DESCRIBING:
+                    name = command[0] if isinstance(command[0], bytes) else \
+                        command[0].encode()
+                    if name.upper() in SERVER_DESCRIBING:
                         raw = b"(server description)"
                     replies.append((command, raw))
         return replies
