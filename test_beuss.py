@@ -536,8 +536,12 @@ class ServerTest(ServerCase):
         for line in ("beuss_version:" + beuss.__version__, "connected_clients:2",
                      "blocked_clients:0", "used_memory:5", "queues:1",
                      "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0",
-                     "tcp_port:%d" % self.port):
+                     "tcp_port:%d" % self.port, "process_id:%d" % os.getpid(),
+                     "python_version:%d.%d.%d" % sys.version_info[:3],
+                     "uptime_in_seconds:0"):
             self.assertIn(line + "\r\n", info)
+        for section in ("Server", "Clients", "Memory", "Persistence", "Queues"):
+            self.assertIn("# %s\r\n" % section, info)
         sock.sendall(requests(["INFO", "memory"]))
         self.assertTrue(beuss.ReplyReader(sock).read().startswith(b"# Memory\r\n"))
 
