@@ -48,7 +48,7 @@ DEFAULT_MAX_CLIENTS = 500 if sys.platform == "win32" else 10000
 MAX_BULK_LENGTH = 512 * 1024 * 1024     # Redis's proto-max-bulk-len
 MAX_ARGUMENTS = 1024 * 1024             # arguments in one request
 MAX_INLINE_LENGTH = 64 * 1024           # an inline line, or a length line
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024
 SELECT_TIMEOUT_MAX = 1.0                # Ctrl-C must get through on Windows
 FOREVER = float("inf")
 
@@ -861,9 +861,7 @@ class Server:
             reply = encode_error("ERR internal error in '%s': %r" % (
                 args[0].lower().decode("utf-8", "replace"), exc))
         if reply is not None:
-            if not conn.out and conn.unsent is None:
-                self._dirty.append(conn)
-            conn.out.append(reply)
+            self._reply(conn, reply)
         if self.queues.has_ready():
             self._serve_waiters()
 
