@@ -1449,7 +1449,8 @@ def _arg(value):
         return bytes(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return repr(value).encode()
-    raise TypeError("a message is bytes or str, not %s" % type(value).__name__)
+    raise TypeError("a message or queue name is bytes or str, not %s"
+                    % type(value).__name__)
 
 
 def _setting(value, env_name, default, convert=str):
@@ -1529,6 +1530,10 @@ class Client:
             self.close()
             raise ConnectionFailed("lost the server at %s:%d: %s"
                                    % (self.host, self.port, _reason(exc)))
+        except (ProtocolError, ValueError):
+            self.close()
+            raise ProtocolError("the server at %s:%d does not answer in the "
+                                "Redis protocol" % (self.host, self.port))
         except BaseException:
             # Interrupted half way: the replies still due would be read as
             # answers to the next command, so the connection is dropped.
@@ -1753,7 +1758,7 @@ def main(argv=None):
     except HandlerFailed as exc:
         _warn(str(exc))
         return EXIT_HANDLER
-    except (ConnectionFailed, ReplyError) as exc:
+    except (ConnectionFailed, ReplyError, ProtocolError) as exc:
         _warn(str(exc))
         return EXIT_SERVER
     except KeyboardInterrupt:

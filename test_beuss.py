@@ -860,6 +860,24 @@ class CommandLineTest(ServerCase):
         self.assertEqual(len(err.getvalue().splitlines()), 1)
         self.assertIn("cannot reach the server", err.getvalue())
 
+    def test_a_server_that_is_not_redis_exits_3(self):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+
+            def answer_like_a_web_server():
+                sock, _ = listener.accept()
+                with sock:
+                    sock.recv(1000)
+                    sock.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            port = listener.getsockname()[1]
+            with self.later(0, answer_like_a_web_server), \
+                    mock.patch.object(sys, "stderr", io.StringIO()) as err:
+                status = beuss.main(["LEN", "q", "--port", str(port)])
+        self.assertEqual(status, 3)
+        self.assertEqual(err.getvalue(), "beuss: the server at 127.0.0.1:%d does not "
+                         "answer in the Redis protocol\n" % port)
+
     def test_message_too_large_exits_3(self):
         status, _, err = self.run_main("PUT", "q", stdin=b"x" * 10241)
         self.assertEqual(status, 3)
