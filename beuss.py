@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
 """beuss: a dead-simple message bus in one file.
 
-    python beuss.py                       serve named queues on 127.0.0.1:6552
-    echo hi | python beuss.py PUT jobs    put a message on the queue "jobs"
-    python beuss.py GET jobs out.bin      take one message, write it to a file
-    python beuss.py ON jobs               take messages as they come
+    python beuss.py [SERVE]               serve named queues on 127.0.0.1:6552
+    echo hi | python beuss.py PUT jobs    put a message (stdin, an argument,
+                                          --file, or --lines: one a line)
+    python beuss.py GET jobs [out.bin]    take one message (--wait SECONDS)
+    python beuss.py ON jobs               take messages as they come (--exec,
+                                          --count, --timeout, --separator)
+    python beuss.py LEN jobs | LIST | PING | STATS | BENCH
 
 Queues hold binary messages in memory, first in, first out; a message is gone
-once it has been taken. The server speaks a subset of the Redis protocol
-(RESP2, and RESP3 after HELLO 3): its queues are Redis lists, so redis-cli,
-redis-py and other Redis clients work against it, and the client half of this
-file works against Redis or Valkey.
+once it has been taken. The server speaks the Redis protocol (RESP2, and
+RESP3 after HELLO 3) with the list commands RPUSH LPUSH LPOP RPOP BLPOP BRPOP
+LLEN LRANGE LMOVE BLMOVE RPOPLPUSH BRPOPLPUSH LREM, and DEL EXISTS TYPE KEYS
+SCAN DBSIZE FLUSHDB FLUSHALL PING ECHO QUIT HELLO AUTH SELECT CLIENT COMMAND
+CONFIG INFO: redis-cli, redis-py and other Redis clients work against it,
+and the client half of this file works against Redis or Valkey.
 
 Limits: a message is at most 10240 bytes unless --max-message-size (or
-BMAXMESSAGESIZE) says otherwise; a request has at most 1,048,576 arguments;
-an inline request line is at most 64 KiB.
+BMAXMESSAGESIZE) says otherwise, 512 MiB at most; a request has at most
+1,048,576 arguments; an inline request line is at most 64 KiB; the server
+takes 10000 connections (500 on Windows) unless --max-clients says otherwise.
 
 Standard library only, CPython 3.7 or newer. MIT licence.
 """
