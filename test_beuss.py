@@ -594,6 +594,52 @@ class ServerTest(ServerCase):
                 self.assertEqual(sock.recv(10), b"+PONG\r\n")
 
 
+class ManyClientsTest(ServerCase):
+
+    def test_many_producers_and_consumers_lose_and_repeat_nothing(self):
+        producers, consumers, each = 8, 8, 300
+        taken = [[] for _ in range(consumers)]
+        done = threading.Event()
+
+        def produce(p):
+            with beuss.Client(port=self.port, timeout=TIMEOUT) as client:
+                for j in range(0, each, 50):
+                    client.put_many("work", ["%d-%d" % (p, k)
+                                             for k in range(j, j + 50)])
+                    client.put("work", "%d-single-%d" % (p, j))
+
+        def consume(c):
+            with beuss.Client(port=self.port, timeout=TIMEOUT) as client:
+                while True:
+                    message = client.get("work", wait=0.2)
+                    if message is not None:
+                        taken[c].append(message)
+                    elif done.is_set():
+                        return
+        threads = [threading.Thread(target=consume, args=(c,)) for c in range(consumers)]
+        threads += [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads[consumers:]:
+            thread.join(60)
+        done.set()
+        for thread in threads[:consumers]:
+            thread.join(60)
+        everything = sorted(m for messages in taken for m in messages)
+        expected = sorted(("%d-%d" % (p, k)).encode() for p in range(producers)
+                          for k in range(each))
+        expected += [("%d-single-%d" % (p, j)).encode() for p in range(producers)
+                     for j in range(0, each, 50)]
+        self.assertEqual(everything, sorted(expected))
+        # Each consumer saw each producer's messages in the order they were put.
+        for messages in taken:
+            for p in range(producers):
+                mine = [int(m.split(b"-")[1]) for m in messages
+                        if m.startswith(b"%d-" % p) and b"single" not in m]
+                self.assertEqual(mine, sorted(mine))
+        self.assertEqual(len(self.server.queues), 0)
+
+
 class MaxClientsTest(ServerCase):
     server_options = {"max_clients": 2}
 
