@@ -1276,6 +1276,67 @@ class DifferentialTest(ServerCase):
         self.assertEqual(len(ours), len(theirs))
 
 
+    # Connections block one after another (each step waits until the server
+    # counts it blocked), then pushes serve them; every connection must get
+    # the same bytes from both servers. Waiters on one queue are served in
+    # the order they came, a BLMOVE's push serves the waiters of its target,
+    # and commands sent behind a blocking call run after it.
+    BLOCKING_SCENARIO = [
+        ("a", ["BLPOP", "q1", "q2", "0"], True),
+        ("b", ["BRPOP", "q2", "0"], True),
+        ("c", ["BLMOVE", "q2", "q1", "LEFT", "RIGHT", "0"], True),
+        ("d", [["BLPOP", "q1", "0"], ["LLEN", "q1"], ["PING"]], True),
+        ("e", ["BLPOP", "q3", "q3", "0"], True),
+        ("f", ["BRPOPLPUSH", "q3", "q3", "0"], True),
+        ("p", ["RPUSH", "q2", "a", "b", "c", "d"], False),
+        ("p", ["LRANGE", "q2", "0", "-1"], False),
+        ("p", ["LPUSH", "q3", "x", "y", "z"], False),
+        ("p", ["LRANGE", "q3", "0", "-1"], False),
+        ("a", ["RPUSH", "q4", "from a"], False),
+    ]
+
+    def test_blocking_scenario_matches_redis(self):
+        redis = RedisServer(self)
+        try:
+            theirs = self.run_scenario(redis.port)
+        finally:
+            redis.stop()
+        ours = self.run_scenario(self.port)
+        self.assertEqual(ours, theirs)
+        self.assertIn(b"+PONG", ours["d"])
+
+    def run_scenario(self, port):
+        conns, blocked = {}, 0
+        with beuss.Client(port=port, timeout=TIMEOUT) as watcher:
+            watcher.call("FLUSHALL")
+            for name, step, blocks in self.BLOCKING_SCENARIO:
+                if name not in conns:
+                    conns[name] = socket.create_connection(("127.0.0.1", port),
+                                                           TIMEOUT)
+                commands = step if isinstance(step[0], list) else [step]
+                conns[name].sendall(requests(*commands))
+                if blocks:
+                    blocked += 1
+                    deadline = time.monotonic() + TIMEOUT
+                    while int(watcher.info()["blocked_clients"]) != blocked:
+                        self.assertLess(time.monotonic(), deadline)
+                        time.sleep(0.005)
+        # A last ECHO on each connection: its answer comes after every reply
+        # owed before it, so reading up to it reads everything.
+        received = {}
+        for name, sock in conns.items():
+            with sock:
+                marker = b"end of " + name.encode()
+                sock.sendall(requests(["ECHO", marker]))
+                marker = beuss.encode_bulk(marker)
+                data = b""
+                while not data.endswith(marker):
+                    chunk = sock.recv(65536)
+                    self.assertTrue(chunk, name)
+                    data += chunk
+            received[name] = data
+        return received
+
     def test_random_list_commands_match_redis(self):
         # Seeded, so a failure can be replayed: the same 1500 random list
         # commands over a few small queues, reply for reply.
