@@ -51,6 +51,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 10240
 # sockets; keep room for the listener and the wake-up pair.
 DEFAULT_MAX_CLIENTS = 500 if sys.platform == "win32" else 10000
 
+RESERVED_DESCRIPTORS = 32               # kept for the listener, files, ...
 MAX_BULK_LENGTH = 512 * 1024 * 1024     # Redis's proto-max-bulk-len
 MAX_ARGUMENTS = 1024 * 1024             # arguments in one request
 MAX_INLINE_LENGTH = 64 * 1024           # an inline line, or a length line
@@ -666,7 +667,7 @@ class Server:
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
                  max_clients=DEFAULT_MAX_CLIENTS):
         self.max_message_size = max_message_size
-        self.max_clients = max_clients
+        self.max_clients = _fit_to_descriptors(max_clients)
         self.queues = Queues()
         self.started = time.time()
         self._conns = {}
@@ -1000,6 +1001,28 @@ def _listen(host, port):
         sock.close()
         raise
     return sock
+
+
+def _fit_to_descriptors(max_clients):
+    """How many clients the process can really hold open. As Redis does,
+    ask the system for enough file descriptors, and when it gives fewer,
+    serve fewer clients: accept() failing for want of descriptors would
+    leave the listener ready, and the loop spinning."""
+    try:
+        import resource
+    except ImportError:             # Windows: select()'s limit is the bound
+        return max_clients
+    wanted = max_clients + RESERVED_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return max_clients
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    except (ValueError, OSError):   # macOS caps it below what hard says
+        pass
+    return max(min(max_clients, soft - RESERVED_DESCRIPTORS), 1)
 
 
 def _drain(sock):
@@ -1885,6 +1908,10 @@ def run_serve(options):
     servers.append(server)
     if signals:
         server.stop()
+    if server.max_clients < max_clients:
+        _warn("serving at most %d clients: the system allows this process "
+              "only %d open files" % (server.max_clients, server.max_clients
+                                      + RESERVED_DESCRIPTORS))
     sys.stderr.write("beuss %s serving on %s port %d (messages up to %d bytes; "
                      "Ctrl-C stops it)\n" % (__version__, server.address[0],
                                              server.address[1], max_message_size))

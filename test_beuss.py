@@ -657,6 +657,32 @@ class MaxClientsTest(ServerCase):
         self.exchange(b"PING\r\n", b"+PONG\r\n")
 
 
+class DescriptorLimitTest(unittest.TestCase):
+    """max_clients is fitted to the open files the system allows."""
+
+    def fit(self, max_clients, soft, hard, settable=True):
+        resource = mock.MagicMock(RLIM_INFINITY=-1, RLIMIT_NOFILE=7)
+        resource.getrlimit.return_value = (soft, hard)
+        if not settable:
+            resource.setrlimit.side_effect = ValueError("not allowed")
+        with mock.patch.dict(sys.modules, {"resource": resource}):
+            return beuss._fit_to_descriptors(max_clients), resource.setrlimit
+
+    def test_enough_descriptors_at_and_one_short_of_the_need(self):
+        self.assertEqual(self.fit(100, 132, 132)[0], 100)
+        self.assertEqual(self.fit(100, 131, 131)[0], 99)
+
+    def test_the_soft_limit_is_raised_as_far_as_needed(self):
+        fitted, setrlimit = self.fit(10000, 1024, 1048576)
+        self.assertEqual(fitted, 10000)
+        setrlimit.assert_called_once_with(7, (10032, 1048576))
+
+    def test_fewer_clients_when_the_system_refuses(self):
+        self.assertEqual(self.fit(10000, 1024, 4096)[0], 4064)
+        self.assertEqual(self.fit(10000, 1024, 1048576, settable=False)[0], 992)
+        self.assertEqual(self.fit(10000, -1, -1)[0], 10000)      # no limit
+
+
 class SlowReaderTest(ServerCase):
 
     def test_replies_wait_for_a_reader_that_is_slow(self):
