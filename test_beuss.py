@@ -1264,30 +1264,37 @@ class Recorder:
 
 class DifferentialTest(ServerCase):
 
-    def run_script(self, port):
+    def raw_replies(self, port, writes):
+        """Send each (bytes, reply count) in turn; return the exact bytes of
+        every reply."""
         sock = socket.create_connection(("127.0.0.1", port), TIMEOUT)
         sock.settimeout(TIMEOUT)
         recorder = Recorder(sock)
         reader = beuss.ReplyReader(recorder)
         replies = []
         with sock:
-            for step in DIFFERENTIAL_SCRIPT:
-                if isinstance(step, bytes):
-                    commands = [[step]]
-                    sock.sendall(step if step.endswith(b"\n") else step + b"\r\n")
-                else:
-                    commands = step if isinstance(step[0], list) else [step]
-                    sock.sendall(requests(*commands))
-                for command in commands:
-                    start = recorder.consumed(reader)
+            for data, count in writes:
+                sock.sendall(data)
+                for _ in range(count):
+                    begin = recorder.consumed(reader)
                     reader.read()
-                    raw = recorder.data[start:recorder.consumed(reader)]
-                    name = command[0] if isinstance(command[0], bytes) else \
-                        command[0].encode()
-                    if name.upper() in SERVER_DESCRIBING:
-                        raw = b"(server description)"
-                    replies.append((command, raw))
+                    replies.append(recorder.data[begin:recorder.consumed(reader)])
         return replies
+
+    def run_script(self, port):
+        writes, commands = [], []
+        for step in DIFFERENTIAL_SCRIPT:
+            if isinstance(step, bytes):
+                writes.append((step if step.endswith(b"\n") else step + b"\r\n", 1))
+                commands.append(step.split())
+            else:
+                batch = step if isinstance(step[0], list) else [step]
+                writes.append((requests(*batch), len(batch)))
+                commands += [[arg.encode() for arg in command] for command in batch]
+        replies = self.raw_replies(port, writes)
+        return [(command, b"(server description)"
+                 if command[0].upper() in SERVER_DESCRIBING else reply)
+                for command, reply in zip(commands, replies)]
 
     def test_same_replies_as_redis_byte_for_byte(self):
         self.assertGreaterEqual(len(DIFFERENTIAL_SCRIPT), 60)
@@ -1377,20 +1384,10 @@ class DifferentialTest(ServerCase):
             self.assertEqual(mine, expected, "command %d: %r" % (i, command))
 
     def run_commands(self, port, script):
-        sock = socket.create_connection(("127.0.0.1", port), TIMEOUT)
-        sock.settimeout(TIMEOUT)
-        recorder = Recorder(sock)
-        reader = beuss.ReplyReader(recorder)
-        replies = []
-        with sock:
-            for start in range(0, len(script), 50):       # pipelined in batches
-                batch = script[start:start + 50]
-                sock.sendall(requests(*batch))
-                for _ in batch:
-                    begin = recorder.consumed(reader)
-                    reader.read()
-                    replies.append(recorder.data[begin:recorder.consumed(reader)])
-        return replies
+        # Pipelined fifty at a time.
+        return self.raw_replies(port, [
+            (requests(*script[i:i + 50]), len(script[i:i + 50]))
+            for i in range(0, len(script), 50)])
 
 
 def random_list_script(rng, count):
