@@ -172,7 +172,11 @@ class RequestReaderTest(unittest.TestCase):
         self.protocol_error(line + b"a", "too big inline request")
         self.protocol_error(line + b"a\r\n", "too big inline request")
 
-    def test_length_line_past_the_limit(self):
+    def test_length_line_at_and_past_the_limit(self):
+        for head in (b"*", b"*1\r\n$"):
+            reader = beuss.RequestReader()
+            reader.feed(head + b"1" * (beuss.MAX_INLINE_LENGTH - len(head)))
+            self.assertIsNone(reader.read())        # still waiting for \r\n
         self.protocol_error(b"*" + b"1" * 70000, "too big mbulk count string")
         self.protocol_error(b"*1\r\n$" + b"1" * 70000,
                             "too big bulk count string")
@@ -1141,6 +1145,13 @@ class SubprocessTest(ServerCase):
         finally:
             server.terminate()
             server.wait(TIMEOUT)
+        port = free_port()
+        largest = subprocess.Popen([sys.executable, BEUSS, "--port", str(port),
+                                    "--max-message-size", str(beuss.MAX_BULK_LENGTH)],
+                                   stderr=subprocess.PIPE)
+        wait_for_port(port)
+        largest.terminate()
+        self.assertIn(b"messages up to 536870912 bytes", largest.communicate()[1])
         done = self.beuss("--max-message-size", str(beuss.MAX_BULK_LENGTH + 1),
                           check=False)
         self.assertEqual(done.returncode, 2)
