@@ -442,17 +442,15 @@ class ReplyReader:
 class Waiter:
     """One blocked client: what it waits on and where a message goes."""
 
-    __slots__ = ("names", "from_left", "target", "to_left", "owner",
-                 "deadline", "active")
+    __slots__ = ("names", "from_left", "target", "to_left", "owner", "active")
 
     def __init__(self, names, from_left=True, target=None, to_left=True,
-                 owner=None, deadline=FOREVER):
+                 owner=None):
         self.names = names          # queues, in the order the client gave
         self.from_left = from_left  # take from the head (LPOP) or the tail
         self.target = target        # BLMOVE: the queue the message moves to
         self.to_left = to_left
         self.owner = owner          # the server's connection, opaque here
-        self.deadline = deadline
         self.active = True
 
 
@@ -881,15 +879,14 @@ class Server:
 
     def _block(self, conn, waiter, timeout):
         waiter.owner = conn
-        waiter.deadline = time.monotonic() + timeout if timeout else FOREVER
         conn.waiter = waiter
         self.queues.wait(waiter)
         if timeout:
             # The sequence number settles ties, which a coarse clock makes
             # common, before they reach the Waiter, which has no order.
             self._sequence += 1
-            heapq.heappush(self._deadlines,
-                           (waiter.deadline, self._sequence, waiter))
+            heapq.heappush(self._deadlines, (time.monotonic() + timeout,
+                                             self._sequence, waiter))
 
     def _serve_waiters(self):
         for waiter, name, message in self.queues.serve():

@@ -1275,6 +1275,16 @@ class Recorder:
 
 class DifferentialTest(ServerCase):
 
+    def on_both(self, run, *args):
+        """run(port, *args) against a real redis-server, then against
+        beuss: (Redis's result, ours)."""
+        redis = RedisServer(self)
+        try:
+            theirs = run(redis.port, *args)
+        finally:
+            redis.stop()
+        return theirs, run(self.port, *args)
+
     def raw_replies(self, port, writes):
         """Send each (bytes, reply count) in turn; return the exact bytes of
         every reply."""
@@ -1309,16 +1319,10 @@ class DifferentialTest(ServerCase):
 
     def test_same_replies_as_redis_byte_for_byte(self):
         self.assertGreaterEqual(len(DIFFERENTIAL_SCRIPT), 60)
-        redis = RedisServer(self)
-        try:
-            theirs = self.run_script(redis.port)
-        finally:
-            redis.stop()
-        ours = self.run_script(self.port)
+        theirs, ours = self.on_both(self.run_script)
         for (command, mine), (_, expected) in zip(ours, theirs):
             self.assertEqual(mine, expected, command)
         self.assertEqual(len(ours), len(theirs))
-
 
     # Connections block one after another (each step waits until the server
     # counts it blocked), then pushes serve them; every connection must get
@@ -1340,12 +1344,7 @@ class DifferentialTest(ServerCase):
     ]
 
     def test_blocking_scenario_matches_redis(self):
-        redis = RedisServer(self)
-        try:
-            theirs = self.run_scenario(redis.port)
-        finally:
-            redis.stop()
-        ours = self.run_scenario(self.port)
+        theirs, ours = self.on_both(self.run_scenario)
         self.assertEqual(ours, theirs)
         self.assertIn(b"+PONG", ours["d"])
 
@@ -1385,12 +1384,7 @@ class DifferentialTest(ServerCase):
         # Seeded, so a failure can be replayed: the same 1500 random list
         # commands over a few small queues, reply for reply.
         script = random_list_script(random.Random(20261126), 1500)
-        redis = RedisServer(self)
-        try:
-            theirs = self.run_commands(redis.port, script)
-        finally:
-            redis.stop()
-        ours = self.run_commands(self.port, script)
+        theirs, ours = self.on_both(self.run_commands, script)
         for i, (command, mine, expected) in enumerate(zip(script, ours, theirs)):
             self.assertEqual(mine, expected, "command %d: %r" % (i, command))
 
