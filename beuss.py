@@ -34,7 +34,6 @@ __all__ = [
 import collections
 import heapq
 import os
-import re
 import selectors
 import socket
 import sys
@@ -67,6 +66,13 @@ EMPTY_ARRAY = b"*0\r\n"
 RESP2_NULL_BULK = b"$-1\r\n"
 RESP2_NULL_ARRAY = b"*-1\r\n"
 RESP3_NULL = b"_\r\n"
+QUEUED = b"+QUEUED\r\n"
+
+# Redis's default pub/sub output limit: a subscriber whose unsent messages
+# pass the hard limit, or stay past the soft limit for the time, is closed.
+PUBSUB_HARD_LIMIT = 32 * 1024 * 1024
+PUBSUB_SOFT_LIMIT = 8 * 1024 * 1024
+PUBSUB_SOFT_SECONDS = 60
 
 ERR_SYNTAX = "ERR syntax error"
 ERR_NOT_INTEGER = "ERR value is not an integer or out of range"
@@ -422,6 +428,110 @@ class ReplyReader:
 
 # ## Queues: the store and its waiters, without sockets ######################
 #
+# Names are matched against glob patterns (KEYS, SCAN MATCH, CONFIG GET,
+# PSUBSCRIBE) as Redis's stringmatchlen matches them. The pattern is cut
+# into tokens first: a star, or a test of one byte (a literal, `?`, a
+# class). Matching then backtracks only to the last star seen, so it takes
+# at most len(pattern) * len(name) steps, never the exponential time of a
+# naive recursive matcher or of a translated regular expression.
+
+_ANY_BYTE = (1 << 256) - 1
+
+
+def compile_glob(pattern):
+    """Tokens for glob_match: None for a star, else a 256-bit mask of the
+    bytes that one position accepts."""
+    tokens, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == 42:                                     # *
+            if not tokens or tokens[-1] is not None:
+                tokens.append(None)
+        elif c == 63:                                   # ?
+            tokens.append(_ANY_BYTE)
+        elif c == 91:                                   # [
+            i, mask = _glob_class(pattern, i + 1)
+            tokens.append(mask)
+        else:
+            if c == 92 and i + 1 < n:                   # backslash escapes
+                i += 1
+            tokens.append(1 << pattern[i])
+        i += 1
+    return tokens
+
+
+def _glob_class(pattern, i):
+    """The mask of a [...] class whose body starts at i, and the index of
+    its closing bracket (or of the pattern's last byte, unterminated)."""
+    n = len(pattern)
+    negate = i < n and pattern[i] == 94                 # ^
+    if negate:
+        i += 1
+    mask = 0
+    while i < n and pattern[i] != 93:                   # ]
+        if pattern[i] == 92 and n - i >= 2:
+            i += 1
+            mask |= 1 << pattern[i]
+        elif n - i >= 3 and pattern[i + 1] == 45:       # a-z
+            # Redis compares C chars, signed on the platforms it runs on,
+            # so a range is ordered with bytes over 127 as negative.
+            low, high = sorted((_signed(pattern[i]), _signed(pattern[i + 2])))
+            if low < 0:
+                mask |= _byte_range(low + 256, min(high, -1) + 256)
+            if high >= 0:
+                mask |= _byte_range(max(low, 0), high)
+            i += 2
+        else:
+            mask |= 1 << pattern[i]
+        i += 1
+    if i >= n:
+        i = n - 1
+    return i, (_ANY_BYTE ^ mask) if negate else mask
+
+
+def _signed(byte):
+    return byte - 256 if byte > 127 else byte
+
+
+def _byte_range(low, high):
+    """The mask of the bytes from low to high, both included."""
+    return (1 << (high + 1)) - (1 << low)
+
+
+def glob_match(tokens, name):
+    """Whether name (bytes) matches the compiled pattern."""
+    if not name:                    # stringmatchlen matches "" only to ""
+        return not tokens
+    t = s = 0
+    star = -1                       # token index after the last star
+    star_s = 0                      # where in name that star's match ends
+    n_tokens, n = len(tokens), len(name)
+    while s < n:
+        if t < n_tokens:
+            token = tokens[t]
+            if token is None:
+                star, star_s = t + 1, s
+                t += 1
+                continue
+            if token >> name[s] & 1:
+                t += 1
+                s += 1
+                continue
+        if star < 0:
+            return False
+        star_s += 1                 # the star takes one byte more
+        t, s = star, star_s
+    while t < n_tokens and tokens[t] is None:
+        t += 1
+    return t == n_tokens
+
+
+def glob_matcher(pattern):
+    """A function name -> bool for the pattern (bytes)."""
+    tokens = compile_glob(pattern)
+    return lambda name: glob_match(tokens, name)
+
+
 # A queue is a deque of messages (bytes) under a name (bytes). It exists
 # while it holds a message: the pop that empties it removes it, as Redis
 # removes an empty list.
@@ -442,16 +552,29 @@ class ReplyReader:
 class Waiter:
     """One blocked client: what it waits on and where a message goes."""
 
-    __slots__ = ("names", "from_left", "target", "to_left", "owner", "active")
+    __slots__ = ("names", "from_left", "target", "to_left", "count",
+                 "owner", "active")
 
     def __init__(self, names, from_left=True, target=None, to_left=True,
-                 owner=None):
+                 count=None, owner=None):
         self.names = names          # queues, in the order the client gave
         self.from_left = from_left  # take from the head (LPOP) or the tail
         self.target = target        # BLMOVE: the queue the message moves to
         self.to_left = to_left
+        self.count = count          # BLMPOP: take up to this many at once
         self.owner = owner          # the server's connection, opaque here
         self.active = True
+
+
+class Watch:
+    """The queues one client watches (WATCH): `changed` turns true when any
+    of them is changed by anyone, and stays so until the watch ends."""
+
+    __slots__ = ("names", "changed")
+
+    def __init__(self):
+        self.names = set()
+        self.changed = False
 
 
 class Queues:
@@ -461,6 +584,7 @@ class Queues:
         self._queues = {}
         self._waiters = {}
         self._ready = {}            # an ordered set of names to serve
+        self._watches = {}          # name -> {Watch: None}
         self.size = 0               # bytes held in all messages
         self.waiting = 0            # waiters not yet served or cancelled
 
@@ -506,7 +630,45 @@ class Queues:
             return list(queue)
         return [queue[i] for i in range(start, stop + 1)]
 
+    def index(self, name, index):
+        """The message at index (negative from the tail), or None."""
+        queue = self._queues.get(name)
+        if not queue or not -len(queue) <= index < len(queue):
+            return None
+        return queue[index]
+
+    def positions(self, name, message, rank=1, count=None, maxlen=0):
+        """LPOS: indexes of message, from the rank-th match on (negative
+        rank: counting from the tail), at most count of them (0: all),
+        looking at no more than maxlen messages (0: all)."""
+        queue = self._queues.get(name)
+        if not queue:
+            return []
+        length = len(queue)
+        order = range(length) if rank > 0 else range(length - 1, -1, -1)
+        if maxlen:
+            order = order[:maxlen]
+        skip, found = abs(rank) - 1, []
+        for i in order:
+            if queue[i] == message:
+                if skip:
+                    skip -= 1
+                    continue
+                found.append(i)
+                if count is None or len(found) == count:
+                    break
+        return found
+
     # Changing ------------------------------------------------------------
+    #
+    # Every change of a queue goes through _changed(), which ends the
+    # watches on it: a transaction that watched it will not run.
+
+    def _changed(self, name):
+        watches = self._watches.get(name)
+        if watches:
+            for watch in watches:
+                watch.changed = True
 
     def push(self, name, messages, left=False):
         """Add messages at the tail (or the head); return the new length."""
@@ -520,6 +682,8 @@ class Queues:
         self.size += sum(map(len, messages))
         if name in self._waiters:
             self._ready[name] = None
+        if name in self._watches:
+            self._changed(name)
         return len(queue)
 
     def pop(self, name, left=True, count=1):
@@ -532,6 +696,8 @@ class Queues:
         self.size -= sum(map(len, messages))
         if not queue:
             del self._queues[name]
+        if name in self._watches:
+            self._changed(name)
         return messages
 
     def move(self, source, target, from_left=True, to_left=True):
@@ -557,25 +723,84 @@ class Queues:
                 removed += 1
             else:
                 kept.append(item)
+        if not removed:
+            return 0
         if count < 0:
             kept.reverse()
-        self.size -= removed * len(message)
-        if kept:
-            self._queues[name] = collections.deque(kept)
+        self._replace_all(name, kept)
+        return removed
+
+    def replace(self, name, index, message):
+        """LSET: put message at index in place of the one there; False
+        when the index is out of range."""
+        queue = self._queues.get(name)
+        if not queue or not -len(queue) <= index < len(queue):
+            return False
+        self.size += len(message) - len(queue[index])
+        queue[index] = message
+        self._changed(name)
+        return True
+
+    def insert(self, name, pivot, message, after):
+        """LINSERT: put message before (or after) the first copy of pivot;
+        return the new length, -1 without pivot, 0 without the queue."""
+        queue = self._queues.get(name)
+        if not queue:
+            return 0
+        try:
+            index = queue.index(pivot)
+        except ValueError:
+            return -1
+        queue.insert(index + 1 if after else index, message)
+        self.size += len(message)
+        self._changed(name)
+        return len(queue)
+
+    def trim(self, name, start, stop):
+        """LTRIM: keep the messages from start to stop, both included, as
+        LRANGE counts them."""
+        if name not in self._queues:
+            return
+        self._replace_all(name, self.peek(name, start, stop))
+
+    def _replace_all(self, name, messages):
+        self.size -= sum(map(len, self._queues[name]))
+        if messages:
+            self._queues[name] = collections.deque(messages)
+            self.size += sum(map(len, messages))
         else:
             del self._queues[name]
-        return removed
+        self._changed(name)
 
     def delete(self, name):
         queue = self._queues.pop(name, None)
         if queue is None:
             return False
         self.size -= sum(map(len, queue))
+        self._changed(name)
         return True
 
     def clear(self):
+        for name in self._queues:
+            self._changed(name)
         self._queues.clear()
         self.size = 0
+
+    # Watching ------------------------------------------------------------
+
+    def watch(self, watch, name):
+        watch.names.add(name)
+        self._watches.setdefault(name, {})[watch] = None
+
+    def unwatch(self, watch):
+        """End the watch on every queue; safe to call twice."""
+        for name in watch.names:
+            watches = self._watches.get(name)
+            if watches is not None:
+                watches.pop(watch, None)
+                if not watches:
+                    del self._watches[name]
+        watch.names.clear()
 
     # Waiting -------------------------------------------------------------
 
@@ -608,7 +833,8 @@ class Queues:
 
     def serve(self):
         """Hand the heads of ready queues to their waiters, oldest first.
-        Returns (waiter, name, message) for each waiter served."""
+        Returns (waiter, name, message) for each waiter served; for a
+        waiter with a count, message is a list of messages."""
         served = []
         while self._ready:
             name = next(iter(self._ready))
@@ -617,7 +843,9 @@ class Queues:
             while line and name in self._queues:
                 waiter = line[0]
                 self.cancel(waiter)
-                if waiter.target is None:
+                if waiter.count is not None:
+                    message = self.pop(name, waiter.from_left, waiter.count)
+                elif waiter.target is None:
                     message = self.pop(name, waiter.from_left)[0]
                 else:
                     message = self.move(name, waiter.target,
@@ -627,21 +855,102 @@ class Queues:
         return served
 
 
+# Pub/sub channels are not queues: a published message goes at once to
+# every client subscribed to its channel, then to every client whose
+# pattern matches it, and is gone; with no subscriber it is dropped, as
+# Redis drops it. Nothing is stored, so nothing here is ever lost or kept.
+# A subscriber is an opaque owner (the server's connection); each keeps its
+# channels and patterns in the order it subscribed, for UNSUBSCRIBE with no
+# argument.
+
+class Channels:
+    """Who is subscribed to which channel and pattern."""
+
+    def __init__(self):
+        self._channels = {}         # channel -> {owner: None}
+        self._patterns = {}         # pattern -> (tokens, {owner: None})
+        self._owners = {}           # owner -> ({channel: None}, {pattern: None})
+
+    def subscriptions(self, owner):
+        """(channels, patterns) of owner, each in the order subscribed."""
+        channels, patterns = self._owners.get(owner, ({}, {}))
+        return list(channels), list(patterns)
+
+    def count(self, owner):
+        channels, patterns = self._owners.get(owner, ({}, {}))
+        return len(channels) + len(patterns)
+
+    def subscribe(self, owner, channel, pattern=False):
+        """Add a subscription; False when owner already had it."""
+        mine = self._owners.setdefault(owner, ({}, {}))[pattern]
+        if channel in mine:
+            return False
+        mine[channel] = None
+        if pattern:
+            entry = self._patterns.get(channel)
+            if entry is None:
+                entry = self._patterns[channel] = (compile_glob(channel), {})
+            entry[1][owner] = None
+        else:
+            self._channels.setdefault(channel, {})[owner] = None
+        return True
+
+    def unsubscribe(self, owner, channel, pattern=False):
+        """Drop a subscription; False when owner did not have it."""
+        mine = self._owners.get(owner)
+        if mine is None or channel not in mine[pattern]:
+            return False
+        del mine[pattern][channel]
+        if not mine[0] and not mine[1]:
+            del self._owners[owner]
+        table = self._patterns if pattern else self._channels
+        owners = table[channel][1] if pattern else table[channel]
+        del owners[owner]
+        if not owners:
+            del table[channel]
+        return True
+
+    def receivers(self, channel):
+        """(owner, pattern) for each delivery of a message published on
+        channel: subscribers of the channel (pattern None), then those of
+        each matching pattern."""
+        found = [(owner, None) for owner in self._channels.get(channel, ())]
+        for pattern, (tokens, owners) in self._patterns.items():
+            if glob_match(tokens, channel):
+                found.extend((owner, pattern) for owner in owners)
+        return found
+
+    def channels(self, match=None):
+        """Channels with at least one subscriber, those matching match."""
+        return [name for name in self._channels if match is None
+                or match(name)]
+
+    def subscribers(self, channel):
+        return len(self._channels.get(channel, ()))
+
+    def pattern_count(self):
+        return len(self._patterns)
+
+
 # ## Server ##################################################################
 
 class _Conn:
     """One client connection: its socket, what it sent, what it is owed."""
 
-    __slots__ = ("sock", "id", "reader", "out", "unsent", "resp3", "name",
-                 "waiter", "closed", "closing", "writing", "null_bulk",
-                 "null_array")
+    __slots__ = ("sock", "id", "peer", "reader", "out", "unsent", "out_size",
+                 "resp3", "name", "waiter", "closed", "closing", "writing",
+                 "null_bulk", "null_array", "guarded", "multi", "multi_failed",
+                 "in_exec", "watch", "subscribed", "over_soft_limit",
+                 "created", "active", "command")
 
-    def __init__(self, sock, conn_id, max_message):
+    def __init__(self, sock, conn_id, peer, max_message):
         self.sock = sock
         self.id = conn_id
+        self.peer = peer            # the client's address, as accept() gave
         self.reader = RequestReader(max_message)
         self.out = []               # replies not yet handed to the socket
         self.unsent = None          # a memoryview the socket did not take
+        self.out_size = 0           # bytes in out and unsent
         self.resp3 = False
         self.null_bulk = RESP2_NULL_BULK
         self.null_array = RESP2_NULL_ARRAY
@@ -650,6 +959,17 @@ class _Conn:
         self.closed = False
         self.closing = False        # close once the replies are sent
         self.writing = False        # EVENT_WRITE is registered
+        # Requests of a connection in a transaction, or subscribed in RESP2,
+        # take the slower path through Server._guard; others never do.
+        self.guarded = False
+        self.multi = None           # MULTI: the queued (function, args)
+        self.multi_failed = False   # a command was refused while queueing
+        self.in_exec = False        # EXEC runs: blocking commands do not wait
+        self.watch = None           # WATCH: a Watch, or None
+        self.subscribed = False     # has a channel or pattern
+        self.over_soft_limit = None  # since when a subscriber's backlog is
+        self.created = self.active = time.monotonic()
+        self.command = b"NULL"      # the last command, as CLIENT LIST shows
 
 
 class Server:
@@ -667,6 +987,7 @@ class Server:
         self.max_message_size = max_message_size
         self.max_clients = _fit_to_descriptors(max_clients)
         self.queues = Queues()
+        self.channels = Channels()
         self.started = time.time()
         self._conns = {}
         self._next_id = 1
@@ -792,7 +1113,7 @@ class Server:
     def _accept(self):
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:         # e.g. out of file descriptors
@@ -807,7 +1128,7 @@ class Server:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, self._next_id, self.max_message_size)
+            conn = _Conn(sock, self._next_id, peer, self.max_message_size)
             self._next_id += 1
             self._conns[conn.id] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
@@ -823,6 +1144,7 @@ class Server:
         if not data:
             self._close(conn)
             return
+        conn.active = time.monotonic()
         conn.reader.feed(data)
         self._run(conn)
 
@@ -853,31 +1175,233 @@ class Server:
         # The hot path: COMMANDS holds each name in upper and lower case, so
         # most requests find theirs without making a lower-case copy.
         command = COMMANDS.get(args[0]) or COMMANDS.get(args[0].lower())
-        try:
-            if command is None:
-                raise ReplyError(_unknown_command(args))
+        if command is None:
+            reply = self._refuse(conn, _unknown_command(args))
+        else:
             function, arity, name = command
+            conn.command = name
             if (len(args) != arity) if arity > 0 else (len(args) < -arity):
-                raise _wrong_arity(name)
-            reply = function(self, conn, args)
-        except ReplyError as exc:
-            reply = encode_error(str(exc))
-        except Exception as exc:    # a bug must cost one reply, not the bus
-            reply = encode_error("ERR internal error in '%s': %r" % (
-                args[0].lower().decode("utf-8", "replace"), exc))
+                reply = self._refuse(conn, str(_wrong_arity(name)), name)
+            elif conn.guarded:
+                reply = self._guard(conn, function, name, args)
+            else:
+                reply = self._call(conn, function, args)
         if reply is not None:
             self._reply(conn, reply)
         if self.queues.has_ready():
             self._serve_waiters()
 
+    def _call(self, conn, function, args):
+        try:
+            return function(self, conn, args)
+        except ReplyError as exc:
+            return encode_error(str(exc))
+        except Exception as exc:    # a bug must cost one reply, not the bus
+            return encode_error("ERR internal error in '%s': %r" % (
+                args[0].lower().decode("utf-8", "replace"), exc))
+
+    def _refuse(self, conn, text, name=None):
+        """The error reply for a request refused before it ran; inside
+        MULTI it also dooms the transaction, and a refused EXEC ends it, as
+        in Redis."""
+        if conn.multi is not None:
+            conn.multi_failed = True
+            if name == b"exec":
+                self.end_transaction(conn)
+                return encode_error("EXECABORT Transaction discarded because "
+                                    "of: " + text[4:])
+        return encode_error(text)
+
+    def _guard(self, conn, function, name, args):
+        """Run or queue a request of a connection in a transaction or in
+        RESP2's subscribed mode."""
+        try:
+            full_name = _full_name(name, args)
+        except ReplyError as exc:
+            return self._refuse(conn, str(exc))
+        if conn.subscribed and not conn.resp3 and name not in _SUBSCRIBED_MODE:
+            return self._refuse(conn, (
+                "ERR Can't execute '%s': only (P|S)SUBSCRIBE / "
+                "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this "
+                "context") % full_name.decode("utf-8", "replace"))
+        if conn.multi is not None and name not in _RUN_INSIDE_MULTI:
+            conn.multi.append((function, args))
+            return QUEUED
+        return self._call(conn, function, args)
+
+    def _update_guard(self, conn):
+        conn.subscribed = self.channels.count(conn) > 0
+        conn.guarded = conn.multi is not None or conn.subscribed
+
     def _reply(self, conn, data):
         if not conn.out and conn.unsent is None:
             self._dirty.append(conn)
         conn.out.append(data)
+        conn.out_size += len(data)
+
+    # Transactions --------------------------------------------------------
+
+    def begin_transaction(self, conn):
+        conn.multi = []
+        conn.multi_failed = False
+        self._update_guard(conn)
+
+    def end_transaction(self, conn):
+        """Forget the queued commands and the watches (EXEC, DISCARD)."""
+        conn.multi = None
+        conn.multi_failed = False
+        self._update_guard(conn)
+        self.unwatch(conn)
+
+    def execute_transaction(self, conn):
+        """EXEC: run the queued commands, none of them waiting, and return
+        their replies as one array; or refuse, or answer null when a
+        watched queue changed."""
+        commands, failed = conn.multi, conn.multi_failed
+        changed = conn.watch is not None and conn.watch.changed
+        self.end_transaction(conn)
+        if failed:
+            raise ReplyError("EXECABORT Transaction discarded because of "
+                             "previous errors.")
+        if changed:
+            return conn.null_array
+        conn.in_exec = True
+        try:
+            replies = [self._call(conn, function, args)
+                       for function, args in commands]
+        finally:
+            conn.in_exec = False
+        return b"*%d\r\n" % len(replies) + b"".join(replies)
+
+    def watch(self, conn, names):
+        if conn.watch is None:
+            conn.watch = Watch()
+        if not conn.watch.changed:  # no point watching more, as Redis says
+            for name in names:
+                self.queues.watch(conn.watch, name)
+
+    def unwatch(self, conn):
+        if conn.watch is not None:
+            self.queues.unwatch(conn.watch)
+            conn.watch = None
+
+    # Pub/sub -------------------------------------------------------------
+
+    def subscribe(self, conn, names, pattern):
+        """SUBSCRIBE or PSUBSCRIBE: one confirmation per name."""
+        kind = b"psubscribe" if pattern else b"subscribe"
+        replies = []
+        for name in names:
+            self.channels.subscribe(conn, name, pattern)
+            replies.append(self._push(conn, kind, name,
+                                      self.channels.count(conn)))
+        self._update_guard(conn)
+        return b"".join(replies)
+
+    def unsubscribe(self, conn, names, pattern):
+        """UNSUBSCRIBE or PUNSUBSCRIBE: one confirmation per name, or per
+        subscription when no name is given."""
+        kind = b"punsubscribe" if pattern else b"unsubscribe"
+        if not names:
+            names = self.channels.subscriptions(conn)[pattern]
+            if not names:
+                return self._push(conn, kind, None, self.channels.count(conn))
+        replies = []
+        for name in names:
+            self.channels.unsubscribe(conn, name, pattern)
+            replies.append(self._push(conn, kind, name,
+                                      self.channels.count(conn)))
+        self._update_guard(conn)
+        return b"".join(replies)
+
+    def unsubscribe_all(self, conn):
+        """End every subscription of conn, saying nothing (RESET, close)."""
+        if conn.subscribed:
+            channels, patterns = self.channels.subscriptions(conn)
+            for name in channels:
+                self.channels.unsubscribe(conn, name)
+            for name in patterns:
+                self.channels.unsubscribe(conn, name, True)
+            self._update_guard(conn)
+
+    def publish(self, channel, message):
+        """Send message to every subscriber of channel and every matching
+        pattern now; return how many got it."""
+        receivers = self.channels.receivers(channel)
+        for conn, pattern in receivers:
+            if pattern is None:
+                frame = _encode_push(conn, [b"message", channel, message])
+            else:
+                frame = _encode_push(conn, [b"pmessage", pattern, channel,
+                                            message])
+            self._reply(conn, frame)
+            self._check_subscriber_backlog(conn)
+        return len(receivers)
+
+    def _push(self, conn, kind, name, count):
+        head = b">3\r\n" if conn.resp3 else b"*3\r\n"
+        name = conn.null_bulk if name is None else encode_bulk(name)
+        return head + encode_bulk(kind) + name + encode_int(count)
+
+    def _check_subscriber_backlog(self, conn):
+        # Redis's pub/sub output limit: a subscriber that does not read is
+        # closed at the hard limit at once, or past the soft one for long.
+        size = conn.out_size
+        if size <= PUBSUB_SOFT_LIMIT:
+            conn.over_soft_limit = None
+            return
+        now = time.monotonic()
+        if conn.over_soft_limit is None:
+            conn.over_soft_limit = now
+        if size > PUBSUB_HARD_LIMIT or (
+                now - conn.over_soft_limit >= PUBSUB_SOFT_SECONDS):
+            _warn("closed subscriber %d (%s): %d bytes of messages waited "
+                  "unread" % (conn.id, _address_text(conn.peer), size))
+            self._close(conn)
+
+    # Clients ---------------------------------------------------------------
+
+    def clients(self):
+        return list(self._conns.values())
+
+    def client_info(self, conn):
+        """One line of CLIENT LIST about conn."""
+        channels, patterns = self.channels.subscriptions(conn)
+        flags = ("P" if conn.subscribed else "") + (
+            "x" if conn.multi is not None else "") + (
+            "b" if conn.waiter is not None else "") + (
+            "d" if conn.watch is not None and conn.watch.changed else "") + (
+            "c" if conn.closing else "")
+        now = time.monotonic()
+        return ("id=%d addr=%s laddr=%s fd=%d name=%s age=%d idle=%d "
+                "flags=%s db=0 sub=%d psub=%d multi=%d qbuf=%d obl=0 oll=%d "
+                "omem=%d events=r%s cmd=%s user=default resp=%d" % (
+                    conn.id, _address_text(conn.peer), _address_text(
+                        _local_address(conn.sock)), conn.sock.fileno(),
+                    conn.name.decode("utf-8", "replace"),
+                    now - conn.created, now - conn.active, flags or "N",
+                    len(channels), len(patterns),
+                    -1 if conn.multi is None else len(conn.multi),
+                    conn.reader.pending(), len(conn.out), conn.out_size,
+                    "w" if conn.writing else "",
+                    conn.command.decode("utf-8", "replace"),
+                    3 if conn.resp3 else 2))
+
+    def kill(self, conn, killer):
+        """CLIENT KILL: close conn now, or, when it killed itself, once its
+        reply is sent."""
+        if conn is killer:
+            conn.closing = True
+        else:
+            self._close(conn)
 
     # Blocking ------------------------------------------------------------
 
-    def _block(self, conn, waiter, timeout):
+    def block(self, conn, waiter, timeout, instead):
+        """Make conn wait (the command then returns None), or, inside EXEC,
+        where nothing may wait, return the reply `instead`."""
+        if conn.in_exec:
+            return instead
         waiter.owner = conn
         conn.waiter = waiter
         self.queues.wait(waiter)
@@ -887,11 +1411,14 @@ class Server:
             self._sequence += 1
             heapq.heappush(self._deadlines, (time.monotonic() + timeout,
                                              self._sequence, waiter))
+        return None
 
     def _serve_waiters(self):
         for waiter, name, message in self.queues.serve():
             conn = waiter.owner
-            if waiter.target is None:
+            if waiter.count is not None:
+                self._reply(conn, _encode_mpop(name, message))
+            elif waiter.target is None:
                 self._reply(conn, encode_bulks([name, message]))
             else:
                 self._reply(conn, encode_bulk(message))
@@ -942,6 +1469,7 @@ class Server:
             except OSError:
                 self._close(conn)
                 return
+            conn.out_size -= sent
             if sent < len(conn.unsent):
                 conn.unsent = conn.unsent[sent:]
                 if not conn.writing:
@@ -963,6 +1491,8 @@ class Server:
         if conn.waiter is not None:
             self.queues.cancel(conn.waiter)
             conn.waiter = None
+        self.unwatch(conn)
+        self.unsubscribe_all(conn)
         self._conns.pop(conn.id, None)
         try:
             self._selector.unregister(conn.sock)
@@ -1020,6 +1550,32 @@ def _fit_to_descriptors(max_clients):
     except (ValueError, OSError):   # macOS caps it below what hard says
         pass
     return max(min(max_clients, soft - RESERVED_DESCRIPTORS), 1)
+
+
+def _address_text(address):
+    """ip:port as Redis writes a client's address (IPv6 in brackets is not
+    Redis's way: it writes the bare address, then :port)."""
+    if not address:
+        return "?"
+    if isinstance(address, str):    # AF_UNIX
+        return address + ":0"
+    return "%s:%d" % (address[0], address[1])
+
+
+def _local_address(sock):
+    try:
+        return sock.getsockname()
+    except OSError:
+        return None
+
+
+def _encode_push(conn, items):
+    """A pub/sub message: a push frame in RESP3, an array in RESP2."""
+    return (b">" if conn.resp3 else b"*") + encode_bulks(items)[1:]
+
+
+def _encode_mpop(name, messages):
+    return b"*2\r\n" + encode_bulk(name) + encode_bulks(messages)
 
 
 def _drain(sock):
@@ -1089,52 +1645,25 @@ def _side(arg):
     raise ReplyError(ERR_SYNTAX)
 
 
-def _glob(pattern):
-    """A compiled regular expression matching as Redis's glob does."""
-    regex, i, n = [], 0, len(pattern)
-    while i < n:
-        c = pattern[i:i + 1]
-        if c == b"*":
-            regex.append(b".*")
-        elif c == b"?":
-            regex.append(b".")
-        elif c == b"\\" and i + 1 < n:
-            i += 1
-            regex.append(re.escape(pattern[i:i + 1]))
-        elif c == b"[":
-            end = pattern.find(b"]", i + 1)
-            if end < 0:
-                regex.append(re.escape(pattern[i:]))
-                break
-            body = pattern[i + 1:end]
-            negate = body[:1] == b"^"
-            if negate:
-                body = body[1:]
-            items, j = [], 0
-            while j < len(body):
-                if body[j:j + 1] == b"\\" and j + 1 < len(body):
-                    j += 1
-                if body[j + 1:j + 2] == b"-" and j + 2 < len(body):
-                    low, high = sorted((body[j:j + 1], body[j + 2:j + 3]))
-                    items.append(re.escape(low) + b"-" + re.escape(high))
-                    j += 3
-                else:
-                    items.append(re.escape(body[j:j + 1]))
-                    j += 1
-            regex.append(b"[" + (b"^" if negate else b"") + b"".join(items)
-                         + b"]" if items else (b"." if negate else b"(?!)"))
-            i = end
-        else:
-            regex.append(re.escape(c))
-        i += 1
-    return re.compile(b"".join(regex) + b"\\Z", re.DOTALL)
+def _check_size(server, messages):
+    if max(map(len, messages)) > server.max_message_size:
+        raise message_too_large(server.max_message_size)
 
 
 def cmd_push(server, conn, args):
     left = args[0][0] in b"lL"
     messages = args[2:]
-    if max(map(len, messages)) > server.max_message_size:
-        raise message_too_large(server.max_message_size)
+    _check_size(server, messages)
+    return encode_int(server.queues.push(args[1], messages, left))
+
+
+def cmd_pushx(server, conn, args):
+    # RPUSHX, LPUSHX: push only onto a queue that exists.
+    left = args[0][0] in b"lL"
+    messages = args[2:]
+    _check_size(server, messages)
+    if args[1] not in server.queues:
+        return encode_int(0)
     return encode_int(server.queues.push(args[1], messages, left))
 
 
@@ -1161,8 +1690,51 @@ def cmd_bpop(server, conn, args):
         messages = server.queues.pop(name, left)
         if messages:
             return encode_bulks([name, messages[0]])
-    server._block(conn, Waiter(names, from_left=left), timeout)
+    return server.block(conn, Waiter(names, from_left=left), timeout,
+                        conn.null_array)
+
+
+def _mpop_arguments(args, first):
+    """(names, from_left, count) of LMPOP (first = 1) or BLMPOP (2)."""
+    numkeys = parse_integer(args[first])
+    if numkeys is None or numkeys < 1:
+        raise ReplyError("ERR numkeys should be greater than 0")
+    side = first + 1 + numkeys
+    if side >= len(args):
+        raise ReplyError(ERR_SYNTAX)
+    from_left, count, i = _side(args[side]), None, side + 1
+    while i < len(args):
+        if count is None and args[i].upper() == b"COUNT" and i + 1 < len(args):
+            count = parse_integer(args[i + 1])
+            if count is None or count < 1:
+                raise ReplyError("ERR count should be greater than 0")
+            i += 2
+        else:
+            raise ReplyError(ERR_SYNTAX)
+    return args[first + 1:side], from_left, count or 1
+
+
+def _mpop(server, names, from_left, count):
+    for name in names:
+        messages = server.queues.pop(name, from_left, count)
+        if messages:
+            return _encode_mpop(name, messages)
     return None
+
+
+def cmd_lmpop(server, conn, args):
+    names, from_left, count = _mpop_arguments(args, 1)
+    return _mpop(server, names, from_left, count) or conn.null_array
+
+
+def cmd_blmpop(server, conn, args):
+    timeout = _timeout(args[1])
+    names, from_left, count = _mpop_arguments(args, 2)
+    reply = _mpop(server, names, from_left, count)
+    if reply is not None:
+        return reply
+    waiter = Waiter(list(dict.fromkeys(names)), from_left, count=count)
+    return server.block(conn, waiter, timeout, conn.null_array)
 
 
 def cmd_lmove(server, conn, args):
@@ -1191,8 +1763,8 @@ def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
     message = server.queues.move(source, target, from_left, to_left)
     if message is not None:
         return encode_bulk(message)
-    server._block(conn, Waiter([source], from_left, target, to_left), timeout)
-    return None
+    return server.block(conn, Waiter([source], from_left, target, to_left),
+                        timeout, conn.null_bulk)
 
 
 def cmd_llen(server, conn, args):
@@ -1202,6 +1774,66 @@ def cmd_llen(server, conn, args):
 def cmd_lrange(server, conn, args):
     start, stop = _integer(args[2]), _integer(args[3])
     return encode_bulks(server.queues.peek(args[1], start, stop))
+
+
+def cmd_lindex(server, conn, args):
+    if args[1] not in server.queues:            # Redis looks before it parses
+        return conn.null_bulk
+    message = server.queues.index(args[1], _integer(args[2]))
+    return conn.null_bulk if message is None else encode_bulk(message)
+
+
+def cmd_lset(server, conn, args):
+    _check_size(server, args[3:])
+    if args[1] not in server.queues:
+        raise ReplyError("ERR no such key")
+    index = _integer(args[2])
+    if not server.queues.replace(args[1], index, args[3]):
+        raise ReplyError("ERR index out of range")
+    return OK
+
+
+def cmd_linsert(server, conn, args):
+    where = args[2].upper()
+    if where not in (b"BEFORE", b"AFTER"):
+        raise ReplyError(ERR_SYNTAX)
+    _check_size(server, args[4:])
+    return encode_int(server.queues.insert(args[1], args[3], args[4],
+                                           where == b"AFTER"))
+
+
+def cmd_ltrim(server, conn, args):
+    server.queues.trim(args[1], _integer(args[2]), _integer(args[3]))
+    return OK
+
+
+def cmd_lpos(server, conn, args):
+    rank, count, maxlen, i = 1, None, 0, 3
+    while i < len(args):
+        option = args[i].upper()
+        if i + 1 >= len(args) or option not in (b"RANK", b"COUNT", b"MAXLEN"):
+            raise ReplyError(ERR_SYNTAX)
+        if option == b"RANK":
+            rank = _integer(args[i + 1])
+            if rank == 0:
+                raise ReplyError(
+                    "ERR RANK can't be zero: use 1 to start from the first "
+                    "match, 2 from the second ... or use negative to start "
+                    "from the end of the list")
+        else:
+            number = parse_integer(args[i + 1])
+            if number is None or number < 0:
+                raise ReplyError("ERR %s can't be negative"
+                                 % option.decode())
+            if option == b"COUNT":
+                count = number
+            else:
+                maxlen = number
+        i += 2
+    found = server.queues.positions(args[1], args[2], rank, count, maxlen)
+    if count is not None:
+        return b"*%d\r\n" % len(found) + b"".join(map(encode_int, found))
+    return encode_int(found[0]) if found else conn.null_bulk
 
 
 def cmd_lrem(server, conn, args):
@@ -1222,7 +1854,7 @@ def cmd_type(server, conn, args):
 
 
 def cmd_keys(server, conn, args):
-    match = _glob(args[1]).match
+    match = glob_matcher(args[1])
     return encode_bulks([name for name in server.queues.names() if match(name)])
 
 
@@ -1237,7 +1869,7 @@ def cmd_scan(server, conn, args):
         if i + 1 >= len(args):
             raise ReplyError(ERR_SYNTAX)
         if option == b"MATCH":
-            match = _glob(args[i + 1]).match
+            match = glob_matcher(args[i + 1])
         elif option == b"COUNT":
             if _integer(args[i + 1]) < 1:
                 raise ReplyError(ERR_SYNTAX)
@@ -1267,6 +1899,8 @@ def cmd_flush(server, conn, args):
 def cmd_ping(server, conn, args):
     if len(args) > 2:
         raise _wrong_arity(b"ping")
+    if conn.subscribed and not conn.resp3:      # a subscriber's PING
+        return encode_bulks([b"pong", args[1] if len(args) == 2 else b""])
     return PONG if len(args) == 1 else encode_bulk(args[1])
 
 
@@ -1277,6 +1911,104 @@ def cmd_echo(server, conn, args):
 def cmd_quit(server, conn, args):
     conn.closing = True
     return OK
+
+
+def cmd_reset(server, conn, args):
+    server.end_transaction(conn)
+    server.unsubscribe_all(conn)
+    _set_protocol(conn, False)
+    conn.name = b""
+    return b"+RESET\r\n"
+
+
+# Transactions ---------------------------------------------------------------
+
+def cmd_multi(server, conn, args):
+    if conn.multi is not None:
+        raise ReplyError("ERR MULTI calls can not be nested")
+    server.begin_transaction(conn)
+    return OK
+
+
+def cmd_exec(server, conn, args):
+    if conn.multi is None:
+        raise ReplyError("ERR EXEC without MULTI")
+    return server.execute_transaction(conn)
+
+
+def cmd_discard(server, conn, args):
+    if conn.multi is None:
+        raise ReplyError("ERR DISCARD without MULTI")
+    server.end_transaction(conn)
+    return OK
+
+
+def cmd_watch(server, conn, args):
+    if conn.multi is not None:
+        raise ReplyError("ERR WATCH inside MULTI is not allowed")
+    server.watch(conn, args[1:])
+    return OK
+
+
+def cmd_unwatch(server, conn, args):
+    server.unwatch(conn)
+    return OK
+
+
+# Pub/sub ------------------------------------------------------------------
+
+def cmd_subscribe(server, conn, args):
+    return server.subscribe(conn, args[1:], args[0][0] in b"pP")
+
+
+def cmd_unsubscribe(server, conn, args):
+    return server.unsubscribe(conn, args[1:], args[0][0] in b"pP")
+
+
+def cmd_publish(server, conn, args):
+    return encode_int(server.publish(args[1], args[2]))
+
+
+def cmd_pubsub(server, conn, args):
+    conn.command = _full_name(b"pubsub", args)
+    sub = args[1].upper()
+    if sub == b"CHANNELS" and len(args) <= 3:
+        match = glob_matcher(args[2]) if len(args) == 3 else None
+        return encode_bulks(server.channels.channels(match))
+    if sub == b"NUMSUB":
+        return b"*%d\r\n" % (2 * len(args) - 4) + b"".join(
+            encode_bulk(name) + encode_int(server.channels.subscribers(name))
+            for name in args[2:])
+    if sub == b"NUMPAT":
+        return encode_int(server.channels.pattern_count())
+    raise ReplyError("ERR unknown subcommand or wrong number of arguments "
+                     "for '%s'. Try PUBSUB HELP."
+                     % args[1].decode("utf-8", "replace")[:128])
+
+
+def _set_protocol(conn, resp3):
+    conn.resp3 = resp3
+    conn.null_bulk = RESP3_NULL if resp3 else RESP2_NULL_BULK
+    conn.null_array = RESP3_NULL if resp3 else RESP2_NULL_ARRAY
+
+
+def _full_name(name, args):
+    """The name Redis gives a command ("client|list" for a subcommand),
+    once its subcommand and arity are checked, as Redis checks them before
+    running or queueing it."""
+    subcommands = _SUBCOMMANDS.get(name)
+    if subcommands is None or len(args) < 2:
+        return name
+    sub = args[1].upper()
+    arity = subcommands.get(sub)
+    if arity is None:
+        raise ReplyError("ERR unknown subcommand '%s'. Try %s HELP." % (
+            args[1].decode("utf-8", "replace")[:128],
+            name.upper().decode("utf-8", "replace")))
+    full_name = name + b"|" + sub.lower()
+    if (len(args) != arity) if arity > 0 else (len(args) < -arity):
+        raise _wrong_arity(full_name)
+    return full_name
 
 
 def cmd_hello(server, conn, args):
@@ -1303,9 +2035,7 @@ def cmd_hello(server, conn, args):
                              % args[i].decode("utf-8", "replace"))
     if name is not None:
         conn.name = name
-    conn.resp3 = resp3
-    conn.null_bulk = RESP3_NULL if resp3 else RESP2_NULL_BULK
-    conn.null_array = RESP3_NULL if resp3 else RESP2_NULL_ARRAY
+    _set_protocol(conn, resp3)
     return encode_map([
         (encode_bulk(b"server"), encode_bulk(b"beuss")),
         (encode_bulk(b"version"), encode_bulk(__version__.encode())),
@@ -1350,13 +2080,8 @@ def _client_name(name):
 
 
 def cmd_client(server, conn, args):
+    conn.command = _full_name(b"client", args)
     sub = args[1].upper()
-    arity = {b"SETNAME": 3, b"GETNAME": 2, b"ID": 2, b"SETINFO": 4}.get(sub)
-    if arity is None:
-        raise ReplyError("ERR unknown subcommand '%s'. Try CLIENT HELP."
-                         % args[1].decode("utf-8", "replace"))
-    if len(args) != arity:
-        raise _wrong_arity(b"client|" + sub.lower())
     if sub == b"SETNAME":
         conn.name = _client_name(args[2])
         return OK
@@ -1364,6 +2089,12 @@ def cmd_client(server, conn, args):
         return encode_bulk(conn.name) if conn.name else conn.null_bulk
     if sub == b"ID":
         return encode_int(conn.id)
+    if sub == b"INFO":
+        return _encode_text(conn, server.client_info(conn) + "\n")
+    if sub == b"LIST":
+        return _client_list(server, conn, args)
+    if sub == b"KILL":
+        return _client_kill(server, conn, args)
     attribute = args[2].upper()
     if attribute not in (b"LIB-NAME", b"LIB-VER"):
         raise ReplyError("ERR Unrecognized option '%s'"
@@ -1372,47 +2103,330 @@ def cmd_client(server, conn, args):
     return OK
 
 
-def cmd_command(server, conn, args):
-    if len(args) == 1:
-        return _command_info(conn, sorted(set(c[2] for c in COMMANDS.values())))
-    sub = args[1].upper()
-    if sub == b"COUNT" and len(args) == 2:
-        return encode_int(len(COMMANDS) // 2)
-    if sub == b"DOCS":
-        return encode_map([], conn.resp3)
-    if sub == b"INFO":
-        return _command_info(conn, [name.lower() for name in args[2:]])
-    if sub == b"COUNT":
-        raise _wrong_arity(b"command|count")
-    raise ReplyError("ERR unknown subcommand '%s'. Try COMMAND HELP."
-                     % args[1].decode("utf-8", "replace"))
+def _encode_text(conn, text):
+    """A text meant for people: verbatim in RESP3, bulk in RESP2."""
+    data = text.encode("utf-8", "replace")
+    if conn.resp3:
+        return b"=%d\r\ntxt:%s\r\n" % (len(data) + 4, data)
+    return encode_bulk(data)
 
 
-def _command_info(conn, names):
-    entries = []
-    for name in names:
-        if name not in COMMANDS:
-            entries.append(conn.null_array)
+def _client_list(server, conn, args):
+    clients = server.clients()
+    if len(args) == 4 and args[2].upper() == b"TYPE":
+        kind = args[3].lower()
+        if kind not in (b"normal", b"pubsub", b"master", b"replica", b"slave"):
+            raise ReplyError("ERR Unknown client type '%s'"
+                             % args[3].decode("utf-8", "replace"))
+        clients = [client for client in clients
+                   if (b"pubsub" if client.subscribed else b"normal") == kind]
+    elif len(args) > 3 and args[2].upper() == b"ID":
+        wanted = []
+        for arg in args[3:]:
+            number = parse_integer(arg)
+            if number is None:
+                raise ReplyError("ERR Invalid client ID")
+            wanted.append(number)
+        by_id = {client.id: client for client in clients}
+        clients = [by_id[number] for number in wanted if number in by_id]
+    elif len(args) != 2:
+        raise ReplyError(ERR_SYNTAX)
+    return _encode_text(conn, "".join(server.client_info(client) + "\n"
+                                      for client in clients))
+
+
+def _client_kill(server, conn, args):
+    # CLIENT KILL ip:port (the old form, which may kill the caller), or
+    # filters: ID id, ADDR ip:port, LADDR ip:port, TYPE t, SKIPME yes|no.
+    filters, skip_me = {}, len(args) > 3
+    if len(args) == 3:
+        filters[b"ADDR"] = args[2]
+    else:
+        for i in range(2, len(args), 2):
+            option = args[i].upper()
+            if i + 1 >= len(args) or option not in (
+                    b"ID", b"ADDR", b"LADDR", b"TYPE", b"SKIPME"):
+                raise ReplyError(ERR_SYNTAX)
+            value = args[i + 1]
+            if option == b"ID":
+                number = parse_integer(value)
+                if number is None or number < 1:
+                    raise ReplyError("ERR client-id should be greater than 0")
+            elif option == b"SKIPME":
+                if value.lower() not in (b"yes", b"no"):
+                    raise ReplyError(ERR_SYNTAX)
+                skip_me = value.lower() == b"yes"
+            filters[option] = value
+    killed = 0
+    for client in server.clients():
+        if client is conn and skip_me:
             continue
-        arity = COMMANDS[name][1]
-        first_key = 1 if name in _KEYED_COMMANDS else 0
-        entries.append(b"*6\r\n" + encode_bulk(name) + encode_int(arity)
-                       + EMPTY_ARRAY + encode_int(first_key)
-                       + encode_int(first_key) + encode_int(first_key))
-    return b"*%d\r\n" % len(entries) + b"".join(entries)
+        if b"ID" in filters and parse_integer(filters[b"ID"]) != client.id:
+            continue
+        if b"ADDR" in filters and _address_text(client.peer).encode() \
+                != filters[b"ADDR"]:
+            continue
+        if b"LADDR" in filters and _address_text(_local_address(
+                client.sock)).encode() != filters[b"LADDR"]:
+            continue
+        if b"TYPE" in filters and filters[b"TYPE"].lower() != (
+                b"pubsub" if client.subscribed else b"normal"):
+            continue
+        server.kill(client, conn)
+        killed += 1
+    if len(args) == 3:
+        if not killed:
+            raise ReplyError("ERR No such client")
+        return OK
+    return encode_int(killed)
+
+
+def cmd_command(server, conn, args):
+    table = _command_table()
+    if len(args) == 1:
+        return _command_info(conn, list(table.values()))
+    conn.command = _full_name(b"command", args)
+    sub = args[1].upper()
+    if sub == b"COUNT":
+        return encode_int(len(table))
+    if sub == b"LIST":
+        if len(args) > 2:
+            raise ReplyError(ERR_SYNTAX)    # FILTERBY is not offered
+        return encode_bulks(list(table))
+    names = [arg.lower() for arg in args[2:]] or list(table)
+    if sub == b"DOCS":
+        return encode_map([(encode_bulk(name), _command_docs(conn, table[name]))
+                           for name in names if name in table], conn.resp3)
+    return _command_info(conn, [table.get(name, name) for name in names])
+
+
+# What COMMAND DOCS and COMMAND INFO tell of each command, for redis-cli's
+# HELP and hints and for client libraries. A line: name (a subcommand
+# after its container's name and a space), group, the Redis version that brought the command,
+# flags, the positions of its queue names (first, last, step), a summary,
+# and its arguments as Redis's docs write them. Parsed on first use only.
+_COMMAND_DOCS = """\
+rpush|list|1.0.0|write,denyoom,fast|1,1,1|Append messages to the tail of a queue|key element...
+lpush|list|1.0.0|write,denyoom,fast|1,1,1|Prepend messages to the head of a queue|key element...
+rpushx|list|2.2.0|write,denyoom,fast|1,1,1|Append messages to a queue only if it exists|key element...
+lpushx|list|2.2.0|write,denyoom,fast|1,1,1|Prepend messages to a queue only if it exists|key element...
+lpop|list|1.0.0|write,fast|1,1,1|Take messages from the head of a queue|key [count]
+rpop|list|1.0.0|write,fast|1,1,1|Take messages from the tail of a queue|key [count]
+blpop|list|2.0.0|write,noscript,blocking|1,-2,1|Take the head message of the first non-empty queue, or wait for one|key... timeout
+brpop|list|2.0.0|write,noscript,blocking|1,-2,1|Take the tail message of the first non-empty queue, or wait for one|key... timeout
+lmpop|list|7.0.0|write|0,0,0|Take messages from the first non-empty queue|numkeys key... LEFT|RIGHT [COUNT count]
+blmpop|list|7.0.0|write,blocking|0,0,0|Take messages from the first non-empty queue, or wait for some|timeout numkeys key... LEFT|RIGHT [COUNT count]
+lmove|list|6.2.0|write,denyoom|1,2,1|Move a message from one queue to another|source destination LEFT|RIGHT LEFT|RIGHT
+blmove|list|6.2.0|write,denyoom,noscript,blocking|1,2,1|Move a message from one queue to another, or wait for one|source destination LEFT|RIGHT LEFT|RIGHT timeout
+rpoplpush|list|1.2.0|write,denyoom|1,2,1|Move the tail message of a queue to the head of another|source destination
+brpoplpush|list|2.2.0|write,denyoom,noscript,blocking|1,2,1|Move the tail message of a queue to the head of another, or wait for one|source destination timeout
+llen|list|1.0.0|readonly,fast|1,1,1|The number of messages in a queue|key
+lrange|list|1.0.0|readonly|1,1,1|Messages of a queue, without taking them|key start stop
+lindex|list|1.0.0|readonly|1,1,1|The message at an index of a queue|key index
+lpos|list|6.0.6|readonly|1,1,1|The indexes of a message in a queue|key element [RANK rank] [COUNT num-matches] [MAXLEN len]
+lset|list|1.0.0|write,denyoom|1,1,1|Replace the message at an index of a queue|key index element
+linsert|list|2.2.0|write,denyoom|1,1,1|Insert a message before or after another|key BEFORE|AFTER pivot element
+ltrim|list|1.0.0|write|1,1,1|Keep only a range of a queue's messages|key start stop
+lrem|list|1.0.0|write|1,1,1|Remove copies of a message from a queue|key count element
+del|generic|1.0.0|write|1,-1,1|Delete queues|key...
+exists|generic|1.0.0|readonly,fast|1,-1,1|How many of the queues exist|key...
+type|generic|1.0.0|readonly,fast|1,1,1|The type of a name: list or none|key
+keys|generic|1.0.0|readonly|0,0,0|Queue names that match a pattern|pattern
+scan|generic|2.8.0|readonly|0,0,0|Iterate over queue names|cursor [MATCH pattern] [COUNT count] [TYPE type]
+dbsize|server|1.0.0|readonly,fast|0,0,0|The number of queues|
+flushdb|server|1.0.0|write|0,0,0|Delete every queue|[ASYNC|SYNC]
+flushall|server|1.0.0|write|0,0,0|Delete every queue|[ASYNC|SYNC]
+multi|transactions|1.2.0|noscript,loading,stale,fast|0,0,0|Start a transaction|
+exec|transactions|1.2.0|noscript,loading,stale|0,0,0|Run the commands of a transaction|
+discard|transactions|2.0.0|noscript,loading,stale,fast|0,0,0|Forget the commands of a transaction|
+watch|transactions|2.2.0|noscript,loading,stale,fast|1,-1,1|Run the next transaction only if these queues do not change first|key...
+unwatch|transactions|2.2.0|noscript,loading,stale,fast|0,0,0|Forget the watched queues|
+subscribe|pubsub|2.0.0|pubsub,noscript,loading,stale|0,0,0|Listen to channels|channel...
+unsubscribe|pubsub|2.0.0|pubsub,noscript,loading,stale|0,0,0|Stop listening to channels|[channel...]
+psubscribe|pubsub|2.0.0|pubsub,noscript,loading,stale|0,0,0|Listen to the channels that match patterns|pattern...
+punsubscribe|pubsub|2.0.0|pubsub,noscript,loading,stale|0,0,0|Stop listening to patterns|[pattern...]
+publish|pubsub|2.0.0|pubsub,loading,stale,fast|0,0,0|Send a message to the subscribers of a channel|channel message
+pubsub|pubsub|2.8.0||0,0,0|About channels and subscribers|
+pubsub channels|pubsub|2.8.0|pubsub,loading,stale|0,0,0|Channels that have subscribers|[pattern]
+pubsub numsub|pubsub|2.8.0|pubsub,loading,stale|0,0,0|How many subscribers channels have|[channel...]
+pubsub numpat|pubsub|2.8.0|pubsub,loading,stale|0,0,0|How many patterns have subscribers|
+ping|connection|1.0.0|fast|0,0,0|Check that the server answers|[message]
+echo|connection|1.0.0|fast|0,0,0|Answer the message|message
+quit|connection|1.0.0|noscript,loading,stale,fast|0,0,0|Close the connection|
+reset|connection|6.2.0|noscript,loading,stale,fast|0,0,0|Reset the connection: no transaction, no subscriptions, RESP2|
+hello|connection|6.0.0|noscript,loading,stale,fast|0,0,0|Choose the protocol, and describe the server|[protover [AUTH username password] [SETNAME clientname]]
+auth|connection|1.0.0|noscript,loading,stale,fast|0,0,0|Authenticate the connection|[username] password
+select|connection|1.0.0|loading,stale,fast|0,0,0|Choose the database: only 0 exists|index
+client|connection|2.4.0||0,0,0|About client connections|
+client setname|connection|2.6.9|noscript,loading,stale|0,0,0|Name the connection|connection-name
+client getname|connection|2.6.9|noscript,loading,stale|0,0,0|The connection's name|
+client id|connection|5.0.0|noscript,loading,stale|0,0,0|The connection's id|
+client info|connection|6.2.0|noscript,loading,stale|0,0,0|What the server knows of this connection|
+client list|connection|2.4.0|noscript,loading,stale|0,0,0|What the server knows of each connection|[TYPE NORMAL|PUBSUB] [ID client-id...]
+client kill|connection|2.4.0|noscript,loading,stale|0,0,0|Close connections|[ID client-id] [ADDR ip:port] [LADDR ip:port] [TYPE NORMAL|PUBSUB] [SKIPME YES|NO]
+client setinfo|connection|7.2.0|noscript,loading,stale|0,0,0|Tell the server the client library's name or version|LIB-NAME|LIB-VER value
+command|server|2.8.13|loading,stale|0,0,0|What the server knows of its commands|
+command count|server|2.8.13|loading,stale|0,0,0|The number of commands|
+command list|server|7.0.0|loading,stale|0,0,0|The names of the commands|
+command docs|server|7.0.0|loading,stale|0,0,0|How commands are used, for people|[command-name...]
+command info|server|2.8.13|loading,stale|0,0,0|How commands are called, for programs|[command-name...]
+config|server|2.0.0||0,0,0|About the server's settings|
+config get|server|2.0.0|loading,stale|0,0,0|Settings that match patterns|parameter...
+info|server|1.0.0|loading,stale|0,0,0|The server's state, as text|[section...]
+"""
+_COMMAND_TABLE = None
+
+
+def _command_table():
+    """{name: (name, group, since, flags, keys, summary, arguments,
+    subcommands)}; a container command holds its subcommands."""
+    global _COMMAND_TABLE
+    if _COMMAND_TABLE is None:
+        table = {}
+        for line in _COMMAND_DOCS.splitlines():
+            fields = line.split("|")
+            name = fields.pop(0).replace(" ", "|")     # "client list"
+            group, since, flags, keys, summary = fields[:5]
+            entry = (name.encode(), group, since,
+                     flags.split(",") if flags else [],
+                     [int(k) for k in keys.split(",")], summary,
+                     "|".join(fields[5:]), {})
+            container, _, sub = name.partition("|")
+            if sub:
+                table[container.encode()][7][entry[0]] = entry
+            else:
+                table[entry[0]] = entry
+        _COMMAND_TABLE = table
+    return _COMMAND_TABLE
+
+
+
+def _command_docs(conn, entry):
+    name, group, since, flags, keys, summary, arguments, subcommands = entry
+    pairs = [(encode_bulk(b"summary"), encode_bulk(summary.encode())),
+             (encode_bulk(b"since"), encode_bulk(since.encode())),
+             (encode_bulk(b"group"), encode_bulk(group.encode()))]
+    if arguments:
+        pairs.append((encode_bulk(b"arguments"), _encode_arguments(
+            conn, _parse_arguments(arguments))))
+    if subcommands:
+        pairs.append((encode_bulk(b"subcommands"), encode_map(
+            [(encode_bulk(sub), _command_docs(conn, subcommands[sub]))
+             for sub in subcommands], conn.resp3)))
+    return encode_map(pairs, conn.resp3)
+
+
+_ARGUMENT_TYPES = {
+    "key": "key", "source": "key", "destination": "key",
+    "timeout": "double", "pattern": "pattern",
+    "count": "integer", "numkeys": "integer", "index": "integer",
+    "start": "integer", "stop": "integer", "rank": "integer",
+    "num-matches": "integer", "len": "integer", "cursor": "integer",
+    "client-id": "integer", "protover": "integer",
+}
+
+
+def _parse_arguments(text):
+    """Arguments in Redis's docs notation ("key [COUNT count]", "LEFT|RIGHT",
+    "element...") as dicts in COMMAND DOCS's shape."""
+    words, depth, word = [], 0, ""
+    for c in text + " ":
+        if c == " " and depth == 0:
+            if word:
+                words.append(word)
+            word = ""
+            continue
+        depth += (c == "[") - (c == "]")
+        word += c
+    arguments = []
+    for word in words:
+        optional = word.startswith("[")
+        if optional:
+            word = word[1:-1]
+        inner = _parse_arguments(word) if " " in word else None
+        if inner and inner[0]["type"] == "pure-token" and len(inner) > 1:
+            token = inner.pop(0)["token"]       # [COUNT count], [AUTH u p]
+            argument = dict(inner[0], token=token) if len(inner) == 1 else {
+                "name": token.lower(), "type": "block", "token": token,
+                "arguments": inner}
+        elif inner:
+            argument = {"name": inner[0]["name"], "type": "block",
+                        "arguments": inner}
+        elif "|" in word:
+            argument = {"name": word.lower().replace("|", "-"),
+                        "type": "oneof", "arguments": [
+                            _token_argument(choice)
+                            for choice in word.split("|")]}
+        elif word.isupper():
+            argument = _token_argument(word)
+        else:
+            name = word.rstrip(".")
+            argument = {"name": name, "type": _ARGUMENT_TYPES.get(
+                name, "string")}
+            if word.endswith("..."):
+                argument["flags"] = ["multiple"]
+        if optional:
+            argument["flags"] = argument.get("flags", []) + ["optional"]
+        arguments.append(argument)
+    return arguments
+
+
+def _token_argument(word):
+    return {"name": word.lower(), "type": "pure-token", "token": word}
+
+
+def _encode_flags(conn, flags):
+    """A set of status strings, as COMMAND's replies give flags."""
+    return (b"~" if conn.resp3 else b"*") + b"%d\r\n" % len(flags) + b"".join(
+        b"+%s\r\n" % flag.encode() for flag in flags)
+
+
+def _encode_arguments(conn, arguments):
+    encoded = []
+    for argument in arguments:
+        pairs = []
+        for field in ("name", "type", "token", "flags", "arguments"):
+            value = argument.get(field)
+            if value is None:
+                continue
+            if field == "flags":
+                value = _encode_flags(conn, value)
+            elif field == "arguments":
+                value = _encode_arguments(conn, value)
+            else:
+                value = encode_bulk(value.encode())
+            pairs.append((encode_bulk(field.encode()), value))
+        encoded.append(encode_map(pairs, conn.resp3))
+    return b"*%d\r\n" % len(encoded) + b"".join(encoded)
+
+
+def _command_info(conn, entries):
+    """COMMAND INFO's ten fields for each entry; a name that is not a
+    command (bytes in place of an entry) gets a null."""
+    replies = []
+    for entry in entries:
+        if isinstance(entry, bytes):
+            replies.append(conn.null_bulk)
+            continue
+        name, flags, keys, subcommands = entry[0], entry[3], entry[4], entry[7]
+        container, _, sub = name.partition(b"|")
+        arity = _SUBCOMMANDS[container][sub.upper()] if sub \
+            else COMMANDS[container][1]
+        replies.append(b"*10\r\n" + encode_bulk(name) + encode_int(arity)
+                       + _encode_flags(conn, flags)
+                       + b"".join(encode_int(k) for k in keys)
+                       + _encode_flags(conn, []) + _encode_flags(conn, [])
+                       + EMPTY_ARRAY
+                       + _command_info(conn, list(subcommands.values())))
+    return b"*%d\r\n" % len(replies) + b"".join(replies)
 
 
 def cmd_config(server, conn, args):
-    sub = args[1].upper()
-    if sub != b"GET":
-        raise ReplyError("ERR unknown subcommand '%s'. Try CONFIG HELP."
-                         % args[1].decode("utf-8", "replace"))
-    if len(args) < 3:
-        raise _wrong_arity(b"config|get")
+    conn.command = _full_name(b"config", args)
     settings = server.settings()
     pairs = {}
     for pattern in args[2:]:
-        match = _glob(pattern.lower()).match
+        match = glob_matcher(pattern.lower())
         for name, value in settings:
             if match(name):
                 pairs[name] = value
@@ -1429,32 +2443,51 @@ def cmd_info(server, conn, args):
 
 _COMMANDS = {
     b"rpush": (cmd_push, -3), b"lpush": (cmd_push, -3),
+    b"rpushx": (cmd_pushx, -3), b"lpushx": (cmd_pushx, -3),
     b"lpop": (cmd_pop, -2), b"rpop": (cmd_pop, -2),
     b"blpop": (cmd_bpop, -3), b"brpop": (cmd_bpop, -3),
+    b"lmpop": (cmd_lmpop, -4), b"blmpop": (cmd_blmpop, -5),
     b"lmove": (cmd_lmove, 5), b"blmove": (cmd_blmove, 6),
     b"rpoplpush": (cmd_rpoplpush, 3), b"brpoplpush": (cmd_brpoplpush, 4),
     b"llen": (cmd_llen, 2), b"lrange": (cmd_lrange, 4),
-    b"lrem": (cmd_lrem, 4), b"del": (cmd_del, -2),
-    b"exists": (cmd_exists, -2), b"type": (cmd_type, 2),
-    b"keys": (cmd_keys, 2), b"scan": (cmd_scan, -2),
+    b"lindex": (cmd_lindex, 3), b"lpos": (cmd_lpos, -3),
+    b"lset": (cmd_lset, 4), b"linsert": (cmd_linsert, 5),
+    b"ltrim": (cmd_ltrim, 4), b"lrem": (cmd_lrem, 4),
+    b"del": (cmd_del, -2), b"exists": (cmd_exists, -2),
+    b"type": (cmd_type, 2), b"keys": (cmd_keys, 2), b"scan": (cmd_scan, -2),
     b"dbsize": (cmd_dbsize, 1), b"flushdb": (cmd_flush, -1),
     b"flushall": (cmd_flush, -1),
+    b"multi": (cmd_multi, 1), b"exec": (cmd_exec, 1),
+    b"discard": (cmd_discard, 1), b"watch": (cmd_watch, -2),
+    b"unwatch": (cmd_unwatch, 1),
+    b"subscribe": (cmd_subscribe, -2), b"unsubscribe": (cmd_unsubscribe, -1),
+    b"psubscribe": (cmd_subscribe, -2), b"punsubscribe": (cmd_unsubscribe, -1),
+    b"publish": (cmd_publish, 3), b"pubsub": (cmd_pubsub, -2),
     b"ping": (cmd_ping, -1), b"echo": (cmd_echo, 2), b"quit": (cmd_quit, -1),
-    b"hello": (cmd_hello, -1), b"auth": (cmd_auth, -2),
-    b"select": (cmd_select, 2), b"client": (cmd_client, -2),
-    b"command": (cmd_command, -1), b"config": (cmd_config, -2),
-    b"info": (cmd_info, -1),
+    b"reset": (cmd_reset, 1), b"hello": (cmd_hello, -1),
+    b"auth": (cmd_auth, -2), b"select": (cmd_select, 2),
+    b"client": (cmd_client, -2), b"command": (cmd_command, -1),
+    b"config": (cmd_config, -2), b"info": (cmd_info, -1),
 }
 # name -> (function, arity as Redis counts it, lower-case name)
 COMMANDS = {}
 for _name, (_function, _arity) in _COMMANDS.items():
     COMMANDS[_name] = COMMANDS[_name.upper()] = (_function, _arity, _name)
 del _COMMANDS, _name, _function, _arity
-_KEYED_COMMANDS = {
-    b"rpush", b"lpush", b"lpop", b"rpop", b"blpop", b"brpop", b"lmove",
-    b"blmove", b"rpoplpush", b"brpoplpush", b"llen", b"lrange", b"lrem",
-    b"del", b"exists", b"type",
+# Commands made of subcommands: {SUBCOMMAND: arity, counting the command}.
+_SUBCOMMANDS = {
+    b"client": {b"SETNAME": 3, b"GETNAME": 2, b"ID": 2, b"SETINFO": 4,
+                b"INFO": 2, b"LIST": -2, b"KILL": -3},
+    b"command": {b"COUNT": 2, b"LIST": -2, b"DOCS": -2, b"INFO": -2},
+    b"config": {b"GET": -3},
+    b"pubsub": {b"CHANNELS": -2, b"NUMSUB": -2, b"NUMPAT": 2},
 }
+# Inside MULTI these run at once; every other command is queued for EXEC.
+_RUN_INSIDE_MULTI = {b"exec", b"discard", b"multi", b"watch", b"quit",
+                     b"reset"}
+# What a RESP2 connection with subscriptions may still send.
+_SUBSCRIBED_MODE = {b"subscribe", b"unsubscribe", b"psubscribe",
+                    b"punsubscribe", b"ping", b"quit", b"reset"}
 
 
 # ## Client ##################################################################
