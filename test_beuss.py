@@ -1198,7 +1198,8 @@ class RedisServer:
 
 
 # Every command of the design, with its error cases. A step is one command,
-# a list of commands sent in one write, or an inline line as typed in nc.
+# a list of commands sent in one write, an inline line as typed in nc, or
+# (command, how many replies it gets) for SUBSCRIBE and its kin.
 DIFFERENTIAL_SCRIPT = [
     ["PING"], ["PING", "hi"], ["PING", "a", "b"], ["ECHO", "hello"], ["ECHO"],
     ["SELECT", "0"], ["SELECT", "x"], ["AUTH", "secret"],
@@ -1251,6 +1252,73 @@ DIFFERENTIAL_SCRIPT = [
     ["CONFIG", "GET", "appendonly"], ["RPUSH", "r3", "v"],
     ["LRANGE", "r3", "0", "-1"], ["BLPOP", "r3", "0"], ["KEYS", "*"],
     ["SCAN", "0"], ["HELLO", "2"], ["LPOP", "none"],
+    # The other list commands, transactions, subscribed mode, RESET, and
+    # the error cases of CLIENT, COMMAND and PUBSUB.
+    ["FLUSHALL"], ["RPUSH", "q", "a", "b", "c", "b"], ["LINDEX", "q", "1"],
+    ["LINDEX", "q", "-1"], ["LINDEX", "q", "9"], ["LINDEX", "q", "x"],
+    ["LINDEX", "none", "x"], ["LSET", "q", "0", "z"], ["LSET", "q", "9", "z"],
+    ["LSET", "none", "0", "z"], ["LSET", "q", "x", "z"], ["LSET", "none", "x", "z"],
+    ["LPOS", "q", "b"], ["LPOS", "q", "b", "RANK", "2"],
+    ["LPOS", "q", "b", "RANK", "-1"], ["LPOS", "q", "b", "COUNT", "0"],
+    ["LPOS", "q", "b", "COUNT", "1"], ["LPOS", "q", "b", "RANK", "0"],
+    ["LPOS", "q", "b", "COUNT", "-1"], ["LPOS", "q", "b", "MAXLEN", "-1"],
+    ["LPOS", "q", "b", "MAXLEN", "2"],
+    ["LPOS", "q", "b", "MAXLEN", "2", "COUNT", "0"], ["LPOS", "q", "nope"],
+    ["LPOS", "q", "nope", "COUNT", "0"], ["LPOS", "none", "b"],
+    ["LPOS", "none", "b", "COUNT", "2"], ["LPOS", "q", "b", "BOGUS", "1"],
+    ["LPOS", "q", "b", "RANK"], ["LPOS", "q", "b", "COUNT", "x"],
+    ["LPOS", "q", "b", "RANK", "x"], ["LPOS", "q"],
+    ["LINSERT", "q", "BEFORE", "b", "new"], ["LINSERT", "q", "after", "c", "new2"],
+    ["LINSERT", "q", "AFTER", "nope", "x"], ["LINSERT", "none", "AFTER", "b", "x"],
+    ["LINSERT", "q", "MIDDLE", "b", "x"], ["LRANGE", "q", "0", "-1"],
+    ["LTRIM", "q", "1", "-2"], ["LRANGE", "q", "0", "-1"], ["LTRIM", "q", "x", "1"],
+    ["LTRIM", "none", "0", "1"], ["LTRIM", "q", "5", "1"], ["EXISTS", "q"],
+    ["RPUSHX", "q", "a"], ["RPUSH", "q", "a"], ["RPUSHX", "q", "b", "c"],
+    ["LPUSHX", "q", "z"], ["LPUSHX", "none", "z"], ["RPUSHX", "q"],
+    ["LMPOP", "1", "q", "LEFT"], ["LMPOP", "2", "none", "q", "RIGHT", "COUNT", "2"],
+    ["LMPOP", "1", "none", "LEFT"], ["LMPOP", "0", "q", "LEFT"],
+    ["LMPOP", "x", "q", "LEFT"], ["LMPOP", "3", "q", "LEFT"],
+    ["LMPOP", "1", "q", "UP"], ["LMPOP", "1", "q", "LEFT", "COUNT", "0"],
+    ["LMPOP", "1", "q", "LEFT", "COUNT", "1", "COUNT", "1"],
+    ["LMPOP", "1", "q", "LEFT", "BOGUS"], ["LMPOP", "1", "q"],
+    ["LMPOP", "-1", "q", "LEFT"], ["BLMPOP", "0.01", "1", "none", "LEFT"],
+    ["BLMPOP", "x", "1", "none", "LEFT"], ["BLMPOP", "0", "0", "none", "LEFT"],
+    ["BLMPOP", "-1", "1", "q", "LEFT"],
+    ["BLMPOP", "0.01", "1", "q", "LEFT", "COUNT", "5"], ["RPUSH", "q", "x", "y"],
+    ["BLMPOP", "0.01", "2", "none", "q", "LEFT", "COUNT", "5"], ["MULTI"],
+    ["RPUSH", "t", "1"], ["LPOP", "t"], ["BLPOP", "t", "0"],
+    ["BLMOVE", "t", "u", "LEFT", "LEFT", "0"], ["BRPOPLPUSH", "t", "u", "0"],
+    ["BLMPOP", "0", "1", "t", "LEFT"], ["LSET", "t", "0", "x"], ["EXEC"], ["MULTI"],
+    ["MULTI"], ["WATCH", "x"], ["RPUSH", "t", "1"], ["NOSUCH"], ["EXEC"], ["EXEC"],
+    ["DISCARD"], ["MULTI"], ["RPUSH", "t"], ["EXEC"], ["MULTI"], ["RPUSH", "t", "1"],
+    ["DISCARD"], ["LLEN", "t"], ["WATCH", "t"], ["RPUSH", "t", "1"], ["MULTI"],
+    ["LLEN", "t"], ["EXEC"], ["LLEN", "t"], ["WATCH", "t"], ["UNWATCH"],
+    ["RPUSH", "t", "1"], ["MULTI"], ["LLEN", "t"], ["EXEC"], ["WATCH", "w"],
+    ["DEL", "w"], ["LPOP", "w"], ["MULTI"], ["PING"], ["EXEC"], ["WATCH", "t"],
+    ["FLUSHALL"], ["MULTI"], ["PING"], ["EXEC"], ["WATCH", "gone"], ["FLUSHALL"],
+    ["MULTI"], ["PING"], ["EXEC"], ["MULTI"], ["EXEC", "x"], ["EXEC"], ["MULTI"],
+    ["DISCARD"], ["MULTI"], ["ECHO", "a"], ["CLIENT", "ID", "x"], ["EXEC"], ["MULTI"],
+    ["LPOP", "t", "x"], ["RPUSH", "t", "a"], ["EXEC"], ["MULTI"], ["SUBSCRIBE", "c"],
+    ["EXEC"], ["PING"], ["RPUSH", "x", "1"], ["PING", "hi"], ["UNSUBSCRIBE"],
+    ["UNSUBSCRIBE"], ["PUNSUBSCRIBE"], ["PING"], (["PSUBSCRIBE", "a*", "b?"], 2),
+    ["PUBSUB", "NUMPAT"], ["PUNSUBSCRIBE", "a*"], ["PUNSUBSCRIBE"],
+    (["SUBSCRIBE", "c", "d", "c"], 3), ["MULTI"], ["RESET"], ["PING"],
+    ["CLIENT", "GETNAME"], ["PUBSUB", "CHANNELS"], ["PUBSUB", "CHANNELS", "*"],
+    ["PUBSUB", "CHANNELS", "a", "b"], ["PUBSUB", "NUMSUB", "c"], ["PUBSUB", "NUMSUB"],
+    ["PUBSUB", "NUMPAT"], ["PUBSUB", "NUMPAT", "x"], ["PUBSUB", "NOPE"], ["PUBSUB"],
+    ["PUBLISH", "c", "m"], ["PUBLISH", "c"], ["HELLO", "3"], ["SUBSCRIBE", "c"],
+    ["RPUSH", "r", "1"], ["PING"], ["UNSUBSCRIBE", "c"], ["UNSUBSCRIBE"], ["MULTI"],
+    ["EXEC"], ["MULTI"], ["BLPOP", "none", "0"], ["EXEC"], ["RESET"],
+    ["CLIENT", "SETNAME", "x"], ["RESET"], ["CLIENT", "GETNAME"],
+    ["CLIENT", "KILL", "1.2.3.4:5"], ["CLIENT", "KILL", "ID", "0"],
+    ["CLIENT", "KILL", "ID", "999"], ["CLIENT", "KILL", "BOGUS", "1"],
+    ["CLIENT", "KILL", "ID"], ["CLIENT", "KILL"], ["CLIENT", "LIST", "TYPE", "bogus"],
+    ["CLIENT", "LIST", "ID", "x"], ["CLIENT", "LIST", "ID", "999"],
+    ["CLIENT", "LIST", "bogus"], ["CLIENT", "INFO", "x"],
+    ["CLIENT", "KILL", "TYPE", "pubsub"],
+    ["CLIENT", "KILL", "SKIPME", "maybe", "ID", "1"], ["COMMAND", "COUNT", "x"],
+    ["COMMAND", "LIST", "x"], ["COMMAND", "INFO", "nosuch"],
+    ["COMMAND", "DOCS", "nosuch"],
     ["QUIT"],
 ]
 SERVER_DESCRIBING = {b"HELLO"}      # replies that describe the server itself
@@ -1305,7 +1373,11 @@ class DifferentialTest(ServerCase):
     def run_script(self, port):
         writes, commands = [], []
         for step in DIFFERENTIAL_SCRIPT:
-            if isinstance(step, bytes):
+            if isinstance(step, tuple):         # a command with many replies
+                command, count = step
+                writes.append((requests(command), count))
+                commands += [[arg.encode() for arg in command]] * count
+            elif isinstance(step, bytes):
                 writes.append((step if step.endswith(b"\n") else step + b"\r\n", 1))
                 commands.append(step.split())
             else:
@@ -1380,10 +1452,86 @@ class DifferentialTest(ServerCase):
             received[name] = data
         return received
 
+    # Pub/sub and WATCH across connections, in RESP2 and RESP3 ("c" speaks
+    # RESP3). Each step waits for a first reply on its connection, so that
+    # a subscription is in place before the publish that follows it.
+    PUBSUB_SCENARIO = [
+        ("a", ["SUBSCRIBE", "news", "sport"]),
+        ("b", ["PSUBSCRIBE", "n*"]),
+        ("c", ["SUBSCRIBE", "news"]),
+        ("c", ["PSUBSCRIBE", "spo?t"]),
+        ("p", ["PUBLISH", "news", "hello"]),
+        ("p", ["PUBLISH", "sport", "goal"]),
+        ("p", ["PUBLISH", "nothing", "n-pattern only"]),
+        ("p", ["PUBLISH", "weather", "nobody"]),
+        ("p", ["PUBSUB", "NUMSUB", "news", "sport", "weather"]),
+        ("p", ["PUBSUB", "NUMPAT"]),
+        ("p", ["PUBSUB", "CHANNELS", "new*"]),
+        ("a", ["UNSUBSCRIBE", "news"]),
+        ("p", ["PUBLISH", "news", "again"]),
+        ("c", ["RPUSH", "q", "from a subscriber"]),
+        ("c", ["PUBLISH", "news", "to myself too"]),
+        ("a", ["RPUSH", "q", "refused"]),
+        ("a", ["PING", "in subscribed mode"]),
+        ("a", ["UNSUBSCRIBE"]),
+        ("a", ["LLEN", "q"]),
+        ("b", ["PUNSUBSCRIBE", "n*"]),
+        ("p", ["PUBLISH", "news", "only c now"]),
+        ("w", ["WATCH", "q"]),
+        ("p", ["RPUSH", "q", "changes the watched queue"]),
+        ("w", ["MULTI"]),
+        ("w", ["LLEN", "q"]),
+        ("w", ["EXEC"]),
+        ("w", ["WATCH", "q", "other"]),
+        ("w", ["MULTI"]),
+        ("w", ["LPOP", "q"]),
+        ("w", ["EXEC"]),
+        ("p", ["PUBSUB", "NUMSUB", "news"]),
+    ]
+
+    def test_pubsub_and_watch_scenario_matches_redis(self):
+        theirs, ours = self.on_both(self.run_pubsub_scenario)
+        self.assertEqual(ours, theirs)
+        self.assertIn(b"to myself too", ours["c"])
+        self.assertIn(b"*-1\r\n", ours["w"])
+
+    def run_pubsub_scenario(self, port):
+        conns, received = {}, {}
+
+        def read_some(name, wait):
+            sock = conns[name]
+            sock.settimeout(wait)
+            try:
+                while True:
+                    chunk = sock.recv(65536)
+                    self.assertTrue(chunk, name)
+                    received[name] += chunk
+                    sock.settimeout(0.02)
+            except socket.timeout:
+                pass
+
+        for name, command in self.PUBSUB_SCENARIO:
+            if name not in conns:
+                conns[name] = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+                received[name] = b""
+                if name == "c":     # RESP3; HELLO's reply describes the server
+                    conns[name].sendall(requests(["HELLO", "3"]))
+                    beuss.ReplyReader(conns[name]).read()
+            before = len(received[name])
+            conns[name].sendall(requests(command))
+            deadline = time.monotonic() + TIMEOUT
+            while len(received[name]) == before:
+                self.assertLess(time.monotonic(), deadline, (name, command))
+                read_some(name, 0.5)
+        for name in conns:
+            read_some(name, 0.1)
+            conns[name].close()
+        return received
+
     def test_random_list_commands_match_redis(self):
-        # Seeded, so a failure can be replayed: the same 1500 random list
+        # Seeded, so a failure can be replayed: the same 2000 random list
         # commands over a few small queues, reply for reply.
-        script = random_list_script(random.Random(20261126), 1500)
+        script = random_list_script(random.Random(20261126), 2000)
         theirs, ours = self.on_both(self.run_commands, script)
         for i, (command, mine, expected) in enumerate(zip(script, ours, theirs)):
             self.assertEqual(mine, expected, "command %d: %r" % (i, command))
@@ -1417,12 +1565,25 @@ def random_list_script(rng, count):
         lambda: ["EXISTS"] + [rng.choice(queues) for _ in range(rng.randint(1, 3))],
         lambda: ["TYPE", rng.choice(queues)],
         lambda: ["DBSIZE"],
+        lambda: ["RPUSHX", rng.choice(queues), rng.choice(values)],
+        lambda: ["LPUSHX", rng.choice(queues), rng.choice(values)],
+        lambda: ["LINDEX", rng.choice(queues), index()],
+        lambda: ["LSET", rng.choice(queues), index(), rng.choice(values)],
+        lambda: ["LPOS", rng.choice(queues), rng.choice(values)] + rng.choice(
+            [[], ["RANK", index()], ["COUNT", str(rng.randint(-1, 3))],
+             ["MAXLEN", str(rng.randint(0, 3)), "COUNT", "0"]]),
+        lambda: ["LINSERT", rng.choice(queues), rng.choice(["BEFORE", "after"]),
+                 rng.choice(values), rng.choice(values)],
+        lambda: ["LTRIM", rng.choice(queues), index(), index()],
+        lambda: ["LMPOP", "2"] + rng.sample(queues, 2) + [rng.choice(sides)]
+        + rng.choice([[], ["COUNT", str(rng.randint(0, 3))]]),
     ]
     # Redis times a blocked client out only on its next timer tick, tens of
     # milliseconds, so blocking commands are kept few to keep the test quick.
     blocking = [
         lambda: ["BLPOP"] + rng.sample(queues, rng.randint(1, 3)) + ["0.001"],
         lambda: ["BRPOP", rng.choice(queues), "0.001"],
+        lambda: ["BLMPOP", "0.001", "1", rng.choice(queues), "RIGHT", "COUNT", "2"],
     ]
     return [rng.choice(blocking if rng.random() < 0.015 else makers)()
             for _ in range(count)]
