@@ -326,6 +326,121 @@ class QueuesTest(unittest.TestCase):
         self.assertTrue(queues.delete(b"q"))
         self.assertEqual(queues.size, 0)
 
+    def test_index_replace_insert_trim_keep_the_size_right(self):
+        queues = beuss.Queues()
+        queues.push(b"q", [b"a", b"bb", b"a"])
+        self.assertEqual(queues.index(b"q", -1), b"a")
+        self.assertIsNone(queues.index(b"q", 3))
+        self.assertTrue(queues.replace(b"q", 0, b"zzz"))
+        self.assertFalse(queues.replace(b"q", -4, b"x"))
+        self.assertEqual(queues.insert(b"q", b"a", b"new", after=True), 4)
+        self.assertEqual(queues.insert(b"q", b"nope", b"x", after=False), -1)
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"zzz", b"bb", b"a", b"new"])
+        self.assertEqual(queues.positions(b"q", b"a"), [2])
+        queues.trim(b"q", 1, 2)
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"bb", b"a"])
+        self.assertEqual(queues.size, 3)
+        queues.trim(b"q", 5, 9)
+        self.assertNotIn(b"q", queues)
+        self.assertEqual(queues.size, 0)
+
+    def test_positions_by_rank_count_and_maxlen(self):
+        queues = beuss.Queues()
+        queues.push(b"q", [b"x", b"y", b"x", b"x", b"y"])
+        self.assertEqual(queues.positions(b"q", b"x", count=0), [0, 2, 3])
+        self.assertEqual(queues.positions(b"q", b"x", rank=2, count=0), [2, 3])
+        self.assertEqual(queues.positions(b"q", b"x", rank=-1, count=2), [3, 2])
+        self.assertEqual(queues.positions(b"q", b"x", count=0, maxlen=3), [0, 2])
+        self.assertEqual(queues.positions(b"q", b"z"), [])
+
+    def test_a_watch_sees_every_change_of_its_queue_and_no_other(self):
+        queues = beuss.Queues()
+        queues.push(b"q", [b"a", b"b"])
+        changes = [
+            lambda: queues.push(b"q", [b"c"]), lambda: queues.pop(b"q"),
+            lambda: queues.remove(b"q", 0, b"b"), lambda: queues.delete(b"q"),
+            lambda: queues.replace(b"q", 0, b"z"), lambda: queues.trim(b"q", 0, 0),
+            lambda: queues.insert(b"q", b"a", b"x", True), lambda: queues.clear(),
+            lambda: queues.move(b"q", b"other"), lambda: queues.move(b"other", b"q"),
+        ]
+        for change in changes:
+            queues.clear()
+            queues.push(b"q", [b"a", b"b"])
+            queues.push(b"other", [b"o"])
+            watch = beuss.Watch()
+            queues.watch(watch, b"q")
+            queues.push(b"unwatched", [b"x"])
+            queues.pop(b"none")
+            self.assertFalse(watch.changed)
+            change()
+            self.assertTrue(watch.changed, change)
+            queues.unwatch(watch)
+        watch = beuss.Watch()
+        queues.watch(watch, b"q")
+        queues.unwatch(watch)
+        queues.push(b"q", [b"after the watch ended"])
+        self.assertFalse(watch.changed)
+
+    def test_a_counted_waiter_takes_up_to_its_count(self):
+        queues = beuss.Queues()
+        waiter = beuss.Waiter([b"q"], count=2)
+        queues.wait(waiter)
+        queues.push(b"q", [b"1", b"2", b"3"])
+        self.assertEqual(queues.serve(), [(waiter, b"q", [b"1", b"2"])])
+
+
+class GlobTest(unittest.TestCase):
+
+    def match(self, pattern, name):
+        return beuss.glob_match(beuss.compile_glob(pattern), name)
+
+    def test_stringmatchlen_rules(self):
+        cases = [
+            (b"*", b"abc", True), (b"*", b"", False), (b"", b"", True),
+            (b"a*b", b"axxb", True), (b"a*b", b"axxbc", False),
+            (b"h?llo", b"hello", True), (b"h?llo", b"hllo", False),
+            (b"[a-c]x", b"bx", True), (b"[^a-c]x", b"bx", False),
+            (b"[c-a]", b"b", True), (b"[abc", b"b", True), (b"[", b"[", False),
+            (b"h\\*o", b"h*o", True), (b"h\\*o", b"hxo", False),
+            (b"a\\", b"a\\", True), (b"[\\]]", b"]", True),
+            (b"**a", b"ba", True), (b"a*", b"a", True),
+        ]
+        for pattern, name, expected in cases:
+            self.assertEqual(self.match(pattern, name), expected, (pattern, name))
+
+    def test_a_pattern_that_backtracks_stays_quick(self):
+        # Exponential in a backtracking matcher; here at most the product
+        # of the lengths, so this returns (the test would hang otherwise).
+        self.assertFalse(self.match(b"*a*a*a*a*a*a*b", b"a" * 3000))
+        self.assertTrue(self.match(b"*a*a*a*a*a*a*", b"a" * 3000))
+
+
+class ChannelsTest(unittest.TestCase):
+
+    def test_channel_subscribers_then_patterns_get_a_message(self):
+        channels = beuss.Channels()
+        self.assertTrue(channels.subscribe("first", b"news"))
+        self.assertFalse(channels.subscribe("first", b"news"))
+        channels.subscribe("second", b"news")
+        channels.subscribe("second", b"n*", pattern=True)
+        self.assertEqual(channels.receivers(b"news"), [
+            ("first", None), ("second", None), ("second", b"n*")])
+        self.assertEqual(channels.receivers(b"sport"), [])
+        self.assertEqual(channels.count("second"), 2)
+        self.assertEqual(channels.subscriptions("second"), ([b"news"], [b"n*"]))
+
+    def test_unsubscribing_leaves_nothing_behind(self):
+        channels = beuss.Channels()
+        channels.subscribe("one", b"a")
+        channels.subscribe("one", b"a*", pattern=True)
+        self.assertTrue(channels.unsubscribe("one", b"a"))
+        self.assertFalse(channels.unsubscribe("one", b"a"))
+        self.assertTrue(channels.unsubscribe("one", b"a*", pattern=True))
+        self.assertEqual(channels.channels(), [])
+        self.assertEqual(channels.pattern_count(), 0)
+        self.assertEqual(channels.count("one"), 0)
+        self.assertEqual(channels._owners, {})
+
 
 # ## Server, over raw sockets ################################################
 
@@ -596,6 +711,206 @@ class ServerTest(ServerCase):
             with sock:
                 sock.sendall(b"PING\r\n")
                 self.assertEqual(sock.recv(10), b"+PONG\r\n")
+
+
+class TransactionTest(ServerCase):
+
+    def test_waiters_are_served_after_exec_not_inside_it(self):
+        waiter = self.connect()
+        waiter.sendall(requests(["BLPOP", "q", "0"]))
+        self.wait_until(lambda: self.server.queues.waiting == 1)
+        self.exchange(requests(["MULTI"], ["RPUSH", "q", "a", "b"], ["LPOP", "q"],
+                               ["EXEC"]),
+                      b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:2\r\n$1\r\na\r\n")
+        self.expect(waiter, b"*2\r\n$1\r\nq\r\n$1\r\nb\r\n")
+
+    def test_a_closed_connection_leaves_no_transaction_or_watch(self):
+        sock = self.exchange(requests(["WATCH", "q"], ["MULTI"], ["RPUSH", "q", "a"]),
+                             b"+OK\r\n+OK\r\n+QUEUED\r\n")
+        sock.close()
+        self.wait_until(lambda: not self.server._conns)
+        self.assertEqual(self.server.queues._watches, {})
+        self.assertNotIn(b"q", self.server.queues)
+
+    def test_watch_by_another_client_makes_exec_answer_null(self):
+        watcher = self.exchange(requests(["WATCH", "q"]), b"+OK\r\n")
+        self.exchange(requests(["RPUSH", "q", "x"]), b":1\r\n")
+        self.exchange(requests(["MULTI"], ["LPOP", "q"], ["EXEC"], ["LLEN", "q"]),
+                      b"+OK\r\n+QUEUED\r\n*-1\r\n:1\r\n", watcher)
+        self.assertEqual(self.server.queues._watches, {})
+
+    def wait_until(self, condition):
+        deadline = time.monotonic() + TIMEOUT
+        while not condition():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+
+
+class PubSubTest(ServerCase):
+
+    def test_a_message_reaches_every_subscriber_then_is_gone(self):
+        first, second = self.connect(), self.connect()
+        self.exchange(requests(["SUBSCRIBE", "news"]),
+                      b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n", first)
+        self.exchange(requests(["PSUBSCRIBE", "n*"]),
+                      b"*3\r\n$10\r\npsubscribe\r\n$2\r\nn*\r\n:1\r\n", second)
+        self.exchange(requests(["PUBLISH", "news", "hi"], ["PUBLISH", "none", "x"]),
+                      b":2\r\n:1\r\n")
+        self.expect(first, b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n")
+        self.expect(second, b"*4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n$4\r\nnews\r\n"
+                            b"$2\r\nhi\r\n*4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n"
+                            b"$4\r\nnone\r\n$1\r\nx\r\n")
+        self.assertEqual(len(self.server.queues), 0)
+        first.close()
+        second.close()
+        self.exchange(requests(["PUBLISH", "news", "nobody"]), b":0\r\n")
+        self.assertEqual(self.server.channels._owners, {})
+
+    def test_a_subscriber_that_does_not_read_is_closed_past_the_limit(self):
+        # A smaller limit than Redis's 32 MiB keeps the test quick; the
+        # kernel's buffers take some megabytes before the backlog grows.
+        idle = self.connect()
+        idle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.exchange(requests(["SUBSCRIBE", "c"]), b"*3\r\n", idle)
+        publisher = self.connect()
+        message = b"m" * 65536
+        with mock.patch.object(beuss, "PUBSUB_HARD_LIMIT", 1024 * 1024), \
+                mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            for _ in range(400):
+                publisher.sendall(requests(["PUBLISH", "c", message]))
+                if self.receive(publisher, 4) == b":0\r\n":
+                    break
+            else:
+                self.fail("the subscriber was never closed")
+        self.assertIn("closed subscriber", err.getvalue())
+        self.assertEqual(err.getvalue().count("\n"), 1)
+        self.exchange(requests(["PUBSUB", "NUMSUB", "c"]),
+                      b"*2\r\n$1\r\nc\r\n:0\r\n", publisher)
+
+    def backlog(self, size, since=None):
+        """A subscriber of an idle server whose backlog is size bytes."""
+        server = beuss.Server("127.0.0.1", 0)
+        self.addCleanup(server.stop)
+        sock, peer = socket.socketpair()
+        self.addCleanup(peer.close)
+        conn = beuss._Conn(sock, 1, None, 1024)
+        server._conns[1] = conn
+        server.channels.subscribe(conn, b"c")
+        conn.subscribed = True
+        conn.out_size = size
+        conn.over_soft_limit = since
+        with mock.patch.object(sys, "stderr", io.StringIO()):
+            server._check_subscriber_backlog(conn)
+        return conn
+
+    def test_backlog_at_and_past_the_hard_limit(self):
+        self.assertFalse(self.backlog(beuss.PUBSUB_HARD_LIMIT).closed)
+        self.assertTrue(self.backlog(beuss.PUBSUB_HARD_LIMIT + 1).closed)
+
+    def test_backlog_past_the_soft_limit_for_a_while(self):
+        soft, seconds = beuss.PUBSUB_SOFT_LIMIT, beuss.PUBSUB_SOFT_SECONDS
+        conn = self.backlog(soft + 1)
+        self.assertFalse(conn.closed)
+        self.assertIsNotNone(conn.over_soft_limit)
+        self.assertIsNone(self.backlog(soft, time.monotonic() - 2 * seconds)
+                          .over_soft_limit)
+        self.assertFalse(self.backlog(soft + 1, time.monotonic() + 1 - seconds)
+                         .closed)
+        self.assertTrue(self.backlog(soft + 1, time.monotonic() - seconds).closed)
+
+
+class ClientCommandsTest(ServerCase):
+
+    def fields(self, line):
+        return dict(field.split("=", 1) for field in line.split())
+
+    def test_client_list_and_info_describe_each_connection(self):
+        busy = self.connect()
+        busy.sendall(requests(["CLIENT", "SETNAME", "worker"], ["MULTI"]))
+        self.expect(busy, b"+OK\r\n+OK\r\n")
+        listener = self.exchange(requests(["SUBSCRIBE", "c"]), b"*3\r\n")
+        blocked = self.connect()
+        blocked.sendall(requests(["BLPOP", "q", "0"]))
+        me = self.connect()
+        deadline = time.monotonic() + TIMEOUT
+        while self.server.queues.waiting != 1:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+        me.sendall(requests(["CLIENT", "LIST"]))
+        lines = beuss.ReplyReader(me).read().decode().splitlines()
+        clients = {fields["id"]: fields for fields in map(self.fields, lines)}
+        self.assertEqual(len(clients), 4)
+        for fields in clients.values():
+            for name in ("id", "addr", "laddr", "name", "age", "idle", "flags",
+                         "db", "sub", "psub", "multi", "cmd", "resp"):
+                self.assertIn(name, fields)
+            self.assertEqual(fields["laddr"], "127.0.0.1:%d" % self.port)
+        by_name = {fields["cmd"]: fields for fields in clients.values()}
+        self.assertEqual(by_name["multi"]["name"], "worker")
+        self.assertEqual(by_name["multi"]["flags"], "x")
+        self.assertEqual(by_name["multi"]["multi"], "0")
+        self.assertEqual(by_name["subscribe"]["flags"], "P")
+        self.assertEqual(by_name["subscribe"]["sub"], "1")
+        self.assertEqual(by_name["blpop"]["flags"], "b")
+        self.assertEqual(by_name["client|list"]["flags"], "N")
+        me.sendall(requests(["CLIENT", "INFO"]))
+        info = self.fields(beuss.ReplyReader(me).read().decode())
+        self.assertEqual(info["cmd"], "client|info")
+        self.assertEqual(info["addr"], "127.0.0.1:%d" % me.getsockname()[1])
+        me.sendall(requests(["CLIENT", "LIST", "TYPE", "pubsub"]))
+        self.assertEqual(beuss.ReplyReader(me).read().count(b"\n"), 1)
+
+    def test_client_kill_by_id_by_address_and_itself(self):
+        victim, other = self.connect(), self.connect()
+        victim_id = self.exchange(b"CLIENT ID\r\n", b":", victim) and \
+            int(victim.recv(20).strip())
+        me = self.exchange(requests(["CLIENT", "KILL", "ID", str(victim_id)]),
+                           b":1\r\n")
+        self.assert_closed(victim)
+        address = "127.0.0.1:%d" % other.getsockname()[1]
+        self.exchange(requests(["CLIENT", "KILL", address]), b"+OK\r\n", me)
+        self.assert_closed(other)
+        self.exchange(requests(["CLIENT", "KILL", "ADDR", address]), b":0\r\n", me)
+        mine = "127.0.0.1:%d" % me.getsockname()[1]
+        self.exchange(requests(["CLIENT", "KILL", "ADDR", mine]), b":0\r\n", me)
+        self.exchange(requests(["CLIENT", "KILL", mine], ["PING"]), b"+OK\r\n", me)
+        self.assert_closed(me)
+
+    def test_command_docs_and_info_cover_every_command(self):
+        for hello in ("2", "3"):
+            sock = self.connect()
+            sock.sendall(requests(["HELLO", hello], ["COMMAND", "DOCS"],
+                                  ["COMMAND", "INFO"], ["COMMAND", "COUNT"]))
+            reader = beuss.ReplyReader(sock)
+            reader.read()
+            docs, info, count = reader.read(), reader.read(), reader.read()
+            if hello == "2":
+                docs = dict(zip(docs[::2], docs[1::2]))
+            names = {name for _, _, name in beuss.COMMANDS.values()}
+            self.assertEqual(set(docs), names)
+            self.assertEqual(count, len(names))
+            self.assertEqual({entry[0] for entry in info}, names)
+            for name, entry in docs.items():
+                if hello == "2":
+                    entry = dict(zip(entry[::2], entry[1::2]))
+                for field in (b"summary", b"since", b"group"):
+                    self.assertIsInstance(entry[field], bytes, (name, field))
+            rpush = docs[b"rpush"] if hello == "3" else dict(zip(
+                docs[b"rpush"][::2], docs[b"rpush"][1::2]))
+            self.assertEqual(len(rpush[b"arguments"]), 2)
+            for entry in info:
+                self.assertEqual(len(entry), 10)
+                self.assertEqual(entry[1], beuss.COMMANDS[entry[0]][1])
+
+    def test_config_get_shows_every_setting(self):
+        sock = self.connect()
+        sock.sendall(requests(["CONFIG", "GET", "*"]))
+        reply = beuss.ReplyReader(sock).read()
+        settings = dict(zip(reply[::2], reply[1::2]))
+        self.assertEqual(settings[b"port"], str(self.port).encode())
+        self.assertEqual(settings[b"max-message-size"], b"10240")
+        for name in (b"bind", b"maxclients", b"save", b"appendonly"):
+            self.assertIn(name, settings)
 
 
 class ManyClientsTest(ServerCase):
