@@ -376,6 +376,10 @@ class ReplyReader:
         self._buf = b""
         self._pos = 0
 
+    def buffered(self):
+        """Whether bytes of a next reply have been received already."""
+        return self._pos < len(self._buf)
+
     def _fill(self):
         data = self._sock.recv(READ_SIZE)
         if not data:
@@ -2512,10 +2516,10 @@ def _arg(value):
                     % type(value).__name__)
 
 
-def _setting(value, env_name, default, convert=str):
-    """A setting: the value given, else the environment's, else the default.
-    A bad value raises ValueError naming where it came from."""
-    source = "--" + env_name[1:].lower()
+def _setting(value, flag, env_name, default, convert=str):
+    """A setting: the value given (by flag), else the environment's, else
+    the default. A bad value raises ValueError naming where it came from."""
+    source = flag
     if value is None:
         value, source = os.environ.get(env_name), env_name
     if value is None or value == "":
@@ -2544,8 +2548,8 @@ class Client:
     """
 
     def __init__(self, host=None, port=None, timeout=DEFAULT_TIMEOUT):
-        self.host = _setting(host, "BHOST", DEFAULT_HOST)
-        self.port = _setting(port, "BPORT", DEFAULT_PORT, _port)
+        self.host = _setting(host, "--host", "BHOST", DEFAULT_HOST)
+        self.port = _setting(port, "--port", "BPORT", DEFAULT_PORT, _port)
         self.timeout = timeout
         self._sock = None
         self._reader = None
@@ -2577,6 +2581,10 @@ class Client:
     def pipeline(self, commands, wait=0.0):
         """Send every command at once, then read all their replies: one
         round trip. An error reply comes back as a ReplyError instance."""
+        return self._talk(commands, len(commands), wait)
+
+    def _talk(self, commands, replies, wait=0.0):
+        """Send commands, then read that many replies."""
         if self._sock is None:
             self._connect()
         request = b"".join(encode_bulks([_arg(arg) for arg in command])
@@ -2584,7 +2592,7 @@ class Client:
         try:
             self._sock.settimeout(self.timeout + wait)
             self._sock.sendall(request)
-            return [self._reader.read() for _ in commands]
+            return [self._reader.read() for _ in range(replies)]
         except OSError as exc:
             self.close()
             raise ConnectionFailed("lost the server at %s:%d: %s"
@@ -2646,12 +2654,18 @@ class Client:
         """Yield the messages of queue as they come, for ever, or until no
         message came for `idle` seconds. If the server goes away, wait for
         it to come back (saying so on stderr) unless reconnect is False."""
+        return self._keep_waiting(lambda deadline: self._wait_one(
+            queue, deadline), idle, reconnect)
+
+    def _keep_waiting(self, wait_one, idle, reconnect):
+        # Yield what wait_one(deadline) returns (None: nothing within a
+        # slice), through server restarts, until idle seconds pass empty.
         delay = None                    # seconds to the next retry, once lost
         last = time.monotonic()
         while True:
             deadline = last + idle if idle is not None else FOREVER
             try:
-                message = self._wait_one(queue, deadline)
+                message = wait_one(deadline)
             except ConnectionFailed as exc:
                 if not reconnect:
                     raise
@@ -2699,6 +2713,52 @@ class Client:
             _warn("could not return a message of %d bytes to %s: %s"
                   % (len(message), _arg(queue).decode("utf-8", "replace"), exc))
 
+    # Pub/sub ---------------------------------------------------------------
+
+    def publish(self, channel, message):
+        """Send message to the channel's subscribers now; return how many
+        got it (none: the message is dropped, nothing keeps it)."""
+        return self.call(b"PUBLISH", channel, _arg(message))
+
+    def subscribe(self, *channels, idle=None, reconnect=True):
+        """Yield (channel, message) for each message published on the
+        channels, for ever, or until none came for `idle` seconds. A name
+        with *, ? or [ is a pattern. The connection is then the
+        subscription's alone. Like listen(), it outlives a server restart,
+        subscribing again; messages published meanwhile are missed."""
+        names = [_arg(channel) for channel in channels]
+        if not names:
+            raise ValueError("subscribe() needs at least one channel")
+        patterns = [name for name in names if _is_pattern(name)]
+        commands = [[b"PSUBSCRIBE"] + patterns] if patterns else []
+        if len(patterns) < len(names):
+            commands.append([b"SUBSCRIBE"] + [name for name in names
+                                              if not _is_pattern(name)])
+        subscribed = []                 # the socket the subscriptions are on
+
+        def wait_one(deadline):
+            if self._sock is None or subscribed[-1:] != [self._sock]:
+                # Confirmations are read as they come, with the messages.
+                self._talk(commands, 0)
+                subscribed.append(self._sock)
+            return self._next_message(deadline)
+        for channel, message in self._keep_waiting(wait_one, idle, reconnect):
+            yield channel.decode("utf-8", "surrogateescape"), message
+
+    def _next_message(self, deadline):
+        # At most one slice's wait, so that Ctrl-C gets through everywhere.
+        seconds = min(BLOCK_SLICE, max(deadline - time.monotonic(), 0.001))
+        if not self._reader.buffered():
+            import select
+            if not select.select([self._sock], [], [], seconds)[0]:
+                return None
+        reply = self._talk([], 1)[0]
+        if isinstance(reply, list) and reply[:1] == [b"message"]:
+            return reply[1], reply[2]
+        if isinstance(reply, list) and reply[:1] == [b"pmessage"]:
+            return reply[2], reply[3]
+        return None                     # a confirmation
+
     def len(self, queue):
         """How many messages queue holds."""
         return self.call(b"LLEN", queue)
@@ -2727,6 +2787,10 @@ class Client:
                     "queue_") else line.partition(":")
                 fields[field] = value
         return fields
+
+
+def _is_pattern(name):
+    return any(c in name for c in b"*?[")
 
 
 def _reason(exc):
@@ -2762,8 +2826,14 @@ usage: python beuss.py [VERB] [options]
   PUT <queue> [msg]   put msg, or all of stdin, as one message
   GET <queue> [file]  take one message; write it to file, or to stdout
   ON <queue>          take messages as they come; write each to stdout
+  PEEK <queue> [N]    write the first N messages (1) without taking them
+  DEL <queue>...      delete queues and their messages
   LEN <queue>         how many messages the queue holds
   LIST                every queue that holds messages, with its length
+  PUB <channel> [msg] publish msg, or all of stdin, to the channel's
+                      subscribers now (nothing is kept for later)
+  SUB <channel>...    write each message published on the channels (a
+                      name with * ? or [ is a pattern) as it comes
   PING                check that the server answers
   STATS               a summary of the server's state
   BENCH               measure the server: put, then take, many messages
@@ -2907,13 +2977,13 @@ def _positive(value):
 
 def run_serve(options):
     try:
-        host = _setting(options.host, "BHOST", DEFAULT_HOST)
-        port = _setting(options.port, "BPORT", DEFAULT_PORT, _port)
-        max_message_size = _setting(options.max_message_size,
-                                    "BMAXMESSAGESIZE",
-                                    DEFAULT_MAX_MESSAGE_SIZE, _positive)
-        max_clients = _setting(options.max_clients, "BMAXCLIENTS",
-                               DEFAULT_MAX_CLIENTS, _positive)
+        host = _setting(options.host, "--host", "BHOST", DEFAULT_HOST)
+        port = _setting(options.port, "--port", "BPORT", DEFAULT_PORT, _port)
+        max_message_size = _setting(
+            options.max_message_size, "--max-message-size",
+            "BMAXMESSAGESIZE", DEFAULT_MAX_MESSAGE_SIZE, _positive)
+        max_clients = _setting(options.max_clients, "--max-clients",
+                               "BMAXCLIENTS", DEFAULT_MAX_CLIENTS, _positive)
     except ValueError as exc:
         raise UsageError(str(exc))
     if max_message_size > MAX_BULK_LENGTH:
@@ -2965,8 +3035,27 @@ def _put_arguments(parser):
 
 def run_put(options):
     queue = _queue(options.queue)
+    messages = _messages(options, "PUT")
+    with _client(options) as client:
+        try:
+            if options.lines:
+                client.put_many(queue, messages)
+            else:
+                client.put(queue, messages[0])
+        except ReplyError as exc:
+            if str(exc).startswith("ERR message too large"):
+                raise ReplyError("%s; the server takes larger messages when "
+                                 "started with --max-message-size (or "
+                                 "BMAXMESSAGESIZE)" % exc)
+            raise
+    return EXIT_OK
+
+
+def _messages(options, verb):
+    """The messages PUT or PUB sends: the argument, the file, stdin, or
+    each line of stdin (--lines, without its line end)."""
     if options.message is not None and (options.file or options.lines):
-        raise UsageError("PUT takes a message, --file or stdin, not two")
+        raise UsageError("%s takes a message, --file or stdin, not two" % verb)
     if options.message is not None:
         data = os.fsencode(options.message)
     elif options.file:
@@ -2977,22 +3066,18 @@ def run_put(options):
             raise UsageError("cannot read %s: %s" % (options.file, _reason(exc)))
     else:
         if sys.stdin is None:
-            raise UsageError("PUT needs a message: an argument, --file or "
-                             "stdin")
+            raise UsageError("%s needs a message: an argument, --file or "
+                             "stdin" % verb)
         if sys.stdin.isatty():
             _warn("reading the message from the terminal; end it with "
                   "Ctrl-D (Ctrl-Z Enter on Windows)")
         data = sys.stdin.buffer.read()
-    with _client(options) as client:
-        if options.lines:
-            lines = data.split(b"\n")
-            if lines[-1] == b"":
-                lines.pop()
-            client.put_many(queue, [line[:-1] if line.endswith(b"\r")
-                                    else line for line in lines])
-        else:
-            client.put(queue, data)
-    return EXIT_OK
+    if not options.lines:
+        return [data]
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
 # GET ------------------------------------------------------------------------
@@ -3010,56 +3095,121 @@ def run_get(options):
     queue = _queue(options.queue)
     with _client(options) as client:
         if options.file == "-":
+            if sys.stdout is None:          # started with stdout closed
+                raise HandlerFailed("cannot write the message: stdout is "
+                                    "closed; nothing was taken")
             message = client.get(queue, options.wait)
             if message is None:
                 return _empty(options.queue, options.wait)
-            _write_stdout(client, queue, message)
+            try:
+                _write_stdout(message)
+            except BrokenPipeError:
+                client.put_back(queue, message)
+                raise HandlerFailed("stdout was closed before the message "
+                                    "was written; it is back at the head of "
+                                    "%s" % options.queue)
+            except HandlerFailed as exc:
+                client.put_back(queue, message)
+                raise HandlerFailed("%s; the message is back at the head of "
+                                    "%s" % (exc, options.queue))
             return EXIT_OK
-        # The file is made before the message is taken, so a folder that
-        # cannot be written loses nothing; it is renamed into place once
-        # whole, so a half-written file never appears.
-        import tempfile
-        folder = os.path.dirname(os.path.abspath(options.file))
-        try:
-            fd, temporary = tempfile.mkstemp(dir=folder, prefix=".beuss-")
-        except OSError as exc:
-            raise HandlerFailed("cannot write %s: %s"
-                                % (options.file, _reason(exc)))
+        # The target is opened before the message is taken, so a place that
+        # cannot be written loses nothing.
+        target = _Target(options.file)
         try:
             message = client.get(queue, options.wait)
             if message is None:
                 return _empty(options.queue, options.wait)
             try:
-                with os.fdopen(fd, "wb") as target:
-                    fd = None
-                    target.write(message)
-                os.replace(temporary, options.file)
+                target.write(message)
             except OSError as exc:
                 client.put_back(queue, message)
                 raise HandlerFailed("cannot write %s: %s; the message is "
-                                    "back in its queue"
-                                    % (options.file, _reason(exc)))
+                                    "back at the head of %s" % (
+                                        options.file, _reason(exc),
+                                        options.queue))
         finally:
-            if fd is not None:
-                os.close(fd)
-            if os.path.exists(temporary):
-                os.remove(temporary)
+            target.close()
     return EXIT_OK
+
+
+class _Target:
+    """Where GET writes a message. A regular file (or a new one) is written
+    under a temporary name beside it and renamed into place once whole, so
+    that a half-written file never appears; it keeps the mode of the file
+    it replaces, and a new one gets what a shell redirect would give it.
+    Anything else (a FIFO, a device, a symlink) is written into as
+    `cat > path` would."""
+
+    def __init__(self, path):
+        import stat
+        self.path, self.temporary = path, None
+        try:
+            before = os.lstat(path)
+        except FileNotFoundError:
+            before = None
+        except OSError as exc:
+            raise HandlerFailed("cannot write %s: %s" % (path, _reason(exc)))
+        try:
+            if before is not None and not stat.S_ISREG(before.st_mode):
+                self.file = open(path, "wb")
+                return
+            import tempfile
+            fd, self.temporary = tempfile.mkstemp(
+                dir=os.path.dirname(os.path.abspath(path)), prefix=".beuss-")
+            self.file = os.fdopen(fd, "wb")
+            if before is not None:
+                mode = stat.S_IMODE(before.st_mode)
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            os.chmod(self.temporary, mode)
+        except OSError as exc:
+            self.close()
+            raise HandlerFailed("cannot write %s: %s" % (path, _reason(exc)))
+
+    def write(self, message):
+        with self.file:
+            self.file.write(message)
+        if self.temporary is not None:
+            os.replace(self.temporary, self.path)
+            self.temporary = None
+
+    def close(self):
+        if getattr(self, "file", None) is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+        if self.temporary is not None and os.path.exists(self.temporary):
+            os.remove(self.temporary)
 
 
 def _empty(queue, wait):
     _warn("queue %s is empty" % queue if not wait else
-          "no message on queue %s within %g seconds" % (queue, wait))
+          "no message on queue %s within %s" % (queue, _plural(wait, "second")))
     return EXIT_EMPTY
 
 
-def _write_stdout(client, queue, message, separator=b""):
+def _plural(number, word):
+    return "%g %s%s" % (number, word, "" if number == 1 else "s")
+
+
+def _write_stdout(data):
+    """Write data to stdout now. A closed pipe raises BrokenPipeError;
+    any other failure raises HandlerFailed, and stdout is silenced so that
+    Python does not complain again on the way out."""
     try:
-        sys.stdout.buffer.write(message + separator)
+        sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    except BaseException:
-        client.put_back(queue, message)
+    except BrokenPipeError:
+        _silence_stdout()
         raise
+    except (OSError, ValueError, AttributeError) as exc:
+        _silence_stdout()
+        reason = _reason(exc) if isinstance(exc, OSError) else "it is closed"
+        raise HandlerFailed("cannot write to stdout: %s" % reason)
 
 
 # ON -------------------------------------------------------------------------
@@ -3073,35 +3223,58 @@ def _on_arguments(parser):
                         help="stop after N messages")
     parser.add_argument("-W", "--timeout", type=_seconds, metavar="SECONDS",
                         help="stop when no message came for SECONDS")
+    _add_separator(parser)
+    _add_address(parser)
+
+
+def _add_separator(parser):
     parser.add_argument("-s", "--separator", default="", metavar="TEXT",
                         help="write TEXT after each message (\\n, \\t, \\0 "
                         "and \\\\ are understood); nothing by default")
-    _add_address(parser)
 
 
 def run_on(options):
     queue = _queue(options.queue)
-    separator = _unescape(options.separator)
+    handle = _handler(options, "its message is back at the head of %s"
+                      % options.queue)
     with _client(options) as client:
-        if options.command:
-            def handle(message):
-                import subprocess
-                sys.stdout.flush()
-                done = subprocess.run(options.command, shell=True,
-                                      input=message)
-                if done.returncode != 0:
-                    raise HandlerFailed(
-                        "%r exited with status %d; its message is back at "
-                        "the head of %s" % (options.command, done.returncode,
-                                            options.queue))
-        else:
-            def handle(message):
-                sys.stdout.buffer.write(message + separator)
-                sys.stdout.buffer.flush()
-        handled = client.on(queue, handle, options.count, options.timeout)
+        handled = client.on(queue, lambda message: handle(message, None),
+                            options.count, options.timeout)
     if options.timeout is not None and not handled and options.count != 0:
         return _empty(options.queue, options.timeout)
     return EXIT_OK
+
+
+def _handler(options, after_failure):
+    """handle(message, channel) as ON and SUB do it: run --exec with the
+    message on its stdin (and the channel in BEUSS_CHANNEL), or write the
+    message to stdout, after the channel with --channel, then the
+    separator. A failure raises HandlerFailed; a closed pipe raises
+    BrokenPipeError, which ends the command quietly."""
+    separator = _unescape(options.separator)
+    if options.command:
+        def handle(message, channel):
+            import subprocess
+            sys.stdout.flush()
+            env = None
+            if channel is not None:
+                env = dict(os.environ, BEUSS_CHANNEL=channel)
+            done = subprocess.run(options.command, shell=True, input=message,
+                                  env=env)
+            if done.returncode != 0:
+                raise HandlerFailed("%r exited with status %d; %s" % (
+                    options.command, done.returncode, after_failure))
+        return handle
+
+    def handle(message, channel):
+        head = b""
+        if channel is not None and getattr(options, "channel", False):
+            head = os.fsencode(channel) + b" "
+        try:
+            _write_stdout(head + message + separator)
+        except HandlerFailed as exc:
+            raise HandlerFailed("%s; %s" % (exc, after_failure))
+    return handle
 
 
 def _unescape(text):
@@ -3133,8 +3306,43 @@ def run_len(options):
 
 def run_list(options):
     with _client(options) as client:
-        for name, length in sorted(client.queues().items()):
-            print(name, length)
+        queues = client.queues()
+    if not queues:
+        _warn("no queues: every queue is empty")
+    for name, length in sorted(queues.items()):
+        print(name, length)
+    return EXIT_OK
+
+
+def _peek_arguments(parser):
+    parser.add_argument("queue")
+    parser.add_argument("count", nargs="?", type=_count, default=1,
+                        metavar="N", help="how many messages (1)")
+    _add_separator(parser)
+    _add_address(parser)
+
+
+def run_peek(options):
+    queue = _queue(options.queue)
+    with _client(options) as client:
+        messages = client.call(b"LRANGE", queue, 0, options.count - 1) \
+            if options.count else []
+    if not messages and options.count:
+        return _empty(options.queue, None)
+    separator = _unescape(options.separator)
+    _write_stdout(b"".join(message + separator for message in messages))
+    return EXIT_OK
+
+
+def _del_arguments(parser):
+    parser.add_argument("queue", nargs="+")
+    _add_address(parser)
+
+
+def run_del(options):
+    queues = [_queue(name) for name in options.queue]
+    with _client(options) as client:
+        print(client.call(b"DEL", *queues))
     return EXIT_OK
 
 
@@ -3158,16 +3366,80 @@ def run_stats(options):
     print("clients: %s connected, %s waiting" % (
         info.get("connected_clients", "?"), info.get("blocked_clients", "?")))
     if version:
-        print("queues: %s holding %s messages, %s bytes" % (
-            info.get("queues"), info.get("messages"), info.get("used_memory")))
+        print("queues: %s holding %s, %s" % (
+            info.get("queues"), _plural(int(info.get("messages", 0)),
+                                        "message"),
+            _plural(int(info.get("used_memory", 0)), "byte")))
         for field, value in sorted(info.items()):
             if field.startswith("queue_"):
                 sizes = dict(part.split("=") for part in value.split(","))
-                print("  %s: %s messages, %s bytes, %s waiting" % (
-                    field[6:], sizes["messages"], sizes["bytes"],
-                    sizes["waiters"]))
+                print("  %s: %s, %s, %s waiting" % (
+                    field[6:], _plural(int(sizes["messages"]), "message"),
+                    _plural(int(sizes["bytes"]), "byte"), sizes["waiters"]))
     else:
         print("memory: %s" % info.get("used_memory_human", "?"))
+    return EXIT_OK
+
+
+# PUB, SUB ---------------------------------------------------------------------
+
+def _pub_arguments(parser):
+    parser.add_argument("channel")
+    parser.add_argument("message", nargs="?",
+                        help="the message; without it, all of stdin")
+    parser.add_argument("-l", "--lines", action="store_true",
+                        help="each line of stdin is a message of its own")
+    parser.add_argument("-f", "--file", help="publish the contents of FILE")
+    _add_address(parser)
+
+
+def run_pub(options):
+    channel = _queue(options.channel)
+    messages = _messages(options, "PUB")
+    with _client(options) as client:
+        received = [client.publish(channel, message) for message in messages]
+    if not any(received):
+        _warn("no subscriber on channel %s: the message was dropped"
+              % options.channel if len(messages) == 1 else
+              "no subscriber on channel %s: the messages were dropped"
+              % options.channel)
+    return EXIT_OK
+
+
+def _sub_arguments(parser):
+    parser.add_argument("channels", nargs="+", metavar="channel",
+                        help="a channel, or a pattern (with * ? or [)")
+    parser.add_argument("-x", "--exec", metavar="CMD", dest="command",
+                        help="run CMD (by the shell) for each message, the "
+                        "message on its stdin, its channel in BEUSS_CHANNEL")
+    parser.add_argument("-C", "--count", type=_count, metavar="N",
+                        help="stop after N messages")
+    parser.add_argument("-W", "--timeout", type=_seconds, metavar="SECONDS",
+                        help="stop when no message came for SECONDS")
+    parser.add_argument("--channel", action="store_true",
+                        help="write each message's channel and a space "
+                        "before it")
+    _add_separator(parser)
+    _add_address(parser)
+
+
+def run_sub(options):
+    channels = [_queue(name) for name in options.channels]
+    handle = _handler(options, "it is not published again")
+    handled = 0
+    with _client(options) as client:
+        if options.count != 0:
+            for channel, message in client.subscribe(
+                    *channels, idle=options.timeout):
+                handle(message, channel)
+                handled += 1
+                if handled == options.count:
+                    break
+    if options.timeout is not None and not handled and options.count != 0:
+        _warn("no message on %s within %s" % (" ".join(options.channels),
+                                               _plural(options.timeout,
+                                                       "second")))
+        return EXIT_EMPTY
     return EXIT_OK
 
 
@@ -3187,10 +3459,10 @@ def _bench_arguments(parser):
 
 def run_bench(options):
     """Put n messages with RPUSH, then take them with LPOP, over many
-    connections, and print the rate of each. The load comes from one
-    selectors loop that sends ready-made requests and counts reply line
-    ends instead of parsing replies, so that it costs far less than the
-    server it measures."""
+    connections, and print the rate of each and the latency of a round
+    trip. The load comes from one selectors loop that sends ready-made
+    requests and counts reply line ends instead of parsing replies, so that
+    it costs far less than the server it measures."""
     if min(options.messages, options.clients, options.pipeline) < 1:
         raise UsageError("BENCH: -n, -c and -P must be at least 1")
     client = _client(options)
@@ -3198,27 +3470,43 @@ def run_bench(options):
     message = b"x" * options.size
     with client:
         client.call(b"DEL", queue)
-        for name, command, line_ends in (
-                ("PUT (RPUSH)", [b"RPUSH", queue, message], 1),
-                ("GET (LPOP)", [b"LPOP", queue], 2)):
-            seconds = _bench_load(client, encode_bulks(command), line_ends,
-                                  options)
-            print("%-12s %9.0f messages/s  (%d in %.2f s, %d clients, "
-                  "pipeline %d)" % (name, options.messages / seconds,
-                                    options.messages, seconds,
-                                    options.clients, options.pipeline))
-        client.call(b"DEL", queue)
+        try:
+            for name, command, line_ends in (
+                    ("PUT (RPUSH)", [b"RPUSH", queue, message], 1),
+                    ("GET (LPOP)", [b"LPOP", queue], 2)):
+                seconds, latencies = _bench_load(
+                    client, name, encode_bulks(command), line_ends, options)
+                latencies.sort()
+                print("%-12s %9.0f messages/s  latency p50 %.2f ms, p99 %.2f "
+                      "ms, max %.2f ms  (%s in %.2f s, %s, pipeline %d)" % (
+                          name, options.messages / seconds,
+                          1000 * latencies[len(latencies) // 2],
+                          1000 * latencies[len(latencies) * 99 // 100],
+                          1000 * latencies[-1],
+                          _plural(options.messages, "message"), seconds,
+                          _plural(options.clients, "client"),
+                          options.pipeline))
+        finally:
+            # The queue goes whatever happened, on a connection of its own
+            # if the measuring one broke.
+            with Client(client.host, client.port, client.timeout) as cleaner:
+                try:
+                    cleaner.call(b"DEL", queue)
+                except BeussError:
+                    pass
     return EXIT_OK
 
 
-def _bench_load(client, request, line_ends, options):
+def _bench_load(client, name, request, line_ends, options):
     # Each connection owns a share of the requests and keeps `pipeline` of
     # them in flight; a reply is complete when its line ends have come.
+    # Returns the seconds it all took and the seconds each round trip took.
     shares = [options.messages // options.clients] * options.clients
     for i in range(options.messages % options.clients):
         shares[i] += 1
     selector = selectors.DefaultSelector()
-    socks = []
+    socks, latencies = [], []
+    progress = sys.stderr.isatty()
     try:
         for share in shares:
             if not share:
@@ -3228,24 +3516,39 @@ def _bench_load(client, request, line_ends, options):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             socks.append(sock)
             selector.register(sock, selectors.EVENT_READ,
-                              {"left": share, "due": 0})
+                              {"left": share, "due": 0, "sent": 0})
         started = time.perf_counter()
         for key in selector.get_map().values():
             _bench_send(key.fileobj, key.data, request, line_ends, options)
+        done, shown = 0, -1
         while selector.get_map():
             for key, _ in selector.select(client.timeout) or _timed_out():
                 state = key.data
                 data = key.fileobj.recv(READ_SIZE)
+                if data[:1] == b"-" or b"\r\n-" in data:
+                    error = data[data.index(b"-"):].split(b"\r\n")[0]
+                    raise ReplyError(error[1:].decode("utf-8", "replace"))
                 if not data:
                     raise ConnectionFailed("the server closed a connection")
                 state["due"] -= data.count(b"\r\n")
                 if state["due"] <= 0:
+                    latencies.append(time.perf_counter() - state["sent"])
+                    done += state["batch"]
                     if state["left"]:
                         _bench_send(key.fileobj, state, request, line_ends,
                                     options)
                     else:
                         selector.unregister(key.fileobj)
-        return time.perf_counter() - started
+            if progress and done * 10 // options.messages != shown:
+                shown = done * 10 // options.messages
+                sys.stderr.write("\r%s %d%%" % (name, min(shown * 10, 100)))
+                sys.stderr.flush()
+        if progress:
+            sys.stderr.write("\r" + " " * (len(name) + 5) + "\r")
+        return time.perf_counter() - started, latencies
+    except OSError as exc:
+        raise ConnectionFailed("lost the server at %s:%d: %s"
+                               % (client.host, client.port, _reason(exc)))
     finally:
         selector.close()
         for sock in socks:
@@ -3255,7 +3558,8 @@ def _bench_load(client, request, line_ends, options):
 def _bench_send(sock, state, request, line_ends, options):
     count = min(options.pipeline, state["left"])
     state["left"] -= count
-    state["due"] = count * line_ends
+    state["batch"], state["due"] = count, count * line_ends
+    state["sent"] = time.perf_counter()
     sock.sendall(request * count)
 
 
@@ -3269,6 +3573,15 @@ VERBS = {
     "GET": (run_get, _get_arguments, "Take one message from a queue."),
     "ON": (run_on, _on_arguments, "Take the messages of a queue as they "
            "come, for ever unless --count or --timeout says otherwise."),
+    "PEEK": (run_peek, _peek_arguments, "Print the first messages of a queue "
+             "without taking them."),
+    "DEL": (run_del, _del_arguments, "Delete queues and their messages; "
+            "print how many there were."),
+    "PUB": (run_pub, _pub_arguments, "Publish a message to the subscribers "
+            "of a channel; nothing keeps it for later."),
+    "SUB": (run_sub, _sub_arguments, "Print the messages published on "
+            "channels as they come, for ever unless --count or --timeout "
+            "says otherwise."),
     "LEN": (run_len, _queue_argument, "Print how many messages a queue "
             "holds."),
     "LIST": (run_list, _add_address, "Print each queue that holds messages, "

@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1119,6 +1120,54 @@ class ClientTest(ServerCase):
         self.assertIn("lost the server at 127.0.0.1:%d" % port, lines[0])
         self.assertIn("back on the server", lines[1])
 
+    def test_publish_and_subscribe(self):
+        client, listener = self.client(), self.client()
+        self.assertEqual(client.publish("news", "nobody hears this"), 0)
+        messages = listener.subscribe("news", "sp*")
+        got = []
+
+        def publish():
+            deadline = time.monotonic() + TIMEOUT
+            while not (self.server.channels.pattern_count() and
+                       self.server.channels.subscribers(b"news")):
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.01)
+            client.publish("news", b"\x00hi")
+            client.publish("sport", "goal")
+        with self.later(0, publish):
+            got = [next(messages), next(messages)]
+        self.assertEqual(got, [("news", b"\x00hi"), ("sport", b"goal")])
+
+    def test_subscribe_outlives_a_server_restart(self):
+        port = free_port()
+        first = beuss.Server("127.0.0.1", port).start()
+        listener = beuss.Client("127.0.0.1", port, timeout=TIMEOUT)
+        self.addCleanup(listener.close)
+        messages = listener.subscribe("news")
+        servers = [first]
+
+        def publish_until_heard(server_index, text):
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                if len(servers) > server_index:
+                    with beuss.Client("127.0.0.1", port) as publisher:
+                        if publisher.publish("news", text):
+                            return
+                time.sleep(0.05)
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            with self.later(0.1, publish_until_heard, 0, "before"):
+                self.assertEqual(next(messages), ("news", b"before"))
+            first.stop()
+
+            def restart():
+                time.sleep(0.3)
+                servers.append(beuss.Server("127.0.0.1", port).start())
+                publish_until_heard(1, "after")
+            with self.later(0, restart):
+                self.assertEqual(next(messages), ("news", b"after"))
+            servers[1].stop()
+        self.assertIn("back on the server", err.getvalue())
+
 
 # ## Command line, in process and as a real subprocess #######################
 
@@ -1253,9 +1302,115 @@ class CommandLineTest(ServerCase):
         self.assertEqual(status, 0)
         lines = out.decode().splitlines()
         self.assertEqual(len(lines), 2, lines)
-        self.assertRegex(lines[0], r"^PUT \(RPUSH\) +\d+ messages/s  \(500 in ")
-        self.assertRegex(lines[1], r"^GET \(LPOP\) +\d+ messages/s  \(500 in ")
+        for line, name in zip(lines, (r"PUT \(RPUSH\)", r"GET \(LPOP\)")):
+            self.assertRegex(line, r"^%s +\d+ messages/s  latency p50 [\d.]+ ms, "
+                             r"p99 [\d.]+ ms, max [\d.]+ ms  \(500 messages in "
+                             r"[\d.]+ s, 3 clients, pipeline 4\)$" % name)
         self.assertEqual(self.client().queues(), {"other": 1})
+
+    def test_peek_and_del(self):
+        self.client().put_many("q", ["a", "b", "c"])
+        self.assertEqual(self.run_main("PEEK", "q"), (0, b"a", ""))
+        self.assertEqual(self.run_main("PEEK", "q", "2", "-s", "\\n")[1], b"a\nb\n")
+        self.assertEqual(self.client().len("q"), 3)
+        self.assertEqual(self.run_main("DEL", "q", "other"), (0, b"1\n", ""))
+        self.assertEqual(self.run_main("PEEK", "q"), (1, b"", "beuss: queue q is empty\n"))
+
+    def test_list_says_when_there_are_no_queues(self):
+        self.assertEqual(self.run_main("LIST"),
+                         (0, b"", "beuss: no queues: every queue is empty\n"))
+
+    def test_plurals(self):
+        self.assertEqual(self.run_main("GET", "q", "--wait", "1")[2],
+                         "beuss: no message on queue q within 1 second\n")
+        self.client().put("q", "m")
+        out = self.run_main("STATS")[1].decode()
+        self.assertIn("holding 1 message, 1 byte\n", out)
+        self.assertIn("q: 1 message, 1 byte, 0 waiting", out)
+
+    def test_setting_errors_name_the_flag_as_typed(self):
+        for flag, value in (("--max-message-size", "10k"), ("--max-clients", "0")):
+            status, _, err = self.run_main("SERVE", flag, value)
+            self.assertEqual((status, err), (2, "beuss: %s: %r is not a valid "
+                                             "value\n" % (flag, value)))
+
+    def test_pub_says_when_nobody_listens(self):
+        self.assertEqual(self.run_main("PUB", "news", "hi"), (
+            0, b"", "beuss: no subscriber on channel news: the message was "
+            "dropped\n"))
+        status, _, err = self.run_main("PUB", "news", "--lines", stdin=b"a\nb\n")
+        self.assertIn("the messages were dropped", err)
+
+    def test_sub_timeout_without_messages_exits_1(self):
+        self.assertEqual(self.run_main("SUB", "news", "--timeout", "0.2"), (
+            1, b"", "beuss: no message on news within 0.2 seconds\n"))
+
+    def test_get_into_a_symlink_writes_through_it(self):
+        if not POSIX:
+            self.skipTest("symlinks need POSIX here")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        target, link = os.path.join(folder, "target"), os.path.join(folder, "link")
+        os.symlink(target, link)
+        self.client().put("q", "through the link")
+        self.assertEqual(self.run_main("GET", "q", link)[0], 0)
+        self.assertTrue(os.path.islink(link))
+        with open(target, "rb") as written:
+            self.assertEqual(written.read(), b"through the link")
+
+    def test_get_into_a_fifo_writes_into_it(self):
+        if not hasattr(os, "mkfifo"):
+            self.skipTest("no FIFOs here")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        fifo = os.path.join(folder, "fifo")
+        os.mkfifo(fifo)
+        received = []
+
+        def read_fifo():
+            with open(fifo, "rb") as source:
+                received.append(source.read())
+        self.client().put("q", "into the fifo")
+        reader = threading.Thread(target=read_fifo)
+        reader.start()
+        self.assertEqual(self.run_main("GET", "q", fifo)[0], 0)
+        reader.join(TIMEOUT)
+        self.assertEqual(received, [b"into the fifo"])
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+
+    def test_get_into_a_device_that_is_full_keeps_the_message(self):
+        if not os.path.exists("/dev/full"):
+            self.skipTest("no /dev/full here")
+        self.client().put("q", "kept")
+        status, _, err = self.run_main("GET", "q", "/dev/full")
+        self.assertEqual(status, 4)
+        self.assertEqual(len(err.splitlines()), 1)
+        self.assertIn("back at the head of q", err)
+        self.assertTrue(stat.S_ISCHR(os.stat("/dev/full").st_mode))
+        self.assertEqual(self.client().get("q"), b"kept")
+
+    def test_get_keeps_the_mode_of_the_file_it_replaces(self):
+        if not POSIX:
+            self.skipTest("modes need POSIX here")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        existing, new = os.path.join(folder, "old"), os.path.join(folder, "new")
+        with open(existing, "wb"):
+            pass
+        os.chmod(existing, 0o644)
+        self.client().put_many("q", ["one", "two"])
+        self.assertEqual(self.run_main("GET", "q", existing)[0], 0)
+        self.assertEqual(stat.S_IMODE(os.stat(existing).st_mode), 0o644)
+        umask = os.umask(0o022)
+        try:
+            self.assertEqual(self.run_main("GET", "q", new)[0], 0)
+        finally:
+            os.umask(umask)
+        self.assertEqual(stat.S_IMODE(os.stat(new).st_mode), 0o644)
+        self.assertEqual(os.listdir(folder), sorted(os.listdir(folder)) and
+                         os.listdir(folder))
+        self.assertEqual(sorted(os.listdir(folder)), ["new", "old"])
+
 
     def test_usage_errors_exit_2_with_one_line(self):
         for argv in (["NOPE"], ["PUT"], ["GET", "q", "--wait", "soon"],
@@ -1302,7 +1457,29 @@ class CommandLineTest(ServerCase):
     def test_message_too_large_exits_3(self):
         status, _, err = self.run_main("PUT", "q", stdin=b"x" * 10241)
         self.assertEqual(status, 3)
-        self.assertEqual(err, "beuss: ERR message too large (max 10240 bytes)\n")
+        self.assertEqual(err, "beuss: ERR message too large (max 10240 bytes); "
+                              "the server takes larger messages when started with "
+                              "--max-message-size (or BMAXMESSAGESIZE)\n")
+
+
+class BenchAgainstAFullServerTest(ServerCase):
+
+    server_options = {"max_clients": 4}
+
+    def test_bench_ends_in_one_line_and_deletes_its_queue(self):
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.object(sys, "stdout", out), \
+                mock.patch.object(sys, "stderr", err):
+            status = beuss.main(["BENCH", "-n", "100", "-c", "10",
+                                 "--port", str(self.port)])
+        self.assertEqual(status, 3)
+        self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+        self.assertIn("max number of clients reached", err.getvalue())
+        deadline = time.monotonic() + TIMEOUT
+        while self.server._conns:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        self.assertEqual(len(self.server.queues), 0)
 
 
 class SubprocessTest(ServerCase):
@@ -1317,6 +1494,73 @@ class SubprocessTest(ServerCase):
         if check:
             self.assertEqual(done.returncode, 0, done.stderr)
         return done
+
+    def test_get_and_on_when_stdout_cannot_be_written(self):
+        if not os.path.exists("/dev/full"):
+            self.skipTest("no /dev/full here")
+        for verb in (["GET", "q"], ["ON", "q", "--count", "1"]):
+            self.beuss("PUT", "q", "kept")
+            with open("/dev/full", "wb") as full:
+                done = subprocess.run(
+                    [sys.executable, BEUSS] + verb + ["--port", str(self.port)],
+                    stdout=full, stderr=subprocess.PIPE, timeout=60)
+            self.assertEqual(done.returncode, 4, verb)
+            self.assertEqual(done.stderr.count(b"\n"), 1, done.stderr)
+            self.assertIn(b"cannot write to stdout", done.stderr)
+            self.assertEqual(self.client().get("q"), b"kept")
+
+    def test_get_with_stdout_closed_takes_nothing(self):
+        if not POSIX:
+            self.skipTest("needs a POSIX shell")
+        self.beuss("PUT", "q", "kept")
+        done = subprocess.run(["sh", "-c", '"$0" "$1" GET q --port "$2" >&-',
+                               sys.executable, BEUSS, str(self.port)],
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.returncode, 4)
+        self.assertEqual(done.stderr.count(b"\n"), 1, done.stderr)
+        self.assertEqual(self.client().get("q"), b"kept")
+
+    def test_a_closed_pipe_ends_get_with_4_and_on_with_0(self):
+        for verb, status in ((["GET", "q"], 4), (["ON", "q"], 0)):
+            self.beuss("PUT", "q", "kept")
+            process = subprocess.Popen(
+                [sys.executable, BEUSS] + verb + ["--port", str(self.port)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            process.stdout.close()          # as `| head -c 0` does
+            _, err = process.communicate(timeout=60)
+            self.assertEqual(process.returncode, status, (verb, err))
+            self.assertEqual(err.count(b"\n"), 1 if status else 0, err)
+            self.assertEqual(self.client().get("q"), b"kept")
+
+    def test_pub_and_sub(self):
+        subscriber = subprocess.Popen(
+            [sys.executable, BEUSS, "SUB", "news", "sp*", "--count", "3",
+             "--channel", "-s", "\\n", "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + TIMEOUT
+        while self.server.channels.pattern_count() == 0:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        self.beuss("PUB", "news", "hello")
+        self.beuss("PUB", "sport", "--lines", stdin=b"goal\nmiss\n")
+        out, err = subscriber.communicate(timeout=60)
+        self.assertEqual((subscriber.returncode, err), (0, b""))
+        self.assertEqual(out, b"news hello\nsport goal\nsport miss\n")
+
+    def test_sub_exec_gets_the_channel(self):
+        if not POSIX:
+            self.skipTest("needs a POSIX shell")
+        subscriber = subprocess.Popen(
+            [sys.executable, BEUSS, "SUB", "news", "--count", "1", "--exec",
+             'cat; echo " on $BEUSS_CHANNEL"', "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + TIMEOUT
+        while not self.server.channels.subscribers(b"news"):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        self.beuss("PUB", "news", "hello")
+        out, err = subscriber.communicate(timeout=60)
+        self.assertEqual((subscriber.returncode, out), (0, b"hello on news\n"))
 
     def test_each_verb(self):
         self.beuss("PUT", "jobs", stdin=b"my-message-content\n")
@@ -1453,7 +1697,9 @@ class SubprocessTest(ServerCase):
             self.beuss("PUT", "q", "12345", env={"BPORT": str(port)})
             done = self.beuss("PUT", "q", "123456", env={"BPORT": str(port)}, check=False)
             self.assertEqual(done.returncode, 3)
-            self.assertEqual(done.stderr, b"beuss: ERR message too large (max 5 bytes)\n")
+            self.assertTrue(done.stderr.startswith(
+                b"beuss: ERR message too large (max 5 bytes); the server takes"))
+            self.assertEqual(done.stderr.count(b"\n"), 1)
             with beuss.Client(port=port) as client:
                 self.assertEqual(client.call("CONFIG", "GET", "maxclients"),
                                  [b"maxclients", b"3"])
