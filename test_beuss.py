@@ -2162,6 +2162,33 @@ class RedisToolsTest(ServerCase):
         self.assertEqual(run("LPOP", "jobs").stdout, b"\n")
         self.assertEqual(run("PING").stdout, b"PONG\n")
 
+    def test_redis_cli_subscribe_in_one_process_publish_in_another(self):
+        cli = need_tool(self, "redis-cli")
+        subscriber = subprocess.Popen([cli, "-p", str(self.port), "SUBSCRIBE", "news"],
+                                      stdout=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not self.server.channels.subscribers(b"news"):
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.01)
+            published = subprocess.run([cli, "-p", str(self.port), "PUBLISH", "news",
+                                        "hello"], stdout=subprocess.PIPE, timeout=60)
+            self.assertEqual(published.stdout, b"1\n")
+            lines = []
+            while len(lines) < 6:
+                lines.append(subscriber.stdout.readline())
+        finally:
+            subscriber.kill()
+            subscriber.communicate()
+        self.assertEqual(b"".join(lines), b"subscribe\nnews\n1\nmessage\nnews\nhello\n")
+
+    def test_redis_cli_help_comes_from_command_docs(self):
+        cli = need_tool(self, "redis-cli")
+        done = subprocess.run([cli, "-p", str(self.port), "HELP", "LMPOP"],
+                              stdout=subprocess.PIPE, timeout=60)
+        self.assertIn(b"numkeys key [key ...] LEFT|RIGHT [COUNT count]", done.stdout)
+        self.assertIn(b"Take messages from the first non-empty queue", done.stdout)
+
     def test_redis_cli_pipe(self):
         cli = need_tool(self, "redis-cli")
         data = b"".join(requests(["RPUSH", "bulk", str(i)]) for i in range(5000))
@@ -2240,6 +2267,144 @@ const { createClient } = require("redis");
         self.assertEqual(done.returncode, 0, done.stderr.decode())
         self.assertEqual(done.stdout.strip(),
                          b'[2,{"key":"jobs","element":"a"},null,["b"]]')
+
+
+class ClientLibrariesTest(ServerCase):
+    """Transactions, WATCH and pub/sub from the client libraries people use,
+    each script run against a real redis-server and against beuss."""
+
+    def on_both(self, command):
+        """Run command + [port] against Redis, then beuss; both outputs."""
+        redis = RedisServer(self)
+        try:
+            outputs = [self.run_script(command + [str(redis.port)])]
+        finally:
+            redis.stop()
+        return outputs + [self.run_script(command + [str(self.port)])]
+
+    def run_script(self, command):
+        done = subprocess.run(command, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr.decode())
+        return done.stdout
+
+    REDIS_PY_SCRIPT = r"""
+import asyncio, sys, threading, time, redis, redis.asyncio
+protocol, port = sys.argv[1], int(sys.argv[2])
+options = {"protocol": int(protocol)} if protocol != "default" else {}
+r = redis.Redis(port=port, **options)
+r.delete("t", "w")
+with r.pipeline() as pipe:
+    pipe.rpush("t", "a", "b").lpop("t").llen("t")
+    assert pipe.execute() == [2, b"a", 1], "pipeline"
+def incr(pipe):
+    length = pipe.llen("w")
+    pipe.multi()
+    pipe.rpush("w", length)
+assert r.transaction(incr, "w") == [1]
+p = r.pubsub()
+p.subscribe("news"); p.psubscribe("sp*")
+assert p.get_message(timeout=1)["type"] == "subscribe"
+assert p.get_message(timeout=1)["type"] == "psubscribe"
+assert r.publish("news", "hi") == 1 and r.publish("sport", "goal") == 1
+m1, m2 = p.get_message(timeout=1), p.get_message(timeout=1)
+assert (m1["channel"], m1["data"]) == (b"news", b"hi"), m1
+assert (m2["pattern"], m2["channel"], m2["data"]) == (b"sp*", b"sport", b"goal"), m2
+assert r.pubsub_numsub("news") == [(b"news", 1)]
+p.close()
+assert len(r.client_list()) >= 1
+assert r.client_info()["cmd"] == "client|info"
+async def main():
+    a = redis.asyncio.Redis(port=port, **options)
+    async with a.pipeline() as pipe:
+        pipe.rpush("at", "x").lpop("at")
+        assert await pipe.execute() == [1, b"x"]
+    ps = a.pubsub()
+    await ps.subscribe("anews")
+    assert (await ps.get_message(timeout=1))["type"] == "subscribe"
+    assert await a.publish("anews", "ahi") == 1
+    m = await ps.get_message(timeout=1)
+    assert m["data"] == b"ahi", m
+    await ps.aclose() if hasattr(ps, "aclose") else await ps.close()
+    await a.aclose() if hasattr(a, "aclose") else await a.close()
+asyncio.run(main())
+print("ok", r.connection_pool.get_connection().protocol)
+"""
+
+    def test_redis_py_pipeline_watch_and_pubsub_sync_and_asyncio(self):
+        python = redis_python(self)
+        for protocol, expected in (("default", b"ok 3\n"), ("2", b"ok 2\n")):
+            theirs, ours = self.on_both([python, "-c", self.REDIS_PY_SCRIPT,
+                                         protocol])
+            self.assertEqual(ours, theirs)
+            self.assertEqual(ours, expected)
+
+    NODE_REDIS_SCRIPT = r"""
+const { createClient } = require("redis");
+(async () => {
+  const url = "redis://127.0.0.1:" + process.argv[1];
+  const client = await createClient({ url }).connect();
+  await client.del(["t", "w"]);
+  const tx = await client.multi().rPush("t", ["a", "b"]).lPop("t").lLen("t").exec();
+  await client.watch("w");
+  await client.rPush("w", "changed");
+  let aborted = false;
+  try { await client.multi().lLen("w").exec(); } catch (e) { aborted = e.constructor.name; }
+  const sub = client.duplicate();
+  await sub.connect();
+  const got = [];
+  await sub.subscribe("news", (message, channel) => got.push([channel, message]));
+  await sub.pSubscribe("sp*", (message, channel) => got.push([channel, message]));
+  const heard = [await client.publish("news", "hi"), await client.publish("sport", "goal")];
+  while (got.length < 2) await new Promise((r) => setTimeout(r, 10));
+  await sub.unsubscribe("news"); await sub.pUnsubscribe("sp*");
+  const list = await client.clientList();
+  await sub.quit(); await client.quit();
+  console.log(JSON.stringify([tx, aborted, heard, got, list.length > 1]));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+    IOREDIS_SCRIPT = r"""
+const Redis = require("ioredis");
+(async () => {
+  const port = Number(process.argv[1]);
+  const client = new Redis({ port, host: "127.0.0.1" });
+  await client.del("t", "w");
+  const tx = await client.multi().rpush("t", "a", "b").lpop("t").llen("t").exec();
+  await client.watch("w");
+  await client.rpush("w", "changed");
+  const aborted = await client.multi().llen("w").exec();
+  const sub = new Redis({ port, host: "127.0.0.1" });
+  const got = [];
+  sub.on("message", (channel, message) => got.push([channel, message]));
+  sub.on("pmessage", (pattern, channel, message) => got.push([pattern, channel, message]));
+  await sub.subscribe("news");
+  await sub.psubscribe("sp*");
+  const heard = [await client.publish("news", "hi"), await client.publish("sport", "goal")];
+  while (got.length < 2) await new Promise((r) => setTimeout(r, 10));
+  sub.disconnect(); client.disconnect();
+  console.log(JSON.stringify([tx, aborted, heard, got]));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+    def node_script(self, module, script):
+        node = need_tool(self, "node")
+        if subprocess.run([node, "-e", "require.resolve('%s')" % module],
+                          stderr=subprocess.DEVNULL).returncode != 0:
+            missing(self, "%s is not installed (set NODE_PATH)" % module)
+        return self.on_both([node, "-e", script])
+
+    def test_node_redis_multi_watch_and_pubsub(self):
+        theirs, ours = self.node_script("redis", self.NODE_REDIS_SCRIPT)
+        self.assertEqual(ours, theirs)
+        self.assertEqual(ours, b'[[2,"a",1],"WatchError",[1,1],[["news","hi"],'
+                               b'["sport","goal"]],true]\n')
+
+    def test_ioredis_multi_watch_and_pubsub(self):
+        theirs, ours = self.node_script("ioredis", self.IOREDIS_SCRIPT)
+        self.assertEqual(ours, theirs)
+        self.assertEqual(ours, b'[[[null,2],[null,"a"],[null,1]],null,[1,1],'
+                               b'[["news","hi"],["sp*","sport","goal"]]]\n')
 
 
 class ClientAgainstRedisTest(unittest.TestCase):
