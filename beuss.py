@@ -7,20 +7,30 @@
     python beuss.py GET jobs [out.bin]    take one message (--wait SECONDS)
     python beuss.py ON jobs               take messages as they come (--exec,
                                           --count, --timeout, --separator)
-    python beuss.py LEN jobs | LIST | PING | STATS | BENCH
+    python beuss.py PEEK jobs [N] | DEL jobs... | LEN jobs | LIST
+    python beuss.py PUB news [message]    publish to a channel's subscribers
+    python beuss.py SUB news 'sport.*'    print what is published (--exec,
+                                          --count, --timeout, --channel)
+    python beuss.py PING | STATS | BENCH
 
 Queues hold binary messages in memory, first in, first out; a message is gone
-once it has been taken. The server speaks the Redis protocol (RESP2, and
-RESP3 after HELLO 3) with the list commands RPUSH LPUSH LPOP RPOP BLPOP BRPOP
-LLEN LRANGE LMOVE BLMOVE RPOPLPUSH BRPOPLPUSH LREM, and DEL EXISTS TYPE KEYS
-SCAN DBSIZE FLUSHDB FLUSHALL PING ECHO QUIT HELLO AUTH SELECT CLIENT COMMAND
-CONFIG INFO: redis-cli, redis-py and other Redis clients work against it,
-and the client half of this file works against Redis or Valkey.
+once it has been taken. Channels fan a message out to their subscribers at
+once and keep nothing. The server speaks the Redis protocol (RESP2, and
+RESP3 after HELLO 3): the list commands (RPUSH LPUSH RPUSHX LPUSHX LPOP RPOP
+LMPOP BLPOP BRPOP BLMPOP LLEN LRANGE LINDEX LPOS LSET LINSERT LTRIM LREM
+LMOVE BLMOVE RPOPLPUSH BRPOPLPUSH), DEL EXISTS TYPE KEYS SCAN DBSIZE FLUSHDB
+FLUSHALL, transactions (MULTI EXEC DISCARD WATCH UNWATCH), pub/sub
+(SUBSCRIBE UNSUBSCRIBE PSUBSCRIBE PUNSUBSCRIBE PUBLISH PUBSUB), and PING ECHO
+QUIT RESET HELLO AUTH SELECT CLIENT COMMAND CONFIG INFO: redis-cli, redis-py
+and other Redis clients work against it, and the client half of this file
+works against Redis or Valkey.
 
 Limits: a message is at most 10240 bytes unless --max-message-size (or
 BMAXMESSAGESIZE) says otherwise, 512 MiB at most; a request has at most
 1,048,576 arguments; an inline request line is at most 64 KiB; the server
-takes 10000 connections (500 on Windows) unless --max-clients says otherwise.
+takes 10000 connections (500 on Windows) unless --max-clients says otherwise;
+a subscriber that does not read is closed at 32 MiB of unsent messages, or
+8 MiB for 60 seconds.
 
 Standard library only, CPython 3.7 or newer. MIT licence.
 """
@@ -28,7 +38,7 @@ Standard library only, CPython 3.7 or newer. MIT licence.
 __version__ = "0.1.0"
 __all__ = [
     "BeussError", "ProtocolError", "ReplyError", "ConnectionFailed",
-    "Queues", "Server", "Client", "put", "get", "on", "main",
+    "Queues", "Channels", "Server", "Client", "put", "get", "on", "main",
 ]
 
 import collections

@@ -1586,10 +1586,10 @@ class SubprocessTest(ServerCase):
         port = free_port()
         server = subprocess.Popen([sys.executable, BEUSS], stderr=subprocess.PIPE,
                                   env=dict(os.environ, BPORT=str(port),
-                                           BMAXMESSAGESIZE="1000000"))
+                                           BMAXMESSAGESIZE="10000000"))
         try:
             wait_for_port(port)
-            picture = os.urandom(999999)
+            picture = os.urandom(1024 * 1024)       # a real 1 MiB picture
             env = {"BPORT": str(port)}
             self.beuss("PUT", "pics", stdin=picture, env=env)
             with tempfile.TemporaryDirectory() as folder:
@@ -2405,6 +2405,47 @@ const Redis = require("ioredis");
         self.assertEqual(ours, theirs)
         self.assertEqual(ours, b'[[[null,2],[null,"a"],[null,1]],null,[1,1],'
                                b'[["news","hi"],["sp*","sport","goal"]]]\n')
+
+
+class ReadmeTest(ServerCase):
+    """Every Python and JavaScript snippet of README.md runs as written,
+    pointed at the test server's port in place of 6552."""
+
+    def snippets(self, language):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            text = readme.read()
+        blocks = text.split("```" + language + "\n")[1:]
+        self.assertTrue(blocks, language)
+        return [block.split("```")[0].replace("6552", str(self.port))
+                for block in blocks]
+
+    def run_snippet(self, command, code):
+        done = subprocess.run(command + [code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60, cwd=HERE,
+                              env=dict(os.environ, BPORT=str(self.port)))
+        self.assertEqual(done.returncode, 0, done.stderr.decode())
+        return done.stdout
+
+    def test_python_snippets(self):
+        beuss_snippet, redis_py_snippet = self.snippets("python")
+        self.assertEqual(self.run_snippet([sys.executable, "-c"], beuss_snippet),
+                         b"b'\\x00 any bytes'\nNone\n")
+        out = self.run_snippet([redis_python(self), "-c"], redis_py_snippet)
+        self.assertEqual(out, b"(b'jobs', b'hello')\n[1, b'a']\n")
+
+    def test_node_snippet_runs_as_a_commonjs_file_and_exits(self):
+        node = need_tool(self, "node")
+        if subprocess.run([node, "-e", "require.resolve('redis')"],
+                          stderr=subprocess.DEVNULL).returncode != 0:
+            missing(self, "node-redis is not installed (set NODE_PATH)")
+        snippet, = self.snippets("js")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "jobs.js")
+        with open(path, "w") as script:
+            script.write(snippet)
+        out = self.run_snippet([node], path)
+        self.assertEqual(out, b"{ key: 'jobs', element: 'hello' }\n")
 
 
 class ClientAgainstRedisTest(unittest.TestCase):
