@@ -1308,6 +1308,17 @@ class CommandLineTest(ServerCase):
                              r"[\d.]+ s, 3 clients, pipeline 4\)$" % name)
         self.assertEqual(self.client().queues(), {"other": 1})
 
+    def test_bench_shows_progress_on_a_terminal_only(self):
+        err = io.StringIO()
+        err.isatty = lambda: True
+        with mock.patch.object(sys, "stdout", io.StringIO()), \
+                mock.patch.object(sys, "stderr", err):
+            self.assertEqual(beuss.main(["BENCH", "-n", "200", "-c", "2",
+                                         "--port", str(self.port)]), 0)
+        self.assertIn("\rPUT (RPUSH) 100%", err.getvalue())
+        self.assertIn("\rGET (LPOP) 100%", err.getvalue())
+        self.assertEqual(self.run_main("BENCH", "-n", "200", "-c", "2")[2], "")
+
     def test_peek_and_del(self):
         self.client().put_many("q", ["a", "b", "c"])
         self.assertEqual(self.run_main("PEEK", "q"), (0, b"a", ""))
@@ -2468,6 +2479,12 @@ class ClientAgainstRedisTest(unittest.TestCase):
             self.assertEqual(beuss.main(["GET", "q", "--port", str(redis.port)]), 0)
             self.assertEqual(beuss.main(["STATS", "--port", str(redis.port)]), 0)
         self.assertTrue(out.getvalue().startswith(b"hiredis "), out.getvalue())
+        with mock.patch.object(sys, "stdout", io.StringIO()) as bench_out:
+            self.assertEqual(beuss.main(["BENCH", "-n", "300", "-c", "3",
+                                         "--port", str(redis.port)]), 0)
+        self.assertIn("GET (LPOP)", bench_out.getvalue())
+        with beuss.Client(port=redis.port, timeout=TIMEOUT) as client:
+            self.assertEqual(client.queues(), {})
 
 
 # ## Benchmark helper (not a test): python test_beuss.py --bench #############
