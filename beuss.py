@@ -56,6 +56,7 @@ import time
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6552
 DEFAULT_MAX_MESSAGE_SIZE = 10240
+DEFAULT_MAX_DELIVERIES = 5
 # selectors.SelectSelector, what Windows gets, cannot watch more than 512
 # sockets; keep room for the listener and the wake-up pair.
 DEFAULT_MAX_CLIENTS = 500 if sys.platform == "win32" else 10000
@@ -111,6 +112,16 @@ class ReplyError(BeussError):
 
 class ConnectionFailed(BeussError):
     """The server could not be reached, or the connection to it broke."""
+
+
+class StoreError(ReplyError):
+    """The store could not write a change: the command that made it is
+    refused with -MISCONF, and nothing of it happens."""
+
+    def __init__(self, reason):
+        ReplyError.__init__(self, "MISCONF Errors writing to the store: %s; "
+                            "commands that change queues are refused until "
+                            "it works again" % reason)
 
 
 def _warn(text):
@@ -550,32 +561,46 @@ def glob_matcher(pattern):
 # while it holds a message: the pop that empties it removes it, as Redis
 # removes an empty list.
 #
-# A waiter is a client blocked in BLPOP, BRPOP, BLMOVE or BRPOPLPUSH on one
-# or more queues. It stands in the waiter line of each queue it names; the
-# line is first come, first served. A push never hands a message over by
-# itself: it marks the queue ready, and serve(), which the server calls once
-# the command that pushed has finished, gives the heads of the ready queues
-# to their oldest waiters. This is Redis's order: `RPUSH q a b c` with three
-# waiters gives a, b and c to them in the order they came.
+# A waiter is a client blocked in BLPOP, BRPOP, BLMPOP, BLMOVE, BRPOPLPUSH
+# or RESERVE on one or more queues. It stands in the waiter line of each
+# queue it names; the line is first come, first served, whatever the
+# command. A push never hands a message over by itself: it marks the queue
+# ready, and serve(), which the server calls once the command that pushed
+# has finished, gives the heads of the ready queues to their oldest
+# waiters. This is Redis's order: `RPUSH q a b c` with three waiters gives
+# a, b and c to them in the order they came.
 #
 # A waiter leaves every line it stands in when it is served, when its
 # timeout runs out and when its client goes away, all through cancel(); a
 # message is taken from a queue only at the moment it is handed to a waiter
 # that is still there, so a waiter that left loses nothing.
+#
+# A reserved message (RESERVE) leaves its queue but is not gone: it is held
+# under a fresh id by its owner until ACK removes it for good. NACK, the
+# owner going away, or the lease running out (the server's call) put it
+# back at the head of its queue, several at once in the order they were
+# queued; one that was delivered max_deliveries times goes to the tail of
+# "<queue>.dead" instead. A message that comes back keeps its count of
+# deliveries; LLEN counts ready messages only. So a message is always in
+# exactly one place: ready in one queue, or held by one live client.
+#
+# With a store, each change is first handed to the journal, which writes it
+# or raises StoreError; memory changes only after the journal took it.
 
 class Waiter:
     """One blocked client: what it waits on and where a message goes."""
 
     __slots__ = ("names", "from_left", "target", "to_left", "count",
-                 "owner", "active")
+                 "reserve", "owner", "active")
 
     def __init__(self, names, from_left=True, target=None, to_left=True,
-                 count=None, owner=None):
+                 count=None, reserve=False, owner=None):
         self.names = names          # queues, in the order the client gave
         self.from_left = from_left  # take from the head (LPOP) or the tail
         self.target = target        # BLMOVE: the queue the message moves to
         self.to_left = to_left
         self.count = count          # BLMPOP: take up to this many at once
+        self.reserve = reserve      # RESERVE: hold the message, not take it
         self.owner = owner          # the server's connection, opaque here
         self.active = True
 
@@ -591,15 +616,51 @@ class Watch:
         self.changed = False
 
 
-class Queues:
-    """Named FIFO queues of bytes, and the clients waiting on them."""
+class Held:
+    """A reserved message: out of its queue, held by its owner."""
 
-    def __init__(self):
+    __slots__ = ("id", "queue", "message", "deliveries", "owner", "deadline")
+
+    def __init__(self, held_id, queue, message, deliveries, owner):
+        self.id = held_id           # bytes, unique for the life of the data
+        self.queue = queue
+        self.message = message
+        self.deliveries = deliveries    # this delivery included
+        self.owner = owner
+        self.deadline = None        # when the lease runs out (the server's)
+
+
+class Returned(bytes):
+    """A message back in its queue unacknowledged: bytes that remember how
+    many times they were delivered."""
+
+    deliveries = 0
+
+
+def deliveries(message):
+    return message.deliveries if message.__class__ is Returned else 0
+
+
+def dead_letters(name):
+    """The queue where messages of `name` go after too many deliveries."""
+    return name + b".dead"
+
+
+class Queues:
+    """Named FIFO queues of bytes, the clients waiting on them, and the
+    messages clients hold."""
+
+    def __init__(self, max_deliveries=0, journal=None):
         self._queues = {}
         self._waiters = {}
         self._ready = {}            # an ordered set of names to serve
         self._watches = {}          # name -> {Watch: None}
-        self.size = 0               # bytes held in all messages
+        self._held = {}             # id -> Held
+        self._held_by = {}          # owner -> {id: Held}
+        self.max_deliveries = max_deliveries    # 0: no limit
+        self.journal = journal      # the store, or None
+        self.next_id = 1            # of the next reservation
+        self.size = 0               # bytes in all messages, held ones too
         self.waiting = 0            # waiters not yet served or cancelled
 
     # Reading -------------------------------------------------------------
@@ -620,14 +681,21 @@ class Queues:
     def message_count(self):
         return sum(len(queue) for queue in self._queues.values())
 
+    def held_count(self):
+        return len(self._held)
+
     def queue_sizes(self):
-        """(name, messages, bytes, waiters) for each queue with messages or
-        waiters."""
+        """(name, messages, bytes, waiters, held) for each queue with
+        messages, waiters or held messages."""
+        held = collections.Counter(held.queue for held in self._held.values())
         names = list(self._queues)
         names += [name for name in self._waiters if name not in self._queues]
+        names += [name for name in held if name not in self._queues
+                  and name not in self._waiters]
         return [(name, self.length(name),
                  sum(map(len, self._queues.get(name, ()))),
-                 len(self._waiters.get(name, ()))) for name in names]
+                 len(self._waiters.get(name, ())), held[name])
+                for name in names]
 
     def peek(self, name, start, stop):
         """Messages from index start to stop, both included, as LRANGE
@@ -673,6 +741,10 @@ class Queues:
                     break
         return found
 
+    def all_messages(self):
+        """(name, messages) of every queue, for the store's checks."""
+        return [(name, list(queue)) for name, queue in self._queues.items()]
+
     # Changing ------------------------------------------------------------
     #
     # Every change of a queue goes through _changed(), which ends the
@@ -686,6 +758,11 @@ class Queues:
 
     def push(self, name, messages, left=False):
         """Add messages at the tail (or the head); return the new length."""
+        if self.journal is not None:
+            self.journal.push(name, messages, left)
+        return self._add(name, messages, left)
+
+    def _add(self, name, messages, left):
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = collections.deque()
@@ -705,8 +782,15 @@ class Queues:
         queue = self._queues.get(name)
         if not queue:
             return []
+        count = min(count, len(queue))
+        if self.journal is not None:
+            self.journal.pop(name, count, left)
+        return self._take(name, left, count)
+
+    def _take(self, name, left, count):
+        queue = self._queues[name]
         take = queue.popleft if left else queue.pop
-        messages = [take() for _ in range(min(count, len(queue)))]
+        messages = [take() for _ in range(count)]
         self.size -= sum(map(len, messages))
         if not queue:
             del self._queues[name]
@@ -717,11 +801,13 @@ class Queues:
     def move(self, source, target, from_left=True, to_left=True):
         """Take one message from source and push it onto target; return it,
         or None when source is empty."""
-        messages = self.pop(source, from_left)
-        if messages:
-            self.push(target, messages, to_left)
-            return messages[0]
-        return None
+        if not self._queues.get(source):
+            return None
+        if self.journal is not None:
+            self.journal.move(source, target, from_left, to_left)
+        messages = self._take(source, from_left, 1)
+        self._add(target, messages, to_left)
+        return messages[0]
 
     def remove(self, name, count, message):
         """LREM: drop up to count copies of message from the head (count
@@ -750,6 +836,9 @@ class Queues:
         queue = self._queues.get(name)
         if not queue or not -len(queue) <= index < len(queue):
             return False
+        index %= len(queue)
+        if self.journal is not None:
+            self.journal.set(name, index, message)
         self.size += len(message) - len(queue[index])
         queue[index] = message
         self._changed(name)
@@ -762,10 +851,12 @@ class Queues:
         if not queue:
             return 0
         try:
-            index = queue.index(pivot)
+            index = queue.index(pivot) + (1 if after else 0)
         except ValueError:
             return -1
-        queue.insert(index + 1 if after else index, message)
+        if self.journal is not None:
+            self.journal.insert(name, index, message)
+        queue.insert(index, message)
         self.size += len(message)
         self._changed(name)
         return len(queue)
@@ -778,6 +869,8 @@ class Queues:
         self._replace_all(name, self.peek(name, start, stop))
 
     def _replace_all(self, name, messages):
+        if self.journal is not None:
+            self.journal.rewrite(name, messages)
         self.size -= sum(map(len, self._queues[name]))
         if messages:
             self._queues[name] = collections.deque(messages)
@@ -787,18 +880,92 @@ class Queues:
         self._changed(name)
 
     def delete(self, name):
-        queue = self._queues.pop(name, None)
+        queue = self._queues.get(name)
         if queue is None:
             return False
+        if self.journal is not None:
+            self.journal.delete(name)
+        del self._queues[name]
         self.size -= sum(map(len, queue))
         self._changed(name)
         return True
 
     def clear(self):
+        """FLUSHALL: every queue goes; held messages stay with their
+        owners, who may still acknowledge them."""
+        if self.journal is not None:
+            self.journal.clear()
         for name in self._queues:
             self._changed(name)
+        self.size -= sum(sum(map(len, queue))
+                         for queue in self._queues.values())
         self._queues.clear()
-        self.size = 0
+
+    # Reserving -----------------------------------------------------------
+
+    def reserve(self, name, owner):
+        """Take the head of name and hold it for owner: a Held, or None
+        when the queue is empty."""
+        queue = self._queues.get(name)
+        if not queue:
+            return None
+        held_id = b"%d" % self.next_id
+        count = deliveries(queue[0]) + 1
+        if self.journal is not None:
+            self.journal.reserve(name, held_id, count)
+        self.next_id += 1
+        message = self._take(name, True, 1)[0]
+        self.size += len(message)       # held messages count too
+        held = self._held[held_id] = Held(held_id, name, bytes(message),
+                                          count, owner)
+        self._held_by.setdefault(owner, {})[held_id] = held
+        return held
+
+    def held(self, held_id, owner):
+        """The Held of that id if owner holds it, else None."""
+        held = self._held.get(held_id)
+        return held if held is not None and held.owner is owner else None
+
+    def held_by(self, owner):
+        return list(self._held_by.get(owner, {}).values())
+
+    def ack(self, held):
+        """Remove a held message for good."""
+        if self.journal is not None:
+            self.journal.ack(held.id)
+        self._forget(held)
+
+    def give_back(self, helds):
+        """Put held messages back at the head of their queues, in the order
+        they were queued, or into the dead letters after too many
+        deliveries. Returns the queues that dead letters went to."""
+        dead = []
+        for held in sorted(helds, key=lambda held: -int(held.id)):
+            if self.max_deliveries and held.deliveries >= self.max_deliveries:
+                # A dead letter starts again with no deliveries, so that
+                # LMOVE can requeue it for a fresh set of tries.
+                target = dead_letters(held.queue)
+                if self.journal is not None:
+                    self.journal.unreserve(held.id, target, False)
+                self._forget(held)
+                self._add(target, [held.message], False)
+                dead.append(target)
+                continue
+            if self.journal is not None:
+                self.journal.unreserve(held.id, held.queue, True)
+            self._forget(held)
+            message = Returned(held.message)
+            message.deliveries = held.deliveries
+            self._add(held.queue, [message], True)
+        return dead
+
+    def _forget(self, held):
+        self.size -= len(held.message)
+        del self._held[held.id]
+        mine = self._held_by[held.owner]
+        del mine[held.id]
+        if not mine:
+            del self._held_by[held.owner]
 
     # Watching ------------------------------------------------------------
 
@@ -847,8 +1014,9 @@ class Queues:
 
     def serve(self):
         """Hand the heads of ready queues to their waiters, oldest first.
-        Returns (waiter, name, message) for each waiter served; for a
-        waiter with a count, message is a list of messages."""
+        Returns (waiter, name, message) for each waiter served: a Held for
+        a RESERVE waiter, a list of messages for one with a count. A store
+        that fails leaves the remaining waiters waiting."""
         served = []
         while self._ready:
             name = next(iter(self._ready))
@@ -856,14 +1024,20 @@ class Queues:
             line = self._waiters.get(name)
             while line and name in self._queues:
                 waiter = line[0]
+                try:
+                    if waiter.reserve:
+                        message = self.reserve(name, waiter.owner)
+                    elif waiter.count is not None:
+                        message = self.pop(name, waiter.from_left,
+                                           waiter.count)
+                    elif waiter.target is None:
+                        message = self.pop(name, waiter.from_left)[0]
+                    else:
+                        message = self.move(name, waiter.target,
+                                            waiter.from_left, waiter.to_left)
+                except StoreError:
+                    break
                 self.cancel(waiter)
-                if waiter.count is not None:
-                    message = self.pop(name, waiter.from_left, waiter.count)
-                elif waiter.target is None:
-                    message = self.pop(name, waiter.from_left)[0]
-                else:
-                    message = self.move(name, waiter.target,
-                                        waiter.from_left, waiter.to_left)
                 served.append((waiter, name, message))
                 line = self._waiters.get(name)
         return served
@@ -997,16 +1171,19 @@ class Server:
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT,
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
-                 max_clients=DEFAULT_MAX_CLIENTS):
+                 max_clients=DEFAULT_MAX_CLIENTS, lease=0,
+                 max_deliveries=DEFAULT_MAX_DELIVERIES):
         self.max_message_size = max_message_size
         self.max_clients = _fit_to_descriptors(max_clients)
-        self.queues = Queues()
+        self.lease = lease              # seconds a message may be held; 0: ever
+        self.queues = Queues(max_deliveries)
         self.channels = Channels()
         self.started = time.time()
         self._conns = {}
         self._next_id = 1
         self._deadlines = []        # heap of (deadline, sequence, waiter)
-        self._sequence = 0          # orders waiters with equal deadlines
+        self._leases = []           # heap of (deadline, sequence, Held)
+        self._sequence = 0          # orders entries with equal deadlines
         self._resumed = collections.deque()  # unblocked, with input to run
         self._dirty = []            # connections with replies to send
         self._stopping = False
@@ -1054,6 +1231,8 @@ class Server:
         return [(name.encode(), str(value).encode()) for name, value in (
             ("bind", host), ("port", port), ("maxclients", self.max_clients),
             ("max-message-size", self.max_message_size),
+            ("lease", _number_text(self.lease)),
+            ("max-deliveries", self.queues.max_deliveries),
             ("save", ""), ("appendonly", "no"))]
 
     def info(self, sections=None):
@@ -1081,9 +1260,10 @@ class Server:
             ("max_message_size", self.max_message_size)])
         section("Persistence", [("loading", 0), ("aof_enabled", 0)])
         section("Queues", [("queues", len(queues)),
-                           ("messages", queues.message_count())] + [
+                           ("messages", queues.message_count()),
+                           ("held", queues.held_count())] + [
             ("queue_" + repr(name)[2:-1],
-             "messages=%d,bytes=%d,waiters=%d" % tuple(sizes))
+             "messages=%d,bytes=%d,waiters=%d,held=%d" % tuple(sizes))
             for name, *sizes in queues.queue_sizes()])
         return "\r\n".join(lines)
 
@@ -1109,6 +1289,8 @@ class Server:
                     if mask & selectors.EVENT_READ and not conn.closed:
                         self._read(conn)
                 self._expire_waiters()
+                if self._leases:
+                    self._expire_leases()
                 self._run_resumed()
                 self._flush_dirty()
         finally:
@@ -1122,6 +1304,8 @@ class Server:
             heapq.heappop(self._deadlines)
         if self._deadlines:
             timeout = min(timeout, self._deadlines[0][0] - time.monotonic())
+        if self._leases:
+            timeout = min(timeout, self._leases[0][0] - time.monotonic())
         return max(timeout, 0)
 
     def _accept(self):
@@ -1409,6 +1593,50 @@ class Server:
         else:
             self._close(conn)
 
+    # Reserving -----------------------------------------------------------
+
+    def reserved(self, held):
+        """Start the lease of a message just reserved; its reply."""
+        if self.lease:
+            held.deadline = time.monotonic() + self.lease
+            self._sequence += 1
+            heapq.heappush(self._leases, (held.deadline, self._sequence, held))
+        return _encode_reserved(held)
+
+    def touch(self, held):
+        if self.lease:
+            self.reserved(held)
+
+    def give_back(self, helds):
+        """NACK, a close or a lease that ran out: the messages go back to
+        their queues (or their dead letters)."""
+        for held in helds:
+            held.deadline = None
+        self.queues.give_back(helds)
+
+    def _expire_leases(self):
+        now = time.monotonic()
+        leases = self._leases
+        expired = []
+        while leases and leases[0][0] <= now:
+            deadline, _, held = heapq.heappop(leases)
+            if held.deadline == deadline and self.queues.held(
+                    held.id, held.owner) is held:
+                expired.append(held)
+        if expired:
+            self._give_back_safely(expired)
+
+    def _give_back_safely(self, helds):
+        # Giving back writes to the store; if that fails, the messages stay
+        # held (they come back at the next start), and the server goes on.
+        try:
+            self.give_back(helds)
+        except StoreError as exc:
+            _warn("could not give back %d held messages: %s" % (len(helds),
+                                                                  exc))
+        if self.queues.has_ready():
+            self._serve_waiters()
+
     # Blocking ------------------------------------------------------------
 
     def block(self, conn, waiter, timeout, instead):
@@ -1430,7 +1658,9 @@ class Server:
     def _serve_waiters(self):
         for waiter, name, message in self.queues.serve():
             conn = waiter.owner
-            if waiter.count is not None:
+            if waiter.reserve:
+                self._reply(conn, self.reserved(message))
+            elif waiter.count is not None:
                 self._reply(conn, _encode_mpop(name, message))
             elif waiter.target is None:
                 self._reply(conn, encode_bulks([name, message]))
@@ -1507,6 +1737,9 @@ class Server:
             conn.waiter = None
         self.unwatch(conn)
         self.unsubscribe_all(conn)
+        held = self.queues.held_by(conn)
+        if held:
+            self._give_back_safely(held)
         self._conns.pop(conn.id, None)
         try:
             self._selector.unregister(conn.sock)
@@ -1586,6 +1819,15 @@ def _local_address(sock):
 def _encode_push(conn, items):
     """A pub/sub message: a push frame in RESP3, an array in RESP2."""
     return (b">" if conn.resp3 else b"*") + encode_bulks(items)[1:]
+
+
+def _encode_reserved(held):
+    return b"*3\r\n" + encode_bulk(held.queue) + encode_bulk(held.id) \
+        + encode_bulk(held.message)
+
+
+def _number_text(seconds):
+    return "%g" % seconds
 
 
 def _encode_mpop(name, messages):
@@ -1779,6 +2021,46 @@ def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
         return encode_bulk(message)
     return server.block(conn, Waiter([source], from_left, target, to_left),
                         timeout, conn.null_bulk)
+
+
+# Reserve and acknowledge (beuss's own, named so as not to clash with Redis)
+
+def cmd_reserve(server, conn, args):
+    names = list(dict.fromkeys(args[1:-1]))
+    timeout = _timeout(args[-1])
+    for name in names:
+        held = server.queues.reserve(name, conn)
+        if held is not None:
+            return server.reserved(held)
+    return server.block(conn, Waiter(names, reserve=True), timeout,
+                        conn.null_array)
+
+
+def _held(server, conn, args):
+    """The messages conn holds among the ids it named, each once."""
+    found = (server.queues.held(held_id, conn)
+             for held_id in dict.fromkeys(args[1:]))
+    return [held for held in found if held is not None]
+
+
+def cmd_ack(server, conn, args):
+    helds = _held(server, conn, args)
+    for held in helds:
+        server.queues.ack(held)
+    return encode_int(len(helds))
+
+
+def cmd_nack(server, conn, args):
+    helds = _held(server, conn, args)
+    server.give_back(helds)
+    return encode_int(len(helds))
+
+
+def cmd_touch(server, conn, args):
+    helds = _held(server, conn, args)
+    for held in helds:
+        server.touch(held)
+    return encode_int(len(helds))
 
 
 def cmd_llen(server, conn, args):
@@ -2234,6 +2516,10 @@ lmove|list|6.2.0|write,denyoom|1,2,1|Move a message from one queue to another|so
 blmove|list|6.2.0|write,denyoom,noscript,blocking|1,2,1|Move a message from one queue to another, or wait for one|source destination LEFT|RIGHT LEFT|RIGHT timeout
 rpoplpush|list|1.2.0|write,denyoom|1,2,1|Move the tail message of a queue to the head of another|source destination
 brpoplpush|list|2.2.0|write,denyoom,noscript,blocking|1,2,1|Move the tail message of a queue to the head of another, or wait for one|source destination timeout
+reserve|list|beuss|write,blocking|1,-2,1|Hold the head message of the first non-empty queue until ACK, or wait for one|key... timeout
+ack|list|beuss|write,fast|0,0,0|Remove held messages for good|id...
+nack|list|beuss|write,fast|0,0,0|Put held messages back at the head of their queues|id...
+touch|list|beuss|write,fast|0,0,0|Renew the lease of held messages|id...
 llen|list|1.0.0|readonly,fast|1,1,1|The number of messages in a queue|key
 lrange|list|1.0.0|readonly|1,1,1|Messages of a queue, without taking them|key start stop
 lindex|list|1.0.0|readonly|1,1,1|The message at an index of a queue|key index
@@ -2463,6 +2749,8 @@ _COMMANDS = {
     b"lmpop": (cmd_lmpop, -4), b"blmpop": (cmd_blmpop, -5),
     b"lmove": (cmd_lmove, 5), b"blmove": (cmd_blmove, 6),
     b"rpoplpush": (cmd_rpoplpush, 3), b"brpoplpush": (cmd_brpoplpush, 4),
+    b"reserve": (cmd_reserve, -3), b"ack": (cmd_ack, -2),
+    b"nack": (cmd_nack, -2), b"touch": (cmd_touch, -2),
     b"llen": (cmd_llen, 2), b"lrange": (cmd_lrange, 4),
     b"lindex": (cmd_lindex, 3), b"lpos": (cmd_lpos, -3),
     b"lset": (cmd_lset, 4), b"linsert": (cmd_linsert, 5),

@@ -685,7 +685,7 @@ class ServerTest(ServerCase):
         info = beuss.ReplyReader(sock).read().decode()
         for line in ("beuss_version:" + beuss.__version__, "connected_clients:2",
                      "blocked_clients:0", "used_memory:5", "queues:1",
-                     "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0",
+                     "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0,held=0", "held:0",
                      "tcp_port:%d" % self.port, "process_id:%d" % os.getpid(),
                      "python_version:%d.%d.%d" % sys.version_info[:3],
                      "uptime_in_seconds:0"):
