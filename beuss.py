@@ -2849,6 +2849,7 @@ class Client:
         self.host = _setting(host, "--host", "BHOST", DEFAULT_HOST)
         self.port = _setting(port, "--port", "BPORT", DEFAULT_PORT, _port)
         self.timeout = timeout
+        self.reserves = None        # the server has RESERVE; None: not asked
         self._sock = None
         self._reader = None
 
@@ -2986,22 +2987,79 @@ class Client:
 
     def on(self, queue, handler, count=None, idle=None, reconnect=True):
         """Call handler(message) for each message of queue, for ever, or for
-        count messages, or until none came for `idle` seconds. If handler
-        raises, its message goes back to the head of the queue and the
-        exception goes on up. Returns how many messages were handled."""
+        count messages, or until none came for `idle` seconds. A message is
+        acknowledged once handler returns; if handler raises, the message
+        goes back to the head of the queue and the exception goes on up.
+        Returns how many messages were handled."""
         handled = 0
         if count == 0:
             return handled
-        for message in self.listen(queue, idle, reconnect):
+        for message in self.reservations(queue, idle, reconnect):
             try:
-                handler(message)
+                handler(message.data)
             except BaseException:
-                self.put_back(queue, message)
+                message.nack()
                 raise
+            _acknowledge(message, reconnect)
             handled += 1
             if count is not None and handled >= count:
                 break
         return handled
+
+    # Reserving -----------------------------------------------------------
+
+    def reserve(self, queue, wait=None):
+        """Take the head message of queue and hold it until .ack(): a
+        Message, or None when the queue is empty (with wait, wait that many
+        seconds for one; 0: for ever). If this connection closes before the
+        ack, the server puts the message back at the head of its queue.
+        Against a server without RESERVE (Redis) it is a plain pop, said
+        once on stderr."""
+        deadline = None if wait is None else (
+            time.monotonic() + wait if wait else FOREVER)
+        while True:
+            message = self._reserve_one(queue, deadline)
+            if message is not None or deadline is None or \
+                    time.monotonic() >= deadline:
+                return message
+
+    def reservations(self, queue, idle=None, reconnect=True):
+        """Yield a reserved Message of queue as each comes, as listen()
+        yields messages, through server restarts."""
+        return self._keep_waiting(lambda deadline: self._reserve_one(
+            queue, deadline), idle, reconnect)
+
+    def _reserve_one(self, queue, deadline):
+        # One RESERVE of at most a slice (deadline None: not waiting).
+        if self.reserves is False:
+            data = self.get(queue) if deadline is None else \
+                self._wait_one(queue, deadline)
+            return None if data is None else Message(self, queue, None, data)
+        seconds = 0.001 if deadline is None else min(
+            BLOCK_SLICE, max(deadline - time.monotonic(), 0.001))
+        try:
+            reply = self.call(b"RESERVE", queue, "%.3f" % seconds,
+                              wait=seconds)
+        except ReplyError as exc:
+            if self.reserves is not None or "unknown command" not in str(exc):
+                raise
+            self.reserves = False
+            _warn("the server at %s:%d has no RESERVE (a Redis?): messages "
+                  "are taken with plain pops, and one is lost if its handler "
+                  "dies" % (self.host, self.port))
+            return self._reserve_one(queue, deadline)
+        self.reserves = True
+        if reply is None:
+            return None
+        return Message(self, reply[0], reply[1], reply[2])
+
+    def ack(self, *ids):
+        """Remove held messages for good; how many this connection held."""
+        return self.call(b"ACK", *ids)
+
+    def nack(self, *ids):
+        """Put held messages back at the head of their queues."""
+        return self.call(b"NACK", *ids)
 
     def put_back(self, queue, message):
         """Return a message that could not be handled to the head of queue."""
@@ -3087,6 +3145,60 @@ class Client:
         return fields
 
 
+class Message:
+    """A reserved message: .data (bytes), .queue, .id. ack() when it has
+    been handled, nack() to give it back; `with message:` acks when the
+    block ends and nacks if it raises. Against a server without RESERVE
+    .id is None, ack() does nothing and nack() pushes the message back."""
+
+    def __init__(self, client, queue, message_id, data):
+        self.client = client
+        self.queue = _arg(queue)
+        self.id = message_id
+        self.data = data
+
+    def __repr__(self):
+        return "<beuss.Message %r of %s: %d bytes>" % (
+            self.id, self.queue.decode("utf-8", "replace"), len(self.data))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if kind is None:
+            self.ack()
+        else:
+            self.nack()
+
+    def ack(self):
+        if self.id is not None:
+            self.client.ack(self.id)
+
+    def nack(self):
+        """Give the message back; a failure to do so is said on stderr, since
+        the server gives back what a closed connection held anyway."""
+        if self.id is None:
+            self.client.put_back(self.queue, self.data)
+            return
+        try:
+            self.client.nack(self.id)
+        except BeussError as exc:
+            _warn("could not give back message %s: %s; the server does once "
+                  "the connection closes" % (self.id.decode(), exc))
+
+
+def _acknowledge(message, reconnect):
+    # If the server went away after the handler ran, it gives the message
+    # back and it is delivered again: at least once, never lost.
+    try:
+        message.ack()
+    except ConnectionFailed as exc:
+        if not reconnect:
+            raise
+        _warn("%s; message %s was handled but will be delivered again"
+              % (exc, message.id.decode()))
+
+
 def _is_pattern(name):
     return any(c in name for c in b"*?[")
 
@@ -3155,6 +3267,11 @@ class UsageError(BeussError):
 
 class HandlerFailed(BeussError):
     """A message could not be written out or handled: exit status 4."""
+
+
+class CommandFailed(HandlerFailed):
+    """The --exec command of a message exited with another status than 0:
+    ON gives the message back and goes on (with RESERVE)."""
 
 
 def main(argv=None):
@@ -3264,6 +3381,14 @@ def _serve_arguments(parser):
     parser.add_argument("--max-clients", metavar="N",
                         help="most connections at once (BMAXCLIENTS; %d)"
                         % DEFAULT_MAX_CLIENTS)
+    parser.add_argument("--lease", metavar="SECONDS",
+                        help="a reserved message not acknowledged (or "
+                        "touched) within SECONDS goes back to its queue "
+                        "(BLEASE; 0: never)")
+    parser.add_argument("--max-deliveries", metavar="N",
+                        help="a message given back after N deliveries goes "
+                        "to <queue>.dead (BMAXDELIVERIES; %d; 0: never)"
+                        % DEFAULT_MAX_DELIVERIES)
 
 
 def _positive(value):
@@ -3271,6 +3396,20 @@ def _positive(value):
     if number < 1:
         raise ValueError(value)
     return number
+
+
+def _whole(value):
+    number = int(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
+def _duration(value):
+    seconds = float(value)
+    if not 0 <= seconds < 1e9:
+        raise ValueError(value)
+    return seconds
 
 
 def run_serve(options):
@@ -3282,6 +3421,10 @@ def run_serve(options):
             "BMAXMESSAGESIZE", DEFAULT_MAX_MESSAGE_SIZE, _positive)
         max_clients = _setting(options.max_clients, "--max-clients",
                                "BMAXCLIENTS", DEFAULT_MAX_CLIENTS, _positive)
+        lease = _setting(options.lease, "--lease", "BLEASE", 0, _duration)
+        max_deliveries = _setting(options.max_deliveries, "--max-deliveries",
+                                  "BMAXDELIVERIES", DEFAULT_MAX_DELIVERIES,
+                                  _whole)
     except ValueError as exc:
         raise UsageError(str(exc))
     if max_message_size > MAX_BULK_LENGTH:
@@ -3299,7 +3442,8 @@ def run_serve(options):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        server = Server(host, port, max_message_size, max_clients)
+        server = Server(host, port, max_message_size, max_clients, lease,
+                        max_deliveries)
     except OSError as exc:
         raise ConnectionFailed("cannot listen on %s:%s: %s"
                                % (host, port, _reason(exc)))
@@ -3396,36 +3540,38 @@ def run_get(options):
             if sys.stdout is None:          # started with stdout closed
                 raise HandlerFailed("cannot write the message: stdout is "
                                     "closed; nothing was taken")
-            message = client.get(queue, options.wait)
+            message = client.reserve(queue, options.wait)
             if message is None:
                 return _empty(options.queue, options.wait)
             try:
-                _write_stdout(message)
+                _write_stdout(message.data)
             except BrokenPipeError:
-                client.put_back(queue, message)
+                message.nack()
                 raise HandlerFailed("stdout was closed before the message "
                                     "was written; it is back at the head of "
                                     "%s" % options.queue)
             except HandlerFailed as exc:
-                client.put_back(queue, message)
+                message.nack()
                 raise HandlerFailed("%s; the message is back at the head of "
                                     "%s" % (exc, options.queue))
+            message.ack()
             return EXIT_OK
         # The target is opened before the message is taken, so a place that
         # cannot be written loses nothing.
         target = _Target(options.file)
         try:
-            message = client.get(queue, options.wait)
+            message = client.reserve(queue, options.wait)
             if message is None:
                 return _empty(options.queue, options.wait)
             try:
-                target.write(message)
+                target.write(message.data)
             except OSError as exc:
-                client.put_back(queue, message)
+                message.nack()
                 raise HandlerFailed("cannot write %s: %s; the message is "
                                     "back at the head of %s" % (
                                         options.file, _reason(exc),
                                         options.queue))
+            message.ack()       # only once the file is in place
         finally:
             target.close()
     return EXIT_OK
@@ -3535,9 +3681,27 @@ def run_on(options):
     queue = _queue(options.queue)
     handle = _handler(options, "its message is back at the head of %s"
                       % options.queue)
+    handled = 0
     with _client(options) as client:
-        handled = client.on(queue, lambda message: handle(message, None),
-                            options.count, options.timeout)
+        messages = client.reservations(queue, options.timeout)
+        while options.count != handled:
+            message = next(messages, None)
+            if message is None:
+                break
+            try:
+                handle(message.data, None)
+            except CommandFailed as exc:
+                message.nack()
+                if client.reserves is False:
+                    raise           # plain pops: no count of tries to stop
+                _warn("%s, or in %s.dead once it was delivered too often"
+                      % (exc, options.queue))
+                continue
+            except BaseException:
+                message.nack()
+                raise
+            _acknowledge(message, True)
+            handled += 1
     if options.timeout is not None and not handled and options.count != 0:
         return _empty(options.queue, options.timeout)
     return EXIT_OK
@@ -3560,7 +3724,7 @@ def _handler(options, after_failure):
             done = subprocess.run(options.command, shell=True, input=message,
                                   env=env)
             if done.returncode != 0:
-                raise HandlerFailed("%r exited with status %d; %s" % (
+                raise CommandFailed("%r exited with status %d; %s" % (
                     options.command, done.returncode, after_failure))
         return handle
 
@@ -3605,11 +3769,26 @@ def run_len(options):
 def run_list(options):
     with _client(options) as client:
         queues = client.queues()
+        held = _held_counts(client.info())
+    for name in held:
+        queues.setdefault(name, 0)
     if not queues:
         _warn("no queues: every queue is empty")
     for name, length in sorted(queues.items()):
-        print(name, length)
+        print("%s %d%s" % (name, length, " (%d held)" % held[name]
+                           if held.get(name) else ""))
     return EXIT_OK
+
+
+def _held_counts(info):
+    """{queue: held messages} from a beuss server's INFO ({} from Redis)."""
+    held = {}
+    for field, value in info.items():
+        if field.startswith("queue_"):
+            sizes = dict(part.split("=") for part in value.split(","))
+            if int(sizes.get("held", 0)):
+                held[field[6:]] = int(sizes["held"])
+    return held
 
 
 def _peek_arguments(parser):
@@ -3664,16 +3843,18 @@ def run_stats(options):
     print("clients: %s connected, %s waiting" % (
         info.get("connected_clients", "?"), info.get("blocked_clients", "?")))
     if version:
-        print("queues: %s holding %s, %s" % (
+        print("queues: %s holding %s, %s; %s held by clients" % (
             info.get("queues"), _plural(int(info.get("messages", 0)),
                                         "message"),
-            _plural(int(info.get("used_memory", 0)), "byte")))
+            _plural(int(info.get("used_memory", 0)), "byte"),
+            info.get("held")))
         for field, value in sorted(info.items()):
             if field.startswith("queue_"):
                 sizes = dict(part.split("=") for part in value.split(","))
-                print("  %s: %s, %s, %s waiting" % (
+                print("  %s: %s, %s, %s waiting, %s held" % (
                     field[6:], _plural(int(sizes["messages"]), "message"),
-                    _plural(int(sizes["bytes"]), "byte"), sizes["waiters"]))
+                    _plural(int(sizes["bytes"]), "byte"), sizes["waiters"],
+                    sizes["held"]))
     else:
         print("memory: %s" % info.get("used_memory_human", "?"))
     return EXIT_OK

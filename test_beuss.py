@@ -1258,15 +1258,6 @@ class CommandLineTest(ServerCase):
             with open(out, "rb") as f:
                 self.assertEqual(f.read(), b"ab")
 
-    def test_on_exec_that_fails_keeps_the_message(self):
-        self.client().put_many("q", ["a", "b"])
-        command = '%s -c "import sys; sys.exit(3)"' % sys.executable
-        status, _, err = self.run_main("ON", "q", "--exec", command)
-        self.assertEqual(status, 4)
-        self.assertIn("exited with status 3", err)
-        self.assertEqual(self.client().queues(), {"q": 2})
-        self.assertEqual(beuss.get("q", port=self.port), b"a")
-
     def test_on_timeout(self):
         status, out, err = self.run_main("ON", "q", "-W", "0.1")
         self.assertEqual((status, out), (1, b""))
@@ -1336,8 +1327,8 @@ class CommandLineTest(ServerCase):
                          "beuss: no message on queue q within 1 second\n")
         self.client().put("q", "m")
         out = self.run_main("STATS")[1].decode()
-        self.assertIn("holding 1 message, 1 byte\n", out)
-        self.assertIn("q: 1 message, 1 byte, 0 waiting", out)
+        self.assertIn("holding 1 message, 1 byte; 0 held by clients\n", out)
+        self.assertIn("q: 1 message, 1 byte, 0 waiting, 0 held", out)
 
     def test_setting_errors_name_the_flag_as_typed(self):
         for flag, value in (("--max-message-size", "10k"), ("--max-clients", "0")):
@@ -1471,6 +1462,28 @@ class CommandLineTest(ServerCase):
         self.assertEqual(err, "beuss: ERR message too large (max 10240 bytes); "
                               "the server takes larger messages when started with "
                               "--max-message-size (or BMAXMESSAGESIZE)\n")
+
+
+class DeadLetterCommandLineTest(ServerCase):
+
+    server_options = {"max_deliveries": 3}
+
+    def test_on_exec_that_fails_sends_the_message_to_dead_letters(self):
+        self.client().put_many("q", ["bad", "good"])
+        command = ('%s -c "import sys; sys.exit(sys.stdin.read() == \'bad\')"'
+                   % sys.executable)
+        err = io.StringIO()
+        with mock.patch.object(sys, "stderr", err):
+            status = beuss.main(["ON", "q", "--exec", command, "--count", "1",
+                                 "--port", str(self.port)])
+        self.assertEqual(status, 0)
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("exited with status 1", lines[0])
+        client = self.client()
+        self.assertEqual(client.queues(), {"q.dead": 1})
+        self.assertEqual(client.get("q.dead"), b"bad")
+        self.assertEqual(self.server.queues.held_count(), 0)
 
 
 class BenchAgainstAFullServerTest(ServerCase):
@@ -2474,11 +2487,35 @@ class ClientAgainstRedisTest(unittest.TestCase):
             self.assertEqual(list(client.listen("jobs", idle=0.1)), [b"c"])
         out = io.BytesIO()
         text_out = io.TextIOWrapper(out, write_through=True)
-        with mock.patch.object(sys, "stdout", text_out):
+        with mock.patch.object(sys, "stdout", text_out), \
+                mock.patch.object(sys, "stderr", io.StringIO()) as err:
             self.assertEqual(beuss.main(["PUT", "q", "hi", "--port", str(redis.port)]), 0)
             self.assertEqual(beuss.main(["GET", "q", "--port", str(redis.port)]), 0)
             self.assertEqual(beuss.main(["STATS", "--port", str(redis.port)]), 0)
         self.assertTrue(out.getvalue().startswith(b"hiredis "), out.getvalue())
+        self.assertEqual(err.getvalue().count("has no RESERVE"), 1, err.getvalue())
+
+    def test_reserve_and_on_fall_back_to_plain_pops_against_redis(self):
+        redis = RedisServer(self)
+        self.addCleanup(redis.stop)
+        with beuss.Client(port=redis.port, timeout=TIMEOUT) as client, \
+                mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            client.put_many("jobs", ["a", "b", "c"])
+            message = client.reserve("jobs")
+            self.assertEqual((message.data, message.id), (b"a", None))
+            message.nack()                  # pushed back to the head
+            with client.reserve("jobs", wait=1) as message:
+                self.assertEqual(message.data, b"a")
+            seen = []
+            self.assertEqual(client.on("jobs", seen.append, count=2), 2)
+            self.assertEqual(seen, [b"b", b"c"])
+            client.put("jobs", "kept")
+            command = '%s -c "import sys; sys.exit(3)"' % sys.executable
+            status = beuss.main(["ON", "jobs", "--exec", command,
+                                 "--port", str(redis.port)])
+            self.assertEqual(status, 4)     # no count of tries: it stops
+            self.assertEqual(client.get("jobs"), b"kept")
+        self.assertEqual(err.getvalue().count("has no RESERVE"), 2, err.getvalue())
         with mock.patch.object(sys, "stdout", io.StringIO()) as bench_out:
             self.assertEqual(beuss.main(["BENCH", "-n", "300", "-c", "3",
                                          "--port", str(redis.port)]), 0)
