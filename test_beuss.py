@@ -390,6 +390,45 @@ class QueuesTest(unittest.TestCase):
         self.assertEqual(queues.serve(), [(waiter, b"q", [b"1", b"2"])])
 
 
+class ReserveQueuesTest(unittest.TestCase):
+
+    def test_held_messages_come_back_in_queue_order_with_their_count(self):
+        queues = beuss.Queues()
+        queues.push(b"q", [b"a", b"b", b"c"])
+        held = [queues.reserve(b"q", "owner") for _ in range(2)]
+        self.assertEqual([h.message for h in held], [b"a", b"b"])
+        self.assertEqual(queues.length(b"q"), 1)
+        self.assertEqual(queues.size, 3)
+        queues.push(b"q", [b"z"], left=True)
+        queues.give_back(list(reversed(held)))
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"a", b"b", b"z", b"c"])
+        self.assertEqual(beuss.deliveries(queues.index(b"q", 0)), 1)
+        again = queues.reserve(b"q", "owner")
+        self.assertEqual((again.message, again.deliveries), (b"a", 2))
+        self.assertNotEqual(again.id, held[0].id)
+        queues.ack(again)
+        self.assertIsNone(queues.held(again.id, "owner"))
+        self.assertEqual(queues.size, 3)
+
+    def test_too_many_deliveries_send_a_message_to_dead_letters(self):
+        queues = beuss.Queues(max_deliveries=2)
+        queues.push(b"q", [b"m"])
+        for _ in range(2):
+            self.assertEqual(queues.give_back([queues.reserve(b"q", 1)]),
+                             [] if _ == 0 else [b"q.dead"])
+        self.assertNotIn(b"q", queues)
+        self.assertEqual(queues.peek(b"q.dead", 0, -1), [b"m"])
+        self.assertEqual(beuss.deliveries(queues.index(b"q.dead", 0)), 0)
+
+    def test_only_the_owner_holds_its_messages(self):
+        queues = beuss.Queues()
+        queues.push(b"q", [b"m"])
+        held = queues.reserve(b"q", "mine")
+        self.assertIsNone(queues.held(held.id, "theirs"))
+        self.assertEqual(queues.held_by("mine"), [held])
+        self.assertEqual(queues.held_by("theirs"), [])
+
+
 class GlobTest(unittest.TestCase):
 
     def match(self, pattern, name):
@@ -745,6 +784,106 @@ class TransactionTest(ServerCase):
         while not condition():
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.005)
+
+
+class ReserveTest(ServerCase):
+
+    def test_reserve_ack_nack_and_touch(self):
+        sock = self.exchange(requests(["RPUSH", "q", "a", "b", "c"],
+                                      ["RESERVE", "q", "0"], ["LLEN", "q"]),
+                             b":3\r\n*3\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\na\r\n:2\r\n")
+        self.exchange(requests(["ACK", "1"], ["ACK", "1"], ["TOUCH", "1"],
+                               ["RESERVE", "none", "q", "0"], ["NACK", "2", "2"],
+                               ["LRANGE", "q", "0", "-1"], ["ACK", "99"]),
+                      b":1\r\n:0\r\n:0\r\n*3\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\nb\r\n"
+                      b":1\r\n*2\r\n$1\r\nb\r\n$1\r\nc\r\n:0\r\n", sock)
+        self.exchange(requests(["RESERVE", "none", "0.01"], ["RESERVE", "q"],
+                               ["MULTI"], ["RESERVE", "none", "0"], ["EXEC"]),
+                      b"*-1\r\n-ERR wrong number of arguments for 'reserve' "
+                      b"command\r\n+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n", sock)
+
+    def test_another_connection_cannot_ack_or_nack_what_it_does_not_hold(self):
+        holder = self.exchange(requests(["RPUSH", "q", "m"], ["RESERVE", "q", "0"]),
+                               b":1\r\n*3\r\n")
+        self.exchange(requests(["ACK", "1"], ["NACK", "1"], ["TOUCH", "1"]),
+                      b":0\r\n:0\r\n:0\r\n")
+        self.assertEqual(self.server.queues.held_count(), 1)
+        holder.close()
+
+    def test_a_closed_connection_gives_back_all_it_held_in_order(self):
+        holder = self.exchange(requests(["RPUSH", "q", "a", "b", "c", "d"])
+                               + requests(*[["RESERVE", "q", "0"]] * 3), b":4\r\n")
+        deadline = time.monotonic() + TIMEOUT
+        while self.server.queues.held_count() != 3:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+        self.exchange(requests(["LPUSH", "q", "new"]), b":2\r\n")
+        holder.close()
+        while self.server.queues.held_count():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+        self.exchange(requests(["LRANGE", "q", "0", "-1"]),
+                      b"*5\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$3\r\nnew\r\n$1\r\nd\r\n")
+
+    def test_reserve_waits_in_the_same_line_as_blpop(self):
+        first, second, third = self.connect(), self.connect(), self.connect()
+        for sock, command in ((first, ["BLPOP", "q", "0"]),
+                              (second, ["RESERVE", "q", "0"]),
+                              (third, ["BLPOP", "q", "0"])):
+            waiting = self.server.queues.waiting
+            sock.sendall(requests(command))
+            deadline = time.monotonic() + TIMEOUT
+            while self.server.queues.waiting == waiting:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.005)
+        self.exchange(requests(["RPUSH", "q", "x", "y", "z"]), b":3\r\n")
+        self.expect(first, b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n")
+        self.expect(second, b"*3\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\ny\r\n")
+        self.expect(third, b"*2\r\n$1\r\nq\r\n$1\r\nz\r\n")
+
+    def test_held_messages_show_in_info(self):
+        holder = self.exchange(requests(["RPUSH", "q", "a", "b"], ["RESERVE", "q", "0"]),
+                               b":2\r\n*3\r\n")
+        info = self.client().info()
+        self.assertEqual(info["held"], "1")
+        self.assertEqual(info["queue_q"], "messages=1,bytes=1,waiters=0,held=1")
+        holder.close()
+
+
+class LeaseTest(ServerCase):
+
+    server_options = {"lease": 0.3, "max_deliveries": 3}
+
+    def test_a_lease_that_runs_out_hands_the_message_to_the_next(self):
+        first = self.exchange(requests(["RPUSH", "q", "m"], ["RESERVE", "q", "0"]),
+                              b":1\r\n*3\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\nm\r\n")
+        second = self.exchange(requests(["RESERVE", "q", "0"]),
+                               b"*3\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\nm\r\n")
+        self.exchange(requests(["ACK", "1"]), b":0\r\n", first)
+        self.exchange(requests(["ACK", "2"]), b":1\r\n", second)
+
+    def test_touch_keeps_a_message_held(self):
+        sock = self.exchange(requests(["RPUSH", "q", "m"], ["RESERVE", "q", "0"]),
+                             b":1\r\n*3\r\n")
+        sock.recv(100)
+        for _ in range(6):
+            time.sleep(0.1)
+            self.exchange(requests(["TOUCH", "1"]), b":1\r\n", sock)
+        self.exchange(requests(["LLEN", "q"], ["ACK", "1"]), b":0\r\n:1\r\n", sock)
+
+    def test_leases_that_run_out_count_as_deliveries(self):
+        sock = self.connect()
+        for _ in range(3):
+            sock.sendall(requests(["RESERVE", "q", "0"]))
+            if _ == 0:
+                self.exchange(requests(["RPUSH", "q", "m"]), b":1\r\n")
+            self.expect(sock, b"*3\r\n")
+            sock.recv(100)
+        deadline = time.monotonic() + TIMEOUT
+        while self.server.queues.length(b"q.dead") != 1:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        self.assertNotIn(b"q", self.server.queues)
 
 
 class PubSubTest(ServerCase):
@@ -1119,6 +1258,24 @@ class ClientTest(ServerCase):
         self.assertEqual(len(lines), 2, lines)
         self.assertIn("lost the server at 127.0.0.1:%d" % port, lines[0])
         self.assertIn("back on the server", lines[1])
+
+    def test_reserve_and_the_message_context_manager(self):
+        client = self.client()
+        client.put_many("q", ["a", "b"])
+        message = client.reserve("q")
+        self.assertEqual((message.data, message.queue, message.id), (b"a", b"q", b"1"))
+        with self.assertRaises(RuntimeError):
+            with client.reserve("q") as failing:
+                raise RuntimeError("handler failed")
+        self.assertEqual(client.len("q"), 1)
+        message.ack()
+        with client.reserve("q") as again:
+            self.assertEqual(again.data, b"b")
+        self.assertEqual(client.len("q"), 0)
+        self.assertIsNone(client.reserve("q"))
+        self.assertIsNone(client.reserve("q", wait=0.05))
+        self.assertEqual(self.server.queues.held_count(), 0)
+        self.assertTrue(client.reserves)
 
     def test_publish_and_subscribe(self):
         client, listener = self.client(), self.client()
@@ -1518,6 +1675,44 @@ class SubprocessTest(ServerCase):
         if check:
             self.assertEqual(done.returncode, 0, done.stderr)
         return done
+
+    CONSUMER = """
+import sys, time, beuss
+client = beuss.Client(port=int(sys.argv[1]))
+held = [client.reserve("jobs", wait=5).data for _ in range(int(sys.argv[2]))]
+print(" ".join(m.decode() for m in held), flush=True)
+time.sleep(60)
+"""
+
+    def test_a_consumer_killed_while_holding_loses_nothing(self):
+        if not POSIX:
+            self.skipTest("SIGKILL is POSIX")
+        client = self.client()
+        client.put_many("jobs", ["m%d" % i for i in range(15)])
+        first = subprocess.Popen([sys.executable, "-c", self.CONSUMER, str(self.port),
+                                  "10"], stdout=subprocess.PIPE, cwd=HERE)
+        second = subprocess.Popen([sys.executable, "-c", self.CONSUMER, str(self.port),
+                                   "5"], stdout=subprocess.PIPE, cwd=HERE)
+        try:
+            held_first = first.stdout.readline().split()
+            held_second = second.stdout.readline().split()
+            self.assertEqual(len(held_first) + len(held_second), 15)
+            self.assertFalse(set(held_first) & set(held_second))
+            self.assertEqual(self.server.queues.held_count(), 15)
+            first.kill()
+            first.wait(TIMEOUT)
+            deadline = time.monotonic() + TIMEOUT
+            while self.server.queues.held_count() != 5:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.01)
+            again = [client.reserve("jobs").data for _ in range(10)]
+            self.assertEqual(again, held_first)     # all ten, in order
+            self.assertIsNone(client.reserve("jobs"))
+        finally:
+            for process in (first, second):
+                process.kill()
+                process.wait(TIMEOUT)
+                process.stdout.close()
 
     def test_get_and_on_when_stdout_cannot_be_written(self):
         if not os.path.exists("/dev/full"):
