@@ -855,7 +855,7 @@ class Queues:
         except ValueError:
             return -1
         if self.journal is not None:
-            self.journal.insert(name, index, message)
+            self.journal.insert(name, index, message, queue)
         queue.insert(index, message)
         self.size += len(message)
         self._changed(name)
@@ -1120,6 +1120,409 @@ class Channels:
         return len(self._patterns)
 
 
+# ## Store: the queues on disk, in SQLite ####################################
+#
+# With --data, every queued and held message is also a row of an SQLite
+# database (the standard library's sqlite3: crash-safe, needs no compaction,
+# and any SQLite tool can read it). The queues call the store before each
+# change; the store writes it in the transaction of the current loop pass,
+# or raises StoreError, and then nothing of the change happens in memory.
+# The server commits once a pass, before any reply of that pass is sent
+# (group commit), so whatever a client was told is in the database. What
+# survives depends on --fsync, as Redis's appendfsync:
+#
+#   always    each commit is synced before its replies go out: nothing
+#             replied is lost, even when the power goes;
+#   everysec  a helper thread syncs the files once a second: a killed
+#             process loses nothing replied, a power cut about a second;
+#   no        the operating system syncs when it likes.
+#
+# A failed commit (a full disk, an I/O error) keeps that pass's changes in
+# memory and in a backlog that every later pass tries to commit again, as
+# Redis retries its AOF; meanwhile commands that change queues are refused
+# with -MISCONF, reads go on, and it all resumes by itself once the disk
+# does. At start the rows come back in their order; held messages go back
+# to the head of their queue, delivery counts kept.
+#
+# Schema: queued(queue, position, message, deliveries), ordered by position
+# within a queue; held(id, queue, message, deliveries); settings(name,
+# value) with next_id.
+
+_STORE_ID = 0x62657573          # "beus", PRAGMA application_id
+_STORE_SCHEMA = """
+CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
+                     message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                     PRIMARY KEY (queue, position)) WITHOUT ROWID;
+CREATE TABLE held (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
+                   message BLOB NOT NULL, deliveries INTEGER NOT NULL);
+CREATE TABLE settings (name TEXT PRIMARY KEY, value);
+"""
+FSYNC_POLICIES = ("always", "everysec", "no")
+
+
+class Store:
+    """The journal of the queues in an SQLite file."""
+
+    def __init__(self, path, fsync="everysec"):
+        import sqlite3
+        self._sqlite3 = sqlite3
+        self.path, self.fsync = path, fsync
+        self._positions = {}        # queue -> deque of positions, in order
+        self._backlog = []          # statements not yet committed
+        self._in_pass = False       # a transaction is open
+        self.failing = None         # why the last commit failed, or None
+        self.commits = 0
+        self._synced = 0            # commits the helper thread has synced
+        self._sync_thread = None
+        self._stop_sync = threading.Event()
+        self._retry_at = 0.0        # when a failing store tries again
+        try:
+            self._db = self._open()
+        except sqlite3.Error as exc:
+            raise BeussError("cannot use %s: %s" % (path, _store_reason(exc)))
+
+    def _open(self):
+        exists = os.path.exists(self.path)
+        if exists and os.path.getsize(self.path) == 0:
+            raise BeussError("cannot use %s: the file is empty, not a beuss "
+                             "store (remove it to start a new one)" % self.path)
+        db = self._sqlite3.connect(self.path, isolation_level=None,
+                                   check_same_thread=False)
+        try:
+            if exists:
+                _check_store(db, self.path)
+            else:
+                db.executescript(_STORE_SCHEMA)
+                db.execute("PRAGMA application_id = %d" % _STORE_ID)
+                db.execute("PRAGMA user_version = 1")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = %s" % (
+                "FULL" if self.fsync == "always" else "OFF"))
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def load(self, queues):
+        """Fill queues (empty, with no journal) from the file: held
+        messages first go back to the head of their queues."""
+        db = self._db
+        db.execute("BEGIN")
+        for held_id, name, message, count in db.execute(
+                "SELECT id, queue, message, deliveries FROM held "
+                "ORDER BY id DESC").fetchall():
+            first = db.execute("SELECT min(position) FROM queued WHERE "
+                               "queue = ?", (name,)).fetchone()[0]
+            db.execute("INSERT INTO queued VALUES (?, ?, ?, ?)",
+                       (name, (first or 0.0) - 1, message, count))
+        db.execute("DELETE FROM held")
+        db.execute("COMMIT")
+        row = db.execute("SELECT value FROM settings WHERE name = 'next_id'"
+                         ).fetchone()
+        queues.next_id = row[0] if row else 1
+        name, messages, positions = None, [], collections.deque()
+        for queue, position, message, count in db.execute(
+                "SELECT queue, position, message, deliveries FROM queued "
+                "ORDER BY queue, position"):
+            if queue != name:
+                if messages:
+                    queues._add(name, messages, False)
+                name, messages = queue, []
+                positions = self._positions[name] = collections.deque()
+            if count:
+                message = Returned(message)
+                message.deliveries = count
+            messages.append(message)
+            positions.append(position)
+        if messages:
+            queues._add(name, messages, False)
+        queues._ready.clear()
+        if self.fsync == "everysec":
+            self._sync_thread = threading.Thread(
+                target=self._sync_every_second, name="beuss-fsync",
+                daemon=True)
+            self._sync_thread.start()
+
+    # What the queues call, before each change ----------------------------
+
+    def push(self, name, messages, left):
+        positions = self._positions.get(name)
+        if left:
+            edge = positions[0] if positions else 0.0
+            new = [edge - i - 1 for i in range(len(messages))]
+        else:
+            edge = positions[-1] if positions else 0.0
+            new = [edge + i + 1 for i in range(len(messages))]
+        self._run([("INSERT INTO queued VALUES (?, ?, ?, ?)",
+                    [(name, position, message, deliveries(message))
+                     for position, message in zip(new, messages)])])
+        if positions is None:
+            positions = self._positions[name] = collections.deque()
+        if left:
+            positions.extendleft(new)
+        else:
+            positions.extend(new)
+
+    def pop(self, name, count, left):
+        positions = self._positions[name]
+        # Positions grow from head to tail, so the first (or last) count
+        # messages are those up to (or from) one position.
+        if left:
+            self._run([("DELETE FROM queued WHERE queue = ? AND position <= ?",
+                        (name, positions[count - 1]))])
+        else:
+            self._run([("DELETE FROM queued WHERE queue = ? AND position >= ?",
+                        (name, positions[-count]))])
+        take = positions.popleft if left else positions.pop
+        for _ in range(count):
+            take()
+        if not positions:
+            del self._positions[name]
+
+    def move(self, source, target, from_left, to_left):
+        positions = self._positions[source]
+        old = positions[0] if from_left else positions[-1]
+        if source == target and len(positions) == 1:
+            return                          # the one message stays put
+        ends = self._positions.get(target)
+        new = (ends[0] - 1 if to_left else ends[-1] + 1) if ends else 0.0
+        self._run([
+            ("INSERT INTO queued SELECT ?, ?, message, deliveries FROM "
+             "queued WHERE queue = ? AND position = ?",
+             (target, new, source, old)),
+            ("DELETE FROM queued WHERE queue = ? AND position = ?",
+             (source, old))])
+        positions.popleft() if from_left else positions.pop()
+        if not positions:
+            del self._positions[source]
+        ends = self._positions.setdefault(target, collections.deque())
+        ends.appendleft(new) if to_left else ends.append(new)
+
+    def set(self, name, index, message):
+        self._run([("UPDATE queued SET message = ?, deliveries = 0 WHERE "
+                    "queue = ? AND position = ?",
+                    (message, name, self._positions[name][index]))])
+
+    def insert(self, name, index, message, queue):
+        positions = self._positions[name]
+        before = positions[index - 1] if index else positions[0] - 2
+        after = positions[index] if index < len(positions) else before + 2
+        middle = (before + after) / 2
+        if not before < middle < after:     # no room left between the two
+            messages = list(queue)
+            messages.insert(index, message)
+            self.rewrite(name, messages)
+            return
+        self._run([("INSERT INTO queued VALUES (?, ?, ?, 0)",
+                    (name, middle, message))])
+        positions.insert(index, middle)
+
+    def rewrite(self, name, messages):
+        """LREM, LTRIM: the queue's rows replaced, numbered afresh."""
+        self._run([("DELETE FROM queued WHERE queue = ?", (name,)),
+                   ("INSERT INTO queued VALUES (?, ?, ?, ?)",
+                    [(name, float(i), message, deliveries(message))
+                     for i, message in enumerate(messages)])])
+        if messages:
+            self._positions[name] = collections.deque(
+                float(i) for i in range(len(messages)))
+        else:
+            self._positions.pop(name, None)
+
+    def delete(self, name):
+        self._run([("DELETE FROM queued WHERE queue = ?", (name,))])
+        del self._positions[name]
+
+    def clear(self):
+        self._run([("DELETE FROM queued", ())])
+        self._positions.clear()
+
+    def reserve(self, name, held_id, count):
+        position = self._positions[name][0]
+        self._run([
+            ("INSERT INTO held SELECT ?, queue, message, ? FROM queued "
+             "WHERE queue = ? AND position = ?",
+             (int(held_id), count, name, position)),
+            ("DELETE FROM queued WHERE queue = ? AND position = ?",
+             (name, position)),
+            ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
+             (int(held_id) + 1,))])
+        positions = self._positions[name]
+        positions.popleft()
+        if not positions:
+            del self._positions[name]
+
+    def ack(self, held_id):
+        self._run([("DELETE FROM held WHERE id = ?", (int(held_id),))])
+
+    def unreserve(self, held_id, name, to_head):
+        """A held message back at the head of name, or (a dead letter) at
+        its tail with no deliveries counted."""
+        positions = self._positions.get(name)
+        if positions:
+            new = positions[0] - 1 if to_head else positions[-1] + 1
+        else:
+            new = 0.0
+        self._run([
+            ("INSERT INTO queued SELECT ?, ?, message, %s FROM held WHERE "
+             "id = ?" % ("deliveries" if to_head else "0"),
+             (name, new, int(held_id))),
+            ("DELETE FROM held WHERE id = ?", (int(held_id),))])
+        if positions is None:
+            positions = self._positions[name] = collections.deque()
+        positions.appendleft(new) if to_head else positions.append(new)
+
+    # Writing ---------------------------------------------------------------
+
+    def _run(self, statements):
+        """Run the statements of one change, all or none of them."""
+        if self.failing is not None:
+            # Only the server's own changes come here then (clients' are
+            # refused): they wait in the backlog with the rest.
+            self._backlog.extend(statements)
+            return
+        db = self._db
+        try:
+            if not self._in_pass:
+                db.execute("BEGIN")
+                self._in_pass = True
+            db.execute("SAVEPOINT change")
+            for sql, parameters in statements:
+                if isinstance(parameters, list):
+                    db.executemany(sql, parameters)
+                else:
+                    db.execute(sql, parameters)
+            db.execute("RELEASE change")
+        except self._sqlite3.Error as exc:
+            self._undo_change()
+            raise StoreError(_store_reason(exc))
+        self._backlog.extend(statements)
+
+    def _undo_change(self):
+        # SQLite undoes the failed statement, and sometimes the whole
+        # transaction: then the pass's earlier changes are written again.
+        db = self._db
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK TO change")
+                db.execute("RELEASE change")
+                return
+            self._in_pass = False
+            if self._backlog:
+                self._replay()
+        except self._sqlite3.Error as exc:
+            self._fail(exc)
+
+    def _replay(self):
+        db = self._db
+        db.execute("BEGIN")
+        self._in_pass = True
+        for sql, parameters in self._backlog:
+            if isinstance(parameters, list):
+                db.executemany(sql, parameters)
+            else:
+                db.execute(sql, parameters)
+
+    def _fail(self, exc):
+        self.failing = _store_reason(exc)
+        self._in_pass = False
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except self._sqlite3.Error:
+            pass
+
+    def commit(self):
+        """End the pass: its changes become durable (see --fsync), or the
+        store starts failing. Returns whether the store works."""
+        if self.failing is not None:
+            now = time.monotonic()
+            if now < self._retry_at:
+                return False
+            self._retry_at = now + 1.0
+        try:
+            if self.failing is not None:
+                self._replay()      # the backlog, once more
+            if self._in_pass:
+                self._db.execute("COMMIT")
+                self.commits += 1
+        except self._sqlite3.Error as exc:
+            if self.failing is None:
+                _warn("cannot write %s: %s; changes are kept in memory and "
+                      "written once it works again" % (self.path,
+                                                       _store_reason(exc)))
+            self._fail(exc)
+            return False
+        if self.failing is not None:
+            _warn("writing %s again" % self.path)
+        self.failing = None
+        self._in_pass = False
+        self._backlog = []
+        return True
+
+    def _sync_every_second(self):
+        # fsync from a thread of its own, on descriptors opened here and
+        # closed only after SQLite's (closing any descriptor of the file
+        # would drop the locks SQLite holds on it).
+        flags = os.O_RDWR | getattr(os, "O_BINARY", 0)
+        files = []
+        while not self._stop_sync.wait(1.0):
+            commits = self.commits
+            if commits == self._synced:
+                continue
+            if len(files) < 2:
+                for path in (self.path, self.path + "-wal")[len(files):]:
+                    try:
+                        files.append(os.open(path, flags))
+                    except OSError:
+                        break
+            for fd in files:
+                try:
+                    os.fsync(fd)
+                except OSError:
+                    pass
+            self._synced = commits
+        self._sync_files = files
+
+    def close(self):
+        """Commit what is left, sync, and close."""
+        self.commit()
+        self._stop_sync.set()
+        if self._sync_thread is not None:
+            self._sync_thread.join()
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(FULL)")
+        except self._sqlite3.Error:
+            pass
+        self._db.close()
+        for fd in getattr(self, "_sync_files", ()):
+            os.close(fd)
+
+
+def _check_store(db, path):
+    """Refuse a file that is not a beuss store, or a damaged one."""
+    sqlite3 = sys.modules["sqlite3"]
+    try:
+        application = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise BeussError("cannot use %s: it is not a beuss store (%s)"
+                         % (path, exc))
+    if application != _STORE_ID or not {"queued", "held",
+                                        "settings"} <= tables:
+        raise BeussError("cannot use %s: it is another program's SQLite "
+                         "database, not a beuss store" % path)
+    check = db.execute("PRAGMA quick_check").fetchone()[0]
+    if check != "ok":
+        raise BeussError("cannot use %s: it is damaged (%s)" % (path, check))
+
+
+def _store_reason(exc):
+    return str(exc) or type(exc).__name__
+
+
+
 # ## Server ##################################################################
 
 class _Conn:
@@ -1172,11 +1575,17 @@ class Server:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT,
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
                  max_clients=DEFAULT_MAX_CLIENTS, lease=0,
-                 max_deliveries=DEFAULT_MAX_DELIVERIES):
+                 max_deliveries=DEFAULT_MAX_DELIVERIES, data=None,
+                 fsync="everysec"):
         self.max_message_size = max_message_size
         self.max_clients = _fit_to_descriptors(max_clients)
         self.lease = lease              # seconds a message may be held; 0: ever
         self.queues = Queues(max_deliveries)
+        self.store = None
+        if data is not None:
+            self.store = Store(data, fsync)
+            self.store.load(self.queues)
+            self.queues.journal = self.store
         self.channels = Channels()
         self.started = time.time()
         self._conns = {}
@@ -1191,7 +1600,12 @@ class Server:
         self._closed = False
         self._thread = None
         self._selector = selectors.DefaultSelector()
-        self._listener = _listen(host, port)
+        try:
+            self._listener = _listen(host, port)
+        except OSError:
+            if self.store is not None:
+                self.store.close()
+            raise
         self.address = self._listener.getsockname()[:2]
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -1228,12 +1642,15 @@ class Server:
     def settings(self):
         """(name, value) of what CONFIG GET shows, as bytes."""
         host, port = self.address[:2]
+        store = self.store
         return [(name.encode(), str(value).encode()) for name, value in (
             ("bind", host), ("port", port), ("maxclients", self.max_clients),
             ("max-message-size", self.max_message_size),
             ("lease", _number_text(self.lease)),
             ("max-deliveries", self.queues.max_deliveries),
-            ("save", ""), ("appendonly", "no"))]
+            ("data", store.path if store else ""),
+            ("save", ""), ("appendonly", "yes" if store else "no"),
+            ("appendfsync", store.fsync if store else "everysec"))]
 
     def info(self, sections=None):
         """The text of INFO: the named sections (bytes, lower case), or
@@ -1258,7 +1675,14 @@ class Server:
         section("Memory", [
             ("used_memory", queues.size),
             ("max_message_size", self.max_message_size)])
-        section("Persistence", [("loading", 0), ("aof_enabled", 0)])
+        store = self.store
+        section("Persistence", [
+            ("loading", 0), ("aof_enabled", int(store is not None)),
+            ("store", store.path if store else ""),
+            ("store_fsync", store.fsync if store else ""),
+            ("store_commits", store.commits if store else 0),
+            ("store_last_write_status",
+             "err" if store and store.failing else "ok")])
         section("Queues", [("queues", len(queues)),
                            ("messages", queues.message_count()),
                            ("held", queues.held_count())] + [
@@ -1292,6 +1716,8 @@ class Server:
                 if self._leases:
                     self._expire_leases()
                 self._run_resumed()
+                if self.store is not None:
+                    self._commit()
                 self._flush_dirty()
         finally:
             self._close_all()
@@ -1417,6 +1843,9 @@ class Server:
             full_name = _full_name(name, args)
         except ReplyError as exc:
             return self._refuse(conn, str(exc))
+        if name in _WRITE_COMMANDS and self.store is not None \
+                and self.store.failing is not None:
+            return self._refuse(conn, str(StoreError(self.store.failing)))
         if conn.subscribed and not conn.resp3 and name not in _SUBSCRIBED_MODE:
             return self._refuse(conn, (
                 "ERR Can't execute '%s': only (P|S)SUBSCRIBE / "
@@ -1429,7 +1858,18 @@ class Server:
 
     def _update_guard(self, conn):
         conn.subscribed = self.channels.count(conn) > 0
-        conn.guarded = conn.multi is not None or conn.subscribed
+        conn.guarded = conn.multi is not None or conn.subscribed or (
+            self.store is not None and self.store.failing is not None)
+
+    def _commit(self):
+        """Group commit: the pass's changes, before its replies go out. A
+        store that starts or stops failing changes what every connection
+        may run."""
+        was_failing = self.store.failing is not None
+        self.store.commit()
+        if (self.store.failing is not None) != was_failing:
+            for conn in self._conns.values():
+                self._update_guard(conn)
 
     def _reply(self, conn, data):
         if not conn.out and conn.unsent is None:
@@ -1753,6 +2193,8 @@ class Server:
         self._closed = True
         for conn in list(self._conns.values()):
             self._close(conn)
+        if self.store is not None:
+            self.store.close()      # what the closes gave back, too
         self._selector.close()
         for sock in (self._listener, self._wake_r, self._wake_w):
             sock.close()
@@ -2784,6 +3226,13 @@ _SUBCOMMANDS = {
     b"config": {b"GET": -3},
     b"pubsub": {b"CHANNELS": -2, b"NUMSUB": -2, b"NUMPAT": 2},
 }
+# What changes queues, refused while the store cannot write.
+_WRITE_COMMANDS = {
+    b"rpush", b"lpush", b"rpushx", b"lpushx", b"lpop", b"rpop", b"blpop",
+    b"brpop", b"lmpop", b"blmpop", b"lmove", b"blmove", b"rpoplpush",
+    b"brpoplpush", b"lset", b"linsert", b"ltrim", b"lrem", b"del",
+    b"flushdb", b"flushall", b"reserve", b"ack", b"nack", b"exec",
+}
 # Inside MULTI these run at once; every other command is queued for EXEC.
 _RUN_INSIDE_MULTI = {b"exec", b"discard", b"multi", b"watch", b"quit",
                      b"reset"}
@@ -3302,7 +3751,7 @@ def main(argv=None):
     except HandlerFailed as exc:
         _warn(str(exc))
         return EXIT_HANDLER
-    except (ConnectionFailed, ReplyError, ProtocolError) as exc:
+    except BeussError as exc:       # the server refused, or could not start
         _warn(str(exc))
         return EXIT_SERVER
     except KeyboardInterrupt:
@@ -3385,6 +3834,12 @@ def _serve_arguments(parser):
                         help="a reserved message not acknowledged (or "
                         "touched) within SECONDS goes back to its queue "
                         "(BLEASE; 0: never)")
+    parser.add_argument("--data", metavar="FILE",
+                        help="keep the queues in this SQLite file, so that "
+                        "they outlive a restart (BDATA; none: memory only)")
+    parser.add_argument("--fsync", metavar="POLICY",
+                        help="when the file is synced to disk: always, "
+                        "everysec or no (BFSYNC; everysec)")
     parser.add_argument("--max-deliveries", metavar="N",
                         help="a message given back after N deliveries goes "
                         "to <queue>.dead (BMAXDELIVERIES; %d; 0: never)"
@@ -3396,6 +3851,12 @@ def _positive(value):
     if number < 1:
         raise ValueError(value)
     return number
+
+
+def _fsync_policy(value):
+    if value not in FSYNC_POLICIES:
+        raise ValueError(value)
+    return value
 
 
 def _whole(value):
@@ -3425,6 +3886,9 @@ def run_serve(options):
         max_deliveries = _setting(options.max_deliveries, "--max-deliveries",
                                   "BMAXDELIVERIES", DEFAULT_MAX_DELIVERIES,
                                   _whole)
+        data = _setting(options.data, "--data", "BDATA", None)
+        fsync = _setting(options.fsync, "--fsync", "BFSYNC", "everysec",
+                         _fsync_policy)
     except ValueError as exc:
         raise UsageError(str(exc))
     if max_message_size > MAX_BULK_LENGTH:
@@ -3443,7 +3907,7 @@ def run_serve(options):
     signal.signal(signal.SIGTERM, stop)
     try:
         server = Server(host, port, max_message_size, max_clients, lease,
-                        max_deliveries)
+                        max_deliveries, data, fsync)
     except OSError as exc:
         raise ConnectionFailed("cannot listen on %s:%s: %s"
                                % (host, port, _reason(exc)))
@@ -3454,9 +3918,11 @@ def run_serve(options):
         _warn("serving at most %d clients: the system allows this process "
               "only %d open files" % (server.max_clients, server.max_clients
                                       + RESERVED_DESCRIPTORS))
-    sys.stderr.write("beuss %s serving on %s port %d (messages up to %d bytes; "
-                     "Ctrl-C stops it)\n" % (__version__, server.address[0],
-                                             server.address[1], max_message_size))
+    kept = "kept in %s, fsync %s" % (data, fsync) if data else "in memory"
+    sys.stderr.write("beuss %s serving on %s port %d (messages up to %d bytes, "
+                     "%s; Ctrl-C stops it)\n" % (
+                         __version__, server.address[0], server.address[1],
+                         max_message_size, kept))
     sys.stderr.flush()
     server.serve_forever()
     sys.stderr.write("beuss stopped\n")
