@@ -429,6 +429,135 @@ class ReserveQueuesTest(unittest.TestCase):
         self.assertEqual(queues.held_by("theirs"), [])
 
 
+class StoreTest(unittest.TestCase):
+    """The store, without sockets: what it wrote must load back as the
+    queues were."""
+
+    def setUp(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.path = os.path.join(folder, "beuss.db")
+
+    def open(self, max_deliveries=3):
+        store = beuss.Store(self.path, "no")
+        queues = beuss.Queues(max_deliveries)
+        store.load(queues)
+        queues.journal = store
+        return store, queues
+
+    def snapshot(self, queues):
+        return sorted((name, [(bytes(m), beuss.deliveries(m)) for m in messages])
+                      for name, messages in queues.all_messages())
+
+    def test_every_change_loads_back_as_it_was(self):
+        rng = random.Random(7)
+        store, queues = self.open()
+        names, held = [b"a", b"b", b"c"], []
+        for step in range(3000):
+            name, other = rng.choice(names), rng.choice(names)
+            value = rng.choice([b"x", b"y", b"\x00z", b""])
+            index = rng.randint(-4, 4)
+            change = rng.randrange(14)
+            if change == 0:
+                queues.push(name, [value] * rng.randint(1, 3), rng.random() < 0.5)
+            elif change == 1:
+                queues.pop(name, rng.random() < 0.5, rng.randint(1, 3))
+            elif change == 2:
+                queues.move(name, other, rng.random() < 0.5, rng.random() < 0.5)
+            elif change == 3:
+                queues.replace(name, index, value)
+            elif change == 4:
+                if name in queues:
+                    queues.insert(name, queues.index(name, 0), value, rng.random() < 0.5)
+            elif change == 5:
+                queues.trim(name, index, rng.randint(-4, 4))
+            elif change == 6:
+                queues.remove(name, index, value)
+            elif change == 7 and rng.random() < 0.1:
+                queues.delete(name)
+            elif change == 8:
+                reserved = queues.reserve(name, "owner")
+                if reserved is not None:
+                    held.append(reserved)
+            elif change == 9 and held:
+                queues.ack(held.pop(rng.randrange(len(held))))
+            elif change == 10 and held:
+                queues.give_back([held.pop(rng.randrange(len(held)))])
+            elif change == 11 and rng.random() < 0.02:
+                queues.clear()
+            elif change in (12, 13):
+                queues.push(name, [value])
+            if rng.random() < 0.2:
+                self.assertTrue(store.commit())
+        for _ in range(60):                 # one place, again and again
+            queues.insert(b"a", b"x", b"ins", after=False) if b"a" in queues \
+                else queues.push(b"a", [b"x"])
+        store.commit()
+        queues.give_back(held)
+        expected, next_id = self.snapshot(queues), queues.next_id
+        store.close()
+        store, loaded = self.open()
+        self.addCleanup(store.close)
+        self.assertEqual(self.snapshot(loaded), expected)
+        self.assertEqual(loaded.next_id, next_id)
+
+    def test_held_messages_come_back_at_the_head_after_a_restart(self):
+        store, queues = self.open()
+        queues.push(b"q", [b"a", b"b", b"c", b"d"])
+        first, second = queues.reserve(b"q", 1), queues.reserve(b"q", 2)
+        queues.give_back([queues.reserve(b"q", 3)])     # c, delivered once
+        queues.ack(first)
+        store.commit()
+        store.close()                       # as if killed: b still held
+        store, queues = self.open()
+        self.addCleanup(store.close)
+        self.assertEqual(self.snapshot(queues),
+                         [(b"q", [(b"b", 1), (b"c", 1), (b"d", 0)])])
+        again = queues.reserve(b"q", 4)
+        self.assertEqual((again.message, again.deliveries), (b"b", 2))
+        self.assertGreater(int(again.id), int(second.id))   # ids never repeat
+
+    def test_a_file_that_is_not_a_store_is_refused(self):
+        import sqlite3
+        cases = {
+            "empty": b"",
+            "not an SQLite database": b"just some text\n" * 100,
+        }
+        for case, content in cases.items():
+            with open(self.path, "wb") as f:
+                f.write(content)
+            with self.assertRaises(beuss.BeussError) as caught:
+                beuss.Store(self.path)
+            self.assertIn(self.path, str(caught.exception), case)
+            self.assertEqual(len(str(caught.exception).splitlines()), 1)
+            os.remove(self.path)
+        other = sqlite3.connect(self.path)
+        other.execute("CREATE TABLE notes (text)")
+        other.commit()
+        other.close()
+        with self.assertRaises(beuss.BeussError) as caught:
+            beuss.Store(self.path)
+        self.assertIn("another program's SQLite database", str(caught.exception))
+
+    def test_a_damaged_store_is_refused(self):
+        store, queues = self.open()
+        queues.push(b"q", [b"m" * 1000] * 200)
+        store.commit()
+        store.close()
+        with open(self.path, "r+b") as f:       # page headers of pages 2 to 9
+            for page in range(1, 9):
+                f.seek(page * 4096)
+                f.write(b"\xff" * 16)
+        with self.assertRaises(beuss.BeussError) as caught:
+            beuss.Store(self.path)
+        self.assertIn("damaged", str(caught.exception))
+
+    def test_a_missing_file_is_created(self):
+        store, queues = self.open()
+        store.close()
+        self.assertTrue(os.path.exists(self.path))
+
+
 class GlobTest(unittest.TestCase):
 
     def match(self, pattern, name):
@@ -884,6 +1013,94 @@ class LeaseTest(ServerCase):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.01)
         self.assertNotIn(b"q", self.server.queues)
+
+
+class StoreServerTest(ServerCase):
+
+    def setUp(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.path = os.path.join(folder, "beuss.db")
+        self.server_options = {"data": self.path, "fsync": "always"}
+        ServerCase.setUp(self)
+
+    def restart(self):
+        self.server.stop()
+        self.server = beuss.Server("127.0.0.1", 0, **self.server_options)
+        self.server.start()
+        self.port = self.server.address[1]
+
+    def test_queues_and_held_messages_outlive_a_restart(self):
+        holder = self.exchange(requests(["RPUSH", "q", "a", "b", "c"],
+                                        ["RESERVE", "q", "0"], ["RPUSH", "r", "x"]),
+                               b":3\r\n*3\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\na\r\n:1\r\n")
+        self.restart()
+        holder.close()
+        self.exchange(requests(["LRANGE", "q", "0", "-1"], ["LRANGE", "r", "0", "-1"],
+                               ["RESERVE", "q", "0"]),
+                      b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n*1\r\n$1\r\nx\r\n"
+                      b"*3\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\na\r\n")
+
+    def test_a_full_disk_refuses_changes_and_recovers_by_itself(self):
+        sock = self.exchange(requests(["RPUSH", "q", "first"]), b":1\r\n")
+        db = self.server.store._db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute("PRAGMA max_page_count = %d" % pages)
+        big = "x" * 9000
+        sock.sendall(requests(["RPUSH", "q", big]))
+        self.expect(sock, b"-MISCONF Errors writing to the store: database or disk "
+                          b"is full;")
+        sock.recv(1000)
+        self.exchange(requests(["LLEN", "q"], ["LRANGE", "q", "0", "-1"]),
+                      b":1\r\n*1\r\n$5\r\nfirst\r\n", sock)
+        db.execute("PRAGMA max_page_count = 1073741823")
+        self.exchange(requests(["RPUSH", "q", big]), b":2\r\n", sock)
+        self.restart()
+        self.assertEqual(self.server.queues.length(b"q"), 2)
+
+    def test_a_commit_that_fails_keeps_the_changes_and_refuses_more(self):
+        store = self.server.store
+        real = store._db
+
+        class FailingCommits:
+            failing = True
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def execute(self, sql, *args):
+                if sql == "COMMIT" and self.failing:
+                    raise sqlite3.OperationalError("disk I/O error")
+                return real.execute(sql, *args)
+        import sqlite3
+        proxy = FailingCommits()
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            store._db = proxy
+            sock = self.exchange(requests(["RPUSH", "q", "kept"]), b":1\r\n")
+            sock.sendall(requests(["RPUSH", "q", "refused"]))
+            self.expect(sock, b"-MISCONF Errors writing to the store: disk I/O error")
+            sock.recv(1000)
+            self.exchange(requests(["LRANGE", "q", "0", "-1"]), b"*1\r\n$4\r\nkept\r\n", sock)
+            proxy.failing = False
+            deadline = time.monotonic() + TIMEOUT
+            while store.failing is not None:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.05)
+            store._db = real
+            self.exchange(requests(["RPUSH", "q", "after"]), b":2\r\n", sock)
+        self.assertIn("cannot write", err.getvalue())
+        self.assertIn("writing %s again" % self.path, err.getvalue())
+        self.restart()
+        self.assertEqual(self.server.queues.peek(b"q", 0, -1), [b"kept", b"after"])
+
+    def test_info_and_config_describe_the_store(self):
+        info = self.client().info()
+        self.assertEqual((info["aof_enabled"], info["store"], info["store_fsync"]),
+                         ("1", self.path, "always"))
+        sock = self.connect()
+        sock.sendall(requests(["CONFIG", "GET", "append*"]))
+        self.assertEqual(beuss.ReplyReader(sock).read(),
+                         [b"appendonly", b"yes", b"appendfsync", b"always"])
 
 
 class PubSubTest(ServerCase):
@@ -1713,6 +1930,50 @@ time.sleep(60)
                 process.kill()
                 process.wait(TIMEOUT)
                 process.stdout.close()
+
+    def test_serve_refuses_a_store_it_cannot_use_in_one_line(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "not-a-store.db")
+        with open(path, "wb") as f:
+            f.write(b"hello\n" * 1000)
+        done = subprocess.run([sys.executable, BEUSS, "--port", str(free_port()),
+                               "--data", path], stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.returncode, 3)
+        self.assertEqual(done.stderr.count(b"\n"), 1, done.stderr)
+        self.assertIn(path.encode(), done.stderr)
+        done = subprocess.run([sys.executable, BEUSS, "--fsync", "sometimes"],
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn(b"--fsync: 'sometimes' is not a valid value", done.stderr)
+
+    def test_sigterm_commits_and_stops_within_five_seconds(self):
+        if not POSIX:
+            self.skipTest("SIGTERM is POSIX")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path, port = os.path.join(folder, "beuss.db"), free_port()
+        command = [sys.executable, BEUSS, "--port", str(port), "--data", path]
+        server = subprocess.Popen(command, stderr=subprocess.PIPE)
+        try:
+            wait_for_port(port)
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                client.put_many("q", [str(i) for i in range(1000)])
+                held = client.reserve("q")
+                started = time.monotonic()
+                server.send_signal(signal.SIGTERM)
+                _, err = server.communicate(timeout=TIMEOUT)
+            self.assertLess(time.monotonic() - started, 5)
+            self.assertEqual(server.returncode, 0)
+            self.assertEqual(err.decode().splitlines()[1:], ["beuss stopped"])
+            server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+            wait_for_port(port)
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                self.assertEqual(client.len("q"), 1000)
+                self.assertEqual(client.reserve("q").data, held.data)
+        finally:
+            server.kill()
+            server.communicate()
 
     def test_get_and_on_when_stdout_cannot_be_written(self):
         if not os.path.exists("/dev/full"):
