@@ -8,6 +8,7 @@ redis-py is looked for in BEUSS_REDIS_PYTHON (an interpreter that has it),
 then in the interpreter running the tests.
 """
 
+import collections
 import contextlib
 import io
 import os
@@ -2221,6 +2222,97 @@ time.sleep(60)
 
 
 # ## Side by side with Redis and its tools ###################################
+
+class DurabilityTest(unittest.TestCase):
+    """A server killed with SIGKILL at random moments (seeded), ten times,
+    while four clients put and one reserves and acknowledges: every put
+    that got its reply is afterwards queued exactly once or was
+    acknowledged, and no acknowledged message comes back."""
+
+    def run_kills(self, fsync, seed, rounds=10):
+        if not POSIX:
+            self.skipTest("SIGKILL is POSIX")
+        rng = random.Random(seed)
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        port = free_port()
+        command = [sys.executable, BEUSS, "--port", str(port), "--data",
+                   os.path.join(folder, "beuss.db"), "--fsync", fsync]
+        replied, acked, maybe_acked = set(), set(), set()
+        stop = threading.Event()
+
+        def produce(number):
+            client, sent = beuss.Client(port=port, timeout=2), 0
+            while not stop.is_set():
+                message = "p%d-%d" % (number, sent)
+                sent += 1
+                try:
+                    client.put("q", message)
+                    replied.add(message.encode())
+                except beuss.BeussError:
+                    client.close()
+                    time.sleep(0.02)
+            client.close()
+
+        def consume():
+            client = beuss.Client(port=port, timeout=2)
+            while not stop.is_set():
+                try:
+                    message = client.reserve("q", wait=0.2)
+                    if message is None:
+                        continue
+                except beuss.BeussError:
+                    client.close()
+                    time.sleep(0.02)
+                    continue
+                try:
+                    if client.ack(message.id) == 1:
+                        acked.add(message.data)
+                except beuss.BeussError:
+                    maybe_acked.add(message.data)   # the reply was lost
+                    client.close()
+            client.close()
+
+        threads = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
+        threads.append(threading.Thread(target=consume))
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(rounds):
+                server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+                try:
+                    wait_for_port(port)
+                    time.sleep(rng.uniform(0.1, 0.4))
+                finally:
+                    server.kill()
+                    server.wait(TIMEOUT)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(TIMEOUT)
+        server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(port)
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                queued = client.call("LRANGE", "q", 0, -1)
+        finally:
+            server.kill()
+            server.wait(TIMEOUT)
+        counts = collections.Counter(queued)
+        self.assertGreater(len(replied), 200)
+        self.assertGreater(len(acked), 20)
+        self.assertEqual([m for m, n in counts.items() if n > 1], [])
+        self.assertEqual(sorted(acked & set(counts)), [])
+        lost = [m for m in replied if m not in counts and m not in acked
+                and m not in maybe_acked]
+        self.assertEqual(lost, [])
+
+    def test_fsync_always_loses_nothing_replied(self):
+        self.run_kills("always", seed=1)
+
+    def test_fsync_everysec_loses_nothing_replied_to_sigkill(self):
+        self.run_kills("everysec", seed=2)
+
 
 class RedisServer:
     """A real redis-server on a free loopback port, for comparison."""
