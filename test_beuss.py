@@ -3076,45 +3076,65 @@ class ClientAgainstRedisTest(unittest.TestCase):
 
 def benchmark(requests_count=200000, clients=50, rounds=3):
     """Run redis-benchmark against beuss and a real redis-server started side
-    by side, alternating, and print the best of `rounds` for each, with the
-    ratio. Noise on a shared machine is why they alternate."""
+    by side, alternating, and print the median of `rounds` for each, with
+    the ratio and the spread. Noise on a shared machine is why they
+    alternate. The durable rows compare beuss's store (--data, --fsync)
+    with redis-server's AOF (appendonly yes, the same appendfsync)."""
     import csv
+    import statistics
     bench = shutil.which("redis-benchmark")
     redis_server = shutil.which("redis-server")
     if not bench or not redis_server:
         sys.exit("needs redis-benchmark and redis-server")
-    ours_port, theirs_port = free_port(), free_port()
-    ours = subprocess.Popen([sys.executable, BEUSS, "--port", str(ours_port)],
-                            stderr=subprocess.DEVNULL)
-    theirs = subprocess.Popen([redis_server, "--port", str(theirs_port), "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    folder = tempfile.mkdtemp()
+    pairs = [("memory", [], ["--appendonly", "no"])] + [
+        ("fsync " + policy,
+         ["--data", os.path.join(folder, "beuss-%s.db" % policy), "--fsync", policy],
+         ["--appendonly", "yes", "--appendfsync", policy,
+          "--appendfilename", "redis-%s.aof" % policy])
+        for policy in ("everysec", "always")]
+    processes = []
     try:
-        for port in (ours_port, theirs_port):
-            wait_for_port(port)
-            subprocess.run([bench, "-p", str(port), "-t", "rpush,lpop", "-n", "20000",
-                            "-q"], stdout=subprocess.DEVNULL)     # warm up
-        print("redis-benchmark -t rpush,lpush,lpop,rpop -n %d -c %d, best of %d"
-              % (requests_count, clients, rounds))
-        print("%-16s %12s %12s %8s" % ("test", "beuss rps", "redis rps", "ratio"))
-        for pipeline in (1, 16):
-            best = {}
-            for _ in range(rounds):
-                for name, port in (("beuss", ours_port), ("redis", theirs_port)):
-                    done = subprocess.run(
-                        [bench, "-p", str(port), "-t", "rpush,lpush,lpop,rpop", "-n",
-                         str(requests_count), "-c", str(clients), "-P", str(pipeline),
-                         "--csv"], stdout=subprocess.PIPE, universal_newlines=True)
-                    for row in csv.DictReader(io.StringIO(done.stdout)):
-                        key = (row["test"], name)
-                        best[key] = max(best.get(key, 0), float(row["rps"]))
-            for test in ("RPUSH", "LPUSH", "LPOP", "RPOP"):
-                mine, redis = best[(test, "beuss")], best[(test, "redis")]
-                print("%-16s %12.0f %12.0f %8.2f" % (
-                    "%s -P %d" % (test, pipeline), mine, redis, mine / redis))
+        rows = []
+        for label, ours_options, theirs_options in pairs:
+            ours_port, theirs_port = free_port(), free_port()
+            processes.append(subprocess.Popen(
+                [sys.executable, BEUSS, "--port", str(ours_port)] + ours_options,
+                stderr=subprocess.DEVNULL))
+            processes.append(subprocess.Popen(
+                [redis_server, "--port", str(theirs_port), "--save", "", "--dir",
+                 folder] + theirs_options, stdout=subprocess.DEVNULL))
+            for port in (ours_port, theirs_port):
+                wait_for_port(port)
+            for pipeline in (1, 16):
+                results = {}
+                for _ in range(rounds):
+                    for name, port in (("beuss", ours_port), ("redis", theirs_port)):
+                        done = subprocess.run(
+                            [bench, "-p", str(port), "-t", "rpush,lpop", "-n",
+                             str(requests_count), "-c", str(clients), "-P",
+                             str(pipeline), "--csv"],
+                            stdout=subprocess.PIPE, universal_newlines=True)
+                        for row in csv.DictReader(io.StringIO(done.stdout)):
+                            results.setdefault((row["test"], name), []).append(
+                                float(row["rps"]))
+                for test in ("RPUSH", "LPOP"):
+                    mine, theirs = results[(test, "beuss")], results[(test, "redis")]
+                    ratios = [a / b for a, b in zip(mine, theirs)]
+                    rows.append(("%s, %s, -P %d" % (test, label, pipeline),
+                                 statistics.median(mine), statistics.median(theirs),
+                                 statistics.median(ratios), min(ratios), max(ratios)))
+        print("redis-benchmark -t rpush,lpop -n %d -c %d; medians of %d "
+              "alternating rounds" % (requests_count, clients, rounds))
+        print("%-30s %10s %10s %6s  %s" % ("", "beuss rps", "redis rps", "ratio",
+                                           "spread"))
+        for row in rows:
+            print("%-30s %10.0f %10.0f %6.2f  %.2f-%.2f" % row)
     finally:
-        for process in (ours, theirs):
+        for process in processes:
             process.terminate()
             process.wait()
+        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":
