@@ -13,9 +13,11 @@
                                           --count, --timeout, --channel)
     python beuss.py PING | STATS | BENCH
 
-Queues hold binary messages in memory, first in, first out; a message is gone
-once it has been taken. Channels fan a message out to their subscribers at
-once and keep nothing. The server speaks the Redis protocol (RESP2, and
+Queues hold binary messages, first in, first out, in memory or (--data FILE)
+in an SQLite file. RESERVE, ACK, NACK and TOUCH deliver at least once: a
+reserved message goes back to the head of its queue if its consumer goes
+away unacknowledged, and to <queue>.dead after --max-deliveries tries.
+Channels fan a message out to their subscribers at once and keep nothing. The server speaks the Redis protocol (RESP2, and
 RESP3 after HELLO 3): the list commands (RPUSH LPUSH RPUSHX LPUSHX LPOP RPOP
 LMPOP BLPOP BRPOP BLMPOP LLEN LRANGE LINDEX LPOS LSET LINSERT LTRIM LREM
 LMOVE BLMOVE RPOPLPUSH BRPOPLPUSH), DEL EXISTS TYPE KEYS SCAN DBSIZE FLUSHDB
