@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 import collections
+import errno
 import heapq
 import os
 import selectors
@@ -64,9 +65,22 @@ DEFAULT_MAX_DELIVERIES = 5
 DEFAULT_MAX_CLIENTS = 500 if sys.platform == "win32" else 10000
 
 RESERVED_DESCRIPTORS = 32               # kept for the listener, files, ...
+SELECT_SOCKETS = 512                    # what select() watches on Windows
 MAX_BULK_LENGTH = 512 * 1024 * 1024     # Redis's proto-max-bulk-len
 MAX_ARGUMENTS = 1024 * 1024             # arguments in one request
 MAX_INLINE_LENGTH = 64 * 1024           # an inline line, or a length line
+UNAUTHENTICATED_ARGUMENTS = 10          # before AUTH, as Redis allows
+UNAUTHENTICATED_BULK = 16 * 1024
+SMALL_PIECE = 4096                      # a read this small joins the last
+MESSAGE_COST = 48                       # bytes a message takes beyond its own
+OUTPUT_LIMIT = 1024 * 1024              # unsent replies that stop reading
+WRITE_SLICE = 256 * 1024                # replies joined for one send
+WAITING_INPUT_LIMIT = 64 * 1024         # read ahead by a blocked client
+REQUESTS_PER_PASS = 1000                # one client's share of a loop pass
+DEFAULT_MAX_INPUT = 32 * 1024 * 1024
+HOUSEKEEPING_INTERVAL = 1.0
+ACCEPT_RETRY = 0.1                      # after running out of descriptors
+TLS_HANDSHAKE_TIMEOUT = 10.0
 READ_SIZE = 64 * 1024
 SELECT_TIMEOUT_MAX = 1.0                # Ctrl-C must get through on Windows
 FOREVER = float("inf")
@@ -251,15 +265,24 @@ class RequestReader:
 
     Bytes fed in are kept as a list of chunks and joined only once enough
     have arrived for the next step, so a large message arriving in many
-    reads is copied a bounded number of times.
+    reads is copied a bounded number of times; small pieces behind them are
+    gathered in one bytearray, so that a request sent a byte at a time costs
+    about its size, not an object per byte.
+
+    While `locked` (a client that has not authenticated yet), a request may
+    have at most 10 arguments of at most 16 KiB each, as in Redis.
     """
 
     def __init__(self, max_message=DEFAULT_MAX_MESSAGE_SIZE):
         self.max_message = max_message
+        self.locked = False
         self._max_argument = max(max_message, MAX_INLINE_LENGTH)
         self._buf = b""
         self._pos = 0
         self._chunks = []
+        self._tail = bytearray()    # small pieces behind the chunks
+        self._fed = 0               # bytes in chunks and tail
+        self._partial = 0           # bytes of the arguments read so far
         self._arrived = 0           # bytes fed since the last incomplete read
         self._need = 1              # ... that make another read worth trying
         self._args = None           # arguments of the request under way
@@ -269,20 +292,32 @@ class RequestReader:
         self._too_large = False     # the request under way is being dropped
 
     def feed(self, data):
-        self._chunks.append(data)
         self._arrived += len(data)
+        self._fed += len(data)
+        if self._chunks and len(data) < SMALL_PIECE:
+            self._tail += data
+            return
+        if self._tail:
+            self._chunks.append(bytes(self._tail))
+            self._tail = bytearray()
+        self._chunks.append(data)
 
     def pending(self):
-        """Bytes received but not yet read as part of a whole request."""
-        return len(self._buf) - self._pos + sum(map(len, self._chunks))
+        """Bytes received and not yet handed out as part of a request: the
+        request under way and anything behind it."""
+        return len(self._buf) - self._pos + self._fed + self._partial
 
     def read(self):
         if self._chunks:
             if self._arrived < self._need:
                 return None
             self._chunks.insert(0, self._buf[self._pos:])
+            if self._tail:
+                self._chunks.append(self._tail)
+                self._tail = bytearray()
             self._buf = b"".join(self._chunks)
             self._chunks = []
+            self._fed = 0
             self._pos = 0
         return self._parse()
 
@@ -290,6 +325,8 @@ class RequestReader:
         buf, pos, end = self._buf, self._pos, len(self._buf)
         args, left, bulk = self._args, self._left, self._bulk
         known, max_argument = _KNOWN_LENGTHS, self._max_argument
+        if self.locked:
+            max_argument = min(max_argument, UNAUTHENTICATED_BULK)
         while True:
             if self._skip:
                 dropped = min(self._skip, end - pos)
@@ -303,6 +340,7 @@ class RequestReader:
                     self._pos = pos
                     self._args = None
                     self._left, self._bulk = 0, -1
+                    self._partial = 0
                     raise message_too_large(self.max_message)
                 if pos == end:
                     return self._incomplete(pos, 1, None, 0, -1)
@@ -327,8 +365,12 @@ class RequestReader:
                 left = known.get(line)
                 if left is None:
                     left = parse_integer(line)
-                    if left is None or left > MAX_ARGUMENTS:
+                    if left is None or left > 2 ** 31 - 1:
                         raise ProtocolError("invalid multibulk length")
+                if left > UNAUTHENTICATED_ARGUMENTS and self.locked:
+                    raise ProtocolError("unauthenticated multibulk length")
+                if left > MAX_ARGUMENTS:
+                    raise ProtocolError("invalid multibulk length")
                 pos = newline + 2
                 if left <= 0:                       # Redis skips these
                     left = 0
@@ -355,6 +397,8 @@ class RequestReader:
                             raise ProtocolError("invalid bulk length")
                     pos = newline + 2
                     if bulk > max_argument:
+                        if self.locked and bulk > UNAUTHENTICATED_BULK:
+                            raise ProtocolError("unauthenticated bulk length")
                         self._skip = bulk + 2
                         self._too_large = True
                         bulk = -1
@@ -365,6 +409,7 @@ class RequestReader:
                     return self._incomplete(pos, bulk + 2, args, left, bulk)
                 if not self._too_large:     # else the request is dropped
                     args.append(buf[pos:stop])
+                    self._partial += bulk
                 pos = stop + 2
                 bulk = -1
                 left -= 1
@@ -372,6 +417,7 @@ class RequestReader:
                 continue
             self._pos = pos
             self._args, self._left, self._bulk = None, 0, -1
+            self._partial = 0
             return args
 
     def _incomplete(self, pos, need, args, left, bulk):
@@ -639,6 +685,13 @@ class Returned(bytes):
     deliveries = 0
 
 
+def _cost(messages):
+    """The memory messages take in the process: their bytes, and for each
+    its object header and its slot in the deque (measured: 33 + 8 bytes
+    on 64-bit CPython, and the allocator rounds up)."""
+    return sum(map(len, messages)) + MESSAGE_COST * len(messages)
+
+
 def deliveries(message):
     return message.deliveries if message.__class__ is Returned else 0
 
@@ -662,7 +715,7 @@ class Queues:
         self.max_deliveries = max_deliveries    # 0: no limit
         self.journal = journal      # the store, or None
         self.next_id = 1            # of the next reservation
-        self.size = 0               # bytes in all messages, held ones too
+        self.size = 0               # memory all messages take, held too
         self.waiting = 0            # waiters not yet served or cancelled
 
     # Reading -------------------------------------------------------------
@@ -772,7 +825,7 @@ class Queues:
             queue.extendleft(messages)
         else:
             queue.extend(messages)
-        self.size += sum(map(len, messages))
+        self.size += _cost(messages)
         if name in self._waiters:
             self._ready[name] = None
         if name in self._watches:
@@ -793,7 +846,7 @@ class Queues:
         queue = self._queues[name]
         take = queue.popleft if left else queue.pop
         messages = [take() for _ in range(count)]
-        self.size -= sum(map(len, messages))
+        self.size -= _cost(messages)
         if not queue:
             del self._queues[name]
         if name in self._watches:
@@ -859,7 +912,7 @@ class Queues:
         if self.journal is not None:
             self.journal.insert(name, index, message, queue)
         queue.insert(index, message)
-        self.size += len(message)
+        self.size += len(message) + MESSAGE_COST
         self._changed(name)
         return len(queue)
 
@@ -873,10 +926,10 @@ class Queues:
     def _replace_all(self, name, messages):
         if self.journal is not None:
             self.journal.rewrite(name, messages)
-        self.size -= sum(map(len, self._queues[name]))
+        self.size -= _cost(self._queues[name])
         if messages:
             self._queues[name] = collections.deque(messages)
-            self.size += sum(map(len, messages))
+            self.size += _cost(messages)
         else:
             del self._queues[name]
         self._changed(name)
@@ -888,7 +941,7 @@ class Queues:
         if self.journal is not None:
             self.journal.delete(name)
         del self._queues[name]
-        self.size -= sum(map(len, queue))
+        self.size -= _cost(queue)
         self._changed(name)
         return True
 
@@ -899,8 +952,7 @@ class Queues:
             self.journal.clear()
         for name in self._queues:
             self._changed(name)
-        self.size -= sum(sum(map(len, queue))
-                         for queue in self._queues.values())
+        self.size -= sum(_cost(queue) for queue in self._queues.values())
         self._queues.clear()
 
     # Reserving -----------------------------------------------------------
@@ -917,7 +969,7 @@ class Queues:
             self.journal.reserve(name, held_id, count)
         self.next_id += 1
         message = self._take(name, True, 1)[0]
-        self.size += len(message)       # held messages count too
+        self.size += len(message) + MESSAGE_COST   # held ones count too
         held = self._held[held_id] = Held(held_id, name, bytes(message),
                                           count, owner)
         self._held_by.setdefault(owner, {})[held_id] = held
@@ -962,7 +1014,7 @@ class Queues:
         return dead
 
     def _forget(self, held):
-        self.size -= len(held.message)
+        self.size -= len(held.message) + MESSAGE_COST
         del self._held[held.id]
         mine = self._held_by[held.owner]
         del mine[held.id]
@@ -1541,6 +1593,8 @@ class _Conn:
 
     __slots__ = ("sock", "id", "peer", "reader", "out", "unsent", "out_size",
                  "resp3", "name", "waiter", "closed", "closing", "writing",
+                 "events", "handshaking", "authenticated", "failed_auths",
+                 "backlogged",
                  "null_bulk", "null_array", "guarded", "multi", "multi_failed",
                  "in_exec", "watch", "subscribed", "over_soft_limit",
                  "created", "active", "command")
@@ -1560,7 +1614,12 @@ class _Conn:
         self.waiter = None
         self.closed = False
         self.closing = False        # close once the replies are sent
-        self.writing = False        # EVENT_WRITE is registered
+        self.writing = False        # replies wait for the socket
+        self.events = 0             # what the selector watches for
+        self.backlogged = False     # stopped running until replies drain
+        self.handshaking = False    # TLS: the handshake is not over
+        self.authenticated = True   # no token, or the client gave it
+        self.failed_auths = 0
         # Requests of a connection in a transaction, or subscribed in RESP2,
         # take the slower path through Server._guard; others never do.
         self.guarded = False
@@ -1587,9 +1646,35 @@ class Server:
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
                  max_clients=DEFAULT_MAX_CLIENTS, lease=0,
                  max_deliveries=DEFAULT_MAX_DELIVERIES, data=None,
-                 fsync="everysec"):
+                 fsync="everysec", token=None, protected_mode=True,
+                 tls_cert=None, tls_key=None, max_input=None,
+                 max_memory=0, selector=None):
+        if token is not None and not isinstance(token, bytes):
+            token = token.encode("utf-8")
+        if token is None and protected_mode and not _is_loopback(host):
+            raise BeussError(
+                "refusing to listen on %s without a token: anyone who can "
+                "reach it could read and delete every queue. Set one with "
+                "--token, --token-file or BTOKEN, or pass --no-protected-mode "
+                "to accept the risk" % (host or "every address"))
+        self.token = token
         self.max_message_size = max_message_size
+        self.max_input = max_input or max(DEFAULT_MAX_INPUT,
+                                          max_message_size + 1024 * 1024)
+        self.max_memory = max_memory    # 0: no bound
+        selector_class = selector or selectors.DefaultSelector
+        self._max_fd = None         # select(): descriptors must stay below
+        if selector_class is getattr(selectors, "SelectSelector", None):
+            if sys.platform == "win32":
+                max_clients = min(max_clients, SELECT_SOCKETS - 4)
+            else:
+                self._max_fd = SELECT_SOCKETS * 2   # FD_SETSIZE, 1024
         self.max_clients = _fit_to_descriptors(max_clients)
+        self._tls = None
+        if tls_cert is not None:
+            import ssl
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(tls_cert, tls_key)
         self.lease = lease              # seconds a message may be held; 0: ever
         self.queues = Queues(max_deliveries)
         self.store = None
@@ -1610,7 +1695,10 @@ class Server:
         self._serving = False
         self._closed = False
         self._thread = None
-        self._selector = selectors.DefaultSelector()
+        self._accepting = True      # the listener is watched
+        self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
+        self._complained_at = -60.0
+        self._selector = selector_class()
         try:
             self._listener = _listen(host, port)
         except OSError:
@@ -1719,6 +1807,9 @@ class Server:
                     if conn.__class__ is not _Conn:
                         conn()              # the listener or the wake-up pair
                         continue
+                    if conn.handshaking:
+                        self._handshake(conn)
+                        continue
                     if mask & selectors.EVENT_WRITE:
                         self._write(conn)
                     if mask & selectors.EVENT_READ and not conn.closed:
@@ -1730,13 +1821,16 @@ class Server:
                 if self.store is not None:
                     self._commit()
                 self._flush_dirty()
+                if self._housekeeping_at <= time.monotonic():
+                    self._housekeeping()
         finally:
             self._close_all()
 
     def _select_timeout(self):
         if self._resumed:
             return 0
-        timeout = SELECT_TIMEOUT_MAX
+        timeout = min(SELECT_TIMEOUT_MAX,
+                      self._housekeeping_at - time.monotonic())
         while self._deadlines and not self._deadlines[0][2].active:
             heapq.heappop(self._deadlines)
         if self._deadlines:
@@ -1745,15 +1839,40 @@ class Server:
             timeout = min(timeout, self._leases[0][0] - time.monotonic())
         return max(timeout, 0)
 
+    def _housekeeping(self):
+        # Now and then: accept again after running out of descriptors, and
+        # close TLS handshakes that stalled.
+        now = time.monotonic()
+        self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
+        if not self._accepting:
+            self._accepting = True
+            self._selector.register(self._listener, selectors.EVENT_READ,
+                                    self._accept)
+        for conn in [conn for conn in self._conns.values()
+                     if conn.handshaking and now - conn.created > TLS_HANDSHAKE_TIMEOUT]:
+            self._close(conn)
+
     def _accept(self):
         while True:
             try:
                 sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:         # e.g. out of file descriptors
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    # The listener stays readable: watching it would spin.
+                    # Serve the others, and try again at housekeeping.
+                    self._selector.unregister(self._listener)
+                    self._accepting = False
+                    self._housekeeping_at = min(
+                        self._housekeeping_at,
+                        time.monotonic() + ACCEPT_RETRY)
+                    self._complain("out of file descriptors (%s): not "
+                                   "accepting connections for a moment"
+                                   % _reason(exc))
                 return
-            if len(self._conns) >= self.max_clients:
+            if len(self._conns) >= self.max_clients or (
+                    self._max_fd is not None and sock.fileno() >= self._max_fd):
                 try:
                     sock.send(ERR_MAX_CLIENTS)
                 except OSError:
@@ -1763,30 +1882,91 @@ class Server:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                try:
+                    sock = self._tls.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False)
+                except (OSError, ValueError):
+                    sock.close()
+                    continue
             conn = _Conn(sock, self._next_id, peer, self.max_message_size)
             self._next_id += 1
             self._conns[conn.id] = conn
+            conn.handshaking = self._tls is not None
+            if self.token is not None:
+                conn.authenticated = False
+                conn.reader.locked = True
+            self._update_guard(conn)
             self._selector.register(sock, selectors.EVENT_READ, conn)
+            conn.events = selectors.EVENT_READ
+
+    def _complain(self, text):
+        # Hostile or broken traffic is said at most once a minute, so that
+        # it cannot fill the log.
+        now = time.monotonic()
+        if now >= self._complained_at + 60:
+            self._complained_at = now
+            _warn(text)
+
+    def _handshake(self, conn):
+        import ssl
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_events(conn, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            self._set_events(conn, selectors.EVENT_WRITE)
+        except (OSError, ValueError):
+            self._close(conn)
+        else:
+            conn.handshaking = False
+            self._set_events(conn, selectors.EVENT_READ)
+            self._read(conn)        # what came with the handshake
 
     def _read(self, conn):
-        try:
-            data = conn.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        sock = conn.sock
+        while True:
+            try:
+                data = sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if conn.handshaking is False and _tls_wants(exc):
+                    return          # TLS: the rest of a record is on its way
+                self._close(conn)
+                return
+            if not data:
+                self._close(conn)
+                return
+            conn.active = time.monotonic()
+            conn.reader.feed(data)
+            # TLS may hold decrypted bytes the socket no longer signals.
+            if not (self._tls is not None and sock.pending()):
+                break
+        if conn.reader.pending() > self.max_input:
+            self._reply(conn, encode_error(
+                "ERR Protocol error: more than %d bytes of unread input"
+                % self.max_input))
+            conn.closing = True
+            self._update_events(conn)
             return
-        except OSError:
-            self._close(conn)
-            return
-        if not data:
-            self._close(conn)
-            return
-        conn.active = time.monotonic()
-        conn.reader.feed(data)
         self._run(conn)
+        self._update_events(conn)
 
     def _run(self, conn):
-        """Run the requests conn has sent, in order, until it blocks."""
+        """Run the requests conn has sent, in order, until it blocks, its
+        unsent replies pass OUTPUT_LIMIT, or it has had its share of this
+        pass (the rest runs in the next pass, after the others)."""
         reader = conn.reader
+        budget = REQUESTS_PER_PASS
         while conn.waiter is None and not conn.closing:
+            if conn.out_size > OUTPUT_LIMIT:
+                conn.backlogged = True  # _write resumes it as the client reads
+                return
+            if not budget:
+                self._resumed.append(conn)
+                return
+            budget -= 1
             try:
                 args = reader.read()
             except ReplyError as exc:
@@ -1806,11 +1986,45 @@ class Server:
                 break
             self._execute(conn, args)
 
+    def _update_events(self, conn):
+        """Read from conn only while it may send more: not while its
+        replies pile up unread, nor while it waits with 64 KiB sent ahead
+        (the kernel keeps the rest); write while replies wait unsent."""
+        if conn.closed:
+            return
+        events = 0
+        if conn.out_size <= OUTPUT_LIMIT and not (
+                conn.waiter is not None
+                and conn.reader.pending() >= WAITING_INPUT_LIMIT):
+            events = selectors.EVENT_READ
+        if conn.writing:
+            events |= selectors.EVENT_WRITE
+        if events != conn.events:
+            self._set_events(conn, events)
+
+    def _set_events(self, conn, events):
+        if conn.events and events:
+            self._selector.modify(conn.sock, events, conn)
+        elif events:
+            self._selector.register(conn.sock, events, conn)
+        else:
+            self._selector.unregister(conn.sock)
+        conn.events = events
+
+
     def _execute(self, conn, args):
         # The hot path: COMMANDS holds each name in upper and lower case, so
         # most requests find theirs without making a lower-case copy.
         command = COMMANDS.get(args[0]) or COMMANDS.get(args[0].lower())
         if command is None:
+            if args[0].lower() in (b"post", b"host:"):
+                # A web page made a browser send this: close at once.
+                self._complain("closed a connection from %s that spoke "
+                               "HTTP: a cross-protocol attack?"
+                               % _address_text(conn.peer))
+                conn.closing = True
+                self._close(conn)
+                return
             reply = self._refuse(conn, _unknown_command(args))
         else:
             function, arity, name = command
@@ -1854,6 +2068,8 @@ class Server:
             full_name = _full_name(name, args)
         except ReplyError as exc:
             return self._refuse(conn, str(exc))
+        if not conn.authenticated and name not in _BEFORE_AUTH:
+            return self._refuse(conn, "NOAUTH Authentication required.")
         if name in _WRITE_COMMANDS and self.store is not None \
                 and self.store.failing is not None:
             return self._refuse(conn, str(StoreError(self.store.failing)))
@@ -1870,6 +2086,7 @@ class Server:
     def _update_guard(self, conn):
         conn.subscribed = self.channels.count(conn) > 0
         conn.guarded = conn.multi is not None or conn.subscribed or (
+            not conn.authenticated) or (
             self.store is not None and self.store.failing is not None)
 
     def _commit(self):
@@ -2123,6 +2340,7 @@ class Server:
         conn.waiter = None
         if conn.reader.pending():
             self._resumed.append(conn)
+        self._update_events(conn)
 
     def _expire_waiters(self):
         now = time.monotonic()
@@ -2136,10 +2354,12 @@ class Server:
                 self._unblock(conn)
 
     def _run_resumed(self):
-        while self._resumed:
-            conn = self._resumed.popleft()
+        # Those that used up their share come back in the next pass.
+        resumed, self._resumed = self._resumed, collections.deque()
+        for conn in resumed:
             if not conn.closed:
                 self._run(conn)
+                self._update_events(conn)
 
     # Writing and closing -------------------------------------------------
 
@@ -2150,34 +2370,38 @@ class Server:
                 self._write(conn)
 
     def _write(self, conn):
+        out = conn.out
         while True:
             if conn.unsent is None:
-                if not conn.out:
+                if not out:
                     break
-                data = b"".join(conn.out) if len(conn.out) > 1 else conn.out[0]
-                conn.out.clear()
-                conn.unsent = memoryview(data)
+                conn.unsent = memoryview(_next_slice(out))
             try:
                 sent = conn.sock.send(conn.unsent)
             except (BlockingIOError, InterruptedError):
                 sent = 0
-            except OSError:
-                self._close(conn)
-                return
+            except OSError as exc:
+                if not _tls_wants(exc):
+                    self._close(conn)
+                    return
+                sent = 0
             conn.out_size -= sent
+            if conn.backlogged and conn.out_size <= OUTPUT_LIMIT:
+                conn.backlogged = False
+                self._resumed.append(conn)  # caught up: run what it sent
             if sent < len(conn.unsent):
                 conn.unsent = conn.unsent[sent:]
                 if not conn.writing:
                     conn.writing = True
-                    self._selector.modify(conn.sock, selectors.EVENT_READ
-                                          | selectors.EVENT_WRITE, conn)
+                    self._update_events(conn)
                 return
             conn.unsent = None
-        if conn.writing:
-            conn.writing = False
-            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
         if conn.closing:
             self._close(conn)
+            return
+        if conn.writing or not conn.events & selectors.EVENT_READ:
+            conn.writing = False
+            self._update_events(conn)
 
     def _close(self, conn):
         if conn.closed:
@@ -2192,10 +2416,11 @@ class Server:
         if held:
             self._give_back_safely(held)
         self._conns.pop(conn.id, None)
-        try:
-            self._selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+        if conn.events:
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
         conn.sock.close()
 
     def _close_all(self):
@@ -2209,6 +2434,29 @@ class Server:
         self._selector.close()
         for sock in (self._listener, self._wake_r, self._wake_w):
             sock.close()
+
+
+def _next_slice(out):
+    """Take the next replies from out, joined, at most about WRITE_SLICE
+    bytes (a single larger reply whole): a backlog is never joined into
+    one object."""
+    if len(out) == 1:
+        return out.pop()
+    size, count = 0, 0
+    for data in out:
+        if count and size + len(data) > WRITE_SLICE:
+            break
+        size += len(data)
+        count += 1
+    data = b"".join(out[:count])
+    del out[:count]
+    return data
+
+
+def _tls_wants(exc):
+    """Whether exc only says that TLS needs the socket again later."""
+    name = type(exc).__name__
+    return name in ("SSLWantReadError", "SSLWantWriteError")
 
 
 def _listen(host, port):
@@ -2228,6 +2476,22 @@ def _listen(host, port):
         sock.close()
         raise
     return sock
+
+
+def _is_loopback(host):
+    """Whether every address host names is a loopback one."""
+    import ipaddress
+    try:
+        found = socket.getaddrinfo(host or None, 0, 0, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(
+        address[4][0].split("%")[0]).is_loopback for address in found)
+
+
+_OUT_OF_DESCRIPTORS = {getattr(errno, name) for name in (
+    "EMFILE", "ENFILE", "ENOBUFS", "ENOMEM") if hasattr(errno, name)}
 
 
 def _fit_to_descriptors(max_clients):
@@ -3244,6 +3508,8 @@ _WRITE_COMMANDS = {
     b"brpoplpush", b"lset", b"linsert", b"ltrim", b"lrem", b"del",
     b"flushdb", b"flushall", b"reserve", b"ack", b"nack", b"exec",
 }
+# What a client may send before it gives the token.
+_BEFORE_AUTH = {b"auth", b"hello", b"quit"}
 # Inside MULTI these run at once; every other command is queued for EXEC.
 _RUN_INSIDE_MULTI = {b"exec", b"discard", b"multi", b"watch", b"quit",
                      b"reset"}
@@ -4320,7 +4586,7 @@ def run_stats(options):
     print("clients: %s connected, %s waiting" % (
         info.get("connected_clients", "?"), info.get("blocked_clients", "?")))
     if version:
-        print("queues: %s holding %s, %s; %s held by clients" % (
+        print("queues: %s holding %s (%s of memory); %s held by clients" % (
             info.get("queues"), _plural(int(info.get("messages", 0)),
                                         "message"),
             _plural(int(info.get("used_memory", 0)), "byte"),

@@ -272,7 +272,7 @@ class QueuesTest(unittest.TestCase):
         queues = beuss.Queues()
         self.assertEqual(queues.push(b"q", [b"a", b"b"]), 2)
         self.assertEqual(queues.push(b"q", [b"c"]), 3)
-        self.assertEqual(queues.size, 3)
+        self.assertEqual(queues.size, 3 + 3 * beuss.MESSAGE_COST)
         self.assertEqual(queues.pop(b"q", count=2), [b"a", b"b"])
         self.assertEqual(queues.pop(b"q", left=False), [b"c"])
         self.assertNotIn(b"q", queues)
@@ -324,7 +324,7 @@ class QueuesTest(unittest.TestCase):
         self.assertEqual(queues.remove(b"q", -1, b"a"), 1)
         self.assertEqual(queues.peek(b"q", 0, -1), [b"a", b"b", b"a", b"c"])
         self.assertEqual(queues.remove(b"q", 0, b"a"), 2)
-        self.assertEqual(queues.size, 2)
+        self.assertEqual(queues.size, 2 + 2 * beuss.MESSAGE_COST)
         self.assertTrue(queues.delete(b"q"))
         self.assertEqual(queues.size, 0)
 
@@ -341,7 +341,7 @@ class QueuesTest(unittest.TestCase):
         self.assertEqual(queues.positions(b"q", b"a"), [2])
         queues.trim(b"q", 1, 2)
         self.assertEqual(queues.peek(b"q", 0, -1), [b"bb", b"a"])
-        self.assertEqual(queues.size, 3)
+        self.assertEqual(queues.size, 3 + 2 * beuss.MESSAGE_COST)
         queues.trim(b"q", 5, 9)
         self.assertNotIn(b"q", queues)
         self.assertEqual(queues.size, 0)
@@ -399,7 +399,7 @@ class ReserveQueuesTest(unittest.TestCase):
         held = [queues.reserve(b"q", "owner") for _ in range(2)]
         self.assertEqual([h.message for h in held], [b"a", b"b"])
         self.assertEqual(queues.length(b"q"), 1)
-        self.assertEqual(queues.size, 3)
+        self.assertEqual(queues.size, 3 + 3 * beuss.MESSAGE_COST)
         queues.push(b"q", [b"z"], left=True)
         queues.give_back(list(reversed(held)))
         self.assertEqual(queues.peek(b"q", 0, -1), [b"a", b"b", b"z", b"c"])
@@ -409,7 +409,7 @@ class ReserveQueuesTest(unittest.TestCase):
         self.assertNotEqual(again.id, held[0].id)
         queues.ack(again)
         self.assertIsNone(queues.held(again.id, "owner"))
-        self.assertEqual(queues.size, 3)
+        self.assertEqual(queues.size, 3 + 3 * beuss.MESSAGE_COST)
 
     def test_too_many_deliveries_send_a_message_to_dead_letters(self):
         queues = beuss.Queues(max_deliveries=2)
@@ -853,7 +853,7 @@ class ServerTest(ServerCase):
         sock.sendall(requests(["INFO"]))
         info = beuss.ReplyReader(sock).read().decode()
         for line in ("beuss_version:" + beuss.__version__, "connected_clients:2",
-                     "blocked_clients:0", "used_memory:5", "queues:1",
+                     "blocked_clients:0", "used_memory:%d" % (5 + 2 * beuss.MESSAGE_COST), "queues:1",
                      "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0,held=0", "held:0",
                      "tcp_port:%d" % self.port, "process_id:%d" % os.getpid(),
                      "python_version:%d.%d.%d" % sys.version_info[:3],
@@ -1658,7 +1658,7 @@ class CommandLineTest(ServerCase):
         status, out, _ = self.run_main("STATS")
         self.assertEqual(status, 0)
         self.assertIn(b"beuss " + beuss.__version__.encode(), out)
-        self.assertIn(b"queues: 2 holding 3 messages, 4 bytes", out)
+        self.assertIn(b"queues: 2 holding 3 messages (%d bytes of memory)" % (4 + 3 * beuss.MESSAGE_COST), out)
         self.assertIn(b"  jobs: 2 messages, 3 bytes, 0 waiting", out)
 
     def test_bench_puts_then_takes_and_cleans_up(self):
@@ -1702,7 +1702,7 @@ class CommandLineTest(ServerCase):
                          "beuss: no message on queue q within 1 second\n")
         self.client().put("q", "m")
         out = self.run_main("STATS")[1].decode()
-        self.assertIn("holding 1 message, 1 byte; 0 held by clients\n", out)
+        self.assertIn("holding 1 message (49 bytes of memory); 0 held by clients\n", out)
         self.assertIn("q: 1 message, 1 byte, 0 waiting, 0 held", out)
 
     def test_setting_errors_name_the_flag_as_typed(self):
