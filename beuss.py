@@ -46,6 +46,7 @@ __all__ = [
 import collections
 import errno
 import heapq
+import hmac
 import os
 import selectors
 import socket
@@ -81,6 +82,7 @@ DEFAULT_MAX_INPUT = 32 * 1024 * 1024
 HOUSEKEEPING_INTERVAL = 1.0
 ACCEPT_RETRY = 0.1                      # after running out of descriptors
 TLS_HANDSHAKE_TIMEOUT = 10.0
+MAX_FAILED_AUTHS = 3                    # wrong tokens before the close
 READ_SIZE = 64 * 1024
 SELECT_TIMEOUT_MAX = 1.0                # Ctrl-C must get through on Windows
 FOREVER = float("inf")
@@ -1648,7 +1650,7 @@ class Server:
                  max_deliveries=DEFAULT_MAX_DELIVERIES, data=None,
                  fsync="everysec", token=None, protected_mode=True,
                  tls_cert=None, tls_key=None, max_input=None,
-                 max_memory=0, selector=None):
+                 max_memory=None, selector=None):
         if token is not None and not isinstance(token, bytes):
             token = token.encode("utf-8")
         if token is None and protected_mode and not _is_loopback(host):
@@ -1661,6 +1663,8 @@ class Server:
         self.max_message_size = max_message_size
         self.max_input = max_input or max(DEFAULT_MAX_INPUT,
                                           max_message_size + 1024 * 1024)
+        if max_memory is None:
+            max_memory = half_the_memory()
         self.max_memory = max_memory    # 0: no bound
         selector_class = selector or selectors.DefaultSelector
         self._max_fd = None         # select(): descriptors must stay below
@@ -1670,11 +1674,15 @@ class Server:
             else:
                 self._max_fd = SELECT_SOCKETS * 2   # FD_SETSIZE, 1024
         self.max_clients = _fit_to_descriptors(max_clients)
-        self._tls = None
+        self._tls, self._tls_cert = None, tls_cert
         if tls_cert is not None:
             import ssl
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self._tls.load_cert_chain(tls_cert, tls_key)
+            try:
+                self._tls.load_cert_chain(tls_cert, tls_key)
+            except (OSError, ValueError) as exc:
+                raise BeussError("cannot use the TLS certificate %s: %s"
+                                 % (tls_cert, _reason(exc)))
         self.lease = lease              # seconds a message may be held; 0: ever
         self.queues = Queues(max_deliveries)
         self.store = None
@@ -1746,6 +1754,9 @@ class Server:
             ("bind", host), ("port", port), ("maxclients", self.max_clients),
             ("max-message-size", self.max_message_size),
             ("lease", _number_text(self.lease)),
+            ("maxmemory", self.max_memory), ("max-input", self.max_input),
+            ("requirepass", "(set)" if self.token else ""),
+            ("tls-cert-file", self._tls_cert or ""),
             ("max-deliveries", self.queues.max_deliveries),
             ("data", store.path if store else ""),
             ("save", ""), ("appendonly", "yes" if store else "no"),
@@ -1772,7 +1783,7 @@ class Server:
             ("blocked_clients", queues.waiting),
             ("maxclients", self.max_clients)])
         section("Memory", [
-            ("used_memory", queues.size),
+            ("used_memory", queues.size), ("maxmemory", self.max_memory),
             ("max_message_size", self.max_message_size)])
         store = self.store
         section("Persistence", [
@@ -2104,6 +2115,34 @@ class Server:
             self._dirty.append(conn)
         conn.out.append(data)
         conn.out_size += len(data)
+
+    # Authentication ------------------------------------------------------
+
+    def authenticate(self, conn, user, password):
+        """AUTH and HELLO AUTH. Without a token, like Redis's default user
+        with no password, any password opens "default". A connection is
+        closed after MAX_FAILED_AUTHS wrong tries."""
+        if self.token is None:
+            if user == b"default":
+                return
+        elif user == b"default" and hmac.compare_digest(password, self.token):
+            conn.authenticated = True
+            conn.reader.locked = False
+            conn.failed_auths = 0
+            self._update_guard(conn)
+            return
+        else:
+            conn.failed_auths += 1
+            if conn.failed_auths >= MAX_FAILED_AUTHS:
+                conn.closing = True
+        raise ReplyError("WRONGPASS invalid username-password pair or user "
+                         "is disabled.")
+
+    def deauthenticate(self, conn):
+        if self.token is not None:
+            conn.authenticated = False
+            conn.reader.locked = True
+            self._update_guard(conn)
 
     # Transactions --------------------------------------------------------
 
@@ -2478,6 +2517,14 @@ def _listen(host, port):
     return sock
 
 
+def half_the_memory():
+    """Half of the machine's memory, where the system tells it; else 0."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def _is_loopback(host):
     """Whether every address host names is a loopback one."""
     import ipaddress
@@ -2621,6 +2668,15 @@ def _side(arg):
 def _check_size(server, messages):
     if max(map(len, messages)) > server.max_message_size:
         raise message_too_large(server.max_message_size)
+    _check_memory(server)
+
+
+def _check_memory(server):
+    # As Redis: a command that adds is refused once memory is past the
+    # bound; the one that crossed it went through.
+    if server.max_memory and server.queues.size > server.max_memory:
+        raise ReplyError("OOM command not allowed when used memory > "
+                         "'maxmemory'.")
 
 
 def cmd_push(server, conn, args):
@@ -2712,22 +2768,26 @@ def cmd_blmpop(server, conn, args):
 
 def cmd_lmove(server, conn, args):
     from_left, to_left = _side(args[3]), _side(args[4])
+    _check_memory(server)
     message = server.queues.move(args[1], args[2], from_left, to_left)
     return conn.null_bulk if message is None else encode_bulk(message)
 
 
 def cmd_blmove(server, conn, args):
     from_left, to_left = _side(args[3]), _side(args[4])
+    _check_memory(server)
     return _blocking_move(server, conn, args[1], args[2], from_left, to_left,
                           args[5])
 
 
 def cmd_rpoplpush(server, conn, args):
+    _check_memory(server)
     message = server.queues.move(args[1], args[2], False, True)
     return conn.null_bulk if message is None else encode_bulk(message)
 
 
 def cmd_brpoplpush(server, conn, args):
+    _check_memory(server)
     return _blocking_move(server, conn, args[1], args[2], False, True, args[3])
 
 
@@ -2931,6 +2991,7 @@ def cmd_reset(server, conn, args):
     server.unsubscribe_all(conn)
     _set_protocol(conn, False)
     conn.name = b""
+    server.deauthenticate(conn)
     return b"+RESET\r\n"
 
 
@@ -3034,11 +3095,11 @@ def cmd_hello(server, conn, args):
         if version not in (2, 3):
             raise ReplyError("NOPROTO unsupported protocol version")
         resp3 = version == 3
-    name, i = None, 2
+    name, auth, i = None, None, 2
     while i < len(args):
         option = args[i].upper()
         if option == b"AUTH" and i + 2 < len(args):
-            _authenticate(args[i + 1], args[i + 2])
+            auth = args[i + 1:i + 3]
             i += 3
         elif option == b"SETNAME" and i + 1 < len(args):
             name = _client_name(args[i + 1])
@@ -3046,6 +3107,14 @@ def cmd_hello(server, conn, args):
         else:
             raise ReplyError("ERR Syntax error in HELLO option '%s'"
                              % args[i].decode("utf-8", "replace"))
+    if auth is not None:
+        server.authenticate(conn, *auth)
+    elif not conn.authenticated:
+        raise ReplyError(
+            "NOAUTH HELLO must be called with the client already "
+            "authenticated, otherwise the HELLO AUTH <user> <pass> option "
+            "can be used to authenticate the client and select the RESP "
+            "protocol version at the same time")
     if name is not None:
         conn.name = name
     _set_protocol(conn, resp3)
@@ -3060,22 +3129,17 @@ def cmd_hello(server, conn, args):
     ], resp3)
 
 
-def _authenticate(user, password):
-    # No password is configured: like Redis's default user, any password
-    # opens "default", and no other user exists.
-    if user != b"default":
-        raise ReplyError("WRONGPASS invalid username-password pair or user "
-                         "is disabled.")
-
-
 def cmd_auth(server, conn, args):
-    if len(args) == 2:
-        raise ReplyError(
-            "ERR AUTH <password> called without any password configured for "
-            "the default user. Are you sure your configuration is correct?")
     if len(args) > 3:
         raise ReplyError(ERR_SYNTAX)
-    _authenticate(args[1], args[2])
+    if len(args) == 2:
+        if server.token is None:
+            raise ReplyError(
+                "ERR AUTH <password> called without any password configured "
+                "for the default user. Are you sure your configuration is "
+                "correct?")
+        args = [args[0], b"default", args[1]]
+    server.authenticate(conn, args[1], args[2])
     return OK
 
 
@@ -3554,6 +3618,15 @@ def _setting(value, flag, env_name, default, convert=str):
         raise ValueError("%s: %r is not a valid value" % (source, value))
 
 
+def _yes(value):
+    text = str(value).lower()
+    if text in ("1", "yes", "true", "on"):
+        return True
+    if text in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(value)
+
+
 def _port(value):
     port = int(value)
     if not 0 <= port <= 65535:
@@ -3571,9 +3644,14 @@ class Client:
     bytes.
     """
 
-    def __init__(self, host=None, port=None, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, host=None, port=None, timeout=DEFAULT_TIMEOUT,
+                 token=None, tls=None, tls_ca=None):
         self.host = _setting(host, "--host", "BHOST", DEFAULT_HOST)
         self.port = _setting(port, "--port", "BPORT", DEFAULT_PORT, _port)
+        self.token = _setting(token, "--token", "BTOKEN", None)
+        self.tls_ca = _setting(tls_ca, "--tls-ca", "BTLSCA", None)
+        self.tls = _setting(tls, "--tls", "BTLS", False, _yes) or bool(
+            self.tls_ca)
         self.timeout = timeout
         self.reserves = None        # the server has RESERVE; None: not asked
         self._sock = None
@@ -3601,7 +3679,23 @@ class Client:
             raise ConnectionFailed("cannot reach the server at %s:%d: %s"
                                    % (self.host, self.port, _reason(exc)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls:
+            import ssl
+            try:
+                # The server's certificate is checked, against --tls-ca or
+                # the system's authorities, and must name the host.
+                context = ssl.create_default_context(cafile=self.tls_ca)
+                sock = context.wrap_socket(sock, server_hostname=self.host)
+            except (OSError, ValueError) as exc:
+                sock.close()
+                raise ConnectionFailed("no TLS with the server at %s:%d: %s"
+                                       % (self.host, self.port, _reason(exc)))
         self._sock, self._reader = sock, ReplyReader(sock)
+        if self.token is not None:
+            reply = self._talk([[b"AUTH", self.token]], 1)[0]
+            if isinstance(reply, ReplyError):
+                self.close()
+                raise reply
 
     def pipeline(self, commands, wait=0.0):
         """Send every command at once, then read all their replies: one
@@ -3936,7 +4030,8 @@ def _reason(exc):
 
 
 def put(queue, message, **conn):
-    """Append message to queue on the server; return the queue's length."""
+    """Append message to queue on the server; return the queue's length.
+    conn: Client's settings (host, port, token, tls, tls_ca, timeout)."""
     with Client(**conn) as client:
         return client.put(queue, message)
 
@@ -4054,13 +4149,34 @@ def _parser(verb, summary):
 def _add_address(parser):
     parser.add_argument("--host", help="server host (BHOST; 127.0.0.1)")
     parser.add_argument("--port", help="server port (BPORT; 6552)")
+    parser.add_argument("--token", help="the server's token (BTOKEN)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="read the token from FILE's first line")
+    parser.add_argument("--tls", action="store_const", const="yes",
+                        help="connect with TLS, checking the server's "
+                        "certificate (BTLS=1)")
+    parser.add_argument("--tls-ca", metavar="FILE",
+                        help="trust the certificates in FILE (BTLSCA)")
 
 
 def _client(options):
     try:
-        return Client(options.host, options.port)
+        return Client(options.host, options.port, token=_token(options),
+                      tls=options.tls, tls_ca=options.tls_ca)
     except ValueError as exc:
         raise UsageError(str(exc))
+
+
+def _token(options):
+    """--token, else the first line of --token-file, else None (BTOKEN)."""
+    if options.token_file is None:
+        return options.token
+    try:
+        with open(options.token_file, encoding="utf-8") as source:
+            return source.readline().strip()
+    except (OSError, UnicodeError) as exc:
+        raise UsageError("cannot read %s: %s" % (options.token_file,
+                                                 _reason(exc)))
 
 
 def _queue(name):
@@ -4111,6 +4227,25 @@ def _serve_arguments(parser):
                         help="a reserved message not acknowledged (or "
                         "touched) within SECONDS goes back to its queue "
                         "(BLEASE; 0: never)")
+    parser.add_argument("--token", help="clients must AUTH with it "
+                        "(BTOKEN)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="read the token from FILE's first line")
+    parser.add_argument("--no-protected-mode", action="store_const",
+                        const="no", dest="protected_mode",
+                        help="listen beyond loopback without a token "
+                        "(BPROTECTEDMODE=no)")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="serve TLS with this certificate (BTLSCERT)")
+    parser.add_argument("--tls-key", metavar="FILE",
+                        help="... and this private key (BTLSKEY)")
+    parser.add_argument("--max-memory", metavar="BYTES",
+                        help="memory queued messages may take; pushes past "
+                        "it are refused (BMAXMEMORY; half of the machine's; "
+                        "0: no bound; 512mb, 2gb ... understood)")
+    parser.add_argument("--max-input", metavar="BYTES",
+                        help="unread input a client may send ahead "
+                        "(BMAXINPUT; 32mb, or the message size + 1mb)")
     parser.add_argument("--data", metavar="FILE",
                         help="keep the queues in this SQLite file, so that "
                         "they outlive a restart (BDATA; none: memory only)")
@@ -4128,6 +4263,18 @@ def _positive(value):
     if number < 1:
         raise ValueError(value)
     return number
+
+
+def _bytes(value):
+    """A size in bytes: 1000, 10k (1000s), 10kb (1024s), 512mb, 2gb."""
+    text = value.strip().lower()
+    units = {"k": 1000, "kb": 1024, "m": 1000 ** 2, "mb": 1024 ** 2,
+             "g": 1000 ** 3, "gb": 1024 ** 3}
+    number = text.rstrip("kmgb")
+    unit = units.get(text[len(number):], 1 if number == text else None)
+    if unit is None or not number.isdigit():
+        raise ValueError(value)
+    return int(number) * unit
 
 
 def _fsync_policy(value):
@@ -4156,7 +4303,7 @@ def run_serve(options):
         port = _setting(options.port, "--port", "BPORT", DEFAULT_PORT, _port)
         max_message_size = _setting(
             options.max_message_size, "--max-message-size",
-            "BMAXMESSAGESIZE", DEFAULT_MAX_MESSAGE_SIZE, _positive)
+            "BMAXMESSAGESIZE", DEFAULT_MAX_MESSAGE_SIZE, _bytes)
         max_clients = _setting(options.max_clients, "--max-clients",
                                "BMAXCLIENTS", DEFAULT_MAX_CLIENTS, _positive)
         lease = _setting(options.lease, "--lease", "BLEASE", 0, _duration)
@@ -4164,13 +4311,22 @@ def run_serve(options):
                                   "BMAXDELIVERIES", DEFAULT_MAX_DELIVERIES,
                                   _whole)
         data = _setting(options.data, "--data", "BDATA", None)
+        token = _setting(_token(options), "--token", "BTOKEN", None)
+        protected = _setting(options.protected_mode, "--no-protected-mode",
+                             "BPROTECTEDMODE", True, _yes)
+        tls_cert = _setting(options.tls_cert, "--tls-cert", "BTLSCERT", None)
+        tls_key = _setting(options.tls_key, "--tls-key", "BTLSKEY", None)
+        max_memory = _setting(options.max_memory, "--max-memory",
+                              "BMAXMEMORY", None, _bytes)
+        max_input = _setting(options.max_input, "--max-input", "BMAXINPUT",
+                             None, _bytes)
         fsync = _setting(options.fsync, "--fsync", "BFSYNC", "everysec",
                          _fsync_policy)
     except ValueError as exc:
         raise UsageError(str(exc))
-    if max_message_size > MAX_BULK_LENGTH:
-        raise UsageError("the largest message size is %d bytes"
-                         % MAX_BULK_LENGTH)
+    if not 1 <= max_message_size <= MAX_BULK_LENGTH:
+        raise UsageError("--max-message-size: a message size is from 1 to "
+                         "%d bytes" % MAX_BULK_LENGTH)
     # The handlers go in before the port opens: a signal that comes once
     # anyone can connect must stop the server cleanly, never half way.
     import signal
@@ -4184,7 +4340,8 @@ def run_serve(options):
     signal.signal(signal.SIGTERM, stop)
     try:
         server = Server(host, port, max_message_size, max_clients, lease,
-                        max_deliveries, data, fsync)
+                        max_deliveries, data, fsync, token, protected,
+                        tls_cert, tls_key, max_input, max_memory)
     except OSError as exc:
         raise ConnectionFailed("cannot listen on %s:%s: %s"
                                % (host, port, _reason(exc)))

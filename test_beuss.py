@@ -1706,7 +1706,8 @@ class CommandLineTest(ServerCase):
         self.assertIn("q: 1 message, 1 byte, 0 waiting, 0 held", out)
 
     def test_setting_errors_name_the_flag_as_typed(self):
-        for flag, value in (("--max-message-size", "10k"), ("--max-clients", "0")):
+        for flag, value in (("--max-message-size", "ten"), ("--max-clients", "0"),
+                            ("--max-memory", "1tb")):
             status, _, err = self.run_main("SERVE", flag, value)
             self.assertEqual((status, err), (2, "beuss: %s: %r is not a valid "
                                              "value\n" % (flag, value)))
@@ -2197,8 +2198,8 @@ time.sleep(60)
         done = self.beuss("--max-message-size", str(beuss.MAX_BULK_LENGTH + 1),
                           check=False)
         self.assertEqual(done.returncode, 2)
-        self.assertEqual(done.stderr, b"beuss: the largest message size is "
-                                      b"536870912 bytes\n")
+        self.assertEqual(done.stderr, b"beuss: --max-message-size: a message size "
+                                      b"is from 1 to 536870912 bytes\n")
         done = self.beuss("--port", "nope", check=False)
         self.assertEqual(done.returncode, 2)
         self.assertEqual(done.stderr, b"beuss: --port: 'nope' is not a valid value\n")
