@@ -13,10 +13,12 @@ import contextlib
 import io
 import os
 import random
+import selectors
 import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BEUSS = os.path.join(HERE, "beuss.py")
 TIMEOUT = 10        # seconds any one socket operation may take in a test
 POSIX = os.name == "posix"
+
+
+# BEUSS_SELECTOR=select (or poll) runs every server of the suite on that
+# selector, as Windows (select) would.
+SELECTOR = {"select": "SelectSelector", "poll": "PollSelector"}.get(
+    os.environ.get("BEUSS_SELECTOR", ""))
+
+
+def server_options(**options):
+    if SELECTOR is not None:
+        options.setdefault("selector", getattr(selectors, SELECTOR))
+    return options
 
 
 def need_tool(test, name):
@@ -210,6 +224,81 @@ class RequestReaderTest(unittest.TestCase):
             reader.feed(data[i:i + 65536])
             request = reader.read()
         self.assertEqual(request, [b"RPUSH", b"q", message])
+
+
+class ReaderBoundsTest(unittest.TestCase):
+
+    def test_before_authentication_at_and_past_the_limits(self):
+        reader = beuss.RequestReader(1024 * 1024)
+        reader.locked = True
+        reader.feed(requests(["RPUSH", "q"] + ["m"] * 8))         # 10 arguments
+        self.assertEqual(len(reader.read()), 10)
+        reader.feed(requests(["ECHO", "x" * 16384]))
+        self.assertEqual(len(reader.read()[1]), 16384)
+        for request, error in ((requests(["RPUSH", "q"] + ["m"] * 9),
+                                "unauthenticated multibulk length"),
+                               (requests(["ECHO", "x" * 16385]),
+                                "unauthenticated bulk length")):
+            reader = beuss.RequestReader(1024 * 1024)
+            reader.locked = True
+            reader.feed(request)
+            with self.assertRaises(beuss.ProtocolError) as caught:
+                reader.read()
+            self.assertEqual(str(caught.exception), error)
+
+    def test_a_request_in_tiny_pieces_costs_about_its_size(self):
+        import tracemalloc
+        request = requests(["RPUSH", "q", b"m" * 100000])
+        pieces = [request[i:i + 1] for i in range(len(request) - 1)]
+        reader = beuss.RequestReader(1024 * 1024)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for piece in pieces:
+                reader.feed(piece)
+                self.assertIsNone(reader.read())
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        self.assertLess(held, 2 * len(request))
+        # The length lines of arguments already read are not counted.
+        self.assertLessEqual(len(request) - 64, reader.pending())
+        self.assertLessEqual(reader.pending(), len(request) - 1)
+        reader.feed(request[-1:])
+        self.assertEqual(reader.read()[2], b"m" * 100000)
+        self.assertEqual(reader.pending(), 0)
+
+    def test_pending_counts_the_request_under_way(self):
+        reader = beuss.RequestReader(1024 * 1024)
+        request = requests(["RPUSH", "q"] + ["x" * 70000] * 5)
+        reader.feed(request[:-10])
+        self.assertIsNone(reader.read())
+        self.assertGreaterEqual(reader.pending(), 5 * 70000 - 10)
+
+
+class MessageCostTest(unittest.TestCase):
+
+    def test_the_cost_counted_is_the_memory_taken(self):
+        import tracemalloc
+        for size in (10, 1000):
+            reader = beuss.RequestReader(1024 * 1024)
+            queues = beuss.Queues()
+            request = requests(*[["RPUSH", "q", os.urandom(size)]] * 20000)
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                reader.feed(request)
+                while True:
+                    args = reader.read()
+                    if args is None:
+                        break
+                    queues.push(args[1], args[2:])
+                del reader, request, args
+                taken = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            self.assertLess(abs(queues.size - taken) / taken, 0.25,
+                            (size, queues.size, taken))
 
 
 class RequestReaderFuzzTest(unittest.TestCase):
@@ -622,7 +711,8 @@ class ServerCase(unittest.TestCase):
 
     def setUp(self):
         self.threads_before = threading.active_count()
-        self.server = beuss.Server("127.0.0.1", 0, **self.server_options)
+        self.server = beuss.Server("127.0.0.1", 0,
+                                   **server_options(**self.server_options))
         self.server.start()
         self.port = self.server.address[1]
         self.sockets = []
@@ -1269,6 +1359,262 @@ class ClientCommandsTest(ServerCase):
         self.assertEqual(settings[b"max-message-size"], b"10240")
         for name in (b"bind", b"maxclients", b"save", b"appendonly"):
             self.assertIn(name, settings)
+
+
+class HostileTest(ServerCase):
+    """Each hole a broken or hostile client could use, closed."""
+
+    server_options = {"max_message_size": 200000}
+
+    def wait_until(self, condition):
+        deadline = time.monotonic() + TIMEOUT
+        while not condition():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+
+    def test_globs_that_backtrack_answer_at_once(self):
+        long_name = b"a" * 4000
+        self.exchange(requests(["RPUSH", long_name, "m"]), b":1\r\n")
+        for command, reply in ((["KEYS", "*a*a*b"], b"*0\r\n"),
+                               (["KEYS", "*a*a*a*b"], b"*0\r\n"),
+                               (["SCAN", "0", "MATCH", "*a*a*a*a*b"],
+                                b"*2\r\n$1\r\n0\r\n*0\r\n")):
+            self.exchange(requests(command, ["PING"]), reply + b"+PONG\r\n")
+        self.exchange(requests(["KEYS", "*a*a*a*"]),
+                      b"*1\r\n$4000\r\n" + long_name + b"\r\n")
+
+    def test_replies_a_client_does_not_read_stay_bounded(self):
+        self.exchange(requests(["RPUSH", "q", "m" * 100000]), b":1\r\n")
+        hoarder = self.connect()
+        hoarder.sendall(requests(*[["LRANGE", "q", "0", "-1"]] * 300))
+        self.wait_until(lambda: any(conn.backlogged for conn in
+                                    list(self.server._conns.values())))
+        conn = next(c for c in self.server._conns.values() if c.backlogged)
+        self.assertLessEqual(conn.out_size, beuss.OUTPUT_LIMIT + 100020)
+        self.assertGreater(conn.reader.pending(), 0)    # not run yet
+        self.exchange(b"PING\r\n", b"+PONG\r\n")       # others go on
+        reply = b"*1\r\n$100000\r\n" + b"m" * 100000 + b"\r\n"
+        self.assertEqual(self.receive(hoarder, len(reply) * 300), reply * 300)
+
+    def test_a_waiting_client_is_not_read_past_64_kib(self):
+        waiter = self.connect()
+        waiter.sendall(requests(["BLPOP", "q", "0"]))
+        self.wait_until(lambda: self.server.queues.waiting == 1)
+        waiter.setblocking(False)
+        sent, chunk = 0, requests(["PING"]) * 1000
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                sent += waiter.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.05)
+                try:
+                    sent += waiter.send(chunk)
+                except BlockingIOError:
+                    break
+        conn = next(c for c in self.server._conns.values() if c.waiter)
+        self.assertLessEqual(conn.reader.pending(),
+                             beuss.WAITING_INPUT_LIMIT + beuss.READ_SIZE)
+        self.assertGreater(sent, conn.reader.pending())  # the kernel has it
+        waiter.setblocking(True)
+        self.exchange(requests(["RPUSH", "q", "x"]), b":1\r\n")
+        self.expect(waiter, b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n+PONG\r\n")
+
+    def test_a_client_gets_its_share_of_a_pass_then_waits(self):
+        server = beuss.Server("127.0.0.1", 0)   # driven by hand, no loop
+        self.addCleanup(server.stop)
+        sock, peer = socket.socketpair()
+        self.addCleanup(peer.close)
+        conn = beuss._Conn(sock, 1, None, 1024)
+        server._conns[1] = conn
+        conn.reader.feed(requests(*[["RPUSH", "q", "m"]] * 2500))
+        server._run(conn)
+        self.assertEqual(server.queues.length(b"q"), beuss.REQUESTS_PER_PASS)
+        self.assertEqual(list(server._resumed), [conn])
+        server._run_resumed()
+        self.assertEqual(server.queues.length(b"q"), 2 * beuss.REQUESTS_PER_PASS)
+        self.assertEqual(list(server._resumed), [conn])
+
+    def test_http_is_closed_at_once_and_said_once_a_minute(self):
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            for _ in range(3):
+                sock = self.connect()
+                sock.sendall(b"POST / HTTP/1.1\r\nHost: beuss\r\n\r\nFLUSHALL\r\n")
+                self.assert_closed(sock)
+            sock = self.connect()
+            sock.sendall(b"Host: evil\r\n")
+            self.assert_closed(sock)
+        self.assertEqual(len(err.getvalue().splitlines()), 1, err.getvalue())
+        self.assertIn("cross-protocol", err.getvalue())
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+
+    def test_a_reset_in_the_middle_of_a_request_queues_nothing(self):
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            for cut in (5, 20, 30):
+                sock = self.connect()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                struct.pack("ii", 1, 0))
+                sock.sendall(requests(["RPUSH", "q", "half a request"])[:cut])
+                time.sleep(0.02)
+                sock.close()                # a reset
+            self.wait_until(lambda: not self.server._conns)
+        self.assertEqual(err.getvalue(), "")
+        self.assertEqual(len(self.server.queues), 0)
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+
+
+class MaxInputTest(ServerCase):
+
+    server_options = {"max_input": 4000}
+
+    def test_unread_input_at_and_past_the_limit(self):
+        at_limit = requests(["RPUSH", "q", "x" * 3969])
+        self.assertEqual(len(at_limit), 4000)
+        self.exchange(at_limit, b":1\r\n")
+        sock = self.exchange(requests(["RPUSH", "q", "x" * 3970]),
+                             b"-ERR Protocol error: more than 4000 bytes of "
+                             b"unread input\r\n")
+        self.assert_closed(sock)
+        self.assertEqual(self.server.queues.length(b"q"), 1)
+
+
+class MaxMemoryTest(ServerCase):
+
+    server_options = {"max_memory": 10 * (100 + beuss.MESSAGE_COST)}
+
+    def test_pushes_at_and_past_the_bound(self):
+        sock = self.connect()
+        message = "m" * 100
+        for i in range(10):                 # up to the bound exactly
+            self.exchange(requests(["RPUSH", "q", message]), b":%d\r\n" % (i + 1), sock)
+        self.assertEqual(self.server.queues.size, self.server.max_memory)
+        self.exchange(requests(["RPUSH", "q", message]), b":11\r\n", sock)
+        oom = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+        for command in (["RPUSH", "q", "x"], ["LPUSH", "q", "x"],
+                        ["LSET", "q", "0", "x"], ["LMOVE", "q", "r", "LEFT", "LEFT"]):
+            self.exchange(requests(command), oom, sock)
+        self.exchange(requests(["LLEN", "q"], ["LPOP", "q", "2"]),
+                      b":11\r\n*2\r\n", sock)
+        sock.recv(1000)
+        self.exchange(requests(["RPUSH", "q", message]), b":10\r\n", sock)
+
+    def test_the_default_is_half_the_machine(self):
+        if not hasattr(os, "sysconf"):
+            self.skipTest("no sysconf here")
+        with beuss.Server("127.0.0.1", 0) as server:
+            self.assertEqual(server.max_memory, os.sysconf("SC_PAGE_SIZE")
+                             * os.sysconf("SC_PHYS_PAGES") // 2)
+
+
+class TokenTest(ServerCase):
+
+    server_options = {"token": "s3cret"}
+
+    def test_nothing_but_auth_hello_and_quit_before_the_token(self):
+        sock = self.exchange(requests(["PING"], ["RPUSH", "q", "x"], ["HELLO", "3"]),
+                             b"-NOAUTH Authentication required.\r\n"
+                             b"-NOAUTH Authentication required.\r\n-NOAUTH HELLO must")
+        sock.recv(1000)
+        self.exchange(requests(["AUTH", "wrong"], ["AUTH", "s3cret"], ["PING"],
+                               ["RESET"], ["PING"], ["AUTH", "default", "s3cret"],
+                               ["LLEN", "q"]),
+                      b"-WRONGPASS invalid username-password pair or user is "
+                      b"disabled.\r\n+OK\r\n+PONG\r\n+RESET\r\n-NOAUTH "
+                      b"Authentication required.\r\n+OK\r\n:0\r\n", sock)
+        sock = self.connect()
+        sock.sendall(requests(["HELLO", "3", "AUTH", "default", "s3cret"]))
+        self.assertEqual(beuss.ReplyReader(sock).read()[b"proto"], 3)
+
+    def test_three_wrong_tries_close_the_connection(self):
+        sock = self.connect()
+        sock.sendall(requests(["AUTH", "a"], ["AUTH", "default", "b"],
+                              ["HELLO", "2", "AUTH", "default", "c"], ["PING"]))
+        self.assertEqual(self.receive(sock, 1000).count(b"-WRONGPASS"), 3)
+        self.assert_closed(sock)
+
+    def test_the_limits_before_the_token(self):
+        sock = self.exchange(requests(["ECHO", "x" * 16385]),
+                             b"-ERR Protocol error: unauthenticated bulk length\r\n")
+        self.assert_closed(sock)
+        sock = self.exchange(requests(["AUTH", "s3cret"], ["ECHO", "x" * 16385]),
+                             b"+OK\r\n$16385\r\n")
+
+    def test_the_client_and_the_command_line_give_the_token(self):
+        with self.assertRaises(beuss.ReplyError):
+            beuss.Client("127.0.0.1", self.port, token="wrong").len("q")
+        self.assertEqual(beuss.put("q", "m", port=self.port, token="s3cret"), 1)
+        with mock.patch.dict(os.environ, {"BTOKEN": "s3cret"}):
+            self.assertEqual(beuss.get("q", port=self.port), b"m")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        token_file = os.path.join(folder, "token")
+        with open(token_file, "w") as f:
+            f.write("s3cret\n")
+        with mock.patch.object(sys, "stdout", io.StringIO()) as out:
+            self.assertEqual(beuss.main(["LEN", "q", "--port", str(self.port),
+                                         "--token-file", token_file]), 0)
+        self.assertEqual(out.getvalue(), "0\n")
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            self.assertEqual(beuss.main(["LEN", "q", "--port", str(self.port)]), 3)
+        self.assertIn("NOAUTH", err.getvalue())
+
+
+class ProtectedModeTest(unittest.TestCase):
+
+    def test_a_public_address_needs_a_token(self):
+        self.assertTrue(beuss._is_loopback("127.0.0.1"))
+        self.assertTrue(beuss._is_loopback("localhost"))
+        self.assertFalse(beuss._is_loopback("0.0.0.0"))
+        self.assertFalse(beuss._is_loopback(""))
+        with self.assertRaises(beuss.BeussError) as caught:
+            beuss.Server("0.0.0.0", 0)
+        self.assertIn("--no-protected-mode", str(caught.exception))
+        self.assertEqual(len(str(caught.exception).splitlines()), 1)
+
+    def test_serve_refuses_in_one_line(self):
+        done = subprocess.run([sys.executable, BEUSS, "--host", "0.0.0.0",
+                               "--port", str(free_port())],
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.returncode, 3)
+        self.assertEqual(done.stderr.count(b"\n"), 1)
+        self.assertIn(b"without a token", done.stderr)
+
+
+class SelectSelectorTest(unittest.TestCase):
+
+    def test_descriptors_select_cannot_watch_are_refused_not_fatal(self):
+        if not POSIX:
+            self.skipTest("select() limits descriptor numbers on POSIX")
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 2600
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            self.skipTest("the system allows only %d open files" % hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        server = beuss.Server("127.0.0.1", 0, selector=selectors.SelectSelector,
+                              max_clients=2000)
+        server.start()
+        self.addCleanup(server.stop)
+        socks, refused = [], 0
+        try:
+            for _ in range(1100):
+                sock = socket.create_connection(server.address, TIMEOUT)
+                socks.append(sock)
+                sock.sendall(b"PING\r\n")
+            for sock in socks:
+                reply = sock.recv(100)
+                if reply.startswith(b"-ERR max number of clients"):
+                    refused += 1
+                else:
+                    self.assertEqual(reply, b"+PONG\r\n")
+        finally:
+            for sock in socks:
+                sock.close()
+        self.assertGreater(refused, 0)
+        self.assertLess(refused, 1100)
+        with beuss.Client(*server.address) as client:
+            self.assertEqual(client.call("PING"), "PONG")
 
 
 class ManyClientsTest(ServerCase):
