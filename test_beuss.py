@@ -1580,6 +1580,146 @@ class ProtectedModeTest(unittest.TestCase):
         self.assertIn(b"without a token", done.stderr)
 
 
+def make_certificate(test):
+    """A throwaway self-signed certificate for localhost and 127.0.0.1:
+    (certificate file, key file)."""
+    openssl = need_tool(test, "openssl")
+    folder = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, folder)
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                   timeout=60)
+    return cert, key
+
+
+class TlsTest(ServerCase):
+
+    def setUp(self):
+        self.cert, key = make_certificate(self)
+        self.server_options = {"tls_cert": self.cert, "tls_key": key,
+                               "max_message_size": 4 * 1024 * 1024}
+        ServerCase.setUp(self)
+
+    def tls_client(self, **options):
+        client = beuss.Client("127.0.0.1", self.port, timeout=TIMEOUT, tls=True,
+                              tls_ca=self.cert, **options)
+        self.addCleanup(client.close)
+        return client
+
+    def test_clients_speak_tls_and_check_the_certificate(self):
+        client = self.tls_client()
+        big = os.urandom(3 * 1024 * 1024)   # many TLS records each way
+        self.assertEqual(client.put_many("q", [b"a", big, b"c"] * 3), 9)
+        self.assertEqual(client.call("LRANGE", "q", 0, -1), [b"a", big, b"c"] * 3)
+        with client.reserve("q") as message:
+            self.assertEqual(message.data, b"a")
+        with self.assertRaises(beuss.ConnectionFailed) as caught:
+            beuss.Client("127.0.0.1", self.port, tls=True).len("q")
+        self.assertIn("certificate verify failed", str(caught.exception))
+        with self.assertRaises(beuss.BeussError):
+            beuss.Client("127.0.0.1", self.port, timeout=2).len("q")
+        out = io.BytesIO()
+        text_out = io.TextIOWrapper(out, write_through=True)
+        with mock.patch.object(sys, "stdout", text_out):
+            self.assertEqual(beuss.main(["GET", "q", "--port", str(self.port),
+                                         "--tls-ca", self.cert]), 0)
+        self.assertEqual(out.getvalue(), big)
+
+    def test_a_stalled_handshake_is_closed(self):
+        with mock.patch.object(beuss, "TLS_HANDSHAKE_TIMEOUT", 0.2), \
+                mock.patch.object(beuss, "HOUSEKEEPING_INTERVAL", 0.1):
+            self.server._housekeeping_at = 0
+            stalled = self.connect()
+            stalled.sendall(b"\x16\x03\x01")   # the start of a hello, no more
+            self.assert_closed(stalled)
+        self.assertEqual(self.tls_client().call("PING"), "PONG")
+
+    def test_redis_cli_and_redis_py_over_tls(self):
+        cli = need_tool(self, "redis-cli")
+        done = subprocess.run([cli, "-p", str(self.port), "--tls", "--cacert", self.cert,
+                               "RPUSH", "q", "over tls"], stdout=subprocess.PIPE,
+                              timeout=60)
+        self.assertEqual(done.stdout, b"1\n")
+        script = ("import sys, redis\n"
+                  "r = redis.Redis(port=int(sys.argv[1]), ssl=True, "
+                  "ssl_ca_certs=sys.argv[2])\n"
+                  "print(r.lpop('q').decode(), r.ping())\n")
+        done = subprocess.run([redis_python(self), "-c", script, str(self.port),
+                               self.cert], stdout=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.stdout, b"over tls True\n")
+
+
+class OutOfDescriptorsTest(unittest.TestCase):
+    """An embedded server in a program that uses up its file descriptors."""
+
+    PROGRAM = """
+import os, resource, sys, time, beuss
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(
+    resource.RLIMIT_NOFILE)[1]))
+server = beuss.Server("127.0.0.1", 0, max_clients=8).start()
+print(server.address[1], flush=True)
+sys.stdin.readline()                    # the first client is in
+files = []
+try:
+    while True:
+        files.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+print("full", flush=True)
+sys.stdin.readline()                    # a second client knocks
+started = time.process_time()
+time.sleep(1)
+print("cpu %.3f" % (time.process_time() - started), flush=True)
+sys.stdin.readline()
+for fd in files:
+    os.close(fd)
+print("free", flush=True)
+sys.stdin.readline()
+server.stop()
+"""
+
+    def test_accepting_pauses_instead_of_spinning(self):
+        if not POSIX:
+            self.skipTest("RLIMIT_NOFILE is POSIX")
+        program = subprocess.Popen([sys.executable, "-c", self.PROGRAM], cwd=HERE,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True)
+        try:
+            port = int(program.stdout.readline())
+            first = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+            first.sendall(b"PING\r\n")
+            self.assertEqual(first.recv(100), b"+PONG\r\n")
+            program.stdin.write("\n")
+            program.stdin.flush()
+            self.assertEqual(program.stdout.readline(), "full\n")
+            second = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+            second.sendall(b"PING\r\n")
+            program.stdin.write("\n")
+            program.stdin.flush()
+            first.sendall(b"RPUSH q served\r\n")
+            self.assertEqual(first.recv(100), b":1\r\n")
+            cpu = float(program.stdout.readline().split()[1])
+            self.assertLess(cpu, 0.5)       # a spinning loop takes the whole second
+            program.stdin.write("\n")
+            program.stdin.flush()
+            self.assertEqual(program.stdout.readline(), "free\n")
+            second.settimeout(TIMEOUT)
+            self.assertEqual(second.recv(100), b"+PONG\r\n")
+            first.close()
+            second.close()
+            program.stdin.write("\n")
+            program.stdin.flush()
+            _, err = program.communicate(timeout=TIMEOUT)
+            self.assertEqual(program.returncode, 0, err)
+            self.assertIn("out of file descriptors", err)
+        finally:
+            program.kill()
+            program.wait()
+
+
 class SelectSelectorTest(unittest.TestCase):
 
     def test_descriptors_select_cannot_watch_are_refused_not_fatal(self):
