@@ -1703,6 +1703,8 @@ class Server:
         self._serving = False
         self._closed = False
         self._thread = None
+        self._read_buffer = bytearray(READ_SIZE)
+        self._read_view = memoryview(self._read_buffer)
         self._accepting = True      # the listener is watched
         self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
         self._complained_at = -60.0
@@ -1938,7 +1940,10 @@ class Server:
         sock = conn.sock
         while True:
             try:
-                data = sock.recv(READ_SIZE)
+                # Into one buffer, then a copy of what came: recv() would
+                # allocate READ_SIZE for every read, however small.
+                size = sock.recv_into(self._read_buffer)
+                data = self._read_view[:size].tobytes()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
