@@ -2910,12 +2910,12 @@ class FuzzTest(unittest.TestCase):
 class RedisServer:
     """A real redis-server on a free loopback port, for comparison."""
 
-    def __init__(self, test):
+    def __init__(self, test, *options):
         path = need_tool(test, "redis-server")
         self.port = free_port()
         self.process = subprocess.Popen(
             [path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+             "--appendonly", "no"] + list(options), stdout=subprocess.DEVNULL)
         wait_for_port(self.port)
 
     def stop(self):
@@ -3253,6 +3253,36 @@ class DifferentialTest(ServerCase):
             read_some(name, 0.1)
             conns[name].close()
         return received
+
+    # Two wrong tries only: beuss closes a connection at the third.
+    AUTH_SCRIPT = [
+        ["PING"], ["HELLO", "3"], ["HELLO", "3", "AUTH", "default", "wrong"],
+        ["AUTH", "wrong"], ["AUTH", "a", "b", "c"], ["MULTI"], ["RPUSH", "q", "x"],
+        ["AUTH", "s3cret"], ["PING"], ["RESET"], ["PING"],
+        ["AUTH", "default", "s3cret"], ["RPUSH", "q", "x"], ["HELLO", "2"],
+    ]
+
+    def test_authentication_matches_redis(self):
+        def run(port):
+            replies = self.raw_replies(port, [(requests(step), 1)
+                                              for step in self.AUTH_SCRIPT])
+            for limit in (requests(["ECHO"] + ["x"] * 10),      # 11 arguments
+                          requests(["ECHO", "x" * 16385])):
+                with socket.create_connection(("127.0.0.1", port), TIMEOUT) as sock:
+                    sock.sendall(limit)
+                    replies.append(sock.recv(1000))
+            return [(step, b"(server description)" if step[0] == "HELLO" and
+                     reply.startswith(b"*") else reply)
+                    for step, reply in zip(self.AUTH_SCRIPT + ["*11", "$16385"], replies)]
+        redis = RedisServer(self, "--requirepass", "s3cret")
+        try:
+            theirs = run(redis.port)
+        finally:
+            redis.stop()
+        with beuss.Server("127.0.0.1", 0, token="s3cret", **server_options()) as server:
+            ours = run(server.address[1])
+        self.assertEqual(ours, theirs)
+        self.assertEqual(len(ours), len(self.AUTH_SCRIPT) + 2)
 
     def test_random_list_commands_match_redis(self):
         # Seeded, so a failure can be replayed: the same 2000 random list
