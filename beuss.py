@@ -2932,8 +2932,11 @@ def cmd_type(server, conn, args):
 
 
 def cmd_keys(server, conn, args):
-    match = glob_matcher(args[1])
-    return encode_bulks([name for name in server.queues.names() if match(name)])
+    names = server.queues.names()
+    if args[1] != b"*":     # Redis's "*" takes every name, "" included
+        match = glob_matcher(args[1])
+        names = [name for name in names if match(name)]
+    return encode_bulks(names)
 
 
 def cmd_scan(server, conn, args):
@@ -2947,7 +2950,7 @@ def cmd_scan(server, conn, args):
         if i + 1 >= len(args):
             raise ReplyError(ERR_SYNTAX)
         if option == b"MATCH":
-            match = glob_matcher(args[i + 1])
+            match = None if args[i + 1] == b"*" else glob_matcher(args[i + 1])
         elif option == b"COUNT":
             if _integer(args[i + 1]) < 1:
                 raise ReplyError(ERR_SYNTAX)

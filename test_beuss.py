@@ -3284,6 +3284,27 @@ class DifferentialTest(ServerCase):
         self.assertEqual(ours, theirs)
         self.assertEqual(len(ours), len(self.AUTH_SCRIPT) + 2)
 
+    def test_random_globs_match_as_redis_matches_them(self):
+        rng = random.Random(11)
+        names = ["", "a", "ab", "abc", "a*c", "a?c", "[ab]", "x\\y", "hello",
+                 "h\xe9llo", "a-b", "]", "^x", "\xff", "aaaaab"]
+        alphabet = ["a", "b", "c", "*", "?", "[", "]", "^", "-", "\\", "x", "\xff"]
+        patterns = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7)))
+                    for _ in range(400)]
+
+        def run(port):
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                client.call("FLUSHALL")
+                for name in names:
+                    client.call("RPUSH", name.encode("latin-1"), "m")
+                replies = client.pipeline([("KEYS", p.encode("latin-1"))
+                                           for p in patterns])
+                return [sorted(reply) for reply in replies]
+        theirs, ours = self.on_both(run)
+        for pattern, mine, expected in zip(patterns, ours, theirs):
+            self.assertEqual(mine, expected, pattern)
+        self.assertTrue(any(ours) and not all(ours))
+
     def test_random_list_commands_match_redis(self):
         # Seeded, so a failure can be replayed: the same 2000 random list
         # commands over a few small queues, reply for reply.
