@@ -4375,11 +4375,16 @@ def run_serve(options):
 
 def _put_arguments(parser):
     parser.add_argument("queue")
+    _add_message_source(parser)
+
+
+def _add_message_source(parser):
+    # PUT's and PUB's: where the message comes from.
     parser.add_argument("message", nargs="?",
                         help="the message; without it, all of stdin")
     parser.add_argument("-l", "--lines", action="store_true",
                         help="each line of stdin is a message of its own")
-    parser.add_argument("-f", "--file", help="put the contents of FILE")
+    parser.add_argument("-f", "--file", help="send the contents of FILE")
     _add_address(parser)
 
 
@@ -4568,9 +4573,15 @@ def _write_stdout(data):
 
 def _on_arguments(parser):
     parser.add_argument("queue")
+    _add_handling(parser)
+
+
+def _add_handling(parser):
+    # ON's and SUB's: what is done with each message, and when to stop.
     parser.add_argument("-x", "--exec", metavar="CMD", dest="command",
                         help="run CMD (by the shell) for each message, the "
-                        "message on its stdin")
+                        "message on its stdin (SUB: its channel in "
+                        "BEUSS_CHANNEL)")
     parser.add_argument("-C", "--count", type=_count, metavar="N",
                         help="stop after N messages")
     parser.add_argument("-W", "--timeout", type=_seconds, metavar="SECONDS",
@@ -4772,12 +4783,7 @@ def run_stats(options):
 
 def _pub_arguments(parser):
     parser.add_argument("channel")
-    parser.add_argument("message", nargs="?",
-                        help="the message; without it, all of stdin")
-    parser.add_argument("-l", "--lines", action="store_true",
-                        help="each line of stdin is a message of its own")
-    parser.add_argument("-f", "--file", help="publish the contents of FILE")
-    _add_address(parser)
+    _add_message_source(parser)
 
 
 def run_pub(options):
@@ -4796,18 +4802,10 @@ def run_pub(options):
 def _sub_arguments(parser):
     parser.add_argument("channels", nargs="+", metavar="channel",
                         help="a channel, or a pattern (with * ? or [)")
-    parser.add_argument("-x", "--exec", metavar="CMD", dest="command",
-                        help="run CMD (by the shell) for each message, the "
-                        "message on its stdin, its channel in BEUSS_CHANNEL")
-    parser.add_argument("-C", "--count", type=_count, metavar="N",
-                        help="stop after N messages")
-    parser.add_argument("-W", "--timeout", type=_seconds, metavar="SECONDS",
-                        help="stop when no message came for SECONDS")
     parser.add_argument("--channel", action="store_true",
                         help="write each message's channel and a space "
                         "before it")
-    _add_separator(parser)
-    _add_address(parser)
+    _add_handling(parser)
 
 
 def run_sub(options):

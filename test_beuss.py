@@ -768,6 +768,12 @@ class ServerCase(unittest.TestCase):
     def assert_closed(self, sock):
         self.assertEqual(sock.recv(100), b"")
 
+    def wait_until(self, condition):
+        deadline = time.monotonic() + TIMEOUT
+        while not condition():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+
     def assert_quiet(self, sock, seconds=0.1):
         sock.settimeout(seconds)
         with self.assertRaises(socket.timeout):
@@ -998,12 +1004,6 @@ class TransactionTest(ServerCase):
         self.exchange(requests(["MULTI"], ["LPOP", "q"], ["EXEC"], ["LLEN", "q"]),
                       b"+OK\r\n+QUEUED\r\n*-1\r\n:1\r\n", watcher)
         self.assertEqual(self.server.queues._watches, {})
-
-    def wait_until(self, condition):
-        deadline = time.monotonic() + TIMEOUT
-        while not condition():
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.005)
 
 
 class ReserveTest(ServerCase):
@@ -1365,12 +1365,6 @@ class HostileTest(ServerCase):
     """Each hole a broken or hostile client could use, closed."""
 
     server_options = {"max_message_size": 200000}
-
-    def wait_until(self, condition):
-        deadline = time.monotonic() + TIMEOUT
-        while not condition():
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.005)
 
     def test_globs_that_backtrack_answer_at_once(self):
         long_name = b"a" * 4000
@@ -2700,12 +2694,6 @@ time.sleep(60)
         self.assertEqual(done.returncode, 2)
         self.assertEqual(done.stderr, b"beuss: PUT needs a message: an argument, "
                                       b"--file or stdin\n")
-
-    def wait_until(self, condition):
-        deadline = time.monotonic() + TIMEOUT
-        while not condition():
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.01)
 
 
 # ## Side by side with Redis and its tools ###################################
