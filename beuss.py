@@ -31,8 +31,12 @@ Limits: a message is at most 10240 bytes unless --max-message-size (or
 BMAXMESSAGESIZE) says otherwise, 512 MiB at most; a request has at most
 1,048,576 arguments; an inline request line is at most 64 KiB; the server
 takes 10000 connections (500 on Windows) unless --max-clients says otherwise;
-a subscriber that does not read is closed at 32 MiB of unsent messages, or
-8 MiB for 60 seconds.
+queued messages take at most --max-memory (half the machine's by default); a
+client may send at most --max-input (32 MiB) ahead, 64 KiB while it waits,
+and is not read while 1 MiB of its replies wait unsent; a subscriber that
+does not read is closed at 32 MiB of unsent messages, or 8 MiB for 60
+seconds. Beyond loopback the server needs --token (or --no-protected-mode);
+--tls-cert and --tls-key serve TLS.
 
 Standard library only, CPython 3.7 or newer. MIT licence.
 """
@@ -46,7 +50,6 @@ __all__ = [
 import collections
 import errno
 import heapq
-import hmac
 import os
 import selectors
 import socket
@@ -501,7 +504,7 @@ class ReplyReader:
         raise ProtocolError("unexpected reply %r" % line[:40])
 
 
-# ## Queues: the store and its waiters, without sockets ######################
+# ## Queues: messages, waiters, holders and channels, without sockets ########
 #
 # Names are matched against glob patterns (KEYS, SCAN MATCH, CONFIG GET,
 # PSUBSCRIBE) as Redis's stringmatchlen matches them. The pattern is cut
@@ -2130,7 +2133,7 @@ class Server:
         if self.token is None:
             if user == b"default":
                 return
-        elif user == b"default" and hmac.compare_digest(password, self.token):
+        elif user == b"default" and _same_token(password, self.token):
             conn.authenticated = True
             conn.reader.locked = False
             conn.failed_auths = 0
@@ -2520,6 +2523,13 @@ def _listen(host, port):
         sock.close()
         raise
     return sock
+
+
+def _same_token(given, token):
+    # In constant time; hmac pulls in OpenSSL, so only a server with a
+    # token imports it.
+    import hmac
+    return hmac.compare_digest(given, token)
 
 
 def half_the_memory():
