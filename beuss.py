@@ -802,7 +802,7 @@ class Queues:
         return found
 
     def all_messages(self):
-        """(name, messages) of every queue, for the store's checks."""
+        """(name, messages) of every queue, in order."""
         return [(name, list(queue)) for name, queue in self._queues.items()]
 
     # Changing ------------------------------------------------------------
@@ -1233,6 +1233,7 @@ class Store:
         self.commits = 0
         self._synced = 0            # commits the helper thread has synced
         self._sync_thread = None
+        self._sync_files = []       # the helper's descriptors, closed last
         self._stop_sync = threading.Event()
         self._retry_at = 0.0        # when a failing store tries again
         try:
@@ -1533,7 +1534,7 @@ class Store:
         # closed only after SQLite's (closing any descriptor of the file
         # would drop the locks SQLite holds on it).
         flags = os.O_RDWR | getattr(os, "O_BINARY", 0)
-        files = []
+        files = self._sync_files
         while not self._stop_sync.wait(1.0):
             commits = self.commits
             if commits == self._synced:
@@ -1550,7 +1551,6 @@ class Store:
                 except OSError:
                     pass
             self._synced = commits
-        self._sync_files = files
 
     def close(self):
         """Commit what is left, sync, and close."""
@@ -1563,7 +1563,7 @@ class Store:
         except self._sqlite3.Error:
             pass
         self._db.close()
-        for fd in getattr(self, "_sync_files", ()):
+        for fd in self._sync_files:
             os.close(fd)
 
 
