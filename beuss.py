@@ -113,6 +113,7 @@ ERR_TIMEOUT_NOT_FLOAT = "ERR timeout is not a float or out of range"
 ERR_TIMEOUT_NEGATIVE = "ERR timeout is negative"
 ERR_TIMEOUT_RANGE = "ERR timeout is out of range"
 ERR_MAX_CLIENTS = b"-ERR max number of clients reached\r\n"
+ERR_OOM = "OOM command not allowed when used memory > 'maxmemory'."
 
 
 # ## Errors ##################################################################
@@ -252,8 +253,16 @@ def _is_hex(two):
 
 
 # Length lines seen in almost every request ("*3", "$5"), looked up rather
-# than parsed: parsing them is most of the cost of reading a request.
-_KNOWN_LENGTHS = {b"%d" % n: n for n in range(4096)}
+# than parsed: parsing them is most of the cost of reading a request. Made
+# by the first RequestReader, since only a server needs them.
+_ARRAY_LENGTHS = {}
+_BULK_LENGTHS = {}
+BATCH_WINDOW = 16 * 1024                # bytes split at once into requests
+
+
+def _fill_length_tables():
+    _ARRAY_LENGTHS.update((b"*%d" % n, n) for n in range(1024))
+    _BULK_LENGTHS.update((b"$%d" % n, n) for n in range(4096))
 
 
 class RequestReader:
@@ -276,6 +285,14 @@ class RequestReader:
 
     While `locked` (a client that has not authenticated yet), a request may
     have at most 10 arguments of at most 16 KiB each, as in Redis.
+
+    Nearly every request is an array of short arguments with no CRLF inside
+    them; those are read many at a time (_read_batch): what arrived is
+    split at CRLF once and each request's declared lengths are compared
+    with its pieces in bulk. This reads a pipeline of small requests in
+    about a third of the time that reading them one by one takes. Anything
+    else, or anything the comparison doubts, is read by _parse, one
+    request at a time, with every check.
     """
 
     def __init__(self, max_message=DEFAULT_MAX_MESSAGE_SIZE):
@@ -295,6 +312,12 @@ class RequestReader:
         self._bulk = -1             # length of the argument under way
         self._skip = 0              # bytes of an over-size argument to drop
         self._too_large = False     # the request under way is being dropped
+        # Requests read ahead, the next one last: read() takes them, and so
+        # does the server's loop, with pop(), to save a call a request.
+        self.batch = []
+        self._batch_bytes = 0       # the bytes they came in
+        if not _BULK_LENGTHS:
+            _fill_length_tables()
 
     def feed(self, data):
         self._arrived += len(data)
@@ -310,26 +333,72 @@ class RequestReader:
     def pending(self):
         """Bytes received and not yet handed out as part of a request: the
         request under way and anything behind it."""
-        return len(self._buf) - self._pos + self._fed + self._partial
+        return (len(self._buf) - self._pos + self._fed + self._partial
+                + (self._batch_bytes if self.batch else 0))
 
     def read(self):
-        if self._chunks:
-            if self._arrived < self._need:
-                return None
-            self._chunks.insert(0, self._buf[self._pos:])
-            if self._tail:
-                self._chunks.append(self._tail)
-                self._tail = bytearray()
-            self._buf = b"".join(self._chunks)
-            self._chunks = []
-            self._fed = 0
-            self._pos = 0
-        return self._parse()
+        batch = self.batch
+        if not batch:
+            if self._chunks:
+                if self._arrived < self._need:
+                    return None
+                self._chunks.insert(0, self._buf[self._pos:])
+                if self._tail:
+                    self._chunks.append(self._tail)
+                    self._tail = bytearray()
+                self._buf = b"".join(self._chunks)
+                self._chunks = []
+                self._fed = 0
+                self._pos = 0
+            if self._args is not None or self._skip or self.locked or (
+                    len(self._buf) - self._pos < 4) or not self._read_batch():
+                return self._parse()
+        return batch.pop()
+
+    def _read_batch(self):
+        """Read ahead the whole simple requests at the start of the unread
+        bytes into _batch; return how many."""
+        buf, pos = self._buf, self._pos
+        lines = buf[pos:pos + BATCH_WINDOW].split(b"\r\n")
+        lines.pop()                 # what follows the last CRLF
+        heads, batch, body = _ARRAY_LENGTHS, self.batch, []
+        i, n = 0, len(lines)
+        while i < n:
+            count = heads.get(lines[i])
+            if not count:           # not "*N", or "*0": _parse knows
+                break
+            end = i + 1 + 2 * count
+            if end > n:
+                break
+            batch.append(lines[i + 2:end:2])
+            body += lines[i + 1:end]
+            i = end
+        if not batch:
+            return 0
+        # The lines after the heads alternate: a declared length, then an
+        # argument. An argument holding CRLF was split, so its first piece
+        # is shorter than declared: then only the requests before it stand.
+        declared = list(map(_BULK_LENGTHS.get, body[0::2]))
+        if declared != list(map(len, body[1::2])):
+            good, first = 0, 0
+            for args in batch:
+                if declared[first:first + len(args)] != list(map(len, args)):
+                    break
+                good += 1
+                first += len(args)
+            del batch[good:]
+            i = good + 2 * first
+        size = sum(map(len, lines[:i])) + 2 * i
+        self._pos = pos + size
+        self._batch_bytes = size
+        batch.reverse()
+        return len(batch)
 
     def _parse(self):
         buf, pos, end = self._buf, self._pos, len(self._buf)
         args, left, bulk = self._args, self._left, self._bulk
-        known, max_argument = _KNOWN_LENGTHS, self._max_argument
+        known_arrays, known_bulks = _ARRAY_LENGTHS, _BULK_LENGTHS
+        max_argument = self._max_argument
         if self.locked:
             max_argument = min(max_argument, UNAUTHENTICATED_BULK)
         while True:
@@ -366,10 +435,10 @@ class RequestReader:
                     if end - pos > MAX_INLINE_LENGTH:
                         raise ProtocolError("too big mbulk count string")
                     return self._incomplete(pos, end - pos + 1, None, 0, -1)
-                line = buf[pos + 1:newline]
-                left = known.get(line)
+                line = buf[pos:newline]
+                left = known_arrays.get(line)
                 if left is None:
-                    left = parse_integer(line)
+                    left = parse_integer(line[1:])
                     if left is None or left > 2 ** 31 - 1:
                         raise ProtocolError("invalid multibulk length")
                 if left > UNAUTHENTICATED_ARGUMENTS and self.locked:
@@ -394,10 +463,10 @@ class RequestReader:
                             raise ProtocolError("too big bulk count string")
                         return self._incomplete(pos, end - pos + 1, args,
                                                 left, bulk)
-                    line = buf[pos + 1:newline]
-                    bulk = known.get(line)
+                    line = buf[pos:newline]
+                    bulk = known_bulks.get(line)
                     if bulk is None:
-                        bulk = parse_integer(line)
+                        bulk = parse_integer(line[1:])
                         if bulk is None or not 0 <= bulk <= MAX_BULK_LENGTH:
                             raise ProtocolError("invalid bulk length")
                     pos = newline + 2
@@ -694,6 +763,8 @@ def _cost(messages):
     """The memory messages take in the process: their bytes, and for each
     its object header and its slot in the deque (measured: 33 + 8 bytes
     on 64-bit CPython, and the allocator rounds up)."""
+    if len(messages) == 1:      # most changes: a third of the time of map()
+        return len(messages[0]) + MESSAGE_COST
     return sum(map(len, messages)) + MESSAGE_COST * len(messages)
 
 
@@ -713,7 +784,7 @@ class Queues:
     def __init__(self, max_deliveries=0, journal=None):
         self._queues = {}
         self._waiters = {}
-        self._ready = {}            # an ordered set of names to serve
+        self.ready = {}             # an ordered set of names to serve
         self._watches = {}          # name -> {Watch: None}
         self._held = {}             # id -> Held
         self._held_by = {}          # owner -> {id: Held}
@@ -832,10 +903,26 @@ class Queues:
             queue.extend(messages)
         self.size += _cost(messages)
         if name in self._waiters:
-            self._ready[name] = None
+            self.ready[name] = None
         if name in self._watches:
             self._changed(name)
         return len(queue)
+
+    def pop_one(self, name, left=True):
+        """Take the message at the head (or the tail), or None when there is
+        none: pop() without its list, for the commands that take one."""
+        queue = self._queues.get(name)
+        if not queue:
+            return None
+        if self.journal is not None:
+            self.journal.pop(name, 1, left)
+        message = queue.popleft() if left else queue.pop()
+        self.size -= len(message) + MESSAGE_COST
+        if not queue:
+            del self._queues[name]
+        if name in self._watches:
+            self._changed(name)
+        return message
 
     def pop(self, name, left=True, count=1):
         """Take up to count messages from the head (or the tail)."""
@@ -1068,18 +1155,15 @@ class Queues:
                 if not line:
                     del self._waiters[name]
 
-    def has_ready(self):
-        return bool(self._ready)
-
     def serve(self):
         """Hand the heads of ready queues to their waiters, oldest first.
         Returns (waiter, name, message) for each waiter served: a Held for
         a RESERVE waiter, a list of messages for one with a count. A store
         that fails leaves the remaining waiters waiting."""
         served = []
-        while self._ready:
-            name = next(iter(self._ready))
-            del self._ready[name]
+        while self.ready:
+            name = next(iter(self.ready))
+            del self.ready[name]
             line = self._waiters.get(name)
             while line and name in self._queues:
                 waiter = line[0]
@@ -1090,7 +1174,7 @@ class Queues:
                         message = self.pop(name, waiter.from_left,
                                            waiter.count)
                     elif waiter.target is None:
-                        message = self.pop(name, waiter.from_left)[0]
+                        message = self.pop_one(name, waiter.from_left)
                     else:
                         message = self.move(name, waiter.target,
                                             waiter.from_left, waiter.to_left)
@@ -1296,7 +1380,7 @@ class Store:
             positions.append(position)
         if messages:
             queues._add(name, messages, False)
-        queues._ready.clear()
+        queues.ready.clear()
         if self.fsync == "everysec":
             self._sync_thread = threading.Thread(
                 target=self._sync_every_second, name="beuss-fsync",
@@ -1975,8 +2059,13 @@ class Server:
     def _run(self, conn):
         """Run the requests conn has sent, in order, until it blocks, its
         unsent replies pass OUTPUT_LIMIT, or it has had its share of this
-        pass (the rest runs in the next pass, after the others)."""
-        reader = conn.reader
+        pass (the rest runs in the next pass, after the others).
+
+        Every request passes through this loop, so taking the next one,
+        finding its command and keeping its reply are written out here
+        rather than called: a fifth less time a pipelined request."""
+        reader, out, queues = conn.reader, conn.out, self.queues
+        batch = reader.batch
         budget = REQUESTS_PER_PASS
         while conn.waiter is None and not conn.closing:
             if conn.out_size > OUTPUT_LIMIT:
@@ -1986,24 +2075,54 @@ class Server:
                 self._resumed.append(conn)
                 return
             budget -= 1
-            try:
-                args = reader.read()
-            except ReplyError as exc:
-                self._reply(conn, encode_error(str(exc)))
-                continue
-            except ProtocolError as exc:
-                self._reply(conn, encode_error("ERR Protocol error: %s" % exc))
-                conn.closing = True
-                break
-            except Exception as exc:
-                # A bug must cost one connection, never the bus.
-                _warn("closed connection %d after an internal error: %r"
-                      % (conn.id, exc))
-                self._close(conn)
-                break
-            if args is None:
-                break
-            self._execute(conn, args)
+            if batch:
+                args = batch.pop()
+            else:
+                try:
+                    args = reader.read()
+                except ReplyError as exc:
+                    self._reply(conn, encode_error(str(exc)))
+                    continue
+                except ProtocolError as exc:
+                    self._reply(conn, encode_error("ERR Protocol error: %s"
+                                                   % exc))
+                    conn.closing = True
+                    break
+                except Exception as exc:
+                    # A bug must cost one connection, never the bus.
+                    _warn("closed connection %d after an internal error: %r"
+                          % (conn.id, exc))
+                    self._close(conn)
+                    break
+                if args is None:
+                    break
+            # COMMANDS holds each name in upper and lower case, so most
+            # requests find theirs without making a lower-case copy.
+            command = COMMANDS.get(args[0]) or COMMANDS.get(args[0].lower())
+            if command is None:
+                reply = self._unknown(conn, args)
+            else:
+                function, arity, name = command
+                conn.command = name
+                if (len(args) != arity) if arity > 0 else (
+                        len(args) < -arity):
+                    reply = self._refuse(conn, str(_wrong_arity(name)), name)
+                elif conn.guarded:
+                    reply = self._guard(conn, function, name, args)
+                else:
+                    try:
+                        reply = function(self, conn, args)
+                    except ReplyError as exc:
+                        reply = encode_error(str(exc))
+                    except Exception as exc:
+                        reply = _internal_error(args, exc)
+            if reply is not None:
+                if not out and conn.unsent is None:
+                    self._dirty.append(conn)
+                out.append(reply)
+                conn.out_size += len(reply)
+            if queues.ready:
+                self._serve_waiters()
 
     def _update_events(self, conn):
         """Read from conn only while it may send more: not while its
@@ -2031,42 +2150,25 @@ class Server:
         conn.events = events
 
 
-    def _execute(self, conn, args):
-        # The hot path: COMMANDS holds each name in upper and lower case, so
-        # most requests find theirs without making a lower-case copy.
-        command = COMMANDS.get(args[0]) or COMMANDS.get(args[0].lower())
-        if command is None:
-            if args[0].lower() in (b"post", b"host:"):
-                # A web page made a browser send this: close at once.
-                self._complain("closed a connection from %s that spoke "
-                               "HTTP: a cross-protocol attack?"
-                               % _address_text(conn.peer))
-                conn.closing = True
-                self._close(conn)
-                return
-            reply = self._refuse(conn, _unknown_command(args))
-        else:
-            function, arity, name = command
-            conn.command = name
-            if (len(args) != arity) if arity > 0 else (len(args) < -arity):
-                reply = self._refuse(conn, str(_wrong_arity(name)), name)
-            elif conn.guarded:
-                reply = self._guard(conn, function, name, args)
-            else:
-                reply = self._call(conn, function, args)
-        if reply is not None:
-            self._reply(conn, reply)
-        if self.queues.has_ready():
-            self._serve_waiters()
+    def _unknown(self, conn, args):
+        """The reply to a command beuss does not know; None when the
+        connection was closed instead."""
+        if args[0].lower() in (b"post", b"host:"):
+            # A web page made a browser send this: close at once.
+            self._complain("closed a connection from %s that spoke HTTP: a "
+                           "cross-protocol attack?" % _address_text(conn.peer))
+            conn.closing = True
+            self._close(conn)
+            return None
+        return self._refuse(conn, _unknown_command(args))
 
     def _call(self, conn, function, args):
         try:
             return function(self, conn, args)
         except ReplyError as exc:
             return encode_error(str(exc))
-        except Exception as exc:    # a bug must cost one reply, not the bus
-            return encode_error("ERR internal error in '%s': %r" % (
-                args[0].lower().decode("utf-8", "replace"), exc))
+        except Exception as exc:
+            return _internal_error(args, exc)
 
     def _refuse(self, conn, text, name=None):
         """The error reply for a request refused before it ran; inside
@@ -2349,7 +2451,7 @@ class Server:
         except StoreError as exc:
             _warn("could not give back %d held messages: %s" % (len(helds),
                                                                   exc))
-        if self.queues.has_ready():
+        if self.queues.ready:
             self._serve_waiters()
 
     # Blocking ------------------------------------------------------------
@@ -2498,6 +2600,12 @@ def _next_slice(out):
     data = b"".join(out[:count])
     del out[:count]
     return data
+
+
+def _internal_error(args, exc):
+    # A bug must cost one reply, never the bus.
+    return encode_error("ERR internal error in '%s': %r" % (
+        args[0].lower().decode("utf-8", "replace"), exc))
 
 
 def _tls_wants(exc):
@@ -2681,17 +2789,21 @@ def _side(arg):
 
 
 def _check_size(server, messages):
-    if max(map(len, messages)) > server.max_message_size:
+    """Refuse messages over the size limit, or any once memory is full
+    (the memory test of _check_memory, written out for the pushes)."""
+    longest = len(messages[0]) if len(messages) == 1 else max(map(len,
+                                                                 messages))
+    if longest > server.max_message_size:
         raise message_too_large(server.max_message_size)
-    _check_memory(server)
+    if server.max_memory and server.queues.size > server.max_memory:
+        raise ReplyError(ERR_OOM)
 
 
 def _check_memory(server):
     # As Redis: a command that adds is refused once memory is past the
     # bound; the one that crossed it went through.
     if server.max_memory and server.queues.size > server.max_memory:
-        raise ReplyError("OOM command not allowed when used memory > "
-                         "'maxmemory'.")
+        raise ReplyError(ERR_OOM)
 
 
 def cmd_push(server, conn, args):
@@ -2714,8 +2826,8 @@ def cmd_pushx(server, conn, args):
 def cmd_pop(server, conn, args):
     left = args[0][0] in b"lL"
     if len(args) == 2:
-        messages = server.queues.pop(args[1], left)
-        return encode_bulk(messages[0]) if messages else conn.null_bulk
+        message = server.queues.pop_one(args[1], left)
+        return conn.null_bulk if message is None else encode_bulk(message)
     if len(args) > 3:
         raise _wrong_arity(args[0].lower())
     count = parse_integer(args[2])
@@ -2731,9 +2843,9 @@ def cmd_bpop(server, conn, args):
     names = list(dict.fromkeys(args[1:-1]))     # BLPOP q q waits once on q
     timeout = _timeout(args[-1])
     for name in names:
-        messages = server.queues.pop(name, left)
-        if messages:
-            return encode_bulks([name, messages[0]])
+        message = server.queues.pop_one(name, left)
+        if message is not None:
+            return encode_bulks([name, message])
     return server.block(conn, Waiter(names, from_left=left), timeout,
                         conn.null_array)
 
@@ -3691,8 +3803,8 @@ class Client:
 
     def _connect(self):
         try:
-            sock = socket.create_connection((self.host, self.port),
-                                            self.timeout)
+            sock = socket.create_connection((_host_bytes(self.host),
+                                             self.port), self.timeout)
         except OSError as exc:
             raise ConnectionFailed("cannot reach the server at %s:%d: %s"
                                    % (self.host, self.port, _reason(exc)))
@@ -4039,6 +4151,16 @@ def _acknowledge(message, reconnect):
 
 def _is_pattern(name):
     return any(c in name for c in b"*?[")
+
+
+def _host_bytes(host):
+    """host for getaddrinfo: an ASCII name as bytes, since a str goes
+    through the idna codec, whose import alone costs a one-shot command
+    more than its connection does."""
+    try:
+        return host.encode("ascii")
+    except UnicodeError:
+        return host
 
 
 def _reason(exc):
@@ -4906,8 +5028,8 @@ def _bench_load(client, name, request, line_ends, options):
         for share in shares:
             if not share:
                 continue
-            sock = socket.create_connection((client.host, client.port),
-                                            client.timeout)
+            sock = socket.create_connection(
+                (_host_bytes(client.host), client.port), client.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             socks.append(sock)
             selector.register(sock, selectors.EVENT_READ,

@@ -128,6 +128,59 @@ class RequestReaderTest(unittest.TestCase):
         self.assertEqual(found, [[b"RPUSH", b"q", b"x" * 300, b""], [b"PING"],
                                  [b"ECHO", b"hi"]])
 
+    def test_an_argument_holding_requests_stays_one_argument(self):
+        # Read ahead in bulk, an argument with CRLF inside must not be taken
+        # for the requests it looks like.
+        smuggled = b"x\r\n*1\r\n$8\r\nFLUSHALL\r\n*2\r\n$4\r\nLLEN\r\n$1\r\nq"
+        reader = beuss.RequestReader()
+        reader.feed(requests(["LLEN", "q"], ["RPUSH", "q", smuggled], ["PING"],
+                             ["RPUSH", "q", b"\r\n"], ["ECHO", b"$3\r\nabc"]))
+        self.assertEqual(self.read_all(reader), [
+            [b"LLEN", b"q"], [b"RPUSH", b"q", smuggled], [b"PING"],
+            [b"RPUSH", b"q", b"\r\n"], [b"ECHO", b"$3\r\nabc"]])
+        self.assertEqual(reader.pending(), 0)
+
+    def test_read_ahead_gives_what_reading_one_by_one_gives(self):
+        # 2,000 seeded random requests of every shape, fed in random pieces:
+        # the fast path (many at once) and the careful one (a byte at a
+        # time, which never has a whole request to read ahead) agree.
+        rng = random.Random(9)
+        pieces = [b"", b"\r\n", b"\r", b"\n", b"$3", b"*1", b"x", b"ab", b"PING"]
+        expected, data = [], []
+        for _ in range(2000):
+            kind = rng.random()
+            if kind < 0.05:
+                data.append(b"*0\r\n")
+                continue
+            if kind < 0.1:
+                data.append(b"ECHO inline\r\n")
+                expected.append([b"ECHO", b"inline"])
+                continue
+            args = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
+                    for _ in range(rng.randrange(1, 6))]
+            if rng.random() < 0.02:
+                args.append(b"L" * rng.choice([4095, 4096, 20000]))
+            if not args[0] or args[0][:1] in b"*":
+                args[0] = b"CMD" + args[0]
+            data.append(beuss.encode_bulks(args))
+            expected.append(args)
+        data = b"".join(data)
+        fast = beuss.RequestReader(max_message=100000)
+        found, i = [], 0
+        while i < len(data):
+            step = rng.choice([1, 10, 500, 5000, 70000])
+            fast.feed(data[i:i + step])
+            found += self.read_all(fast)
+            i += step
+        self.assertEqual(found, expected)
+        self.assertEqual(fast.pending(), 0)
+        slow = beuss.RequestReader(max_message=100000)
+        found = []
+        for i in range(len(data)):
+            slow.feed(data[i:i + 1])
+            found += self.read_all(slow)
+        self.assertEqual(found, expected)
+
     def test_every_byte_value_survives(self):
         message = bytes(range(256))
         reader = beuss.RequestReader()
@@ -377,7 +430,7 @@ class QueuesTest(unittest.TestCase):
         self.assertEqual(queues.serve(), [(first, b"q", b"1"), (second, b"q", b"2")])
         self.assertEqual(queues.pop(b"q"), [b"3"])
         self.assertEqual(queues.waiting, 0)
-        self.assertFalse(queues.has_ready())
+        self.assertFalse(queues.ready)
 
     def test_a_cancelled_waiter_takes_nothing(self):
         queues = beuss.Queues()
