@@ -258,6 +258,7 @@ def _is_hex(two):
 _ARRAY_LENGTHS = {}
 _BULK_LENGTHS = {}
 BATCH_WINDOW = 16 * 1024                # bytes split at once into requests
+BATCH_MINIMUM = 128                     # fewer are read one request at a time
 
 
 def _fill_length_tables():
@@ -287,12 +288,13 @@ class RequestReader:
     have at most 10 arguments of at most 16 KiB each, as in Redis.
 
     Nearly every request is an array of short arguments with no CRLF inside
-    them; those are read many at a time (_read_batch): what arrived is
-    split at CRLF once and each request's declared lengths are compared
-    with its pieces in bulk. This reads a pipeline of small requests in
-    about a third of the time that reading them one by one takes. Anything
-    else, or anything the comparison doubts, is read by _parse, one
-    request at a time, with every check.
+    them; when more than one may have arrived (BATCH_MINIMUM bytes), they
+    are read many at a time (_read_batch): what arrived is split at CRLF
+    once and each request's declared lengths are compared with its pieces
+    in bulk. This reads a pipeline of small requests in about half the
+    time that reading them one by one takes, but costs more than that for
+    a single request. Anything else, or anything the comparison doubts,
+    is read by _parse, one request at a time, with every check.
     """
 
     def __init__(self, max_message=DEFAULT_MAX_MESSAGE_SIZE):
@@ -350,8 +352,9 @@ class RequestReader:
                 self._chunks = []
                 self._fed = 0
                 self._pos = 0
-            if self._args is not None or self._skip or self.locked or (
-                    len(self._buf) - self._pos < 4) or not self._read_batch():
+            if len(self._buf) - self._pos < BATCH_MINIMUM or (
+                    self._args is not None or self._skip or self.locked
+                    or not self._read_batch()):
                 return self._parse()
         return batch.pop()
 
@@ -1914,13 +1917,16 @@ class Server:
                         self._write(conn)
                     if mask & selectors.EVENT_READ and not conn.closed:
                         self._read(conn)
-                self._expire_waiters()
+                if self._deadlines:
+                    self._expire_waiters()
                 if self._leases:
                     self._expire_leases()
-                self._run_resumed()
+                if self._resumed:
+                    self._run_resumed()
                 if self.store is not None:
                     self._commit()
-                self._flush_dirty()
+                if self._dirty:
+                    self._flush_dirty()
                 if self._housekeeping_at <= time.monotonic():
                     self._housekeeping()
         finally:
@@ -2521,12 +2527,13 @@ class Server:
     def _write(self, conn):
         out = conn.out
         while True:
-            if conn.unsent is None:
+            data = conn.unsent
+            if data is None:
                 if not out:
                     break
-                conn.unsent = memoryview(_next_slice(out))
+                data = _next_slice(out)
             try:
-                sent = conn.sock.send(conn.unsent)
+                sent = conn.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
@@ -2538,8 +2545,8 @@ class Server:
             if conn.backlogged and conn.out_size <= OUTPUT_LIMIT:
                 conn.backlogged = False
                 self._resumed.append(conn)  # caught up: run what it sent
-            if sent < len(conn.unsent):
-                conn.unsent = conn.unsent[sent:]
+            if sent < len(data):
+                conn.unsent = memoryview(data)[sent:]   # sent without a copy
                 if not conn.writing:
                     conn.writing = True
                     self._update_events(conn)

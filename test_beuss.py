@@ -12,6 +12,7 @@ import collections
 import contextlib
 import io
 import os
+import platform
 import random
 import selectors
 import shutil
@@ -3758,68 +3759,235 @@ class ClientAgainstRedisTest(unittest.TestCase):
 
 
 # ## Benchmark helper (not a test): python test_beuss.py --bench #############
+#
+# Every figure is measured side by side with a real redis-server in the same
+# run, alternating between the two, and given as the median of the rounds
+# with the spread of the per-round ratios: these machines are noisy, so
+# only ratios measured together mean anything.
 
 def benchmark(requests_count=200000, clients=50, rounds=3):
-    """Run redis-benchmark against beuss and a real redis-server started side
-    by side, alternating, and print the median of `rounds` for each, with
-    the ratio and the spread. Noise on a shared machine is why they
-    alternate. The durable rows compare beuss's store (--data, --fsync)
-    with redis-server's AOF (appendonly yes, the same appendfsync)."""
-    import csv
+    """Print each row of the issue's table, and the durable store's rows,
+    as beuss, Redis and beuss/Redis, with the command lines that made
+    them."""
     import statistics
-    bench = shutil.which("redis-benchmark")
-    redis_server = shutil.which("redis-server")
-    if not bench or not redis_server:
-        sys.exit("needs redis-benchmark and redis-server")
+    tools = [shutil.which(name) for name in ("redis-benchmark", "redis-server",
+                                             "redis-cli")]
+    if not all(tools):
+        sys.exit("needs redis-benchmark, redis-server and redis-cli")
     folder = tempfile.mkdtemp()
-    pairs = [("memory", [], ["--appendonly", "no"])] + [
-        ("fsync " + policy,
-         ["--data", os.path.join(folder, "beuss-%s.db" % policy), "--fsync", policy],
-         ["--appendonly", "yes", "--appendfsync", policy,
-          "--appendfilename", "redis-%s.aof" % policy])
-        for policy in ("everysec", "always")]
-    processes = []
+    bench = Bench(tools, folder, rounds)
     try:
-        rows = []
-        for label, ours_options, theirs_options in pairs:
-            ours_port, theirs_port = free_port(), free_port()
-            processes.append(subprocess.Popen(
-                [sys.executable, BEUSS, "--port", str(ours_port)] + ours_options,
-                stderr=subprocess.DEVNULL))
-            processes.append(subprocess.Popen(
-                [redis_server, "--port", str(theirs_port), "--save", "", "--dir",
-                 folder] + theirs_options, stdout=subprocess.DEVNULL))
-            for port in (ours_port, theirs_port):
-                wait_for_port(port)
-            for pipeline in (1, 16):
-                results = {}
-                for _ in range(rounds):
-                    for name, port in (("beuss", ours_port), ("redis", theirs_port)):
-                        done = subprocess.run(
-                            [bench, "-p", str(port), "-t", "rpush,lpop", "-n",
-                             str(requests_count), "-c", str(clients), "-P",
-                             str(pipeline), "--csv"],
-                            stdout=subprocess.PIPE, universal_newlines=True)
-                        for row in csv.DictReader(io.StringIO(done.stdout)):
-                            results.setdefault((row["test"], name), []).append(
-                                float(row["rps"]))
-                for test in ("RPUSH", "LPOP"):
-                    mine, theirs = results[(test, "beuss")], results[(test, "redis")]
-                    ratios = [a / b for a, b in zip(mine, theirs)]
-                    rows.append(("%s, %s, -P %d" % (test, label, pipeline),
-                                 statistics.median(mine), statistics.median(theirs),
-                                 statistics.median(ratios), min(ratios), max(ratios)))
-        print("redis-benchmark -t rpush,lpop -n %d -c %d; medians of %d "
-              "alternating rounds" % (requests_count, clients, rounds))
-        print("%-30s %10s %10s %6s  %s" % ("", "beuss rps", "redis rps", "ratio",
-                                           "spread"))
-        for row in rows:
-            print("%-30s %10.0f %10.0f %6.2f  %.2f-%.2f" % row)
+        bench.throughput(requests_count, clients)
+        bench.start_up()
+        bench.footprint()
+        bench.wake_up()
     finally:
+        bench.close()
+        shutil.rmtree(folder)
+    print("%s, %s; Python %s; %d rounds, alternating; medians, and the spread "
+          "of the per-round ratios" % (
+              platform.machine(), platform.system(), platform.python_version(),
+              rounds))
+    print("%-44s %12s %12s %6s  %-11s %s" % ("", "beuss", "redis", "ratio",
+                                             "spread", "unit"))
+    for label, mine, theirs, ratios, unit in bench.rows:
+        print("%-44s %12s %12s %6.2f  %-11s %s" % (
+            label, _figure(statistics.median(mine)),
+            _figure(statistics.median(theirs)), statistics.median(ratios),
+            "%.2f-%.2f" % (min(ratios), max(ratios)), unit))
+    print("\ncommand lines:")
+    for line in bench.commands:
+        print("  " + line)
+
+
+def _figure(value):
+    return "%.0f" % value if value >= 100 else "%.1f" % value
+
+
+class Bench:
+    """The servers, the rows and the command lines of one benchmark run."""
+
+    def __init__(self, tools, folder, rounds):
+        self.benchmark, self.redis_server, self.redis_cli = tools
+        self.folder, self.rounds = folder, rounds
+        self.rows, self.commands, self.processes = [], [], []
+
+    def close(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
+
+    def note(self, command):
+        line = " ".join(command)
+        if line not in self.commands:
+            self.commands.append(line)
+
+    def row(self, label, mine, theirs, unit):
+        self.rows.append((label, mine, theirs,
+                          [a / b for a, b in zip(mine, theirs)], unit))
+
+    def start(self, ours_options=(), theirs_options=("--appendonly", "no")):
+        """A beuss and a redis-server, each on a free port: their ports
+        and processes."""
+        ours, theirs = free_port(), free_port()
+        commands = [
+            [sys.executable, BEUSS, "--port", str(ours)] + list(ours_options),
+            [self.redis_server, "--port", str(theirs), "--save", "", "--dir",
+             self.folder] + list(theirs_options)]
+        processes = []
+        for command, port in zip(commands, (ours, theirs)):
+            self.note([os.path.basename(command[0])] + command[1:])
+            processes.append(subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.processes.append(processes[-1])
+            wait_for_port(port)
+        return (ours, theirs), processes
+
+    def throughput(self, requests_count, clients):
+        """redis-benchmark's RPUSH and LPOP, plain and pipelined, in memory
+        and with each fsync policy beside Redis's AOF."""
+        import csv
+        pairs = [("memory", [], ["--appendonly", "no"])] + [
+            (policy, ["--data", os.path.join(self.folder, "beuss-%s.db" % policy),
+                      "--fsync", policy],
+             ["--appendonly", "yes", "--appendfsync", policy,
+              "--appendfilename", "redis-%s.aof" % policy])
+            for policy in ("everysec", "always")]
+        for label, ours_options, theirs_options in pairs:
+            ports, processes = self.start(ours_options, theirs_options)
+            for pipeline in (1, 16):
+                command = [self.benchmark, "-p", "PORT", "-t", "rpush,lpop",
+                           "-n", str(requests_count), "-c", str(clients),
+                           "-P", str(pipeline), "--csv"]
+                self.note([os.path.basename(command[0])] + command[1:])
+                results = collections.defaultdict(list)
+                for _ in range(self.rounds):
+                    for name, port in zip(("beuss", "redis"), ports):
+                        command[2] = str(port)
+                        done = subprocess.run(command, stdout=subprocess.PIPE,
+                                              universal_newlines=True)
+                        for row in csv.DictReader(io.StringIO(done.stdout)):
+                            results[row["test"], name].append(float(row["rps"]))
+                for test in ("RPUSH", "LPOP"):
+                    self.row("%s, %d clients, %s%s" % (
+                        test, clients, label,
+                        ", -P %d" % pipeline if pipeline > 1 else ""),
+                        results[test, "beuss"], results[test, "redis"],
+                        "requests/s")
+            for process in processes:
+                process.terminate()
+                process.wait()
+
+    def start_up(self, runs=10):
+        """A one-shot PUT, run as a script and as a module (its bytecode
+        cached), against redis-cli RPUSH: milliseconds beyond `python -c
+        pass`, and redis-cli's whole time."""
+        ports, processes = self.start()
+        env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)    # -m beuss keeps its .pyc
+        subprocess.run([sys.executable, "-c", "import beuss"], cwd=HERE, env=env,
+                       check=True)
+        commands = {
+            "pass": [sys.executable, "-c", "pass"],
+            "script": [sys.executable, BEUSS, "PUT", "q", "x", "--port",
+                       str(ports[0])],
+            "module": [sys.executable, "-m", "beuss", "PUT", "q", "x", "--port",
+                       str(ports[0])],
+            "redis-cli": [self.redis_cli, "-p", str(ports[1]), "RPUSH", "q", "x"]}
+        for command in commands.values():
+            self.note([os.path.basename(command[0])] + command[1:])
+        medians = collections.defaultdict(list)
+        for _ in range(self.rounds):
+            times = collections.defaultdict(list)
+            for _ in range(runs):
+                for name, command in commands.items():
+                    started = time.perf_counter()
+                    subprocess.run(command, cwd=HERE, env=env, check=True,
+                                   stdout=subprocess.DEVNULL)
+                    times[name].append(1000 * (time.perf_counter() - started))
+            for name in commands:
+                medians[name].append(sorted(times[name])[runs // 2])
+        bare = medians["pass"]
+        for name, label in (("script", "one-shot python beuss.py PUT"),
+                            ("module", "the same, python -m beuss PUT")):
+            self.row(label + " (beyond -c pass)",
+                     [a - b for a, b in zip(medians[name], bare)],
+                     medians["redis-cli"], "ms; redis-cli")
         for process in processes:
             process.terminate()
             process.wait()
-        shutil.rmtree(folder)
+
+    def footprint(self, count=1000000, size=100):
+        """Resident memory of an idle server, then with count queued
+        messages of size bytes (what they added)."""
+        import statistics
+        idle, full = collections.defaultdict(list), collections.defaultdict(list)
+        sleeper = []
+        batch = [b"m" * size] * 1000
+        for _ in range(self.rounds):
+            ports, processes = self.start()
+            resting = subprocess.Popen([sys.executable, "-c",
+                                        "import time; time.sleep(60)"])
+            time.sleep(1)
+            sleeper.append(_rss(resting.pid))
+            resting.kill()
+            resting.wait()
+            for name, port, process in zip(("beuss", "redis"), ports, processes):
+                idle[name].append(_rss(process.pid))
+                with beuss.Client(port=port, timeout=60) as client:
+                    for _ in range(count // len(batch) // 10):
+                        client.pipeline([["RPUSH", "q"] + batch] * 10)
+                    if client.len("q") != count:
+                        raise AssertionError("queued %d" % client.len("q"))
+                    full[name].append(_rss(process.pid) - idle[name][-1])
+                process.terminate()
+                process.wait()
+        self.row("idle server", idle["beuss"], idle["redis"],
+                 "MB RSS (python -c sleeping: %.1f)" % statistics.median(sleeper))
+        self.row("%d queued %d-byte messages" % (count, size), full["beuss"],
+                 full["redis"], "MB RSS added")
+
+    def wake_up(self, count=500):
+        """How long a consumer blocked in BLPOP takes to get a message
+        pushed by another client: from the push's send to the receipt."""
+        ports, processes = self.start()
+        medians = collections.defaultdict(list)
+        for _ in range(self.rounds):
+            for name, port in zip(("beuss", "redis"), ports):
+                waiter = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+                pusher = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+                for sock in (waiter, pusher):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                latencies = []
+                with waiter, pusher:
+                    for _ in range(count):
+                        waiter.sendall(requests(["BLPOP", "wake", "0"]))
+                        time.sleep(0.001)       # time to start waiting
+                        started = time.perf_counter()
+                        pusher.sendall(requests(["RPUSH", "wake", "x"]))
+                        _read_reply(waiter)
+                        latencies.append(1e6 * (time.perf_counter() - started))
+                        _read_reply(pusher)
+                latencies.sort()
+                medians[name].append(latencies[count // 2])
+        self.row("blocked consumer woken", medians["beuss"], medians["redis"],
+                 "microseconds")
+        for process in processes:
+            process.terminate()
+            process.wait()
+
+
+def _rss(pid):
+    """Resident memory of a process, in MB."""
+    out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)],
+                         stdout=subprocess.PIPE, universal_newlines=True).stdout
+    return int(out) / 1024
+
+
+def _read_reply(sock):
+    """Read one reply; nothing follows it on that socket."""
+    beuss.ReplyReader(sock).read()
 
 
 if __name__ == "__main__":
