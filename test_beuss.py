@@ -2684,9 +2684,12 @@ time.sleep(60)
         self.assertEqual(out, b"after\n")
         self.assertEqual(consumer.returncode, 0)
         lines = err.decode().splitlines()
-        self.assertEqual(len(lines), 2, lines)
         self.assertIn("lost the server", lines[0])
-        self.assertIn("back on the server", lines[1])
+        self.assertIn("back on the server", lines[-1])
+        # A slow restart may also be said, once, in between; nothing else.
+        self.assertLessEqual(len(lines), 3, lines)
+        for line in lines[1:-1]:
+            self.assertIn("trying again until it is back", line)
 
     def test_serve_stops_cleanly_on_sigterm_and_sigint(self):
         signals = [signal.SIGTERM] + ([signal.SIGINT] if POSIX else [])
