@@ -352,6 +352,12 @@ class RequestReader:
                 self._chunks = []
                 self._fed = 0
                 self._pos = 0
+            elif self._pos == len(self._buf) and self._args is None \
+                    and not self._too_large:
+                # All read: what the read after each request finds, said
+                # without _parse's setup (4% of a request's time unpipelined).
+                self._buf, self._pos, self._arrived, self._need = b"", 0, 0, 1
+                return None
             if len(self._buf) - self._pos < BATCH_MINIMUM or (
                     self._args is not None or self._skip or self.locked
                     or not self._read_batch()):
@@ -362,8 +368,9 @@ class RequestReader:
         """Read ahead the whole simple requests at the start of the unread
         bytes into _batch; return how many."""
         buf, pos = self._buf, self._pos
-        lines = buf[pos:pos + BATCH_WINDOW].split(b"\r\n")
-        lines.pop()                 # what follows the last CRLF
+        window = buf[pos:pos + BATCH_WINDOW]
+        lines = window.split(b"\r\n")
+        rest = lines.pop()          # what follows the last CRLF
         heads, batch, body = _ARRAY_LENGTHS, self.batch, []
         i, n = 0, len(lines)
         while i < n:
@@ -391,7 +398,10 @@ class RequestReader:
                 first += len(args)
             del batch[good:]
             i = good + 2 * first
-        size = sum(map(len, lines[:i])) + 2 * i
+        if i == n:                  # every whole line: most often so
+            size = len(window) - len(rest)
+        else:
+            size = sum(map(len, lines[:i])) + 2 * i
         self._pos = pos + size
         self._batch_bytes = size
         batch.reverse()
