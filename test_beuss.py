@@ -2080,6 +2080,61 @@ class ClientTest(ServerCase):
 
 # ## Command line, in process and as a real subprocess #######################
 
+class OptionParserTest(unittest.TestCase):
+    """The command line's own reader of options, in place of argparse."""
+
+    def parser(self):
+        parser = beuss._Parser("TRY", "Try it.")
+        parser.add_argument("queue")
+        parser.add_argument("rest", nargs="+")
+        parser.add_argument("-C", "--count", type=beuss._count, default=1)
+        parser.add_argument("-l", "--lines", action="store_true")
+        parser.add_argument("--tls", action="store_const", const="yes")
+        parser.add_argument("-x", "--exec", dest="command", metavar="CMD")
+        return parser
+
+    def test_every_spelling_of_an_option(self):
+        for argv in (["q", "a", "--count", "7"], ["q", "a", "--count=7"],
+                     ["q", "-C", "7", "a"], ["-C7", "q", "a"]):
+            options = self.parser().parse_args(argv)
+            self.assertEqual((options.queue, options.rest, options.count),
+                             ("q", ["a"], 7), argv)
+        options = self.parser().parse_args(["q", "a", "b", "-l", "--tls",
+                                            "-x", "cat -n"])
+        self.assertEqual((options.rest, options.lines, options.tls,
+                          options.command), (["a", "b"], True, "yes", "cat -n"))
+        options = self.parser().parse_args(["q", "a"])
+        self.assertEqual((options.count, options.lines, options.tls,
+                          options.command), (1, False, None, None))
+
+    def test_double_dash_and_negative_numbers_are_positional(self):
+        options = self.parser().parse_args(["q", "--", "--lines", "-C"])
+        self.assertEqual((options.rest, options.lines), (["--lines", "-C"], False))
+        self.assertEqual(self.parser().parse_args(["q", "-1"]).rest, ["-1"])
+        self.assertEqual(self.parser().parse_args(["q", "-"]).rest, ["-"])
+
+    def test_mistakes_are_usage_errors_naming_the_verb(self):
+        for argv, text in ((["q"], "rest is missing"), ([], "queue is missing"),
+                           (["q", "a", "--nope"], "unrecognized argument --nope"),
+                           (["q", "a", "--count"], "--count needs a value"),
+                           (["q", "a", "--lines=yes"], "--lines takes no value"),
+                           (["q", "a", "-C", "x"], "-C: 'x' is not a whole number")):
+            with self.assertRaises(beuss.UsageError) as caught:
+                self.parser().parse_args(argv)
+            self.assertEqual(str(caught.exception),
+                             "TRY: %s (try TRY --help)" % text, argv)
+
+    def test_help_lists_every_argument(self):
+        with mock.patch.object(sys, "stdout", io.StringIO()) as out:
+            self.assertIsNone(self.parser().parse_args(["q", "--help"]))
+        shown = out.getvalue()
+        self.assertTrue(shown.startswith(
+            "usage: python beuss.py TRY [options] queue rest...\n\nTry it.\n"))
+        for name in ("-C, --count COUNT", "-l, --lines ", "--tls ",
+                     "-x, --exec CMD"):
+            self.assertIn(name, shown)
+
+
 class CommandLineTest(ServerCase):
 
     def run_main(self, *argv, stdin=b""):
