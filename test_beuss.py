@@ -2796,6 +2796,15 @@ time.sleep(60)
         self.assertEqual(done.returncode, 2)
         self.assertEqual(done.stderr, b"beuss: --port: 'nope' is not a valid value\n")
 
+    def test_python_m_beuss_runs_the_same_command_line(self):
+        # What README recommends for shell loops: the module, its bytecode
+        # cached, in place of the script.
+        done = subprocess.run([sys.executable, "-m", "beuss", "PUT", "loop", "a b"],
+                              cwd=HERE, stdout=subprocess.PIPE, timeout=60,
+                              env=dict(os.environ, BPORT=str(self.port)))
+        self.assertEqual(done.returncode, 0)
+        self.assertEqual(self.client().get("loop"), b"a b")
+
     def test_put_without_stdin(self):
         if not POSIX:
             self.skipTest("closing stdin needs a POSIX shell")
@@ -3876,8 +3885,13 @@ class Bench:
                 process.terminate()
                 process.wait()
 
-    def note(self, command):
-        line = " ".join(command)
+    def note(self, command, ports=()):
+        """Keep a command line for the report, ports and folder named."""
+        words = [os.path.basename(command[0])] + [
+            "PORT" if word in ports else word.replace(self.folder, "DIR")
+            .replace(HERE + os.sep, "")
+            for word in command[1:]]
+        line = " ".join(words)
         if line not in self.commands:
             self.commands.append(line)
 
@@ -3895,7 +3909,7 @@ class Bench:
              self.folder] + list(theirs_options)]
         processes = []
         for command, port in zip(commands, (ours, theirs)):
-            self.note([os.path.basename(command[0])] + command[1:])
+            self.note(command, (str(port),))
             processes.append(subprocess.Popen(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             self.processes.append(processes[-1])
@@ -3918,7 +3932,7 @@ class Bench:
                 command = [self.benchmark, "-p", "PORT", "-t", "rpush,lpop",
                            "-n", str(requests_count), "-c", str(clients),
                            "-P", str(pipeline), "--csv"]
-                self.note([os.path.basename(command[0])] + command[1:])
+                self.note(command)
                 results = collections.defaultdict(list)
                 for _ in range(self.rounds):
                     for name, port in zip(("beuss", "redis"), ports):
@@ -3954,7 +3968,7 @@ class Bench:
                        str(ports[0])],
             "redis-cli": [self.redis_cli, "-p", str(ports[1]), "RPUSH", "q", "x"]}
         for command in commands.values():
-            self.note([os.path.basename(command[0])] + command[1:])
+            self.note(command, [str(port) for port in ports])
         medians = collections.defaultdict(list)
         for _ in range(self.rounds):
             times = collections.defaultdict(list)
@@ -3981,16 +3995,28 @@ class Bench:
         messages of size bytes (what they added)."""
         import statistics
         idle, full = collections.defaultdict(list), collections.defaultdict(list)
-        sleeper = []
+        sleeper, module = [], []
         batch = [b"m" * size] * 1000
+        env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)    # -m beuss keeps its .pyc
+        subprocess.run([sys.executable, "-c", "import beuss"], cwd=HERE, env=env,
+                       check=True)
         for _ in range(self.rounds):
             ports, processes = self.start()
-            resting = subprocess.Popen([sys.executable, "-c",
-                                        "import time; time.sleep(60)"])
+            port = free_port()
+            command = [sys.executable, "-m", "beuss", "--port", str(port)]
+            self.note(command, (str(port),))
+            resting = [subprocess.Popen([sys.executable, "-c",
+                                         "import time; time.sleep(60)"]),
+                       subprocess.Popen(command, cwd=HERE, env=env,
+                                        stderr=subprocess.DEVNULL)]
+            wait_for_port(port)
             time.sleep(1)
-            sleeper.append(_rss(resting.pid))
-            resting.kill()
-            resting.wait()
+            sleeper.append(_rss(resting[0].pid))
+            module.append(_rss(resting[1].pid))
+            for process in resting:
+                process.kill()
+                process.wait()
             for name, port, process in zip(("beuss", "redis"), ports, processes):
                 idle[name].append(_rss(process.pid))
                 with beuss.Client(port=port, timeout=60) as client:
@@ -4001,8 +4027,10 @@ class Bench:
                     full[name].append(_rss(process.pid) - idle[name][-1])
                 process.terminate()
                 process.wait()
-        self.row("idle server", idle["beuss"], idle["redis"],
+        self.row("idle server, python beuss.py", idle["beuss"], idle["redis"],
                  "MB RSS (python -c sleeping: %.1f)" % statistics.median(sleeper))
+        self.row("idle server, python -m beuss", module, idle["redis"],
+                 "MB RSS")
         self.row("%d queued %d-byte messages" % (count, size), full["beuss"],
                  full["redis"], "MB RSS added")
 
