@@ -146,9 +146,13 @@ class RequestReaderTest(unittest.TestCase):
         # the fast path (many at once) and the careful one (a byte at a
         # time, which never has a whole request to read ahead) agree.
         rng = random.Random(9)
-        pieces = [b"", b"\r\n", b"\r", b"\n", b"$3", b"*1", b"x", b"ab", b"PING"]
+        pieces = [b"", b"\r\n", b"\r", b"\n", b"$3", b"*1", b"*3", b"x", b"ab",
+                  b"PING"]
         expected, data = [], []
+        width = 1
         for _ in range(2000):
+            if rng.random() < 0.05:     # runs of requests alike, then not
+                width = rng.randrange(1, 6)
             kind = rng.random()
             if kind < 0.05:
                 data.append(b"*0\r\n")
@@ -158,7 +162,7 @@ class RequestReaderTest(unittest.TestCase):
                 expected.append([b"ECHO", b"inline"])
                 continue
             args = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
-                    for _ in range(rng.randrange(1, 6))]
+                    for _ in range(width)]
             if rng.random() < 0.02:
                 args.append(b"L" * rng.choice([4095, 4096, 20000]))
             if not args[0] or args[0][:1] in b"*":
