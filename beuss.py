@@ -5147,13 +5147,18 @@ def run_bench(options):
                           _plural(options.clients, "client"),
                           options.pipeline))
         finally:
-            # The queue goes whatever happened, on a connection of its own
-            # if the measuring one broke.
-            with Client(client.host, client.port, client.timeout) as cleaner:
-                try:
-                    cleaner.call(b"DEL", queue)
-                except BeussError:
-                    pass
+            # The queue goes whatever happened: on the measuring connection,
+            # which has its place on a full server, or on one of its own if
+            # that one broke.
+            try:
+                client.call(b"DEL", queue)
+            except BeussError:
+                with Client(client.host, client.port,
+                            client.timeout) as cleaner:
+                    try:
+                        cleaner.call(b"DEL", queue)
+                    except BeussError:
+                        pass
     return EXIT_OK
 
 
@@ -5212,7 +5217,21 @@ def _bench_load(client, name, request, line_ends, options):
     finally:
         selector.close()
         for sock in socks:
-            sock.close()
+            _finish_load(sock)
+
+
+def _finish_load(sock):
+    """Close a load connection once the server has run all it sent: it
+    closes its side when it reads the end. So the cleanup's DEL, on
+    another connection, comes after the last RPUSH even when the load
+    stopped half way."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(READ_SIZE):
+            pass
+    except OSError:
+        pass
+    sock.close()
 
 
 def _bench_send(sock, state, request, line_ends, options):
