@@ -257,13 +257,15 @@ def _is_hex(two):
 # by the first RequestReader, since only a server needs them.
 _ARRAY_LENGTHS = {}
 _BULK_LENGTHS = {}
-BATCH_WINDOW = 16 * 1024                # bytes split at once into requests
+_BULK_LINES = []                        # the length line of each length
+BATCH_WINDOW = 4096                     # bytes split at once into requests
 BATCH_MINIMUM = 128                     # fewer are read one request at a time
 
 
 def _fill_length_tables():
     _ARRAY_LENGTHS.update((b"*%d" % n, n) for n in range(1024))
-    _BULK_LENGTHS.update((b"$%d" % n, n) for n in range(4096))
+    _BULK_LINES.extend(b"$%d" % n for n in range(4096))
+    _BULK_LENGTHS.update((line, n) for n, line in enumerate(_BULK_LINES))
 
 
 class RequestReader:
@@ -368,6 +370,8 @@ class RequestReader:
         """Read ahead the whole simple requests at the start of the unread
         bytes into _batch; return how many."""
         buf, pos = self._buf, self._pos
+        if buf[pos] != 42:          # not b"*": an inline command, or junk
+            return 0
         window = buf[pos:pos + BATCH_WINDOW]
         lines = window.split(b"\r\n")
         rest = lines.pop()          # what follows the last CRLF
@@ -399,8 +403,16 @@ class RequestReader:
         # The lines after the heads alternate: a declared length, then an
         # argument. An argument holding CRLF was split, so its first piece
         # is shorter than declared: then only the requests before it stand.
-        declared = list(map(_BULK_LENGTHS.get, body[0::2]))
-        if declared != list(map(len, body[1::2])):
+        # (The length lines are compared with those the pieces' lengths
+        # would have, since looking them up would hash every one.)
+        lengths, pieces = body[0::2], body[1::2]
+        try:
+            alike = lengths == list(map(_BULK_LINES.__getitem__,
+                                        map(len, pieces)))
+        except IndexError:          # a piece longer than the table
+            alike = False
+        if not alike:
+            declared = list(map(_BULK_LENGTHS.get, lengths))
             good, first = 0, 0
             for args in batch:
                 if declared[first:first + len(args)] != list(map(len, args)):
