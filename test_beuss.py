@@ -2800,6 +2800,18 @@ time.sleep(60)
         self.assertEqual(done.returncode, 2)
         self.assertEqual(done.stderr, b"beuss: --port: 'nope' is not a valid value\n")
 
+    def test_a_one_shot_command_imports_only_what_it_needs(self):
+        # Start-up is most of a one-shot command's time: no argparse (with
+        # re, gettext, locale and shutil), no idna codec for an ASCII host,
+        # no sqlite3 or ssl unless asked for.
+        code = ("import sys, beuss; status = beuss.main(['PUT', 'q', 'x', "
+                "'--host', 'localhost', '--port', '%d']); print(status, sorted("
+                "set(sys.modules) & {'argparse', 're', 'encodings.idna', "
+                "'sqlite3', 'ssl', 'shutil'}))" % self.port)
+        done = subprocess.run([sys.executable, "-S", "-c", code], cwd=HERE,
+                              stdout=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.stdout, b"0 []\n")
+
     def test_python_m_beuss_runs_the_same_command_line(self):
         # What README recommends for shell loops: the module, its bytecode
         # cached, in place of the script.
