@@ -325,6 +325,11 @@ class RequestReader:
 
     def feed(self, data):
         self._arrived += len(data)
+        if not self._chunks and self._pos == len(self._buf):
+            # Nothing unread (the usual case): the bytes become the buffer
+            # as they are, with no join and no copy.
+            self._buf, self._pos = data, 0
+            return
         self._fed += len(data)
         if self._chunks and len(data) < SMALL_PIECE:
             self._tail += data
