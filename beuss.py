@@ -373,7 +373,7 @@ class RequestReader:
 
     def _read_batch(self):
         """Read ahead the whole simple requests at the start of the unread
-        bytes into _batch; return how many."""
+        bytes into batch; return how many."""
         buf, pos = self._buf, self._pos
         if buf[pos] != 42:          # not b"*": an inline command, or junk
             return 0

@@ -3848,7 +3848,7 @@ class ClientAgainstRedisTest(unittest.TestCase):
 # with the spread of the per-round ratios: these machines are noisy, so
 # only ratios measured together mean anything.
 
-def benchmark(requests_count=200000, clients=50, rounds=3):
+def benchmark(requests_count=200000, clients=50, rounds=5):
     """Print each row of the issue's table, and the durable store's rows,
     as beuss, Redis and beuss/Redis, with the command lines that made
     them."""
