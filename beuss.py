@@ -293,9 +293,9 @@ class RequestReader:
     them; when more than one may have arrived (BATCH_MINIMUM bytes), they
     are read many at a time (_read_batch): what arrived is split at CRLF
     once and each request's declared lengths are compared with its pieces
-    in bulk. This reads a pipeline of small requests in about half the
-    time that reading them one by one takes, but costs more than that for
-    a single request. Anything else, or anything the comparison doubts,
+    in bulk. This reads a pipeline of small requests in about a third of
+    the time that reading them one by one takes, but costs more than that
+    for a single request. Anything else, or anything the comparison doubts,
     is read by _parse, one request at a time, with every check.
     """
 
@@ -2109,7 +2109,8 @@ class Server:
 
         Every request passes through this loop, so taking the next one,
         finding its command and keeping its reply are written out here
-        rather than called: a fifth less time a pipelined request."""
+        rather than called: three calls fewer, about a tenth of a pipelined
+        request's time."""
         reader, out, queues = conn.reader, conn.out, self.queues
         batch = reader.batch
         budget = REQUESTS_PER_PASS
