@@ -54,7 +54,6 @@ import os
 import selectors
 import socket
 import sys
-import threading
 import time
 
 
@@ -1351,6 +1350,7 @@ class Store:
 
     def __init__(self, path, fsync="everysec"):
         import sqlite3
+        import threading
         self._sqlite3 = sqlite3
         self.path, self.fsync = path, fsync
         self._positions = {}        # queue -> deque of positions, in order
@@ -1425,6 +1425,7 @@ class Store:
             queues._add(name, messages, False)
         queues.ready.clear()
         if self.fsync == "everysec":
+            import threading
             self._sync_thread = threading.Thread(
                 target=self._sync_every_second, name="beuss-fsync",
                 daemon=True)
@@ -1862,6 +1863,9 @@ class Server:
         self.stop()
 
     def start(self):
+        # threading (and, before 3.8, the re it imports) only when a
+        # thread is wanted: one-shot commands never need it.
+        import threading
         self._thread = threading.Thread(target=self.serve_forever,
                                         name="beuss-server", daemon=True)
         self._thread.start()
@@ -1870,6 +1874,7 @@ class Server:
     def stop(self):
         """End the loop and close every socket. From a signal handler in
         the loop's own thread, the loop ends when the handler returns."""
+        import threading
         self._stopping = True
         self._wake()
         thread = self._thread
