@@ -4389,20 +4389,18 @@ class _Parser:
         for argument in self._arguments:
             if argument.is_option:
                 continue
-            if argument.nargs == "+":
-                taken, positionals = positionals, []
-            elif positionals:
-                taken = positionals.pop(0)
+            if argument.nargs == "+" and positionals:
+                value = [self._convert(argument, argument.metavar, one)
+                         for one in positionals]
+                positionals = []
+            elif positionals and argument.nargs != "+":
+                value = self._convert(argument, argument.metavar,
+                                      positionals.pop(0))
             elif argument.nargs == "?":
                 continue
             else:
-                taken = None
-            if not taken:
                 self.error("%s is missing" % argument.metavar)
-            setattr(options, argument.dest, self._convert(
-                argument, argument.metavar, taken) if argument.nargs != "+"
-                else [self._convert(argument, argument.metavar, one)
-                      for one in taken])
+            setattr(options, argument.dest, value)
         if positionals:
             self.error("unrecognized arguments: %s" % " ".join(positionals))
         return options

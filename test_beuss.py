@@ -2116,6 +2116,8 @@ class OptionParserTest(unittest.TestCase):
         self.assertEqual((options.rest, options.lines), (["--lines", "-C"], False))
         self.assertEqual(self.parser().parse_args(["q", "-1"]).rest, ["-1"])
         self.assertEqual(self.parser().parse_args(["q", "-"]).rest, ["-"])
+        # An empty argument is given, not missing: the verb judges it.
+        self.assertEqual(self.parser().parse_args(["", ""]).queue, "")
 
     def test_mistakes_are_usage_errors_naming_the_verb(self):
         for argv, text in ((["q"], "rest is missing"), ([], "queue is missing"),
