@@ -2962,10 +2962,10 @@ class FuzzTest(unittest.TestCase):
     """10,000 hostile frames from four connections while a well-behaved
     client keeps putting and getting: its messages all arrive, in order,
     and the server's memory comes back to within 5 MB of where it was.
-    "Where it was" is measured after two hostile rounds of other seeds:
-    Python's and the C library's allocators keep what a process once used
-    (about 7 MB here; after a single round, now and then 8 MB more), and
-    the test is after what lasts."""
+    "Where it was" is the most it held after each of two hostile rounds of
+    other seeds: Python's and the C library's allocators keep what a
+    process once used (about 7 MB here), and from round to round that
+    swings by up to 3 MB without growing; the test is after what lasts."""
 
     def test_hostile_frames_cost_nothing_lasting(self):
         if not sys.platform.startswith("linux"):
@@ -3002,6 +3002,7 @@ class FuzzTest(unittest.TestCase):
                 warm.put("warm", "m%d" % i)
             self.assertEqual(len(warm.call("LRANGE", "warm", 0, -1)), 2000)
             warm.call("DEL", "warm")
+        before = 0      # the most the allocators held after a round
         for seeds in (range(4), range(4, 8)):
             warm_up = [threading.Thread(target=attack, args=(hostile_frames(
                 random.Random(seed), 2500),)) for seed in seeds]
@@ -3009,8 +3010,8 @@ class FuzzTest(unittest.TestCase):
                 attacker.start()
             for attacker in warm_up:
                 attacker.join(TIMEOUT)
-        time.sleep(0.2)
-        before = process_memory(server.pid)
+            time.sleep(0.2)
+            before = max(before, process_memory(server.pid))
         rng = random.Random(20261126)
         frames = [hostile_frames(rng, 2500) for _ in range(4)]
         attackers = [threading.Thread(target=attack, args=(part,)) for part in frames]
