@@ -50,6 +50,7 @@ __all__ = [
 import collections
 import errno
 import heapq
+import itertools
 import os
 import selectors
 import socket
@@ -715,9 +716,40 @@ def glob_match(tokens, name):
 
 
 def glob_matcher(pattern):
-    """A function name -> bool for the pattern (bytes)."""
+    """A function name -> bool for the pattern (bytes). Most patterns are
+    literal bytes and stars; those are matched with bytes methods, which
+    find each piece between stars in C (a leftmost match of each piece is
+    the right one). Others first look for their longest literal piece,
+    which rejects most names before the general matcher runs."""
     tokens = compile_glob(pattern)
-    return lambda name: glob_match(tokens, name)
+    pieces, piece = [], bytearray()
+    for token in tokens + [None]:
+        if token is None:
+            pieces.append(bytes(piece))
+            piece = bytearray()
+        elif token and not token & (token - 1):     # one byte
+            piece.append(token.bit_length() - 1)
+        else:
+            longest = max(pieces + [bytes(piece)], key=len)
+            return lambda name: longest in name and glob_match(tokens, name)
+    if None not in tokens:
+        return pieces[0].__eq__
+    first, last, middle = pieces[0], pieces[-1], pieces[1:-1]
+
+    def match(name):
+        if not name:                # stringmatchlen matches "" only to ""
+            return False
+        start, end = len(first), len(name) - len(last)
+        if end < start or not (name.startswith(first)
+                               and name.endswith(last)):
+            return False
+        for piece in middle:
+            found = name.find(piece, start, end)
+            if found < 0:
+                return False
+            start = found + len(piece)
+        return True
+    return match
 
 
 # A queue is a deque of messages (bytes) under a name (bytes). It exists
@@ -743,7 +775,8 @@ def glob_matcher(pattern):
 # owner going away, or the lease running out (the server's call) put it
 # back at the head of its queue, several at once in the order they were
 # queued; one that was delivered max_deliveries times goes to the tail of
-# "<queue>.dead" instead. A message that comes back keeps its count of
+# "<queue>.dead" instead (a dead letter that fails again stays where it is,
+# at the head of its .dead queue, its count growing). A message that comes back keeps its count of
 # deliveries; LLEN counts ready messages only. So a message is always in
 # exactly one place: ready in one queue, or held by one live client.
 #
@@ -880,7 +913,14 @@ class Queues:
             return []
         if start == 0 and stop == length - 1:
             return list(queue)
-        return [queue[i] for i in range(start, stop + 1)]
+        # A deque reaches an index by walking its blocks from the nearer
+        # end: islice walks once, from the end nearer the range.
+        if start < length - 1 - stop:
+            return list(itertools.islice(queue, start, stop + 1))
+        found = list(itertools.islice(reversed(queue), length - 1 - stop,
+                                      length - start))
+        found.reverse()
+        return found
 
     def index(self, name, index):
         """The message at index (negative from the tail), or None."""
@@ -896,17 +936,17 @@ class Queues:
         queue = self._queues.get(name)
         if not queue:
             return []
-        length = len(queue)
-        order = range(length) if rank > 0 else range(length - 1, -1, -1)
+        last = len(queue) - 1
+        items = enumerate(queue if rank > 0 else reversed(queue))
         if maxlen:
-            order = order[:maxlen]
+            items = itertools.islice(items, maxlen)
         skip, found = abs(rank) - 1, []
-        for i in order:
-            if queue[i] == message:
+        for i, item in items:
+            if item == message:
                 if skip:
                     skip -= 1
                     continue
-                found.append(i)
+                found.append(i if rank > 0 else last - i)
                 if count is None or len(found) == count:
                     break
         return found
@@ -1004,20 +1044,29 @@ class Queues:
         queue = self._queues.get(name)
         if not queue:
             return 0
-        items = list(queue) if count >= 0 else list(reversed(queue))
-        limit = abs(count) or len(items)
-        kept, removed = [], 0
-        for item in items:
-            if removed < limit and item == message:
-                removed += 1
-            else:
-                kept.append(item)
-        if not removed:
+        limit = abs(count) or len(queue)
+        found = []
+        for i, item in enumerate(queue if count >= 0 else reversed(queue)):
+            if item == message:
+                found.append(i)
+                if len(found) == limit:
+                    break
+        if not found:
             return 0
         if count < 0:
-            kept.reverse()
-        self._replace_all(name, kept)
-        return removed
+            last = len(queue) - 1
+            found = [last - i for i in reversed(found)]
+        if self.journal is not None:
+            self.journal.remove(name, found)
+        gone = set(found)
+        kept = [item for i, item in enumerate(queue) if i not in gone]
+        self.size -= _cost([message]) * len(found)
+        if kept:
+            self._queues[name] = collections.deque(kept)
+        else:
+            del self._queues[name]
+        self._changed(name)
+        return len(found)
 
     def replace(self, name, index, message):
         """LSET: put message at index in place of the one there; False
@@ -1052,21 +1101,24 @@ class Queues:
 
     def trim(self, name, start, stop):
         """LTRIM: keep the messages from start to stop, both included, as
-        LRANGE counts them."""
-        if name not in self._queues:
+        LRANGE counts them. Only what goes is touched, from both ends."""
+        queue = self._queues.get(name)
+        if queue is None:
             return
-        self._replace_all(name, self.peek(name, start, stop))
-
-    def _replace_all(self, name, messages):
-        if self.journal is not None:
-            self.journal.rewrite(name, messages)
-        self.size -= _cost(self._queues[name])
-        if messages:
-            self._queues[name] = collections.deque(messages)
-            self.size += _cost(messages)
-        else:
-            del self._queues[name]
-        self._changed(name)
+        length = len(queue)
+        start = max(start + length if start < 0 else start, 0)
+        stop = min(stop + length if stop < 0 else stop, length - 1)
+        if start > stop:
+            self.delete(name)
+            return
+        head, tail = start, length - 1 - stop
+        if self.journal is not None and (head or tail):
+            self.journal.trim(name, head, tail)
+        for _ in range(head):
+            self.size -= len(queue.popleft()) + MESSAGE_COST
+        for _ in range(tail):
+            self.size -= len(queue.pop()) + MESSAGE_COST
+        self._changed(name)     # as Redis, even when nothing went
 
     def delete(self, name):
         queue = self._queues.get(name)
@@ -1114,6 +1166,10 @@ class Queues:
         held = self._held.get(held_id)
         return held if held is not None and held.owner is owner else None
 
+    def find(self, held_id):
+        """The Held of that id, whoever holds it, or None."""
+        return self._held.get(held_id)
+
     def held_by(self, owner):
         return list(self._held_by.get(owner, {}).values())
 
@@ -1129,7 +1185,7 @@ class Queues:
         deliveries. Returns the queues that dead letters went to."""
         dead = []
         for held in sorted(helds, key=lambda held: -int(held.id)):
-            if self.max_deliveries and held.deliveries >= self.max_deliveries:
+            if self.is_dead(held.queue, held.deliveries):
                 # A dead letter starts again with no deliveries, so that
                 # LMOVE can requeue it for a fresh set of tries.
                 target = dead_letters(held.queue)
@@ -1146,6 +1202,13 @@ class Queues:
             message.deliveries = held.deliveries
             self._add(held.queue, [message], True)
         return dead
+
+    def is_dead(self, name, count):
+        """Whether a message of queue name delivered count times without
+        an ACK is done with: a dead letter's own failures only count up,
+        so there is no "<queue>.dead.dead"."""
+        return bool(self.max_deliveries) and count >= self.max_deliveries \
+            and not name.endswith(b".dead")
 
     def _forget(self, held):
         self.size -= len(held.message) + MESSAGE_COST
@@ -1262,7 +1325,7 @@ class Channels:
         if pattern:
             entry = self._patterns.get(channel)
             if entry is None:
-                entry = self._patterns[channel] = (compile_glob(channel), {})
+                entry = self._patterns[channel] = (glob_matcher(channel), {})
             entry[1][owner] = None
         else:
             self._channels.setdefault(channel, {})[owner] = None
@@ -1288,8 +1351,8 @@ class Channels:
         channel: subscribers of the channel (pattern None), then those of
         each matching pattern."""
         found = [(owner, None) for owner in self._channels.get(channel, ())]
-        for pattern, (tokens, owners) in self._patterns.items():
-            if glob_match(tokens, channel):
+        for pattern, (match, owners) in self._patterns.items():
+            if match(channel):
                 found.extend((owner, pattern) for owner in owners)
         return found
 
@@ -1358,23 +1421,33 @@ class Store:
         self._in_pass = False       # a transaction is open
         self.failing = None         # why the last commit failed, or None
         self.commits = 0
+        self.changes = 0            # changes made since the start
+        self.saved = 0              # of those, how many are committed
         self._synced = 0            # commits the helper thread has synced
         self._sync_thread = None
         self._sync_files = []       # the helper's descriptors, closed last
         self._stop_sync = threading.Event()
         self._retry_at = 0.0        # when a failing store tries again
+        _check_writable(path)
+        self._lock = _lock_store(path)
         try:
             self._db = self._open()
         except sqlite3.Error as exc:
+            self._unlock()
             raise BeussError("cannot use %s: %s" % (path, _store_reason(exc)))
+        except BaseException:
+            self._unlock()
+            raise
 
     def _open(self):
         exists = os.path.exists(self.path)
         if exists and os.path.getsize(self.path) == 0:
             raise BeussError("cannot use %s: the file is empty, not a beuss "
                              "store (remove it to start a new one)" % self.path)
+        # timeout=0: the loop never waits for another process's lock on the
+        # file; a write that finds it locked is refused at once instead.
         db = self._sqlite3.connect(self.path, isolation_level=None,
-                                   check_same_thread=False)
+                                   check_same_thread=False, timeout=0)
         try:
             if exists:
                 _check_store(db, self.path)
@@ -1390,27 +1463,65 @@ class Store:
             raise
         return db
 
+    def _unlock(self):
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def load(self, queues):
         """Fill queues (empty, with no journal) from the file: held
-        messages first go back to the head of their queues."""
+        messages first go back to the head of their queues, or to their
+        dead letters when they had their last delivery."""
+        try:
+            self._load(queues)
+        except BaseException as exc:
+            self._db.close()
+            self._unlock()
+            if isinstance(exc, self._sqlite3.Error):
+                raise BeussError("cannot use %s: %s" % (self.path,
+                                                        _store_reason(exc)))
+            raise
+        if self.fsync == "everysec":
+            import threading
+            self._sync_thread = threading.Thread(
+                target=self._sync_every_second, name="beuss-fsync",
+                daemon=True)
+            self._sync_thread.start()
+
+    def _load(self, queues):
         db = self._db
         db.execute("BEGIN")
-        for held_id, name, message, count in db.execute(
-                "SELECT id, queue, message, deliveries FROM held "
-                "ORDER BY id DESC").fetchall():
-            first = db.execute("SELECT min(position) FROM queued WHERE "
-                               "queue = ?", (name,)).fetchone()[0]
+        for row in db.execute("SELECT id, queue, message, deliveries FROM "
+                              "held ORDER BY id DESC").fetchall():
+            _check_row(self.path, "held", row, (int, bytes, bytes, int))
+            held_id, name, message, count = row
+            if queues.is_dead(name, count):
+                name, count, edge = dead_letters(name), 0, "max(position) + 1"
+            else:
+                edge = "min(position) - 1"
+            position = db.execute("SELECT %s FROM queued WHERE queue = ?"
+                                  % edge, (name,)).fetchone()[0]
             db.execute("INSERT INTO queued VALUES (?, ?, ?, ?)",
-                       (name, (first or 0.0) - 1, message, count))
+                       (name, 0.0 if position is None else position,
+                        message, count))
         db.execute("DELETE FROM held")
         db.execute("COMMIT")
         row = db.execute("SELECT value FROM settings WHERE name = 'next_id'"
                          ).fetchone()
         queues.next_id = row[0] if row else 1
+        if queues.next_id.__class__ is not int:
+            raise BeussError("cannot use %s: it is damaged (next_id is %r)"
+                             % (self.path, queues.next_id))
         name, messages, positions = None, [], collections.deque()
-        for queue, position, message, count in db.execute(
+        for row in db.execute(
                 "SELECT queue, position, message, deliveries FROM queued "
                 "ORDER BY queue, position"):
+            queue, position, message, count = row
+            if message.__class__ is not bytes or count.__class__ is not int \
+                    or queue.__class__ is not bytes \
+                    or position.__class__ is not float:
+                _check_row(self.path, "queued", row,
+                           (bytes, float, bytes, int))
             if queue != name:
                 if messages:
                     queues._add(name, messages, False)
@@ -1424,12 +1535,6 @@ class Store:
         if messages:
             queues._add(name, messages, False)
         queues.ready.clear()
-        if self.fsync == "everysec":
-            import threading
-            self._sync_thread = threading.Thread(
-                target=self._sync_every_second, name="beuss-fsync",
-                daemon=True)
-            self._sync_thread.start()
 
     # What the queues call, before each change ----------------------------
 
@@ -1499,26 +1604,74 @@ class Store:
         before = positions[index - 1] if index else positions[0] - 2
         after = positions[index] if index < len(positions) else before + 2
         middle = (before + after) / 2
-        if not before < middle < after:     # no room left between the two
-            messages = list(queue)
-            messages.insert(index, message)
-            self.rewrite(name, messages)
+        if before < middle < after:
+            self._run([("INSERT INTO queued VALUES (?, ?, ?, 0)",
+                        (name, middle, message))])
+            positions.insert(index, middle)
             return
-        self._run([("INSERT INTO queued VALUES (?, ?, ?, 0)",
-                    (name, middle, message))])
-        positions.insert(index, middle)
+        # No room left between the two neighbours: number a stretch of the
+        # queue around them afresh, twice as wide each time until its span
+        # has room, so an insert rewrites a neighbourhood, never the queue.
+        width = 16
+        while True:
+            low, high = max(index - width, 0), min(index + width,
+                                                   len(positions))
+            count = high - low + 1          # the stretch and the new one
+            floor = positions[low - 1] if low else positions[0] - count
+            ceiling = (positions[high] if high < len(positions)
+                       else positions[-1] + count)
+            step = (ceiling - floor) / (count + 1)
+            new = [floor + step * (i + 1) for i in range(count)]
+            if all(a < b for a, b in zip([floor] + new, new + [ceiling])):
+                break
+            width *= 2
+        old = list(itertools.islice(queue, low, high))
+        moved = old[:index - low] + [message] + old[index - low:]
+        statements = [("INSERT INTO queued VALUES (?, ?, ?, ?)",
+                       [(name, position, item, deliveries(item))
+                        for position, item in zip(new, moved)])]
+        if high > low:
+            statements.insert(0, (
+                "DELETE FROM queued WHERE queue = ? AND position >= ? AND "
+                "position <= ?", (name, positions[low], positions[high - 1])))
+        self._run(statements)
+        positions.rotate(-low)
+        for _ in range(high - low):
+            positions.popleft()
+        positions.extendleft(reversed(new))
+        positions.rotate(low)
 
-    def rewrite(self, name, messages):
-        """LREM, LTRIM: the queue's rows replaced, numbered afresh."""
-        self._run([("DELETE FROM queued WHERE queue = ?", (name,)),
-                   ("INSERT INTO queued VALUES (?, ?, ?, ?)",
-                    [(name, float(i), message, deliveries(message))
-                     for i, message in enumerate(messages)])])
-        if messages:
-            self._positions[name] = collections.deque(
-                float(i) for i in range(len(messages)))
+    def remove(self, name, indexes):
+        """LREM: the messages at these indexes (in order) go."""
+        positions = self._positions[name]
+        gone = set(indexes)
+        removed = [(name, positions[i]) for i in indexes] if len(
+            indexes) < 8 else [(name, position) for i, position
+                               in enumerate(positions) if i in gone]
+        self._run([("DELETE FROM queued WHERE queue = ? AND position = ?",
+                    removed)])
+        if len(removed) == len(positions):
+            del self._positions[name]
         else:
-            self._positions.pop(name, None)
+            self._positions[name] = collections.deque(
+                position for i, position in enumerate(positions)
+                if i not in gone)
+
+    def trim(self, name, head, tail):
+        """LTRIM: head messages go from the head, tail from the tail."""
+        positions = self._positions[name]
+        statements = []
+        if head:
+            statements.append(("DELETE FROM queued WHERE queue = ? AND "
+                               "position <= ?", (name, positions[head - 1])))
+        if tail:
+            statements.append(("DELETE FROM queued WHERE queue = ? AND "
+                               "position >= ?", (name, positions[-tail])))
+        self._run(statements)
+        for _ in range(head):
+            positions.popleft()
+        for _ in range(tail):
+            positions.pop()
 
     def delete(self, name):
         self._run([("DELETE FROM queued WHERE queue = ?", (name,))])
@@ -1571,6 +1724,7 @@ class Store:
             # Only the server's own changes come here then (clients' are
             # refused): they wait in the backlog with the rest.
             self._backlog.extend(statements)
+            self.changes += 1
             return
         db = self._db
         # One statement is all or nothing by itself; several need a
@@ -1593,6 +1747,7 @@ class Store:
             self._undo_change(several)
             raise StoreError(_store_reason(exc))
         self._backlog.extend(statements)
+        self.changes += 1
 
     def _undo_change(self, several):
         # SQLite undoes the failed statement, and sometimes the whole
@@ -1629,14 +1784,15 @@ class Store:
         except self._sqlite3.Error:
             pass
 
-    def commit(self):
+    def commit(self, now=False):
         """End the pass: its changes become durable (see --fsync), or the
-        store starts failing. Returns whether the store works."""
+        store starts failing. A failing store tries again once a second,
+        or now. Returns whether every change made so far is committed."""
         if self.failing is not None:
-            now = time.monotonic()
-            if now < self._retry_at:
+            clock = time.monotonic()
+            if clock < self._retry_at and not now:
                 return False
-            self._retry_at = now + 1.0
+            self._retry_at = clock + 1.0
         try:
             if self.failing is not None:
                 self._replay()      # the backlog, once more
@@ -1645,9 +1801,9 @@ class Store:
                 self.commits += 1
         except self._sqlite3.Error as exc:
             if self.failing is None:
-                _warn("cannot write %s: %s; changes are kept in memory and "
-                      "written once it works again" % (self.path,
-                                                       _store_reason(exc)))
+                _warn("cannot write %s: %s; replies that report changes "
+                      "wait until it works again" % (self.path,
+                                                     _store_reason(exc)))
             self._fail(exc)
             return False
         if self.failing is not None:
@@ -1655,6 +1811,7 @@ class Store:
         self.failing = None
         self._in_pass = False
         self._backlog = []
+        self.saved = self.changes
         return True
 
     def _sync_every_second(self):
@@ -1681,8 +1838,11 @@ class Store:
             self._synced = commits
 
     def close(self):
-        """Commit what is left, sync, and close."""
-        self.commit()
+        """Commit what is left, sync, and close. Returns how many changes
+        could not be written (their clients were never told they were
+        made)."""
+        self.commit(now=True)
+        unsaved = self.changes - self.saved
         self._stop_sync.set()
         if self._sync_thread is not None:
             self._sync_thread.join()
@@ -1693,6 +1853,56 @@ class Store:
         self._db.close()
         for fd in self._sync_files:
             os.close(fd)
+        self._unlock()
+        return unsaved
+
+
+def _lock_store(path):
+    """A descriptor holding a lock on "<path>-lock" for as long as it is
+    open, so that two servers never share a file (SQLite's own locks last
+    a transaction, and its exclusive mode would shut out every reader)."""
+    lock_path = path + "-lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise BeussError("cannot use %s: cannot open %s: %s"
+                         % (path, lock_path, _reason(exc)))
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise BeussError("cannot use %s: another beuss server is using it "
+                         "(%s is locked)" % (path, lock_path))
+    return fd
+
+
+def _check_writable(path):
+    """Say plainly when the store cannot be written: SQLite keeps its
+    journal beside the file, so the folder must be writable too."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for place, what in ((folder, "its folder %s" % folder), (path, "the file")):
+        if os.path.exists(place) and not os.access(place, os.W_OK):
+            raise BeussError("cannot use %s: %s is read-only (the store "
+                             "writes there)" % (path, what))
+
+
+def _check_row(path, table, row, types):
+    """Refuse a row whose values are not of the types the store writes."""
+    for value, kind in zip(row, types):
+        if value.__class__ is not kind:
+            raise BeussError("cannot use %s: it is damaged (a row of %s "
+                             "holds %r where a %s belongs)" % (
+                                 path, table, value, kind.__name__))
+
+
+_STORE_COLUMNS = {"queued": ["queue", "position", "message", "deliveries"],
+                  "held": ["id", "queue", "message", "deliveries"],
+                  "settings": ["name", "value"]}
 
 
 def _check_store(db, path):
@@ -1709,6 +1919,11 @@ def _check_store(db, path):
                                         "settings"} <= tables:
         raise BeussError("cannot use %s: it is another program's SQLite "
                          "database, not a beuss store" % path)
+    for table, columns in _STORE_COLUMNS.items():
+        found = [row[1] for row in db.execute("PRAGMA table_info(%s)" % table)]
+        if found != columns:
+            raise BeussError("cannot use %s: it is damaged (the table %s has "
+                             "the columns %s)" % (path, table, ", ".join(found)))
     check = db.execute("PRAGMA quick_check").fetchone()[0]
     if check != "ok":
         raise BeussError("cannot use %s: it is damaged (%s)" % (path, check))
@@ -1730,7 +1945,7 @@ class _Conn:
                  "backlogged",
                  "null_bulk", "null_array", "guarded", "multi", "multi_failed",
                  "in_exec", "watch", "subscribed", "over_soft_limit",
-                 "created", "active", "command")
+                 "created", "active", "command", "held")
 
     def __init__(self, sock, conn_id, peer, max_message):
         self.sock = sock
@@ -1764,6 +1979,7 @@ class _Conn:
         self.over_soft_limit = None  # since when a subscriber's backlog is
         self.created = self.active = time.monotonic()
         self.command = b"NULL"      # the last command, as CLIENT LIST shows
+        self.held = False           # replies wait for the store (_commit)
 
 
 class Server:
@@ -1830,6 +2046,9 @@ class Server:
         self._sequence = 0          # orders entries with equal deadlines
         self._resumed = collections.deque()  # unblocked, with input to run
         self._dirty = []            # connections with replies to send
+        self._held_back = []        # connections whose replies wait (_commit)
+        self._changes_seen = 0      # the store's count at the last commit
+        self.unsaved = 0            # changes the store lost at the stop
         self._stopping = False
         self._serving = False
         self._closed = False
@@ -1991,8 +2210,10 @@ class Server:
         return max(timeout, 0)
 
     def _housekeeping(self):
-        # Now and then: accept again after running out of descriptors, and
-        # close TLS handshakes that stalled.
+        # Once a second: accept again after running out of descriptors,
+        # close TLS handshakes that stalled and subscribers that stayed
+        # past the soft limit (even with nothing more published), and drop
+        # the entries of leases that ended.
         now = time.monotonic()
         self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
         if not self._accepting:
@@ -2002,6 +2223,11 @@ class Server:
         for conn in [conn for conn in self._conns.values()
                      if conn.handshaking and now - conn.created > TLS_HANDSHAKE_TIMEOUT]:
             self._close(conn)
+        for conn in [conn for conn in self._conns.values()
+                     if conn.over_soft_limit is not None]:
+            self._check_subscriber_backlog(conn)
+        if self._leases:
+            self._drop_stale_leases()
 
     def _accept(self):
         while True:
@@ -2263,12 +2489,31 @@ class Server:
             self.store is not None and self.store.failing is not None)
 
     def _commit(self):
-        """Group commit: the pass's changes, before its replies go out. A
-        store that starts or stops failing changes what every connection
-        may run."""
-        was_failing = self.store.failing is not None
-        self.store.commit()
-        if (self.store.failing is not None) != was_failing:
+        """Group commit: the pass's changes, before its replies go out.
+
+        When they cannot be committed, no reply of the pass may go out:
+        every connection with replies waiting is held (its replies, and
+        whatever it is answered after them, stay unsent) until a commit
+        succeeds. Replies of later passes that change nothing go out, so
+        reads go on. A store that starts or stops failing changes what
+        every connection may run."""
+        store = self.store
+        was_failing = store.failing is not None
+        changed = store.changes != self._changes_seen
+        self._changes_seen = store.changes
+        if store.commit():
+            if self._held_back:
+                held, self._held_back = self._held_back, []
+                for conn in held:
+                    conn.held = False
+                    if conn.unsent is None and not conn.closed:
+                        self._write(conn)
+        elif changed:
+            for conn in self._conns.values():
+                if conn.out and not conn.held:
+                    conn.held = True
+                    self._held_back.append(conn)
+        if (store.failing is not None) != was_failing:
             for conn in self._conns.values():
                 self._update_guard(conn)
 
@@ -2464,17 +2709,24 @@ class Server:
 
     # Reserving -----------------------------------------------------------
 
+    # A lease is an entry (deadline, sequence, id) in a heap. TOUCH only
+    # moves the Held's deadline: an entry found early is pushed again for
+    # the new one. Entries of messages acknowledged or given back are
+    # skipped when they come up, and dropped all at once at housekeeping
+    # when they outnumber the live ones, so no call leaves anything behind.
+
     def reserved(self, held):
         """Start the lease of a message just reserved; its reply."""
         if self.lease:
             held.deadline = time.monotonic() + self.lease
             self._sequence += 1
-            heapq.heappush(self._leases, (held.deadline, self._sequence, held))
+            heapq.heappush(self._leases, (held.deadline, self._sequence,
+                                          held.id))
         return _encode_reserved(held)
 
     def touch(self, held):
         if self.lease:
-            self.reserved(held)
+            held.deadline = time.monotonic() + self.lease
 
     def give_back(self, helds):
         """NACK, a close or a lease that ran out: the messages go back to
@@ -2488,12 +2740,23 @@ class Server:
         leases = self._leases
         expired = []
         while leases and leases[0][0] <= now:
-            deadline, _, held = heapq.heappop(leases)
-            if held.deadline == deadline and self.queues.held(
-                    held.id, held.owner) is held:
+            entry = heapq.heappop(leases)
+            held = self.queues.find(entry[2])
+            if held is None or held.deadline is None:
+                continue
+            if held.deadline > now:         # touched since
+                heapq.heappush(leases, (held.deadline,) + entry[1:])
+            else:
                 expired.append(held)
         if expired:
             self._give_back_safely(expired)
+
+    def _drop_stale_leases(self):
+        live = self.queues.held_count()
+        if len(self._leases) > 2 * live + 64:
+            self._leases = [entry for entry in self._leases
+                            if self.queues.find(entry[2]) is not None]
+            heapq.heapify(self._leases)
 
     def _give_back_safely(self, helds):
         # Giving back writes to the store; if that fails, the messages stay
@@ -2575,7 +2838,7 @@ class Server:
         while True:
             data = conn.unsent
             if data is None:
-                if not out:
+                if not out or conn.held:
                     break
                 data = _next_slice(out)
             try:
@@ -2598,7 +2861,7 @@ class Server:
                     self._update_events(conn)
                 return
             conn.unsent = None
-        if conn.closing:
+        if conn.closing and not conn.held:
             self._close(conn)
             return
         if conn.writing or not conn.events & selectors.EVENT_READ:
@@ -2632,7 +2895,8 @@ class Server:
         for conn in list(self._conns.values()):
             self._close(conn)
         if self.store is not None:
-            self.store.close()      # what the closes gave back, too
+            # What the closes gave back, too.
+            self.unsaved = self.store.close()
         self._selector.close()
         for sock in (self._listener, self._wake_r, self._wake_w):
             sock.close()
@@ -4663,6 +4927,12 @@ def run_serve(options):
                          max_message_size, kept))
     sys.stderr.flush()
     server.serve_forever()
+    if server.unsaved:
+        _warn("stopped, but the last %s could not be written to %s (%s); "
+              "no client was told they were made" % (
+                  _plural(server.unsaved, "change"), data,
+                  server.store.failing))
+        return EXIT_SERVER
     sys.stderr.write("beuss stopped\n")
     return EXIT_OK
 

@@ -72,15 +72,31 @@ def redis_python(test):
     missing(test, "redis-py is not installed")
 
 
+def mount_tmpfs(test, folder, options):
+    """Mount a tmpfs of these options on folder for the test (root on
+    Linux); else skip. Returns True once mounted."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        test.skipTest("making a small or read-only filesystem needs root on Linux")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", folder],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if result.returncode != 0:
+        test.skipTest("mount refused: %s" % result.stderr.decode().strip())
+    test.addCleanup(subprocess.run, ["umount", "-l", folder])
+    return True
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def wait_for_port(port, seconds=10):
+def wait_for_port(port, seconds=10, process=None):
+    """Wait until something listens on port; fail sooner when process
+    (the server that should) has ended."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (process is None
+                                           or process.poll() is None):
         try:
             socket.create_connection(("127.0.0.1", port), 0.5).close()
             return
@@ -538,6 +554,60 @@ class QueuesTest(unittest.TestCase):
         self.assertEqual(queues.serve(), [(waiter, b"q", [b"1", b"2"])])
 
 
+class BigQueueTest(unittest.TestCase):
+    """Every list command reaches its messages in one pass over the queue:
+    on a queue four times as long it takes about four times as long (a
+    deque reached one index at a time costs the square of the length, and
+    sixteen times as long). Each case is timed on N and 4N messages, the
+    best of three, and the ratio must stay well below sixteen."""
+
+    N = 25000
+
+    def ratio(self, operation):
+        times = []
+        for size in (self.N, 4 * self.N):
+            best = float("inf")
+            for _ in range(3):
+                queues = beuss.Queues()
+                queues.push(b"q", [b"%d" % i for i in range(size)])
+                start = time.perf_counter()
+                operation(queues, size)
+                best = min(best, time.perf_counter() - start)
+            times.append(max(best, 1e-4))
+        return times[1] / times[0]
+
+    def test_no_list_command_costs_the_square_of_the_queue(self):
+        cases = {
+            "LRANGE of the middle half": lambda q, n: q.peek(b"q", n // 4, 3 * n // 4),
+            "LRANGE of the tail": lambda q, n: q.peek(b"q", -n // 2, -1),
+            "LPOS of an absent message": lambda q, n: q.positions(b"q", b"absent", count=0),
+            "LPOS from the tail": lambda q, n: q.positions(b"q", b"0", rank=-1),
+            "LTRIM of the ends": lambda q, n: q.trim(b"q", n // 4, 3 * n // 4),
+            "LREM of every other": lambda q, n: q.remove(b"q", 0, b"%d" % (n // 2)),
+            "LRANGE 0 99 then LTRIM 100 -1, many times": lambda q, n: [
+                (q.peek(b"q", 0, 99), q.trim(b"q", 100, -1)) for _ in range(n // 1000)],
+        }
+        for name, operation in cases.items():
+            self.assertLess(self.ratio(operation), 9, name)
+
+    def test_the_big_queue_commands_give_what_redis_gives(self):
+        queues = beuss.Queues()
+        queues.push(b"q", [b"%d" % (i % 7) for i in range(100)])
+        model = [b"%d" % (i % 7) for i in range(100)]
+        self.assertEqual(queues.peek(b"q", 10, 80), model[10:81])
+        self.assertEqual(queues.peek(b"q", 60, 98), model[60:99])
+        self.assertEqual(queues.peek(b"q", -30, -5), model[-30:-4])
+        self.assertEqual(queues.positions(b"q", b"3", rank=-2, count=3), [87, 80, 73])
+        self.assertEqual(queues.positions(b"q", b"3", rank=-1, maxlen=6), [94])
+        self.assertEqual(queues.remove(b"q", -2, b"6"), 2)
+        del model[97], model[90]
+        self.assertEqual(queues.peek(b"q", 0, -1), model)
+        queues.trim(b"q", 5, -6)
+        self.assertEqual(queues.peek(b"q", 0, -1), model[5:-5])
+        self.assertEqual(queues.size, sum(map(len, model[5:-5]))
+                         + len(model[5:-5]) * beuss.MESSAGE_COST)
+
+
 class ReserveQueuesTest(unittest.TestCase):
 
     def test_held_messages_come_back_in_queue_order_with_their_count(self):
@@ -567,6 +637,16 @@ class ReserveQueuesTest(unittest.TestCase):
         self.assertNotIn(b"q", queues)
         self.assertEqual(queues.peek(b"q.dead", 0, -1), [b"m"])
         self.assertEqual(beuss.deliveries(queues.index(b"q.dead", 0)), 0)
+
+    def test_a_dead_letter_that_fails_again_stays_in_its_dead_queue(self):
+        queues = beuss.Queues(max_deliveries=2)
+        queues.push(b"q.dead", [b"poison"])
+        for tries in range(1, 6):
+            held = queues.reserve(b"q.dead", 1)
+            self.assertEqual(held.deliveries, tries)
+            self.assertEqual(queues.give_back([held]), [])
+        self.assertEqual(queues.names(), [b"q.dead"])
+        self.assertEqual(beuss.deliveries(queues.index(b"q.dead", 0)), 5)
 
     def test_only_the_owner_holds_its_messages(self):
         queues = beuss.Queues()
@@ -705,6 +785,99 @@ class StoreTest(unittest.TestCase):
         store.close()
         self.assertTrue(os.path.exists(self.path))
 
+    def rows_changed(self, store, change):
+        before = store._db.total_changes
+        change()
+        self.assertTrue(store.commit())
+        return store._db.total_changes - before
+
+    def test_the_file_changes_as_much_as_the_queue_does(self):
+        # Rows written or deleted, counted by SQLite: LTRIM, LREM and
+        # LINSERT touch what they remove or add (and a bounded stretch
+        # around an insert), never the whole queue.
+        store, queues = self.open()
+        self.addCleanup(store.close)
+        queues.push(b"q", [b"%d" % (i % 100) for i in range(20000)])
+        store.commit()
+        self.assertEqual(self.rows_changed(store, lambda: queues.trim(b"q", 100, -1)), 100)
+        self.assertEqual(self.rows_changed(store, lambda: queues.trim(b"q", 0, -51)), 50)
+        self.assertEqual(self.rows_changed(store, lambda: queues.remove(b"q", 3, b"7")), 3)
+        inserted = [self.rows_changed(store, lambda: queues.insert(
+            b"q", b"5", b"new", after=False)) for _ in range(300)]
+        self.assertLess(max(inserted), 600)
+        self.assertLess(sum(inserted), 20000)
+        expected = self.snapshot(queues)
+        store.close()
+        store, loaded = self.open()
+        self.addCleanup(store.close)
+        self.assertEqual(self.snapshot(loaded), expected)
+
+    def test_a_message_held_at_its_last_delivery_is_dead_after_a_restart(self):
+        store, queues = self.open(max_deliveries=2)
+        queues.push(b"q", [b"m", b"n"])
+        queues.give_back([queues.reserve(b"q", 1)])
+        last = queues.reserve(b"q", 1)
+        self.assertEqual((last.message, last.deliveries), (b"m", 2))
+        queues.reserve(b"q", 1)             # n, at its first delivery
+        store.commit()
+        store.close()                       # as if killed, both held
+        store, queues = self.open(max_deliveries=2)
+        self.addCleanup(store.close)
+        self.assertEqual(self.snapshot(queues), [(b"q", [(b"n", 1)]),
+                                                 (b"q.dead", [(b"m", 0)])])
+
+    def test_a_second_store_on_one_file_is_refused(self):
+        store, queues = self.open()
+        with self.assertRaises(beuss.BeussError) as caught:
+            beuss.Store(self.path)
+        self.assertIn("another beuss server is using it", str(caught.exception))
+        store.close()
+        beuss.Store(self.path).close()      # free again once closed
+
+    def test_rows_of_the_wrong_type_or_shape_are_refused_in_one_line(self):
+        import sqlite3
+        store, queues = self.open()
+        queues.push(b"q", [b"a"])
+        store.commit()
+        store.close()
+        damages = [
+            "UPDATE queued SET message = 'text'",
+            "UPDATE queued SET deliveries = 'many'",
+            "INSERT INTO held VALUES (5, 'q', x'00', 1)",
+            "UPDATE settings SET value = 'x' WHERE name = 'next_id'",
+            "ALTER TABLE queued RENAME COLUMN deliveries TO tries",
+        ]
+        for damage in damages:
+            shutil.copy(self.path, self.path + ".good")
+            db = sqlite3.connect(self.path)
+            db.execute("INSERT OR REPLACE INTO settings VALUES ('next_id', 2)")
+            db.execute(damage)
+            db.commit()
+            db.close()
+            with self.assertRaises(beuss.BeussError) as caught:
+                store, queues = self.open()
+                store.close()
+            self.assertIn("it is damaged", str(caught.exception), damage)
+            self.assertEqual(len(str(caught.exception).splitlines()), 1)
+            os.replace(self.path + ".good", self.path)
+
+    def test_a_read_only_folder_is_named_as_such(self):
+        folder = os.path.dirname(self.path)
+        root = not POSIX or os.geteuid() == 0
+        if root:
+            # root writes anywhere: a filesystem mounted read-only shows it.
+            mount_tmpfs(self, folder, "size=4m")
+        store, queues = self.open()
+        store.close()
+        if root:
+            subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
+        else:
+            os.chmod(folder, 0o555)
+            self.addCleanup(os.chmod, folder, 0o755)
+        with self.assertRaises(beuss.BeussError) as caught:
+            beuss.Store(self.path)
+        self.assertIn("is read-only", str(caught.exception))
+
 
 class GlobTest(unittest.TestCase):
 
@@ -724,6 +897,18 @@ class GlobTest(unittest.TestCase):
         ]
         for pattern, name, expected in cases:
             self.assertEqual(self.match(pattern, name), expected, (pattern, name))
+
+    def test_the_quick_matchers_agree_with_the_general_one(self):
+        rng = random.Random(11)
+        alphabet = [b"a", b"b", b".", b"*", b"?", b"[ab]", b"\\*", b"["]
+        for _ in range(3000):
+            pattern = b"".join(rng.choice(alphabet)
+                               for _ in range(rng.randint(0, 6)))
+            match = beuss.glob_matcher(pattern)
+            for _ in range(10):
+                name = bytes(rng.choice(b"ab.*[") for _ in range(rng.randint(0, 7)))
+                self.assertEqual(match(name), self.match(pattern, name),
+                                 (pattern, name))
 
     def test_a_pattern_that_backtracks_stays_quick(self):
         # Exponential in a backtracking matcher; here at most the product
@@ -1207,7 +1392,7 @@ class StoreServerTest(ServerCase):
         self.restart()
         self.assertEqual(self.server.queues.length(b"q"), 2)
 
-    def test_a_commit_that_fails_keeps_the_changes_and_refuses_more(self):
+    def test_a_change_is_answered_only_once_it_is_committed(self):
         store = self.server.store
         real = store._db
 
@@ -1225,22 +1410,52 @@ class StoreServerTest(ServerCase):
         proxy = FailingCommits()
         with mock.patch.object(sys, "stderr", io.StringIO()) as err:
             store._db = proxy
-            sock = self.exchange(requests(["RPUSH", "q", "kept"]), b":1\r\n")
-            sock.sendall(requests(["RPUSH", "q", "refused"]))
-            self.expect(sock, b"-MISCONF Errors writing to the store: disk I/O error")
-            sock.recv(1000)
-            self.exchange(requests(["LRANGE", "q", "0", "-1"]), b"*1\r\n$4\r\nkept\r\n", sock)
+            writer = self.connect()
+            writer.sendall(requests(["RPUSH", "q", "kept"], ["LLEN", "q"]))
+            self.wait_until(lambda: store.failing is not None)
+            self.assert_quiet(writer, 0.3)      # not told before it is saved
+            other = self.exchange(requests(["PING"]), b"+PONG\r\n")
+            other.sendall(requests(["RPUSH", "q", "refused"]))
+            self.expect(other, b"-MISCONF Errors writing to the store: disk I/O error")
+            other.recv(1000)
+            self.exchange(requests(["LRANGE", "q", "0", "-1"]),
+                          b"*1\r\n$4\r\nkept\r\n", other)
             proxy.failing = False
-            deadline = time.monotonic() + TIMEOUT
-            while store.failing is not None:
-                self.assertLess(time.monotonic(), deadline)
-                time.sleep(0.05)
+            self.expect(writer, b":1\r\n:1\r\n")    # once it is in the file
+            self.assertIsNone(store.failing)
             store._db = real
-            self.exchange(requests(["RPUSH", "q", "after"]), b":2\r\n", sock)
+            self.exchange(requests(["RPUSH", "q", "after"]), b":2\r\n", other)
         self.assertIn("cannot write", err.getvalue())
         self.assertIn("writing %s again" % self.path, err.getvalue())
         self.restart()
         self.assertEqual(self.server.queues.peek(b"q", 0, -1), [b"kept", b"after"])
+
+    def test_a_file_locked_by_another_process_freezes_nobody(self):
+        import sqlite3
+        sock = self.exchange(requests(["RPUSH", "q", "before"]), b":1\r\n")
+        other = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")            # holds the write lock
+        started = time.monotonic()
+        self.exchange(requests(["PING"], ["LLEN", "q"]), b"+PONG\r\n:1\r\n", sock)
+        sock.sendall(requests(["RPUSH", "q", "refused"]))
+        self.expect(sock, b"-MISCONF Errors writing to the store: database is locked")
+        sock.recv(1000)
+        self.assertLess(time.monotonic() - started, 1.0)
+        other.execute("COMMIT")
+        self.exchange(requests(["RPUSH", "q", "after"]), b":2\r\n", sock)
+        self.restart()
+        self.assertEqual(self.server.queues.peek(b"q", 0, -1), [b"before", b"after"])
+
+    def test_a_second_server_on_the_same_file_is_refused(self):
+        with self.assertRaises(beuss.BeussError) as caught:
+            beuss.Server("127.0.0.1", 0, data=self.path)
+        self.assertIn("another beuss server is using it", str(caught.exception))
+        err = io.StringIO()
+        with mock.patch.object(sys, "stderr", err):
+            code = beuss.main(["--port", "0", "--data", self.path])
+        self.assertEqual(code, 3)
+        self.assertEqual(len(err.getvalue().splitlines()), 1, err.getvalue())
 
     def test_info_and_config_describe_the_store(self):
         info = self.client().info()
@@ -2926,6 +3141,103 @@ class DurabilityTest(unittest.TestCase):
 
     def test_fsync_everysec_loses_nothing_replied_to_sigkill(self):
         self.run_kills("everysec", seed=2)
+
+
+class FullDiskTest(unittest.TestCase):
+    """The store on a filesystem of 8 MB that four writers fill with
+    messages of 50 KB: the server stops acknowledging when it cannot write
+    and never says a message was put that is not in the file, whether it
+    is then killed or stopped, under fsync always and everysec. A restart
+    on the still-full disk starts or says why in one line."""
+
+    def fill_then_stop(self, fsync, stop_signal):
+        if not POSIX:
+            self.skipTest("signals are POSIX")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        mount_tmpfs(self, folder, "size=8m")
+        with open(os.path.join(folder, "room"), "wb") as f:
+            f.write(b"\0" * 1024 * 1024)       # removed to make room at the end
+        port = free_port()
+        command = [sys.executable, BEUSS, "--port", str(port), "--data",
+                   os.path.join(folder, "beuss.db"), "--fsync", fsync,
+                   "--max-message-size", "100kb"]
+        server = subprocess.Popen(command, stderr=subprocess.PIPE)
+        self.addCleanup(server.stderr.close)
+        wait_for_port(port)
+        replied, refused, stop = set(), [], threading.Event()
+
+        def write(number):
+            client, sent = beuss.Client(port=port, timeout=1), 0
+            while not stop.is_set():
+                message = b"w%d-%d:" % (number, sent)
+                sent += 1
+                try:
+                    client.put("q", message + b"x" * 50000)
+                    replied.add(message)
+                except beuss.ReplyError as exc:
+                    refused.append(str(exc))
+                    time.sleep(0.05)
+                except beuss.BeussError:
+                    client.close()
+            client.close()
+
+        writers = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+        for writer in writers:
+            writer.start()
+        deadline = time.monotonic() + 20
+        while not refused and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        server.send_signal(stop_signal)
+        server.wait(TIMEOUT)
+        stop.set()
+        for writer in writers:
+            writer.join(TIMEOUT)
+        self.assertTrue(refused, "the disk never filled")
+        self.assertIn("MISCONF", refused[0])
+        err = server.stderr.read().decode()
+        self.assertNotIn("Traceback", err)
+        if stop_signal == signal.SIGTERM and server.returncode != 0:
+            self.assertEqual(server.returncode, 3)
+            self.assertIn("could not be written", err)
+
+        again = subprocess.Popen(command, stderr=subprocess.PIPE)
+        self.addCleanup(again.stderr.close)
+        try:
+            wait_for_port(port, process=again)
+        except AssertionError:
+            self.assertEqual(again.wait(TIMEOUT), 3)
+            self.assertEqual(len(again.stderr.read().splitlines()), 1)
+        finally:
+            again.kill()
+            again.wait(TIMEOUT)
+
+        os.remove(os.path.join(folder, "room"))
+        server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(port)
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                queued = [m.split(b":")[0] + b":"
+                          for m in client.call("LRANGE", "q", 0, -1)]
+        finally:
+            server.kill()
+            server.wait(TIMEOUT)
+        self.assertGreater(len(replied), 50)
+        self.assertEqual(sorted(replied - set(queued)), [])
+        self.assertEqual(len(queued), len(set(queued)))
+
+    def test_always_then_sigkill(self):
+        self.fill_then_stop("always", signal.SIGKILL)
+
+    def test_always_then_sigterm(self):
+        self.fill_then_stop("always", signal.SIGTERM)
+
+    def test_everysec_then_sigkill(self):
+        self.fill_then_stop("everysec", signal.SIGKILL)
+
+    def test_everysec_then_sigterm(self):
+        self.fill_then_stop("everysec", signal.SIGTERM)
 
 
 def hostile_frames(rng, count):
