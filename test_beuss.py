@@ -1349,6 +1349,30 @@ class LeaseTest(ServerCase):
         self.assertNotIn(b"q", self.server.queues)
 
 
+class LongLeaseTest(ServerCase):
+
+    server_options = {"lease": 3600}
+
+    def test_acks_and_touches_leave_nothing_behind(self):
+        sock = self.connect()
+        sock.sendall(requests(*[["RPUSH", "q", "x" * 1000]] * 2000))
+        reply = beuss.ReplyReader(sock)
+        self.assertEqual([reply.read() for _ in range(2000)][-1], 2000)
+        for number in range(1, 2001):
+            sock.sendall(requests(["RESERVE", "q", "0"], ["ACK", str(number)]))
+            self.assertEqual(reply.read()[1], b"%d" % number)
+            self.assertEqual(reply.read(), 1)
+        self.exchange(requests(["RPUSH", "q", "y" * 1000], ["RESERVE", "q", "0"]),
+                      b":1\r\n*3\r\n", sock)
+        sock.recv(2000)
+        sock.sendall(requests(*[["TOUCH", "2001"]] * 5000))
+        self.receive(sock, 5000 * 4)
+        self.wait_until(lambda: len(self.server._leases) <= 64 + 2)
+        info = self.client().info()
+        self.assertGreaterEqual(int(info["used_memory"]), 1000)   # held, counted
+        self.assertEqual(info["held"], "1")
+
+
 class StoreServerTest(ServerCase):
 
     def setUp(self):
@@ -1512,6 +1536,7 @@ class PubSubTest(ServerCase):
         """A subscriber of an idle server whose backlog is size bytes."""
         server = beuss.Server("127.0.0.1", 0)
         self.addCleanup(server.stop)
+        self.servers = getattr(self, "servers", []) + [server]
         sock, peer = socket.socketpair()
         self.addCleanup(peer.close)
         conn = beuss._Conn(sock, 1, None, 1024)
@@ -1538,6 +1563,15 @@ class PubSubTest(ServerCase):
         self.assertFalse(self.backlog(soft + 1, time.monotonic() + 1 - seconds)
                          .closed)
         self.assertTrue(self.backlog(soft + 1, time.monotonic() - seconds).closed)
+
+    def test_a_backlog_is_checked_even_when_nothing_more_is_published(self):
+        conn = self.backlog(beuss.PUBSUB_SOFT_LIMIT + 1)
+        self.assertFalse(conn.closed)
+        conn.over_soft_limit -= beuss.PUBSUB_SOFT_SECONDS     # a minute later
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            self.servers[-1]._housekeeping()
+        self.assertTrue(conn.closed)
+        self.assertIn("closed subscriber", err.getvalue())
 
 
 class ClientCommandsTest(ServerCase):
