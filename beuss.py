@@ -1386,11 +1386,18 @@ class Channels:
 #   no        the operating system syncs when it likes.
 #
 # A failed commit (a full disk, an I/O error) keeps that pass's changes in
-# memory and in a backlog that every later pass tries to commit again, as
-# Redis retries its AOF; meanwhile commands that change queues are refused
-# with -MISCONF, reads go on, and it all resumes by itself once the disk
-# does. At start the rows come back in their order; held messages go back
-# to the head of their queue, delivery counts kept.
+# memory and in a backlog that is committed again once a second, as Redis
+# retries its AOF. The server holds back the replies of that pass, so no
+# client hears of a change that is not in the file; we chose waiting over
+# undoing, since memory cannot be rolled back cheaply and the replies are
+# already made. Meanwhile commands that change queues are refused with
+# -MISCONF, reads go on, and it all resumes by itself once the disk does;
+# a stop while it fails counts the changes that were lost (never replied).
+# The connection never waits for a lock (timeout 0): a file locked by
+# another process refuses writes at once. A lock on "<file>-lock" keeps a
+# second server away. At start the rows come back in their order; held
+# messages go back to the head of their queue, delivery counts kept, or to
+# their dead letters if they were at their last delivery.
 #
 # Schema: queued(queue, position, message, deliveries), ordered by position
 # within a queue; held(id, queue, message, deliveries); settings(name,
