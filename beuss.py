@@ -76,7 +76,6 @@ MAX_INLINE_LENGTH = 64 * 1024           # an inline line, or a length line
 UNAUTHENTICATED_ARGUMENTS = 10          # before AUTH, as Redis allows
 UNAUTHENTICATED_BULK = 16 * 1024
 SMALL_PIECE = 4096                      # a read this small joins the last
-MESSAGE_COST = 48                       # bytes a message takes beyond its own
 OUTPUT_LIMIT = 1024 * 1024              # unsent replies that stop reading
 WRITE_SLICE = 256 * 1024                # replies joined for one send
 WAITING_INPUT_LIMIT = 64 * 1024         # read ahead by a blocked client
@@ -99,6 +98,24 @@ RESP2_NULL_BULK = b"$-1\r\n"
 RESP2_NULL_ARRAY = b"*-1\r\n"
 RESP3_NULL = b"_\r\n"
 QUEUED = b"+QUEUED\r\n"
+
+
+def _message_cost():
+    """The bytes a queued message takes beyond its own, on this interpreter:
+    the bytes object's header (sys.getsizeof of an empty one: 33 on 64-bit
+    CPython, 17 on 32-bit), its slot in the deque and the deque's links
+    (a pointer and a little), and half the allocator's rounding (objects
+    are aligned to two pointers). PyPy has no getsizeof; its objects are
+    about as large as 64-bit CPython's."""
+    pointer = 8 if sys.maxsize > 2 ** 32 else 4
+    try:
+        header = sys.getsizeof(b"")
+    except TypeError:
+        header = 5 * pointer - 7
+    return header + 2 * pointer
+
+
+MESSAGE_COST = _message_cost()          # 49 on 64-bit CPython, 25 on 32-bit
 
 # Redis's default pub/sub output limit: a subscriber whose unsent messages
 # pass the hard limit, or stay past the soft limit for the time, is closed.

@@ -351,8 +351,16 @@ class ReaderBoundsTest(unittest.TestCase):
 
 
 class MessageCostTest(unittest.TestCase):
+    """--max-memory counts each message as its length and MESSAGE_COST.
+    tracemalloc measures what 20,000 pushed messages really take (their
+    bytes objects and the deque's blocks); the count must be within a
+    quarter of it for messages of 10 bytes, where the overhead is most of
+    the cost, and of 1,000, on 32-bit and 64-bit builds alike (allocator
+    rounding alone moves a 10-byte message by up to 15 bytes)."""
 
     def test_the_cost_counted_is_the_memory_taken(self):
+        if platform.python_implementation() != "CPython":
+            self.skipTest("tracemalloc measures CPython's own allocations")
         import tracemalloc
         for size in (10, 1000):
             reader = beuss.RequestReader(1024 * 1024)
@@ -4104,7 +4112,11 @@ class ReadmeTest(ServerCase):
     pointed at the test server's port in place of 6552."""
 
     def snippets(self, language):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        path = os.path.join(HERE, "README.md")
+        if not os.path.exists(path):
+            # `scp beuss.py test_beuss.py pi:` brings no README along.
+            self.skipTest("README.md is not beside the tests")
+        with open(path, encoding="utf-8") as readme:
             text = readme.read()
         blocks = text.split("```" + language + "\n")[1:]
         self.assertTrue(blocks, language)
