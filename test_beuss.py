@@ -2554,7 +2554,8 @@ class CommandLineTest(ServerCase):
                          "beuss: no message on queue q within 1 second\n")
         self.client().put("q", "m")
         out = self.run_main("STATS")[1].decode()
-        self.assertIn("holding 1 message (49 bytes of memory); 0 held by clients\n", out)
+        self.assertIn("holding 1 message (%d bytes of memory); 0 held by clients\n"
+                      % (1 + beuss.MESSAGE_COST), out)
         self.assertIn("q: 1 message, 1 byte, 0 waiting, 0 held", out)
 
     def test_setting_errors_name_the_flag_as_typed(self):
