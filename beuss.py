@@ -1479,7 +1479,7 @@ class Store:
                 db.executescript(_STORE_SCHEMA)
                 db.execute("PRAGMA application_id = %d" % _STORE_ID)
                 db.execute("PRAGMA user_version = 1")
-            db.execute("PRAGMA journal_mode = WAL")
+            _first(db, "PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = %s" % (
                 "FULL" if self.fsync == "always" else "OFF"))
         except BaseException:
@@ -1523,15 +1523,14 @@ class Store:
                 name, count, edge = dead_letters(name), 0, "max(position) + 1"
             else:
                 edge = "min(position) - 1"
-            position = db.execute("SELECT %s FROM queued WHERE queue = ?"
-                                  % edge, (name,)).fetchone()[0]
+            position = _first(db, "SELECT %s FROM queued WHERE queue = ?"
+                              % edge, (name,))[0]
             db.execute("INSERT INTO queued VALUES (?, ?, ?, ?)",
                        (name, 0.0 if position is None else position,
                         message, count))
         db.execute("DELETE FROM held")
         db.execute("COMMIT")
-        row = db.execute("SELECT value FROM settings WHERE name = 'next_id'"
-                         ).fetchone()
+        row = _first(db, "SELECT value FROM settings WHERE name = 'next_id'")
         queues.next_id = row[0] if row else 1
         if queues.next_id.__class__ is not int:
             raise BeussError("cannot use %s: it is damaged (next_id is %r)"
@@ -1933,7 +1932,7 @@ def _check_store(db, path):
     """Refuse a file that is not a beuss store, or a damaged one."""
     sqlite3 = sys.modules["sqlite3"]
     try:
-        application = db.execute("PRAGMA application_id").fetchone()[0]
+        application = _first(db, "PRAGMA application_id")[0]
         tables = {row[0] for row in db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as exc:
@@ -1948,9 +1947,16 @@ def _check_store(db, path):
         if found != columns:
             raise BeussError("cannot use %s: it is damaged (the table %s has "
                              "the columns %s)" % (path, table, ", ".join(found)))
-    check = db.execute("PRAGMA quick_check").fetchone()[0]
+    check = _first(db, "PRAGMA quick_check")[0]
     if check != "ok":
         raise BeussError("cannot use %s: it is damaged (%s)" % (path, check))
+
+
+def _first(db, sql, parameters=()):
+    """The first row of a query, or None, read to its end: PyPy finalizes
+    a half-read statement late, and SQLite refuses COMMIT while one is open."""
+    rows = db.execute(sql, parameters).fetchall()
+    return rows[0] if rows else None
 
 
 def _store_reason(exc):

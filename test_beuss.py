@@ -323,6 +323,8 @@ class ReaderBoundsTest(unittest.TestCase):
             self.assertEqual(str(caught.exception), error)
 
     def test_a_request_in_tiny_pieces_costs_about_its_size(self):
+        if platform.python_implementation() != "CPython":
+            self.skipTest("tracemalloc measures CPython's own allocations")
         import tracemalloc
         request = requests(["RPUSH", "q", b"m" * 100000])
         pieces = [request[i:i + 1] for i in range(len(request) - 1)]
@@ -569,7 +571,8 @@ class BigQueueTest(unittest.TestCase):
     on a queue four times as long it takes about four times as long (a
     deque reached one index at a time costs the square of the length, and
     sixteen times as long). Each case is timed on N and 4N messages, the
-    best of three, and the ratio must stay well below sixteen."""
+    best of five (PyPy's compiler warms up on the first), no time counted
+    below a millisecond, and the ratio must stay well below sixteen."""
 
     N = 25000
 
@@ -577,13 +580,13 @@ class BigQueueTest(unittest.TestCase):
         times = []
         for size in (self.N, 4 * self.N):
             best = float("inf")
-            for _ in range(3):
+            for _ in range(5):
                 queues = beuss.Queues()
                 queues.push(b"q", [b"%d" % i for i in range(size)])
                 start = time.perf_counter()
                 operation(queues, size)
                 best = min(best, time.perf_counter() - start)
-            times.append(max(best, 1e-4))
+            times.append(max(best, 1e-3))
         return times[1] / times[0]
 
     def test_no_list_command_costs_the_square_of_the_queue(self):
