@@ -801,21 +801,24 @@ def glob_matcher(pattern):
 # or raises StoreError; memory changes only after the journal took it.
 
 class Waiter:
-    """One blocked client: what it waits on and where a message goes."""
+    """One blocked client: what it waits on, how it takes a message and
+    how it is answered. The command that blocks says the last two, so
+    nothing downstream asks what kind of wait this is."""
 
-    __slots__ = ("names", "from_left", "target", "to_left", "count",
-                 "reserve", "owner", "active")
+    __slots__ = ("names", "take", "reply", "owner", "active")
 
-    def __init__(self, names, from_left=True, target=None, to_left=True,
-                 count=None, reserve=False, owner=None):
+    def __init__(self, names, take=None, reply=None):
         self.names = names          # queues, in the order the client gave
-        self.from_left = from_left  # take from the head (LPOP) or the tail
-        self.target = target        # BLMOVE: the queue the message moves to
-        self.to_left = to_left
-        self.count = count          # BLMPOP: take up to this many at once
-        self.reserve = reserve      # RESERVE: hold the message, not take it
-        self.owner = owner          # the server's connection, opaque here
+        # take(queues, name): what the client gets from that queue, which
+        # holds a message; reply(name, taken): the encoded answer.
+        self.take = take or _take_head
+        self.reply = reply
+        self.owner = None           # the server's connection, opaque here
         self.active = True
+
+
+def _take_head(queues, name):
+    return queues.pop_one(name, True)
 
 
 class Watch:
@@ -1279,9 +1282,9 @@ class Queues:
 
     def serve(self):
         """Hand the heads of ready queues to their waiters, oldest first.
-        Returns (waiter, name, message) for each waiter served: a Held for
-        a RESERVE waiter, a list of messages for one with a count. A store
-        that fails leaves the remaining waiters waiting."""
+        Returns (waiter, name, taken) for each waiter served, taken being
+        what its take() gave. A store that fails leaves the remaining
+        waiters waiting."""
         served = []
         while self.ready:
             name = next(iter(self.ready))
@@ -1290,16 +1293,7 @@ class Queues:
             while line and name in self._queues:
                 waiter = line[0]
                 try:
-                    if waiter.reserve:
-                        message = self.reserve(name, waiter.owner)
-                    elif waiter.count is not None:
-                        message = self.pop(name, waiter.from_left,
-                                           waiter.count)
-                    elif waiter.target is None:
-                        message = self.pop_one(name, waiter.from_left)
-                    else:
-                        message = self.move(name, waiter.target,
-                                            waiter.from_left, waiter.to_left)
+                    message = waiter.take(self, name)
                 except StoreError:
                     break
                 self.cancel(waiter)
@@ -2818,16 +2812,9 @@ class Server:
         return None
 
     def _serve_waiters(self):
-        for waiter, name, message in self.queues.serve():
+        for waiter, name, taken in self.queues.serve():
             conn = waiter.owner
-            if waiter.reserve:
-                self._reply(conn, self.reserved(message))
-            elif waiter.count is not None:
-                self._reply(conn, _encode_mpop(name, message))
-            elif waiter.target is None:
-                self._reply(conn, encode_bulks([name, message]))
-            else:
-                self._reply(conn, encode_bulk(message))
+            self._reply(conn, waiter.reply(name, taken))
             self._unblock(conn)
 
     def _unblock(self, conn):
@@ -3193,8 +3180,9 @@ def cmd_bpop(server, conn, args):
         message = server.queues.pop_one(name, left)
         if message is not None:
             return encode_bulks([name, message])
-    return server.block(conn, Waiter(names, from_left=left), timeout,
-                        conn.null_array)
+    waiter = Waiter(names, lambda queues, name: queues.pop_one(name, left),
+                    lambda name, message: encode_bulks([name, message]))
+    return server.block(conn, waiter, timeout, conn.null_array)
 
 
 def _mpop_arguments(args, first):
@@ -3236,7 +3224,9 @@ def cmd_blmpop(server, conn, args):
     reply = _mpop(server, names, from_left, count)
     if reply is not None:
         return reply
-    waiter = Waiter(list(dict.fromkeys(names)), from_left, count=count)
+    waiter = Waiter(list(dict.fromkeys(names)),
+                    lambda queues, name: queues.pop(name, from_left, count),
+                    _encode_mpop)
     return server.block(conn, waiter, timeout, conn.null_array)
 
 
@@ -3270,8 +3260,9 @@ def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
     message = server.queues.move(source, target, from_left, to_left)
     if message is not None:
         return encode_bulk(message)
-    return server.block(conn, Waiter([source], from_left, target, to_left),
-                        timeout, conn.null_bulk)
+    waiter = Waiter([source], lambda queues, name: queues.move(
+        name, target, from_left, to_left), lambda name, message: encode_bulk(message))
+    return server.block(conn, waiter, timeout, conn.null_bulk)
 
 
 # Reserve and acknowledge (beuss's own, named so as not to clash with Redis)
@@ -3283,8 +3274,9 @@ def cmd_reserve(server, conn, args):
         held = server.queues.reserve(name, conn)
         if held is not None:
             return server.reserved(held)
-    return server.block(conn, Waiter(names, reserve=True), timeout,
-                        conn.null_array)
+    waiter = Waiter(names, lambda queues, name: queues.reserve(name, conn),
+                    lambda name, held: server.reserved(held))
+    return server.block(conn, waiter, timeout, conn.null_array)
 
 
 def _held(server, conn, args):

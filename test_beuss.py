@@ -480,8 +480,8 @@ class QueuesTest(unittest.TestCase):
 
     def test_a_move_waiter_pushes_onto_its_target(self):
         queues = beuss.Queues()
-        mover = beuss.Waiter([b"src"], from_left=False, target=b"dst",
-                             to_left=True)
+        mover = beuss.Waiter([b"src"], lambda queues, name: queues.move(
+            name, b"dst", False, True))
         taker = beuss.Waiter([b"dst"])
         queues.wait(mover)
         queues.wait(taker)
@@ -560,7 +560,7 @@ class QueuesTest(unittest.TestCase):
 
     def test_a_counted_waiter_takes_up_to_its_count(self):
         queues = beuss.Queues()
-        waiter = beuss.Waiter([b"q"], count=2)
+        waiter = beuss.Waiter([b"q"], lambda queues, name: queues.pop(name, True, 2))
         queues.wait(waiter)
         queues.push(b"q", [b"1", b"2", b"3"])
         self.assertEqual(queues.serve(), [(waiter, b"q", [b"1", b"2"])])
