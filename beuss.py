@@ -2404,16 +2404,21 @@ class Server:
             if command is None:
                 reply = self._unknown(conn, args)
             else:
-                function, arity, name = command
-                conn.command = name
+                conn.command = command.name
+                arity = command.arity
                 if (len(args) != arity) if arity > 0 else (
                         len(args) < -arity):
-                    reply = self._refuse(conn, str(_wrong_arity(name)), name)
-                elif conn.guarded:
-                    reply = self._guard(conn, function, name, args)
+                    reply = self._refuse(conn, str(_wrong_arity(
+                        command.name)), command)
+                elif conn.guarded or command.subcommands:
+                    reply = self._run_checked(conn, command, args)
                 else:
+                    # _call, written out: the flags that can matter on a
+                    # connection that is not guarded are denyoom's alone.
                     try:
-                        reply = function(self, conn, args)
+                        if command.denyoom:
+                            self._admit(command, args)
+                        reply = command.function(self, conn, args)
                     except ReplyError as exc:
                         reply = encode_error(str(exc))
                     except Exception as exc:
@@ -2464,47 +2469,84 @@ class Server:
             return None
         return self._refuse(conn, _unknown_command(args))
 
-    def _call(self, conn, function, args):
+    def _call(self, conn, command, args):
         try:
-            return function(self, conn, args)
+            if command.denyoom:
+                self._admit(command, args)
+            return command.function(self, conn, args)
         except ReplyError as exc:
             return encode_error(str(exc))
         except Exception as exc:
             return _internal_error(args, exc)
 
-    def _refuse(self, conn, text, name=None):
+    def _admit(self, command, args):
+        """Refuse a denyoom command whose messages pass the size limit, or
+        any once queued messages pass the memory bound (the command that
+        crossed it went through, as in Redis)."""
+        if command.messages:
+            messages = args[command.messages:]
+            longest = len(messages[0]) if len(messages) == 1 else max(
+                map(len, messages))
+            if longest > self.max_message_size:
+                raise message_too_large(self.max_message_size)
+        if self.max_memory and self.queues.size > self.max_memory:
+            raise ReplyError(ERR_OOM)
+
+    def _refuse(self, conn, text, command=None):
         """The error reply for a request refused before it ran; inside
         MULTI it also dooms the transaction, and a refused EXEC ends it, as
         in Redis."""
         if conn.multi is not None:
             conn.multi_failed = True
-            if name == b"exec":
+            if command is not None and command.name == b"exec":
                 self.end_transaction(conn)
                 return encode_error("EXECABORT Transaction discarded because "
-                                    "of: " + text[4:])
+                                    "of: " + (text[4:] if text.startswith(
+                                        "ERR ") else text))
         return encode_error(text)
 
-    def _guard(self, conn, function, name, args):
-        """Run or queue a request of a connection in a transaction or in
-        RESP2's subscribed mode."""
+    def _run_checked(self, conn, command, args):
+        """Run or queue a request as its row's flags say: the path of a
+        connection in a transaction, subscribed in RESP2, not yet
+        authenticated or with a store that cannot write, and of commands
+        made of subcommands."""
         try:
-            full_name = _full_name(name, args)
+            command = _subcommand(command, args)
         except ReplyError as exc:
             return self._refuse(conn, str(exc))
-        if not conn.authenticated and name not in _BEFORE_AUTH:
-            return self._refuse(conn, "NOAUTH Authentication required.")
-        if name in _WRITE_COMMANDS and self.store is not None \
-                and self.store.failing is not None:
-            return self._refuse(conn, str(StoreError(self.store.failing)))
-        if conn.subscribed and not conn.resp3 and name not in _SUBSCRIBED_MODE:
+        conn.command = command.name
+        if not conn.authenticated and not command.no_auth:
+            return self._refuse(conn, "NOAUTH Authentication required.",
+                                command)
+        write, denyoom = command.write, command.denyoom
+        if command.name == b"exec" and conn.multi:
+            # EXEC is what it runs, as Redis counts it.
+            write = any(queued.write for queued, _ in conn.multi)
+            denyoom = any(queued.denyoom for queued, _ in conn.multi)
+        if write and self.store is not None and self.store.failing is not None:
+            return self._refuse(conn, str(StoreError(self.store.failing)),
+                                command)
+        if conn.subscribed and not conn.resp3 and not command.subscribed:
             return self._refuse(conn, (
                 "ERR Can't execute '%s': only (P|S)SUBSCRIBE / "
                 "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this "
-                "context") % full_name.decode("utf-8", "replace"))
-        if conn.multi is not None and name not in _RUN_INSIDE_MULTI:
-            conn.multi.append((function, args))
+                "context") % command.name.decode("utf-8", "replace"))
+        if conn.multi is not None and not command.at_once:
+            # Queueing takes memory too: past the bound Redis refuses any
+            # command here, and a refusal dooms the transaction.
+            try:
+                if command.denyoom:
+                    self._admit(command, args)
+                elif self.max_memory and self.queues.size > self.max_memory:
+                    raise ReplyError(ERR_OOM)
+            except ReplyError as exc:
+                return self._refuse(conn, str(exc), command)
+            conn.multi.append((command, args))
             return QUEUED
-        return self._call(conn, function, args)
+        if denyoom and command.name == b"exec" and self.max_memory \
+                and self.queues.size > self.max_memory:
+            return self._refuse(conn, ERR_OOM, command)
+        return self._call(conn, command, args)
 
     def _update_guard(self, conn):
         conn.subscribed = self.channels.count(conn) > 0
@@ -2603,8 +2645,8 @@ class Server:
             return conn.null_array
         conn.in_exec = True
         try:
-            replies = [self._call(conn, function, args)
-                       for function, args in commands]
+            replies = [self._call(conn, command, args)
+                       for command, args in commands]
         finally:
             conn.in_exec = False
         return b"*%d\r\n" % len(replies) + b"".join(replies)
@@ -3122,39 +3164,17 @@ def _side(arg):
     raise ReplyError(ERR_SYNTAX)
 
 
-def _check_size(server, messages):
-    """Refuse messages over the size limit, or any once memory is full
-    (the memory test of _check_memory, written out for the pushes)."""
-    longest = len(messages[0]) if len(messages) == 1 else max(map(len,
-                                                                 messages))
-    if longest > server.max_message_size:
-        raise message_too_large(server.max_message_size)
-    if server.max_memory and server.queues.size > server.max_memory:
-        raise ReplyError(ERR_OOM)
-
-
-def _check_memory(server):
-    # As Redis: a command that adds is refused once memory is past the
-    # bound; the one that crossed it went through.
-    if server.max_memory and server.queues.size > server.max_memory:
-        raise ReplyError(ERR_OOM)
-
-
 def cmd_push(server, conn, args):
     left = args[0][0] in b"lL"
-    messages = args[2:]
-    _check_size(server, messages)
-    return encode_int(server.queues.push(args[1], messages, left))
+    return encode_int(server.queues.push(args[1], args[2:], left))
 
 
 def cmd_pushx(server, conn, args):
     # RPUSHX, LPUSHX: push only onto a queue that exists.
     left = args[0][0] in b"lL"
-    messages = args[2:]
-    _check_size(server, messages)
     if args[1] not in server.queues:
         return encode_int(0)
-    return encode_int(server.queues.push(args[1], messages, left))
+    return encode_int(server.queues.push(args[1], args[2:], left))
 
 
 def cmd_pop(server, conn, args):
@@ -3232,26 +3252,22 @@ def cmd_blmpop(server, conn, args):
 
 def cmd_lmove(server, conn, args):
     from_left, to_left = _side(args[3]), _side(args[4])
-    _check_memory(server)
     message = server.queues.move(args[1], args[2], from_left, to_left)
     return conn.null_bulk if message is None else encode_bulk(message)
 
 
 def cmd_blmove(server, conn, args):
     from_left, to_left = _side(args[3]), _side(args[4])
-    _check_memory(server)
     return _blocking_move(server, conn, args[1], args[2], from_left, to_left,
                           args[5])
 
 
 def cmd_rpoplpush(server, conn, args):
-    _check_memory(server)
     message = server.queues.move(args[1], args[2], False, True)
     return conn.null_bulk if message is None else encode_bulk(message)
 
 
 def cmd_brpoplpush(server, conn, args):
-    _check_memory(server)
     return _blocking_move(server, conn, args[1], args[2], False, True, args[3])
 
 
@@ -3323,7 +3339,6 @@ def cmd_lindex(server, conn, args):
 
 
 def cmd_lset(server, conn, args):
-    _check_size(server, args[3:])
     if args[1] not in server.queues:
         raise ReplyError("ERR no such key")
     index = _integer(args[2])
@@ -3336,7 +3351,6 @@ def cmd_linsert(server, conn, args):
     where = args[2].upper()
     if where not in (b"BEFORE", b"AFTER"):
         raise ReplyError(ERR_SYNTAX)
-    _check_size(server, args[4:])
     return encode_int(server.queues.insert(args[1], args[3], args[4],
                                            where == b"AFTER"))
 
@@ -3513,7 +3527,6 @@ def cmd_publish(server, conn, args):
 
 
 def cmd_pubsub(server, conn, args):
-    conn.command = _full_name(b"pubsub", args)
     sub = args[1].upper()
     if sub == b"CHANNELS" and len(args) <= 3:
         match = glob_matcher(args[2]) if len(args) == 3 else None
@@ -3535,23 +3548,20 @@ def _set_protocol(conn, resp3):
     conn.null_array = RESP3_NULL if resp3 else RESP2_NULL_ARRAY
 
 
-def _full_name(name, args):
-    """The name Redis gives a command ("client|list" for a subcommand),
-    once its subcommand and arity are checked, as Redis checks them before
-    running or queueing it."""
-    subcommands = _SUBCOMMANDS.get(name)
-    if subcommands is None or len(args) < 2:
-        return name
-    sub = args[1].upper()
-    arity = subcommands.get(sub)
-    if arity is None:
+def _subcommand(command, args):
+    """The row of the subcommand args name, its name and arity checked as
+    Redis checks them before running or queueing it; command itself when
+    args name none."""
+    if not command.subcommands or len(args) < 2:
+        return command
+    sub = command.subcommands.get(args[1].upper())
+    if sub is None:
         raise ReplyError("ERR unknown subcommand '%s'. Try %s HELP." % (
             args[1].decode("utf-8", "replace")[:128],
-            name.upper().decode("utf-8", "replace")))
-    full_name = name + b"|" + sub.lower()
-    if (len(args) != arity) if arity > 0 else (len(args) < -arity):
-        raise _wrong_arity(full_name)
-    return full_name
+            command.name.upper().decode("utf-8", "replace")))
+    if (len(args) != sub.arity) if sub.arity > 0 else (len(args) < -sub.arity):
+        raise _wrong_arity(sub.name)
+    return sub
 
 
 def cmd_hello(server, conn, args):
@@ -3626,7 +3636,6 @@ def _client_name(name):
 
 
 def cmd_client(server, conn, args):
-    conn.command = _full_name(b"client", args)
     sub = args[1].upper()
     if sub == b"SETNAME":
         conn.name = _client_name(args[2])
@@ -3728,141 +3737,34 @@ def _client_kill(server, conn, args):
 
 
 def cmd_command(server, conn, args):
-    table = _command_table()
     if len(args) == 1:
-        return _command_info(conn, list(table.values()))
-    conn.command = _full_name(b"command", args)
+        return _command_info(conn, COMMAND_ROWS)
     sub = args[1].upper()
     if sub == b"COUNT":
-        return encode_int(len(table))
+        return encode_int(len(COMMAND_ROWS))
     if sub == b"LIST":
         if len(args) > 2:
             raise ReplyError(ERR_SYNTAX)    # FILTERBY is not offered
-        return encode_bulks(list(table))
-    names = [arg.lower() for arg in args[2:]] or list(table)
+        return encode_bulks([command.name for command in COMMAND_ROWS])
+    names = [arg.lower() for arg in args[2:]] or [
+        command.name for command in COMMAND_ROWS]
     if sub == b"DOCS":
-        return encode_map([(encode_bulk(name), _command_docs(conn, table[name]))
-                           for name in names if name in table], conn.resp3)
-    return _command_info(conn, [table.get(name, name) for name in names])
+        return encode_map([(encode_bulk(name), _command_docs(conn, COMMANDS[name]))
+                           for name in names if name in COMMANDS], conn.resp3)
+    return _command_info(conn, [COMMANDS.get(name, name) for name in names])
 
 
-# What COMMAND DOCS and COMMAND INFO tell of each command, for redis-cli's
-# HELP and hints and for client libraries. A line: name (a subcommand
-# after its container's name and a space), group, the Redis version that brought the command,
-# flags, the positions of its queue names (first, last, step), a summary,
-# and its arguments as Redis's docs write them. Parsed on first use only.
-_COMMAND_DOCS = """\
-rpush|list|1.0.0|write,denyoom,fast|1,1,1|Append messages to the tail of a queue|key element...
-lpush|list|1.0.0|write,denyoom,fast|1,1,1|Prepend messages to the head of a queue|key element...
-rpushx|list|2.2.0|write,denyoom,fast|1,1,1|Append messages to a queue only if it exists|key element...
-lpushx|list|2.2.0|write,denyoom,fast|1,1,1|Prepend messages to a queue only if it exists|key element...
-lpop|list|1.0.0|write,fast|1,1,1|Take messages from the head of a queue|key [count]
-rpop|list|1.0.0|write,fast|1,1,1|Take messages from the tail of a queue|key [count]
-blpop|list|2.0.0|write,noscript,blocking|1,-2,1|Take the head message of the first non-empty queue, or wait for one|key... timeout
-brpop|list|2.0.0|write,noscript,blocking|1,-2,1|Take the tail message of the first non-empty queue, or wait for one|key... timeout
-lmpop|list|7.0.0|write|0,0,0|Take messages from the first non-empty queue|numkeys key... LEFT|RIGHT [COUNT count]
-blmpop|list|7.0.0|write,blocking|0,0,0|Take messages from the first non-empty queue, or wait for some|timeout numkeys key... LEFT|RIGHT [COUNT count]
-lmove|list|6.2.0|write,denyoom|1,2,1|Move a message from one queue to another|source destination LEFT|RIGHT LEFT|RIGHT
-blmove|list|6.2.0|write,denyoom,noscript,blocking|1,2,1|Move a message from one queue to another, or wait for one|source destination LEFT|RIGHT LEFT|RIGHT timeout
-rpoplpush|list|1.2.0|write,denyoom|1,2,1|Move the tail message of a queue to the head of another|source destination
-brpoplpush|list|2.2.0|write,denyoom,noscript,blocking|1,2,1|Move the tail message of a queue to the head of another, or wait for one|source destination timeout
-reserve|list|beuss|write,blocking|1,-2,1|Hold the head message of the first non-empty queue until ACK, or wait for one|key... timeout
-ack|list|beuss|write,fast|0,0,0|Remove held messages for good|id...
-nack|list|beuss|write,fast|0,0,0|Put held messages back at the head of their queues|id...
-touch|list|beuss|write,fast|0,0,0|Renew the lease of held messages|id...
-llen|list|1.0.0|readonly,fast|1,1,1|The number of messages in a queue|key
-lrange|list|1.0.0|readonly|1,1,1|Messages of a queue, without taking them|key start stop
-lindex|list|1.0.0|readonly|1,1,1|The message at an index of a queue|key index
-lpos|list|6.0.6|readonly|1,1,1|The indexes of a message in a queue|key element [RANK rank] [COUNT num-matches] [MAXLEN len]
-lset|list|1.0.0|write,denyoom|1,1,1|Replace the message at an index of a queue|key index element
-linsert|list|2.2.0|write,denyoom|1,1,1|Insert a message before or after another|key BEFORE|AFTER pivot element
-ltrim|list|1.0.0|write|1,1,1|Keep only a range of a queue's messages|key start stop
-lrem|list|1.0.0|write|1,1,1|Remove copies of a message from a queue|key count element
-del|generic|1.0.0|write|1,-1,1|Delete queues|key...
-exists|generic|1.0.0|readonly,fast|1,-1,1|How many of the queues exist|key...
-type|generic|1.0.0|readonly,fast|1,1,1|The type of a name: list or none|key
-keys|generic|1.0.0|readonly|0,0,0|Queue names that match a pattern|pattern
-scan|generic|2.8.0|readonly|0,0,0|Iterate over queue names|cursor [MATCH pattern] [COUNT count] [TYPE type]
-dbsize|server|1.0.0|readonly,fast|0,0,0|The number of queues|
-flushdb|server|1.0.0|write|0,0,0|Delete every queue|[ASYNC|SYNC]
-flushall|server|1.0.0|write|0,0,0|Delete every queue|[ASYNC|SYNC]
-multi|transactions|1.2.0|noscript,loading,stale,fast|0,0,0|Start a transaction|
-exec|transactions|1.2.0|noscript,loading,stale|0,0,0|Run the commands of a transaction|
-discard|transactions|2.0.0|noscript,loading,stale,fast|0,0,0|Forget the commands of a transaction|
-watch|transactions|2.2.0|noscript,loading,stale,fast|1,-1,1|Run the next transaction only if these queues do not change first|key...
-unwatch|transactions|2.2.0|noscript,loading,stale,fast|0,0,0|Forget the watched queues|
-subscribe|pubsub|2.0.0|pubsub,noscript,loading,stale|0,0,0|Listen to channels|channel...
-unsubscribe|pubsub|2.0.0|pubsub,noscript,loading,stale|0,0,0|Stop listening to channels|[channel...]
-psubscribe|pubsub|2.0.0|pubsub,noscript,loading,stale|0,0,0|Listen to the channels that match patterns|pattern...
-punsubscribe|pubsub|2.0.0|pubsub,noscript,loading,stale|0,0,0|Stop listening to patterns|[pattern...]
-publish|pubsub|2.0.0|pubsub,loading,stale,fast|0,0,0|Send a message to the subscribers of a channel|channel message
-pubsub|pubsub|2.8.0||0,0,0|About channels and subscribers|
-pubsub channels|pubsub|2.8.0|pubsub,loading,stale|0,0,0|Channels that have subscribers|[pattern]
-pubsub numsub|pubsub|2.8.0|pubsub,loading,stale|0,0,0|How many subscribers channels have|[channel...]
-pubsub numpat|pubsub|2.8.0|pubsub,loading,stale|0,0,0|How many patterns have subscribers|
-ping|connection|1.0.0|fast|0,0,0|Check that the server answers|[message]
-echo|connection|1.0.0|fast|0,0,0|Answer the message|message
-quit|connection|1.0.0|noscript,loading,stale,fast|0,0,0|Close the connection|
-reset|connection|6.2.0|noscript,loading,stale,fast|0,0,0|Reset the connection: no transaction, no subscriptions, RESP2|
-hello|connection|6.0.0|noscript,loading,stale,fast|0,0,0|Choose the protocol, and describe the server|[protover [AUTH username password] [SETNAME clientname]]
-auth|connection|1.0.0|noscript,loading,stale,fast|0,0,0|Authenticate the connection|[username] password
-select|connection|1.0.0|loading,stale,fast|0,0,0|Choose the database: only 0 exists|index
-client|connection|2.4.0||0,0,0|About client connections|
-client setname|connection|2.6.9|noscript,loading,stale|0,0,0|Name the connection|connection-name
-client getname|connection|2.6.9|noscript,loading,stale|0,0,0|The connection's name|
-client id|connection|5.0.0|noscript,loading,stale|0,0,0|The connection's id|
-client info|connection|6.2.0|noscript,loading,stale|0,0,0|What the server knows of this connection|
-client list|connection|2.4.0|noscript,loading,stale|0,0,0|What the server knows of each connection|[TYPE NORMAL|PUBSUB] [ID client-id...]
-client kill|connection|2.4.0|noscript,loading,stale|0,0,0|Close connections|[ID client-id] [ADDR ip:port] [LADDR ip:port] [TYPE NORMAL|PUBSUB] [SKIPME YES|NO]
-client setinfo|connection|7.2.0|noscript,loading,stale|0,0,0|Tell the server the client library's name or version|LIB-NAME|LIB-VER value
-command|server|2.8.13|loading,stale|0,0,0|What the server knows of its commands|
-command count|server|2.8.13|loading,stale|0,0,0|The number of commands|
-command list|server|7.0.0|loading,stale|0,0,0|The names of the commands|
-command docs|server|7.0.0|loading,stale|0,0,0|How commands are used, for people|[command-name...]
-command info|server|2.8.13|loading,stale|0,0,0|How commands are called, for programs|[command-name...]
-config|server|2.0.0||0,0,0|About the server's settings|
-config get|server|2.0.0|loading,stale|0,0,0|Settings that match patterns|parameter...
-info|server|1.0.0|loading,stale|0,0,0|The server's state, as text|[section...]
-"""
-_COMMAND_TABLE = None
-
-
-def _command_table():
-    """{name: (name, group, since, flags, keys, summary, arguments,
-    subcommands)}; a container command holds its subcommands."""
-    global _COMMAND_TABLE
-    if _COMMAND_TABLE is None:
-        table = {}
-        for line in _COMMAND_DOCS.splitlines():
-            fields = line.split("|")
-            name = fields.pop(0).replace(" ", "|")     # "client list"
-            group, since, flags, keys, summary = fields[:5]
-            entry = (name.encode(), group, since,
-                     flags.split(",") if flags else [],
-                     [int(k) for k in keys.split(",")], summary,
-                     "|".join(fields[5:]), {})
-            container, _, sub = name.partition("|")
-            if sub:
-                table[container.encode()][7][entry[0]] = entry
-            else:
-                table[entry[0]] = entry
-        _COMMAND_TABLE = table
-    return _COMMAND_TABLE
-
-
-
-def _command_docs(conn, entry):
-    name, group, since, flags, keys, summary, arguments, subcommands = entry
-    pairs = [(encode_bulk(b"summary"), encode_bulk(summary.encode())),
-             (encode_bulk(b"since"), encode_bulk(since.encode())),
-             (encode_bulk(b"group"), encode_bulk(group.encode()))]
-    if arguments:
+def _command_docs(conn, command):
+    pairs = [(encode_bulk(b"summary"), encode_bulk(command.summary.encode())),
+             (encode_bulk(b"since"), encode_bulk(command.since.encode())),
+             (encode_bulk(b"group"), encode_bulk(command.group.encode()))]
+    if command.arguments:
         pairs.append((encode_bulk(b"arguments"), _encode_arguments(
-            conn, _parse_arguments(arguments))))
-    if subcommands:
+            conn, _parse_arguments(command.arguments))))
+    if command.subcommands:
         pairs.append((encode_bulk(b"subcommands"), encode_map(
-            [(encode_bulk(sub), _command_docs(conn, subcommands[sub]))
-             for sub in subcommands], conn.resp3)))
+            [(encode_bulk(sub.name), _command_docs(conn, sub))
+             for sub in command.subcommands.values()], conn.resp3)))
     return encode_map(pairs, conn.resp3)
 
 
@@ -3950,29 +3852,25 @@ def _encode_arguments(conn, arguments):
     return b"*%d\r\n" % len(encoded) + b"".join(encoded)
 
 
-def _command_info(conn, entries):
-    """COMMAND INFO's ten fields for each entry; a name that is not a
-    command (bytes in place of an entry) gets a null."""
+def _command_info(conn, commands):
+    """COMMAND INFO's ten fields for each command; a name that is not a
+    command (bytes in place of a Command) gets a null."""
     replies = []
-    for entry in entries:
-        if isinstance(entry, bytes):
+    for command in commands:
+        if isinstance(command, bytes):
             replies.append(conn.null_bulk)
             continue
-        name, flags, keys, subcommands = entry[0], entry[3], entry[4], entry[7]
-        container, _, sub = name.partition(b"|")
-        arity = _SUBCOMMANDS[container][sub.upper()] if sub \
-            else COMMANDS[container][1]
-        replies.append(b"*10\r\n" + encode_bulk(name) + encode_int(arity)
-                       + _encode_flags(conn, flags)
-                       + b"".join(encode_int(k) for k in keys)
+        replies.append(b"*10\r\n" + encode_bulk(command.name)
+                       + encode_int(command.arity)
+                       + _encode_flags(conn, command.flags)
+                       + b"".join(encode_int(k) for k in command.keys)
                        + _encode_flags(conn, []) + _encode_flags(conn, [])
                        + EMPTY_ARRAY
-                       + _command_info(conn, list(subcommands.values())))
+                       + _command_info(conn, list(command.subcommands.values())))
     return b"*%d\r\n" % len(replies) + b"".join(replies)
 
 
 def cmd_config(server, conn, args):
-    conn.command = _full_name(b"config", args)
     settings = server.settings()
     pairs = {}
     for pattern in args[2:]:
@@ -3991,64 +3889,154 @@ def cmd_info(server, conn, args):
     return encode_bulk(server.info(wanted).encode("utf-8", "replace"))
 
 
-_COMMANDS = {
-    b"rpush": (cmd_push, -3), b"lpush": (cmd_push, -3),
-    b"rpushx": (cmd_pushx, -3), b"lpushx": (cmd_pushx, -3),
-    b"lpop": (cmd_pop, -2), b"rpop": (cmd_pop, -2),
-    b"blpop": (cmd_bpop, -3), b"brpop": (cmd_bpop, -3),
-    b"lmpop": (cmd_lmpop, -4), b"blmpop": (cmd_blmpop, -5),
-    b"lmove": (cmd_lmove, 5), b"blmove": (cmd_blmove, 6),
-    b"rpoplpush": (cmd_rpoplpush, 3), b"brpoplpush": (cmd_brpoplpush, 4),
-    b"reserve": (cmd_reserve, -3), b"ack": (cmd_ack, -2),
-    b"nack": (cmd_nack, -2), b"touch": (cmd_touch, -2),
-    b"llen": (cmd_llen, 2), b"lrange": (cmd_lrange, 4),
-    b"lindex": (cmd_lindex, 3), b"lpos": (cmd_lpos, -3),
-    b"lset": (cmd_lset, 4), b"linsert": (cmd_linsert, 5),
-    b"ltrim": (cmd_ltrim, 4), b"lrem": (cmd_lrem, 4),
-    b"del": (cmd_del, -2), b"exists": (cmd_exists, -2),
-    b"type": (cmd_type, 2), b"keys": (cmd_keys, 2), b"scan": (cmd_scan, -2),
-    b"dbsize": (cmd_dbsize, 1), b"flushdb": (cmd_flush, -1),
-    b"flushall": (cmd_flush, -1),
-    b"multi": (cmd_multi, 1), b"exec": (cmd_exec, 1),
-    b"discard": (cmd_discard, 1), b"watch": (cmd_watch, -2),
-    b"unwatch": (cmd_unwatch, 1),
-    b"subscribe": (cmd_subscribe, -2), b"unsubscribe": (cmd_unsubscribe, -1),
-    b"psubscribe": (cmd_subscribe, -2), b"punsubscribe": (cmd_unsubscribe, -1),
-    b"publish": (cmd_publish, 3), b"pubsub": (cmd_pubsub, -2),
-    b"ping": (cmd_ping, -1), b"echo": (cmd_echo, 2), b"quit": (cmd_quit, -1),
-    b"reset": (cmd_reset, 1), b"hello": (cmd_hello, -1),
-    b"auth": (cmd_auth, -2), b"select": (cmd_select, 2),
-    b"client": (cmd_client, -2), b"command": (cmd_command, -1),
-    b"config": (cmd_config, -2), b"info": (cmd_info, -1),
-}
-# name -> (function, arity as Redis counts it, lower-case name)
-COMMANDS = {}
-for _name, (_function, _arity) in _COMMANDS.items():
-    COMMANDS[_name] = COMMANDS[_name.upper()] = (_function, _arity, _name)
-del _COMMANDS, _name, _function, _arity
-# Commands made of subcommands: {SUBCOMMAND: arity, counting the command}.
-_SUBCOMMANDS = {
-    b"client": {b"SETNAME": 3, b"GETNAME": 2, b"ID": 2, b"SETINFO": 4,
-                b"INFO": 2, b"LIST": -2, b"KILL": -3},
-    b"command": {b"COUNT": 2, b"LIST": -2, b"DOCS": -2, b"INFO": -2},
-    b"config": {b"GET": -3},
-    b"pubsub": {b"CHANNELS": -2, b"NUMSUB": -2, b"NUMPAT": 2},
-}
-# What changes queues, refused while the store cannot write.
-_WRITE_COMMANDS = {
-    b"rpush", b"lpush", b"rpushx", b"lpushx", b"lpop", b"rpop", b"blpop",
-    b"brpop", b"lmpop", b"blmpop", b"lmove", b"blmove", b"rpoplpush",
-    b"brpoplpush", b"lset", b"linsert", b"ltrim", b"lrem", b"del",
-    b"flushdb", b"flushall", b"reserve", b"ack", b"nack", b"exec",
-}
-# What a client may send before it gives the token.
-_BEFORE_AUTH = {b"auth", b"hello", b"quit"}
-# Inside MULTI these run at once; every other command is queued for EXEC.
-_RUN_INSIDE_MULTI = {b"exec", b"discard", b"multi", b"watch", b"quit",
-                     b"reset"}
-# What a RESP2 connection with subscriptions may still send.
-_SUBSCRIBED_MODE = {b"subscribe", b"unsubscribe", b"psubscribe",
-                    b"punsubscribe", b"ping", b"quit", b"reset"}
+# The command table ------------------------------------------------------
+#
+# One row per command and per subcommand; adding a command is one function
+# above and one row here. The dispatch (Server._run and _run_checked)
+# enforces a row's flags, COMMAND INFO prints them and COMMAND DOCS prints
+# the rest, so what the server says of a command is what it does.
+#
+# A row: name (a subcommand after its command's name and a space) |
+# function (a subcommand's is its command's) | arity, as Redis counts it
+# (negative: at least) | flags | positions of its queue names (first, last,
+# step) | group | the Redis version that brought it | summary | arguments,
+# as Redis's docs write them.
+#
+# The flags the dispatch enforces:
+#   write       refused (MISCONF) while the store cannot write; EXEC counts
+#               as a write when its transaction holds one
+#   denyoom     refused (OOM) once queued messages pass --max-memory, and
+#               its arguments named `element` (the messages it stores)
+#               refused past --max-message-size; EXEC when its transaction
+#               holds one
+#   no_auth     may run before AUTH when there is a token
+#   subscribed  may run in RESP2 once the connection has subscriptions
+#   at-once     runs at once inside MULTI; any other command is queued
+# The last two are beuss's own words for rules Redis writes into its code:
+# COMMAND INFO does not print them.
+_COMMAND_TABLE = """\
+rpush|cmd_push|-3|write,denyoom,fast|1,1,1|list|1.0.0|Append messages to the tail of a queue|key element...
+lpush|cmd_push|-3|write,denyoom,fast|1,1,1|list|1.0.0|Prepend messages to the head of a queue|key element...
+rpushx|cmd_pushx|-3|write,denyoom,fast|1,1,1|list|2.2.0|Append messages to a queue only if it exists|key element...
+lpushx|cmd_pushx|-3|write,denyoom,fast|1,1,1|list|2.2.0|Prepend messages to a queue only if it exists|key element...
+lpop|cmd_pop|-2|write,fast|1,1,1|list|1.0.0|Take messages from the head of a queue|key [count]
+rpop|cmd_pop|-2|write,fast|1,1,1|list|1.0.0|Take messages from the tail of a queue|key [count]
+blpop|cmd_bpop|-3|write,noscript,blocking|1,-2,1|list|2.0.0|Take the head message of the first non-empty queue, or wait for one|key... timeout
+brpop|cmd_bpop|-3|write,noscript,blocking|1,-2,1|list|2.0.0|Take the tail message of the first non-empty queue, or wait for one|key... timeout
+lmpop|cmd_lmpop|-4|write|0,0,0|list|7.0.0|Take messages from the first non-empty queue|numkeys key... LEFT|RIGHT [COUNT count]
+blmpop|cmd_blmpop|-5|write,blocking|0,0,0|list|7.0.0|Take messages from the first non-empty queue, or wait for some|timeout numkeys key... LEFT|RIGHT [COUNT count]
+lmove|cmd_lmove|5|write,denyoom|1,2,1|list|6.2.0|Move a message from one queue to another|source destination LEFT|RIGHT LEFT|RIGHT
+blmove|cmd_blmove|6|write,denyoom,noscript,blocking|1,2,1|list|6.2.0|Move a message from one queue to another, or wait for one|source destination LEFT|RIGHT LEFT|RIGHT timeout
+rpoplpush|cmd_rpoplpush|3|write,denyoom|1,2,1|list|1.2.0|Move the tail message of a queue to the head of another|source destination
+brpoplpush|cmd_brpoplpush|4|write,denyoom,noscript,blocking|1,2,1|list|2.2.0|Move the tail message of a queue to the head of another, or wait for one|source destination timeout
+reserve|cmd_reserve|-3|write,blocking|1,-2,1|list|beuss|Hold the head message of the first non-empty queue until ACK, or wait for one|key... timeout
+ack|cmd_ack|-2|write,fast|0,0,0|list|beuss|Remove held messages for good|id...
+nack|cmd_nack|-2|write,fast|0,0,0|list|beuss|Put held messages back at the head of their queues|id...
+touch|cmd_touch|-2|fast|0,0,0|list|beuss|Renew the lease of held messages|id...
+llen|cmd_llen|2|readonly,fast|1,1,1|list|1.0.0|The number of messages in a queue|key
+lrange|cmd_lrange|4|readonly|1,1,1|list|1.0.0|Messages of a queue, without taking them|key start stop
+lindex|cmd_lindex|3|readonly|1,1,1|list|1.0.0|The message at an index of a queue|key index
+lpos|cmd_lpos|-3|readonly|1,1,1|list|6.0.6|The indexes of a message in a queue|key element [RANK rank] [COUNT num-matches] [MAXLEN len]
+lset|cmd_lset|4|write,denyoom|1,1,1|list|1.0.0|Replace the message at an index of a queue|key index element
+linsert|cmd_linsert|5|write,denyoom|1,1,1|list|2.2.0|Insert a message before or after another|key BEFORE|AFTER pivot element
+ltrim|cmd_ltrim|4|write|1,1,1|list|1.0.0|Keep only a range of a queue's messages|key start stop
+lrem|cmd_lrem|4|write|1,1,1|list|1.0.0|Remove copies of a message from a queue|key count element
+del|cmd_del|-2|write|1,-1,1|generic|1.0.0|Delete queues|key...
+exists|cmd_exists|-2|readonly,fast|1,-1,1|generic|1.0.0|How many of the queues exist|key...
+type|cmd_type|2|readonly,fast|1,1,1|generic|1.0.0|The type of a name: list or none|key
+keys|cmd_keys|2|readonly|0,0,0|generic|1.0.0|Queue names that match a pattern|pattern
+scan|cmd_scan|-2|readonly|0,0,0|generic|2.8.0|Iterate over queue names|cursor [MATCH pattern] [COUNT count] [TYPE type]
+dbsize|cmd_dbsize|1|readonly,fast|0,0,0|server|1.0.0|The number of queues|
+flushdb|cmd_flush|-1|write|0,0,0|server|1.0.0|Delete every queue|[ASYNC|SYNC]
+flushall|cmd_flush|-1|write|0,0,0|server|1.0.0|Delete every queue|[ASYNC|SYNC]
+multi|cmd_multi|1|noscript,loading,stale,fast,at-once|0,0,0|transactions|1.2.0|Start a transaction|
+exec|cmd_exec|1|noscript,loading,stale,at-once|0,0,0|transactions|1.2.0|Run the commands of a transaction|
+discard|cmd_discard|1|noscript,loading,stale,fast,at-once|0,0,0|transactions|2.0.0|Forget the commands of a transaction|
+watch|cmd_watch|-2|noscript,loading,stale,fast,at-once|1,-1,1|transactions|2.2.0|Run the next transaction only if these queues do not change first|key...
+unwatch|cmd_unwatch|1|noscript,loading,stale,fast|0,0,0|transactions|2.2.0|Forget the watched queues|
+subscribe|cmd_subscribe|-2|pubsub,noscript,loading,stale,subscribed|0,0,0|pubsub|2.0.0|Listen to channels|channel...
+unsubscribe|cmd_unsubscribe|-1|pubsub,noscript,loading,stale,subscribed|0,0,0|pubsub|2.0.0|Stop listening to channels|[channel...]
+psubscribe|cmd_subscribe|-2|pubsub,noscript,loading,stale,subscribed|0,0,0|pubsub|2.0.0|Listen to the channels that match patterns|pattern...
+punsubscribe|cmd_unsubscribe|-1|pubsub,noscript,loading,stale,subscribed|0,0,0|pubsub|2.0.0|Stop listening to patterns|[pattern...]
+publish|cmd_publish|3|pubsub,loading,stale,fast|0,0,0|pubsub|2.0.0|Send a message to the subscribers of a channel|channel message
+pubsub|cmd_pubsub|-2||0,0,0|pubsub|2.8.0|About channels and subscribers|
+pubsub channels||-2|pubsub,loading,stale|0,0,0|pubsub|2.8.0|Channels that have subscribers|[pattern]
+pubsub numsub||-2|pubsub,loading,stale|0,0,0|pubsub|2.8.0|How many subscribers channels have|[channel...]
+pubsub numpat||2|pubsub,loading,stale|0,0,0|pubsub|2.8.0|How many patterns have subscribers|
+ping|cmd_ping|-1|fast,subscribed|0,0,0|connection|1.0.0|Check that the server answers|[message]
+echo|cmd_echo|2|fast|0,0,0|connection|1.0.0|Answer the message|message
+quit|cmd_quit|-1|noscript,loading,stale,fast,no_auth,subscribed,at-once|0,0,0|connection|1.0.0|Close the connection|
+reset|cmd_reset|1|noscript,loading,stale,fast,subscribed,at-once|0,0,0|connection|6.2.0|Reset the connection: no transaction, no subscriptions, RESP2|
+hello|cmd_hello|-1|noscript,loading,stale,fast,no_auth|0,0,0|connection|6.0.0|Choose the protocol, and describe the server|[protover [AUTH username password] [SETNAME clientname]]
+auth|cmd_auth|-2|noscript,loading,stale,fast,no_auth|0,0,0|connection|1.0.0|Authenticate the connection|[username] password
+select|cmd_select|2|loading,stale,fast|0,0,0|connection|1.0.0|Choose the database: only 0 exists|index
+client|cmd_client|-2||0,0,0|connection|2.4.0|About client connections|
+client setname||3|noscript,loading,stale|0,0,0|connection|2.6.9|Name the connection|connection-name
+client getname||2|noscript,loading,stale|0,0,0|connection|2.6.9|The connection's name|
+client id||2|noscript,loading,stale|0,0,0|connection|5.0.0|The connection's id|
+client info||2|noscript,loading,stale|0,0,0|connection|6.2.0|What the server knows of this connection|
+client list||-2|noscript,loading,stale|0,0,0|connection|2.4.0|What the server knows of each connection|[TYPE NORMAL|PUBSUB] [ID client-id...]
+client kill||-3|noscript,loading,stale|0,0,0|connection|2.4.0|Close connections|[ID client-id] [ADDR ip:port] [LADDR ip:port] [TYPE NORMAL|PUBSUB] [SKIPME YES|NO]
+client setinfo||4|noscript,loading,stale|0,0,0|connection|7.2.0|Tell the server the client library's name or version|LIB-NAME|LIB-VER value
+command|cmd_command|-1|loading,stale|0,0,0|server|2.8.13|What the server knows of its commands|
+command count||2|loading,stale|0,0,0|server|2.8.13|The number of commands|
+command list||-2|loading,stale|0,0,0|server|7.0.0|The names of the commands|
+command docs||-2|loading,stale|0,0,0|server|7.0.0|How commands are used, for people|[command-name...]
+command info||-2|loading,stale|0,0,0|server|2.8.13|How commands are called, for programs|[command-name...]
+config|cmd_config|-2||0,0,0|server|2.0.0|About the server's settings|
+config get||-3|loading,stale|0,0,0|server|2.0.0|Settings that match patterns|parameter...
+info|cmd_info|-1|loading,stale|0,0,0|server|1.0.0|The server's state, as text|[section...]
+"""
+_UNPRINTED_FLAGS = {"subscribed", "at-once"}
+
+
+class Command:
+    """A row of the command table, as the dispatch reads it."""
+
+    __slots__ = ("name", "function", "arity", "flags", "keys", "group",
+                 "since", "summary", "arguments", "subcommands", "write",
+                 "denyoom", "no_auth", "subscribed", "at_once", "messages")
+
+    def __init__(self, row):
+        (name, function, arity, flags, keys, self.group, self.since,
+         self.summary, self.arguments) = row.split("|", 8)
+        self.name = name.replace(" ", "|").encode()   # b"client|list"
+        self.function = globals()[function] if function else None
+        self.arity = int(arity)
+        flags = flags.split(",") if flags else []
+        self.flags = [flag for flag in flags if flag not in _UNPRINTED_FLAGS]
+        self.keys = [int(key) for key in keys.split(",")]
+        self.subcommands = {}       # SUBCOMMAND (upper case) -> Command
+        self.write = "write" in flags
+        self.denyoom = "denyoom" in flags
+        self.no_auth = "no_auth" in flags
+        self.subscribed = "subscribed" in flags
+        self.at_once = "at-once" in flags
+        # Where the messages a denyoom command stores begin (0: none).
+        words = ("%s %s" % (name, self.arguments)).split()
+        self.messages = next((i for i, word in enumerate(words)
+                              if word.rstrip(".") == "element"), 0) \
+            if self.denyoom else 0
+
+
+def _load_commands():
+    """{name: Command} in lower and upper case, and the commands in the
+    table's order."""
+    commands, rows = {}, []
+    for line in _COMMAND_TABLE.splitlines():
+        command = Command(line)
+        container, _, sub = command.name.partition(b"|")
+        if sub:
+            parent = commands[container]
+            command.function = parent.function
+            parent.subcommands[sub.upper()] = command
+            continue
+        commands[command.name] = commands[command.name.upper()] = command
+        rows.append(command)
+    return commands, rows
+
+
+COMMANDS, COMMAND_ROWS = _load_commands()
 
 
 # ## Client ##################################################################

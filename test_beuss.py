@@ -1183,8 +1183,7 @@ class ServerTest(ServerCase):
     def test_a_failing_command_costs_one_error_reply(self):
         def broken(server, conn, args):
             raise RuntimeError("boom")
-        with mock.patch.dict(beuss.COMMANDS, {b"llen": (broken, 2, b"llen"),
-                                              b"LLEN": (broken, 2, b"llen")}):
+        with mock.patch.object(beuss.COMMANDS[b"llen"], "function", broken):
             sock = self.exchange(requests(["LLEN", "q"]),
                                  b"-ERR internal error in 'llen': RuntimeError('boom')\r\n")
         self.exchange(b"PING\r\n", b"+PONG\r\n", sock)
@@ -1654,7 +1653,7 @@ class ClientCommandsTest(ServerCase):
             docs, info, count = reader.read(), reader.read(), reader.read()
             if hello == "2":
                 docs = dict(zip(docs[::2], docs[1::2]))
-            names = {name for _, _, name in beuss.COMMANDS.values()}
+            names = {command.name for command in beuss.COMMAND_ROWS}
             self.assertEqual(set(docs), names)
             self.assertEqual(count, len(names))
             self.assertEqual({entry[0] for entry in info}, names)
@@ -1668,7 +1667,7 @@ class ClientCommandsTest(ServerCase):
             self.assertEqual(len(rpush[b"arguments"]), 2)
             for entry in info:
                 self.assertEqual(len(entry), 10)
-                self.assertEqual(entry[1], beuss.COMMANDS[entry[0]][1])
+                self.assertEqual(entry[1], beuss.COMMANDS[entry[0]].arity)
 
     def test_config_get_shows_every_setting(self):
         sock = self.connect()
