@@ -2009,22 +2009,32 @@ class _Conn:
 class Server:
     """The bus: a non-blocking selectors loop serving one set of queues.
 
-    The constructor binds (port 0 picks a free port; .address tells which).
-    serve_forever() runs the loop in the calling thread; start() runs it in
-    a background thread; stop() ends it from anywhere and is safe to call
-    twice. `with Server(port=0) as server:` starts and stops it.
+    Server(address, **settings): address is (host, port), port 0 picks a
+    free port (.address tells which); the settings are keywords named as
+    in the settings table (max_message_size=..., data=...), each defaulting
+    as SERVE does. The constructor binds. serve_forever() runs the loop in
+    the calling thread; start() runs it in a background thread; stop() ends
+    it from anywhere and is safe to call twice.
+    `with Server(("127.0.0.1", 0)) as server:` starts and stops it.
     """
 
-    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
-                 max_clients=DEFAULT_MAX_CLIENTS, lease=0,
-                 max_deliveries=DEFAULT_MAX_DELIVERIES, data=None,
-                 fsync="everysec", token=None, protected_mode=True,
-                 tls_cert=None, tls_key=None, max_input=None,
-                 max_memory=None, selector=None):
+    def __init__(self, address=(DEFAULT_HOST, DEFAULT_PORT), **settings):
+        unknown = sorted(set(settings) - set(SERVER_SETTINGS))
+        if unknown:
+            raise TypeError("Server() has no setting %r" % unknown[0])
+        settings = dict(SERVER_SETTINGS, **settings)
+        host, port = address[:2]
+        token, max_memory = settings["token"], settings["max_memory"]
+        max_message_size = settings["max_message_size"]
+        max_clients, data = settings["max_clients"], settings["data"]
+        self.protected_mode, self.fsync = settings["protected_mode"], \
+            settings["fsync"]
+        self.tls_cert, self.tls_key = settings["tls_cert"], settings["tls_key"]
+        self.data, self.max_deliveries = data, settings["max_deliveries"]
+        self.selector = settings["selector"] or selectors.DefaultSelector
         if token is not None and not isinstance(token, bytes):
             token = token.encode("utf-8")
-        if token is None and protected_mode and not _is_loopback(host):
+        if token is None and self.protected_mode and not _is_loopback(host):
             raise BeussError(
                 "refusing to listen on %s without a token: anyone who can "
                 "reach it could read and delete every queue. Set one with "
@@ -2032,33 +2042,32 @@ class Server:
                 "to accept the risk" % (host or "every address"))
         self.token = token
         self.max_message_size = max_message_size
-        self.max_input = max_input or max(DEFAULT_MAX_INPUT,
-                                          max_message_size + 1024 * 1024)
+        self.max_input = settings["max_input"] or max(
+            DEFAULT_MAX_INPUT, max_message_size + 1024 * 1024)
         if max_memory is None:
             max_memory = half_the_memory()
         self.max_memory = max_memory    # 0: no bound
-        selector_class = selector or selectors.DefaultSelector
         self._max_fd = None         # select(): descriptors must stay below
-        if selector_class is getattr(selectors, "SelectSelector", None):
+        if self.selector is getattr(selectors, "SelectSelector", None):
             if sys.platform == "win32":
                 max_clients = min(max_clients, SELECT_SOCKETS - 4)
             else:
                 self._max_fd = SELECT_SOCKETS * 2   # FD_SETSIZE, 1024
         self.max_clients = _fit_to_descriptors(max_clients)
-        self._tls, self._tls_cert = None, tls_cert
-        if tls_cert is not None:
+        self._tls = None
+        if self.tls_cert is not None:
             import ssl
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             try:
-                self._tls.load_cert_chain(tls_cert, tls_key)
+                self._tls.load_cert_chain(self.tls_cert, self.tls_key)
             except (OSError, ValueError) as exc:
                 raise BeussError("cannot use the TLS certificate %s: %s"
-                                 % (tls_cert, _reason(exc)))
-        self.lease = lease              # seconds a message may be held; 0: ever
-        self.queues = Queues(max_deliveries)
+                                 % (self.tls_cert, _reason(exc)))
+        self.lease = settings["lease"]  # seconds a message may be held; 0: ever
+        self.queues = Queues(self.max_deliveries)
         self.store = None
         if data is not None:
-            self.store = Store(data, fsync)
+            self.store = Store(data, self.fsync)
             self.store.load(self.queues)
             self.queues.journal = self.store
         self.channels = Channels()
@@ -2082,7 +2091,7 @@ class Server:
         self._accepting = True      # the listener is watched
         self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
         self._complained_at = -60.0
-        self._selector = selector_class()
+        self._selector = self.selector()
         try:
             self._listener = _listen(host, port)
         except OSError:
@@ -2090,6 +2099,7 @@ class Server:
                 self.store.close()
             raise
         self.address = self._listener.getsockname()[:2]
+        self.host, self.port = self.address
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -2127,20 +2137,14 @@ class Server:
             self._close_all()
 
     def settings(self):
-        """(name, value) of what CONFIG GET shows, as bytes."""
-        host, port = self.address[:2]
-        store = self.store
-        return [(name.encode(), str(value).encode()) for name, value in (
-            ("bind", host), ("port", port), ("maxclients", self.max_clients),
-            ("max-message-size", self.max_message_size),
-            ("lease", _number_text(self.lease)),
-            ("maxmemory", self.max_memory), ("max-input", self.max_input),
-            ("requirepass", "(set)" if self.token else ""),
-            ("tls-cert-file", self._tls_cert or ""),
-            ("max-deliveries", self.queues.max_deliveries),
-            ("data", store.path if store else ""),
-            ("save", ""), ("appendonly", "yes" if store else "no"),
-            ("appendfsync", store.fsync if store else "everysec"))]
+        """(name, value) of what CONFIG GET shows, as bytes: what Redis
+        tools ask of a Redis, then every row of the settings table as this
+        server runs it (the token itself is never shown)."""
+        shown = [("save", ""), ("appendonly", "yes" if self.store else "no"),
+                 ("requirepass", "(set)" if self.token else "")]
+        shown.extend((setting.config, _setting_text(getattr(self, setting.name)))
+                     for setting in SETTINGS if setting.name != "token")
+        return [(name.encode(), value.encode()) for name, value in shown]
 
     def info(self, sections=None):
         """The text of INFO: the named sections (bytes, lower case), or
@@ -4039,6 +4043,182 @@ def _load_commands():
 COMMANDS, COMMAND_ROWS = _load_commands()
 
 
+# ## Settings ################################################################
+#
+# One row per setting of the server; adding a setting is one row here. A row
+# makes SERVE's option (flag and help), the environment variable read when
+# the flag is not given, the default, the parser of both, the keyword of
+# Server(address, **settings) (the row's name; host and port make the
+# address) and the name CONFIG GET shows it under. A value comes from the
+# flag, else the environment, else the default.
+
+class Setting:
+    """A row of the settings table."""
+
+    __slots__ = ("name", "flag", "env", "default", "parse", "config",
+                 "metavar", "help")
+
+    def __init__(self, name, flag, env, default, parse, config, metavar,
+                 help):
+        self.name, self.flag, self.env, self.default = name, flag, env, default
+        self.parse, self.config, self.metavar = parse, config, metavar
+        self.help = help            # None for metavar: a switch
+
+
+class _BadValue(ValueError):
+    """A parser's refusal that says what a good value is."""
+
+
+def _port(value):
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(value)
+    return port
+
+
+def _positive(value):
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+def _whole(value):
+    number = int(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
+def _bytes(value):
+    """A size in bytes: 1000, 10k (1000s), 10kb (1024s), 512mb, 2gb."""
+    text = value.strip().lower()
+    units = {"k": 1000, "kb": 1024, "m": 1000 ** 2, "mb": 1024 ** 2,
+             "g": 1000 ** 3, "gb": 1024 ** 3}
+    number = text.rstrip("kmgb")
+    unit = units.get(text[len(number):], 1 if number == text else None)
+    if unit is None or not number.isdigit():
+        raise ValueError(value)
+    return int(number) * unit
+
+
+def _message_size(value):
+    size = _bytes(value)
+    if not 1 <= size <= MAX_BULK_LENGTH:
+        raise _BadValue("a message size is from 1 to %d bytes"
+                        % MAX_BULK_LENGTH)
+    return size
+
+
+def _duration(value):
+    seconds = float(value)
+    if not 0 <= seconds < 1e9:
+        raise ValueError(value)
+    return seconds
+
+
+def _fsync_policy(value):
+    if value not in FSYNC_POLICIES:
+        raise ValueError(value)
+    return value
+
+
+def _yes(value):
+    text = str(value).lower()
+    if text in ("1", "yes", "true", "on"):
+        return True
+    if text in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _selector(value):
+    """A selectors class by its short name: epoll, kqueue, devpoll, poll
+    or select, those the system has."""
+    selector = getattr(selectors, value.capitalize() + "Selector", None)
+    if value != value.lower() or selector is None:
+        raise ValueError(value)
+    return selector
+
+
+SETTINGS = [Setting(*row) for row in (
+    # name, flag, environment, default, parser, CONFIG GET name, metavar,
+    # help (SERVE --help adds the environment variable)
+    ("host", "--host", "BHOST", DEFAULT_HOST, str, "bind", "ADDRESS",
+     "address to listen on; 127.0.0.1 (0.0.0.0 or :: for every interface)"),
+    ("port", "--port", "BPORT", DEFAULT_PORT, _port, "port", "PORT",
+     "port to listen on; %d" % DEFAULT_PORT),
+    ("max_message_size", "--max-message-size", "BMAXMESSAGESIZE",
+     DEFAULT_MAX_MESSAGE_SIZE, _message_size, "max-message-size", "BYTES",
+     "largest message accepted; %d" % DEFAULT_MAX_MESSAGE_SIZE),
+    ("max_clients", "--max-clients", "BMAXCLIENTS", DEFAULT_MAX_CLIENTS,
+     _positive, "maxclients", "N",
+     "most connections at once; %d" % DEFAULT_MAX_CLIENTS),
+    ("max_memory", "--max-memory", "BMAXMEMORY", None, _bytes, "maxmemory",
+     "BYTES", "memory queued messages may take; pushes past it are refused; "
+     "half of the machine's; 0: no bound; 512mb, 2gb ... understood"),
+    ("max_input", "--max-input", "BMAXINPUT", None, _bytes, "max-input",
+     "BYTES", "unread input a client may send ahead; 32mb, or the message "
+     "size + 1mb"),
+    ("lease", "--lease", "BLEASE", 0, _duration, "lease", "SECONDS",
+     "a reserved message not acknowledged (or touched) within SECONDS goes "
+     "back to its queue; 0: never"),
+    ("max_deliveries", "--max-deliveries", "BMAXDELIVERIES",
+     DEFAULT_MAX_DELIVERIES, _whole, "max-deliveries", "N",
+     "a message given back after N deliveries goes to <queue>.dead; %d; "
+     "0: never" % DEFAULT_MAX_DELIVERIES),
+    ("data", "--data", "BDATA", None, str, "data", "FILE",
+     "keep the queues in this SQLite file, so that they outlive a restart; "
+     "none: memory only"),
+    ("fsync", "--fsync", "BFSYNC", "everysec", _fsync_policy, "appendfsync",
+     "POLICY", "when the file is synced to disk: always, everysec or no; "
+     "everysec"),
+    ("token", "--token", "BTOKEN", None, str, "requirepass", "TOKEN",
+     "clients must AUTH with it"),
+    ("protected_mode", "--no-protected-mode", "BPROTECTEDMODE", True, _yes,
+     "protected-mode", None, "listen beyond loopback without a token"),
+    ("tls_cert", "--tls-cert", "BTLSCERT", None, str, "tls-cert-file",
+     "FILE", "serve TLS with this certificate"),
+    ("tls_key", "--tls-key", "BTLSKEY", None, str, "tls-key-file", "FILE",
+     "... and this private key"),
+    ("selector", "--selector", "BSELECTOR", None, _selector, "selector",
+     "NAME", "how the loop waits for sockets: epoll, kqueue, devpoll, poll "
+     "or select; the best the system has"),
+)]
+# Server's keywords and their defaults: every setting but the address.
+SERVER_SETTINGS = {setting.name: setting.default for setting in SETTINGS
+                   if setting.name not in ("host", "port")}
+
+
+def _setting(value, flag, env_name, default, parse=str):
+    """A setting: the value given (by flag), else the environment's, else
+    the default. A bad value raises ValueError naming where it came from."""
+    source = flag
+    if value is None:
+        value, source = os.environ.get(env_name), env_name
+    if value is None or value == "":
+        return default
+    try:
+        return parse(value)
+    except _BadValue as exc:
+        raise ValueError("%s: %s" % (source, exc))
+    except ValueError:
+        raise ValueError("%s: %r is not a valid value" % (source, value))
+
+
+def _setting_text(value):
+    """A setting's value as CONFIG GET shows it."""
+    if value is None:
+        return ""
+    if value is True or value is False:
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return _number_text(value)
+    if isinstance(value, type):         # a selector class
+        return value.__name__[:-len("Selector")].lower()
+    return str(value)
+
+
 # ## Client ##################################################################
 
 DEFAULT_TIMEOUT = 10.0          # seconds to connect, or to wait for a reply
@@ -4059,36 +4239,6 @@ def _arg(value):
         return repr(value).encode()
     raise TypeError("a message or queue name is bytes or str, not %s"
                     % type(value).__name__)
-
-
-def _setting(value, flag, env_name, default, convert=str):
-    """A setting: the value given (by flag), else the environment's, else
-    the default. A bad value raises ValueError naming where it came from."""
-    source = flag
-    if value is None:
-        value, source = os.environ.get(env_name), env_name
-    if value is None or value == "":
-        return default
-    try:
-        return convert(value)
-    except ValueError:
-        raise ValueError("%s: %r is not a valid value" % (source, value))
-
-
-def _yes(value):
-    text = str(value).lower()
-    if text in ("1", "yes", "true", "on"):
-        return True
-    if text in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(value)
-
-
-def _port(value):
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError(value)
-    return port
 
 
 class Client:
@@ -4792,119 +4942,29 @@ def _silence_stdout():
 # SERVE ----------------------------------------------------------------------
 
 def _serve_arguments(parser):
-    parser.add_argument("--host", help="address to listen on (BHOST; "
-                        "127.0.0.1; 0.0.0.0 or :: for every interface)")
-    parser.add_argument("--port", help="port to listen on (BPORT; 6552)")
-    parser.add_argument("--max-message-size", metavar="BYTES",
-                        help="largest message accepted (BMAXMESSAGESIZE; "
-                        "10240)")
-    parser.add_argument("--max-clients", metavar="N",
-                        help="most connections at once (BMAXCLIENTS; %d)"
-                        % DEFAULT_MAX_CLIENTS)
-    parser.add_argument("--lease", metavar="SECONDS",
-                        help="a reserved message not acknowledged (or "
-                        "touched) within SECONDS goes back to its queue "
-                        "(BLEASE; 0: never)")
-    parser.add_argument("--token", help="clients must AUTH with it "
-                        "(BTOKEN)")
+    for setting in SETTINGS:
+        if setting.metavar is None:     # a switch, which gives "no"
+            parser.add_argument(setting.flag, action="store_const",
+                                const="no", dest=setting.name,
+                                help="%s (%s=no)" % (setting.help, setting.env))
+        else:
+            parser.add_argument(setting.flag, metavar=setting.metavar,
+                                dest=setting.name, help="%s (%s)" % (
+                                    setting.help, setting.env))
     parser.add_argument("--token-file", metavar="FILE",
                         help="read the token from FILE's first line")
-    parser.add_argument("--no-protected-mode", action="store_const",
-                        const="no", dest="protected_mode",
-                        help="listen beyond loopback without a token "
-                        "(BPROTECTEDMODE=no)")
-    parser.add_argument("--tls-cert", metavar="FILE",
-                        help="serve TLS with this certificate (BTLSCERT)")
-    parser.add_argument("--tls-key", metavar="FILE",
-                        help="... and this private key (BTLSKEY)")
-    parser.add_argument("--max-memory", metavar="BYTES",
-                        help="memory queued messages may take; pushes past "
-                        "it are refused (BMAXMEMORY; half of the machine's; "
-                        "0: no bound; 512mb, 2gb ... understood)")
-    parser.add_argument("--max-input", metavar="BYTES",
-                        help="unread input a client may send ahead "
-                        "(BMAXINPUT; 32mb, or the message size + 1mb)")
-    parser.add_argument("--data", metavar="FILE",
-                        help="keep the queues in this SQLite file, so that "
-                        "they outlive a restart (BDATA; none: memory only)")
-    parser.add_argument("--fsync", metavar="POLICY",
-                        help="when the file is synced to disk: always, "
-                        "everysec or no (BFSYNC; everysec)")
-    parser.add_argument("--max-deliveries", metavar="N",
-                        help="a message given back after N deliveries goes "
-                        "to <queue>.dead (BMAXDELIVERIES; %d; 0: never)"
-                        % DEFAULT_MAX_DELIVERIES)
-
-
-def _positive(value):
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
-
-
-def _bytes(value):
-    """A size in bytes: 1000, 10k (1000s), 10kb (1024s), 512mb, 2gb."""
-    text = value.strip().lower()
-    units = {"k": 1000, "kb": 1024, "m": 1000 ** 2, "mb": 1024 ** 2,
-             "g": 1000 ** 3, "gb": 1024 ** 3}
-    number = text.rstrip("kmgb")
-    unit = units.get(text[len(number):], 1 if number == text else None)
-    if unit is None or not number.isdigit():
-        raise ValueError(value)
-    return int(number) * unit
-
-
-def _fsync_policy(value):
-    if value not in FSYNC_POLICIES:
-        raise ValueError(value)
-    return value
-
-
-def _whole(value):
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
-
-
-def _duration(value):
-    seconds = float(value)
-    if not 0 <= seconds < 1e9:
-        raise ValueError(value)
-    return seconds
 
 
 def run_serve(options):
     try:
-        host = _setting(options.host, "--host", "BHOST", DEFAULT_HOST)
-        port = _setting(options.port, "--port", "BPORT", DEFAULT_PORT, _port)
-        max_message_size = _setting(
-            options.max_message_size, "--max-message-size",
-            "BMAXMESSAGESIZE", DEFAULT_MAX_MESSAGE_SIZE, _bytes)
-        max_clients = _setting(options.max_clients, "--max-clients",
-                               "BMAXCLIENTS", DEFAULT_MAX_CLIENTS, _positive)
-        lease = _setting(options.lease, "--lease", "BLEASE", 0, _duration)
-        max_deliveries = _setting(options.max_deliveries, "--max-deliveries",
-                                  "BMAXDELIVERIES", DEFAULT_MAX_DELIVERIES,
-                                  _whole)
-        data = _setting(options.data, "--data", "BDATA", None)
-        token = _setting(_token(options), "--token", "BTOKEN", None)
-        protected = _setting(options.protected_mode, "--no-protected-mode",
-                             "BPROTECTEDMODE", True, _yes)
-        tls_cert = _setting(options.tls_cert, "--tls-cert", "BTLSCERT", None)
-        tls_key = _setting(options.tls_key, "--tls-key", "BTLSKEY", None)
-        max_memory = _setting(options.max_memory, "--max-memory",
-                              "BMAXMEMORY", None, _bytes)
-        max_input = _setting(options.max_input, "--max-input", "BMAXINPUT",
-                             None, _bytes)
-        fsync = _setting(options.fsync, "--fsync", "BFSYNC", "everysec",
-                         _fsync_policy)
+        settings = {setting.name: _setting(
+            _token(options) if setting.name == "token"
+            else getattr(options, setting.name), setting.flag, setting.env,
+            setting.default, setting.parse) for setting in SETTINGS}
     except ValueError as exc:
         raise UsageError(str(exc))
-    if not 1 <= max_message_size <= MAX_BULK_LENGTH:
-        raise UsageError("--max-message-size: a message size is from 1 to "
-                         "%d bytes" % MAX_BULK_LENGTH)
+    host, port = settings.pop("host"), settings.pop("port")
+    max_clients, data = settings["max_clients"], settings["data"]
     # The handlers go in before the port opens: a signal that comes once
     # anyone can connect must stop the server cleanly, never half way.
     import signal
@@ -4917,9 +4977,7 @@ def run_serve(options):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        server = Server(host, port, max_message_size, max_clients, lease,
-                        max_deliveries, data, fsync, token, protected,
-                        tls_cert, tls_key, max_input, max_memory)
+        server = Server((host, port), **settings)
     except OSError as exc:
         raise ConnectionFailed("cannot listen on %s:%s: %s"
                                % (host, port, _reason(exc)))
@@ -4930,11 +4988,12 @@ def run_serve(options):
         _warn("serving at most %d clients: the system allows this process "
               "only %d open files" % (server.max_clients, server.max_clients
                                       + RESERVED_DESCRIPTORS))
-    kept = "kept in %s, fsync %s" % (data, fsync) if data else "in memory"
+    kept = "kept in %s, fsync %s" % (data, server.fsync) if data \
+        else "in memory"
     sys.stderr.write("beuss %s serving on %s port %d (messages up to %d bytes, "
                      "%s; Ctrl-C stops it)\n" % (
                          __version__, server.address[0], server.address[1],
-                         max_message_size, kept))
+                         server.max_message_size, kept))
     sys.stderr.flush()
     server.serve_forever()
     if server.unsaved:

@@ -967,7 +967,7 @@ class ServerCase(unittest.TestCase):
 
     def setUp(self):
         self.threads_before = threading.active_count()
-        self.server = beuss.Server("127.0.0.1", 0,
+        self.server = beuss.Server(("127.0.0.1", 0),
                                    **server_options(**self.server_options))
         self.server.start()
         self.port = self.server.address[1]
@@ -1224,7 +1224,7 @@ class ServerTest(ServerCase):
         if not socket.has_ipv6:
             self.skipTest("no IPv6")
         try:
-            server = beuss.Server("::1", 0)
+            server = beuss.Server(("::1", 0))
         except OSError:
             self.skipTest("no IPv6 loopback here")
         with server:
@@ -1396,7 +1396,7 @@ class StoreServerTest(ServerCase):
 
     def restart(self):
         self.server.stop()
-        self.server = beuss.Server("127.0.0.1", 0, **self.server_options)
+        self.server = beuss.Server(("127.0.0.1", 0), **self.server_options)
         self.server.start()
         self.port = self.server.address[1]
 
@@ -1485,7 +1485,7 @@ class StoreServerTest(ServerCase):
 
     def test_a_second_server_on_the_same_file_is_refused(self):
         with self.assertRaises(beuss.BeussError) as caught:
-            beuss.Server("127.0.0.1", 0, data=self.path)
+            beuss.Server(("127.0.0.1", 0), data=self.path)
         self.assertIn("another beuss server is using it", str(caught.exception))
         err = io.StringIO()
         with mock.patch.object(sys, "stderr", err):
@@ -1546,7 +1546,7 @@ class PubSubTest(ServerCase):
 
     def backlog(self, size, since=None):
         """A subscriber of an idle server whose backlog is size bytes."""
-        server = beuss.Server("127.0.0.1", 0)
+        server = beuss.Server(("127.0.0.1", 0))
         self.addCleanup(server.stop)
         self.servers = getattr(self, "servers", []) + [server]
         sock, peer = socket.socketpair()
@@ -1584,6 +1584,162 @@ class PubSubTest(ServerCase):
             self.servers[-1]._housekeeping()
         self.assertTrue(conn.closed)
         self.assertIn("closed subscriber", err.getvalue())
+
+
+class CommandFlagsTest(unittest.TestCase):
+    """Every row of the command table does what its flags say: a write is
+    refused while the store cannot write, a denyoom command past the memory
+    bound, a command without no_auth before AUTH, one without `subscribed`
+    in RESP2's subscribed mode, and one without `at-once` is queued inside
+    MULTI; and no other command is."""
+
+    # A request that runs each command (a subcommand under its full name).
+    SAMPLES = {
+        "rpush": "RPUSH q m", "lpush": "LPUSH q m", "rpushx": "RPUSHX q m",
+        "lpushx": "LPUSHX q m", "lpop": "LPOP q", "rpop": "RPOP q",
+        "blpop": "BLPOP q 0.01", "brpop": "BRPOP q 0.01",
+        "lmpop": "LMPOP 1 q LEFT", "blmpop": "BLMPOP 0.01 1 q LEFT",
+        "lmove": "LMOVE q r LEFT RIGHT", "blmove": "BLMOVE q r LEFT RIGHT 0.01",
+        "rpoplpush": "RPOPLPUSH q r", "brpoplpush": "BRPOPLPUSH q r 0.01",
+        "reserve": "RESERVE q 0.01", "ack": "ACK 1", "nack": "NACK 1",
+        "touch": "TOUCH 1", "llen": "LLEN q", "lrange": "LRANGE q 0 -1",
+        "lindex": "LINDEX q 0", "lpos": "LPOS q m", "lset": "LSET q 0 m",
+        "linsert": "LINSERT q BEFORE m n", "ltrim": "LTRIM q 0 -1",
+        "lrem": "LREM q 0 m", "del": "DEL q", "exists": "EXISTS q",
+        "type": "TYPE q", "keys": "KEYS *", "scan": "SCAN 0",
+        "dbsize": "DBSIZE", "flushdb": "FLUSHDB", "flushall": "FLUSHALL",
+        "multi": "MULTI", "exec": "EXEC", "discard": "DISCARD",
+        "watch": "WATCH q", "unwatch": "UNWATCH", "subscribe": "SUBSCRIBE c",
+        "unsubscribe": "UNSUBSCRIBE", "psubscribe": "PSUBSCRIBE c*",
+        "punsubscribe": "PUNSUBSCRIBE", "publish": "PUBLISH c m",
+        "pubsub|channels": "PUBSUB CHANNELS", "pubsub|numsub": "PUBSUB NUMSUB c",
+        "pubsub|numpat": "PUBSUB NUMPAT", "ping": "PING", "echo": "ECHO m",
+        "quit": "QUIT", "reset": "RESET", "hello": "HELLO 2",
+        "auth": "AUTH wrong", "select": "SELECT 0",
+        "client|setname": "CLIENT SETNAME n", "client|getname": "CLIENT GETNAME",
+        "client|id": "CLIENT ID", "client|info": "CLIENT INFO",
+        "client|list": "CLIENT LIST", "client|kill": "CLIENT KILL ID 999999",
+        "client|setinfo": "CLIENT SETINFO LIB-NAME n", "command": "COMMAND COUNT",
+        "command|count": "COMMAND COUNT", "command|list": "COMMAND LIST",
+        "command|docs": "COMMAND DOCS ping", "command|info": "COMMAND INFO ping",
+        "config|get": "CONFIG GET port", "info": "INFO server",
+    }
+
+    def rows(self):
+        """Every command and subcommand that runs as it is."""
+        found = []
+        for command in beuss.COMMAND_ROWS:
+            if not command.subcommands or command.arity == -1:
+                found.append(command)
+            found.extend(command.subcommands.values())
+        return found
+
+    def start(self, **options):
+        server = beuss.Server(("127.0.0.1", 0), **server_options(**options))
+        server.start()
+        self.addCleanup(server.stop)
+        return server
+
+    def reply(self, server, *setup_and_request):
+        """The first line of the reply to the last request, on a fresh
+        connection that sent the others first."""
+        sock = socket.create_connection(("127.0.0.1", server.address[1]), TIMEOUT)
+        sock.settimeout(TIMEOUT)
+        with sock:
+            reader = beuss.ReplyReader(sock)
+            for text in setup_and_request[:-1]:
+                sock.sendall(requests(text.split()))
+                try:
+                    reader.read()
+                except beuss.ReplyError:
+                    pass
+            sock.sendall(requests(setup_and_request[-1].split()))
+            data = b""
+            while b"\r\n" not in data:
+                chunk = sock.recv(1000)
+                if not chunk:
+                    break
+                data += chunk
+            return data.split(b"\r\n")[0]
+
+    def check(self, flag, server, setup, refusal, expect_refused):
+        self.assertEqual({row.name.decode() for row in self.rows()}, set(self.SAMPLES))
+        for row in self.rows():
+            with self.subTest(command=row.name, flag=flag):
+                reply = self.reply(server, *setup, self.SAMPLES[row.name.decode()])
+                self.assertEqual(reply.startswith(refusal), expect_refused(row),
+                                 (row.name, reply))
+
+    def failing_store(self, server):
+        """Make server's store fail as a full disk does: nothing commits."""
+        server.store.commit = lambda now=False: False
+        server.store.failing = "disk full"
+
+    def test_write_commands_are_refused_while_the_store_cannot_write(self):
+        path = os.path.join(tempfile.mkdtemp(), "flags.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        server = beuss.Server(("127.0.0.1", 0), data=path)
+        self.failing_store(server)
+        server.start()
+        self.addCleanup(server.stop)
+        self.check("write", server, [], b"-MISCONF", lambda row: row.write)
+
+    def test_exec_is_a_write_when_its_transaction_holds_one(self):
+        path = os.path.join(tempfile.mkdtemp(), "flags.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        server = self.start(data=path)
+        reads, writes = self.connect(server), self.connect(server)
+        for sock, request in ((reads, "LLEN q"), (writes, "LPOP q")):
+            sock.sendall(requests(["MULTI"], request.split()))
+            self.assertEqual(sock.recv(100), b"+OK\r\n+QUEUED\r\n")
+        self.failing_store(server)
+        reads.sendall(requests(["EXEC"]))
+        self.assertEqual(reads.recv(100), b"*1\r\n:0\r\n")
+        writes.sendall(requests(["EXEC"]))
+        self.assertTrue(writes.recv(300).startswith(
+            b"-EXECABORT Transaction discarded because of: MISCONF Errors "
+            b"writing to the store: disk full; commands that change queues"))
+
+    def connect(self, server):
+        sock = socket.create_connection(("127.0.0.1", server.address[1]), TIMEOUT)
+        sock.settimeout(TIMEOUT)
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_denyoom_commands_are_refused_past_the_memory_bound(self):
+        server = self.start(max_memory=1)
+        # Before each command the ballast (which no sample touches but DEL
+        # and FLUSH) takes memory past the bound again.
+        self.check("denyoom", server, ["RPUSH ballast m"], b"-OOM",
+                   lambda row: row.denyoom)
+        # Queueing takes memory too: inside MULTI every command is refused.
+        self.assertTrue(self.reply(server, "MULTI", "LLEN q").startswith(b"-OOM"))
+
+    def test_only_no_auth_commands_run_before_auth(self):
+        server = self.start(token="s3cret")
+        self.check("no_auth", server, [], b"-NOAUTH Authentication required",
+                   lambda row: not row.no_auth)
+
+    def test_only_subscribed_commands_run_in_resp2_subscribed_mode(self):
+        server = self.start()
+        self.check("subscribed", server, ["SUBSCRIBE elsewhere"],
+                   b"-ERR Can't execute", lambda row: not row.subscribed)
+
+    def test_only_at_once_commands_run_inside_multi(self):
+        server = self.start()
+        self.check("at-once", server, ["MULTI"], b"+QUEUED",
+                   lambda row: not row.at_once)
+
+    def test_message_size_applies_to_the_messages_a_denyoom_command_stores(self):
+        server = self.start(max_message_size=3)
+        big = "RPUSH q m 1234|LPUSHX q 1234|LSET q 0 1234|LINSERT q BEFORE m 1234"
+        self.assertEqual(self.reply(server, "RPUSH q m"), b":1")
+        for request in big.split("|"):
+            self.assertEqual(self.reply(server, request),
+                             b"-ERR message too large (max 3 bytes)", request)
+        # Names and search terms are not messages.
+        self.assertEqual(self.reply(server, "LPOS q 1234"), b"$-1")
+        self.assertEqual(self.reply(server, "RPUSH queue-name-longer 123"), b":1")
 
 
 class ClientCommandsTest(ServerCase):
@@ -1676,8 +1832,11 @@ class ClientCommandsTest(ServerCase):
         settings = dict(zip(reply[::2], reply[1::2]))
         self.assertEqual(settings[b"port"], str(self.port).encode())
         self.assertEqual(settings[b"max-message-size"], b"10240")
-        for name in (b"bind", b"maxclients", b"save", b"appendonly"):
+        for name in [setting.config.encode() for setting in beuss.SETTINGS] + [
+                b"save", b"appendonly"]:
             self.assertIn(name, settings)
+        self.assertEqual(settings[b"requirepass"], b"")
+        self.assertEqual(settings[b"protected-mode"], b"yes")
 
 
 class HostileTest(ServerCase):
@@ -1734,7 +1893,7 @@ class HostileTest(ServerCase):
         self.expect(waiter, b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n+PONG\r\n")
 
     def test_a_client_gets_its_share_of_a_pass_then_waits(self):
-        server = beuss.Server("127.0.0.1", 0)   # driven by hand, no loop
+        server = beuss.Server(("127.0.0.1", 0))   # driven by hand, no loop
         self.addCleanup(server.stop)
         sock, peer = socket.socketpair()
         self.addCleanup(peer.close)
@@ -1814,7 +1973,7 @@ class MaxMemoryTest(ServerCase):
     def test_the_default_is_half_the_machine(self):
         if not hasattr(os, "sysconf"):
             self.skipTest("no sysconf here")
-        with beuss.Server("127.0.0.1", 0) as server:
+        with beuss.Server(("127.0.0.1", 0)) as server:
             self.assertEqual(server.max_memory, os.sysconf("SC_PAGE_SIZE")
                              * os.sysconf("SC_PHYS_PAGES") // 2)
 
@@ -1880,7 +2039,7 @@ class ProtectedModeTest(unittest.TestCase):
         self.assertFalse(beuss._is_loopback("0.0.0.0"))
         self.assertFalse(beuss._is_loopback(""))
         with self.assertRaises(beuss.BeussError) as caught:
-            beuss.Server("0.0.0.0", 0)
+            beuss.Server(("0.0.0.0", 0))
         self.assertIn("--no-protected-mode", str(caught.exception))
         self.assertEqual(len(str(caught.exception).splitlines()), 1)
 
@@ -1972,7 +2131,7 @@ class OutOfDescriptorsTest(unittest.TestCase):
 import os, resource, sys, time, beuss
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(
     resource.RLIMIT_NOFILE)[1]))
-server = beuss.Server("127.0.0.1", 0, max_clients=8).start()
+server = beuss.Server(("127.0.0.1", 0), max_clients=8).start()
 print(server.address[1], flush=True)
 sys.stdin.readline()                    # the first client is in
 files = []
@@ -2045,7 +2204,7 @@ class SelectSelectorTest(unittest.TestCase):
             self.skipTest("the system allows only %d open files" % hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
-        server = beuss.Server("127.0.0.1", 0, selector=selectors.SelectSelector,
+        server = beuss.Server(("127.0.0.1", 0), selector=selectors.SelectSelector,
                               max_clients=2000)
         server.start()
         self.addCleanup(server.stop)
@@ -2253,7 +2412,7 @@ class ClientTest(ServerCase):
 
     def test_listen_outlives_a_server_restart(self):
         port = free_port()
-        first = beuss.Server("127.0.0.1", port).start()
+        first = beuss.Server(("127.0.0.1", port)).start()
         client = beuss.Client("127.0.0.1", port, timeout=TIMEOUT)
         self.addCleanup(client.close)
         client.put("q", "before")
@@ -2266,7 +2425,7 @@ class ClientTest(ServerCase):
 
             def restart():
                 time.sleep(0.5)
-                second.append(beuss.Server("127.0.0.1", port).start())
+                second.append(beuss.Server(("127.0.0.1", port)).start())
                 beuss.put("q", "after", port=port)
             with self.later(0, restart):
                 self.assertEqual(next(messages), b"after")
@@ -2314,7 +2473,7 @@ class ClientTest(ServerCase):
 
     def test_subscribe_outlives_a_server_restart(self):
         port = free_port()
-        first = beuss.Server("127.0.0.1", port).start()
+        first = beuss.Server(("127.0.0.1", port)).start()
         listener = beuss.Client("127.0.0.1", port, timeout=TIMEOUT)
         self.addCleanup(listener.close)
         messages = listener.subscribe("news")
@@ -2335,7 +2494,7 @@ class ClientTest(ServerCase):
 
             def restart():
                 time.sleep(0.3)
-                servers.append(beuss.Server("127.0.0.1", port).start())
+                servers.append(beuss.Server(("127.0.0.1", port)).start())
                 publish_until_heard(1, "after")
             with self.later(0, restart):
                 self.assertEqual(next(messages), ("news", b"after"))
@@ -2402,6 +2561,60 @@ class OptionParserTest(unittest.TestCase):
             self.assertIn(name, shown)
 
 
+class SettingsTest(unittest.TestCase):
+    """The settings table is the one place a setting is declared: README,
+    SERVE --help, Server's keywords and CONFIG GET all follow it."""
+
+    def test_the_readme_lists_every_setting(self):
+        path = os.path.join(HERE, "README.md")
+        if not os.path.exists(path):
+            self.skipTest("README.md was not copied along")
+        with open(path, encoding="utf-8") as readme:
+            text = readme.read()
+        table = text[text.index("## Configuration"):]
+        table = table[:table.index("\n\n", table.index("| flag"))]
+        for setting in beuss.SETTINGS:
+            self.assertIn("`%s`" % setting.flag, table, setting.name)
+            self.assertIn("`%s" % setting.env, table, setting.name)
+
+    def test_serve_help_names_every_environment_variable(self):
+        out = io.StringIO()
+        with mock.patch.object(sys, "stdout", out):
+            self.assertEqual(beuss.main(["SERVE", "--help"]), 0)
+        for setting in beuss.SETTINGS:
+            self.assertIn(setting.flag, out.getvalue())
+            self.assertIn(setting.env, out.getvalue())
+
+    def test_server_takes_its_settings_as_keywords_only(self):
+        with self.assertRaises(TypeError):
+            beuss.Server(("127.0.0.1", 0), 1000)
+        with self.assertRaises(TypeError) as caught:
+            beuss.Server(("127.0.0.1", 0), max_mesage_size=1000)
+        self.assertIn("max_mesage_size", str(caught.exception))
+        self.assertEqual(set(beuss.SERVER_SETTINGS),
+                         {s.name for s in beuss.SETTINGS} - {"host", "port"})
+
+    def test_a_setting_comes_from_its_flag_then_the_environment_then_the_default(self):
+        row = next(s for s in beuss.SETTINGS if s.name == "max_message_size")
+        with mock.patch.dict(os.environ, {row.env: "2kb"}):
+            self.assertEqual(beuss._setting("5", row.flag, row.env, row.default, row.parse), 5)
+            self.assertEqual(beuss._setting(None, row.flag, row.env, row.default, row.parse), 2048)
+        with mock.patch.dict(os.environ, {row.env: ""}):
+            self.assertEqual(beuss._setting(None, row.flag, row.env, row.default, row.parse), 10240)
+        with self.assertRaises(ValueError) as caught:
+            beuss._setting("0", row.flag, row.env, row.default, row.parse)
+        self.assertEqual(str(caught.exception), "--max-message-size: a message size "
+                         "is from 1 to %d bytes" % beuss.MAX_BULK_LENGTH)
+
+    def test_the_selector_is_a_setting(self):
+        self.assertIs(beuss._selector("select"), selectors.SelectSelector)
+        for bad in ("Select", "nothing", ""):
+            with self.assertRaises(ValueError):
+                beuss._selector(bad)
+        with beuss.Server(("127.0.0.1", 0), selector=selectors.SelectSelector) as server:
+            self.assertIn((b"selector", b"select"), server.settings())
+
+
 class CommandLineTest(ServerCase):
 
     def run_main(self, *argv, stdin=b""):
@@ -2441,7 +2654,7 @@ class CommandLineTest(ServerCase):
         message = os.urandom(1000000)
         with tempfile.TemporaryDirectory() as folder:
             target = os.path.join(folder, "out.bin")
-            with beuss.Server("127.0.0.1", 0, max_message_size=1000000) as big:
+            with beuss.Server(("127.0.0.1", 0), max_message_size=1000000) as big:
                 beuss.put("pics", message, port=big.address[1])
                 status = beuss.main(["GET", "pics", target, "--port",
                                      str(big.address[1])])
@@ -3768,7 +3981,7 @@ class DifferentialTest(ServerCase):
             theirs = run(redis.port)
         finally:
             redis.stop()
-        with beuss.Server("127.0.0.1", 0, token="s3cret", **server_options()) as server:
+        with beuss.Server(("127.0.0.1", 0), token="s3cret", **server_options()) as server:
             ours = run(server.address[1])
         self.assertEqual(ours, theirs)
         self.assertEqual(len(ours), len(self.AUTH_SCRIPT) + 2)
