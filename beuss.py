@@ -17,15 +17,13 @@ Queues hold binary messages, first in, first out, in memory or (--data FILE)
 in an SQLite file. RESERVE, ACK, NACK and TOUCH deliver at least once: a
 reserved message goes back to the head of its queue if its consumer goes
 away unacknowledged, and to <queue>.dead after --max-deliveries tries.
-Channels fan a message out to their subscribers at once and keep nothing. The server speaks the Redis protocol (RESP2, and
-RESP3 after HELLO 3): the list commands (RPUSH LPUSH RPUSHX LPUSHX LPOP RPOP
-LMPOP BLPOP BRPOP BLMPOP LLEN LRANGE LINDEX LPOS LSET LINSERT LTRIM LREM
-LMOVE BLMOVE RPOPLPUSH BRPOPLPUSH), DEL EXISTS TYPE KEYS SCAN DBSIZE FLUSHDB
-FLUSHALL, transactions (MULTI EXEC DISCARD WATCH UNWATCH), pub/sub
-(SUBSCRIBE UNSUBSCRIBE PSUBSCRIBE PUNSUBSCRIBE PUBLISH PUBSUB), and PING ECHO
-QUIT RESET HELLO AUTH SELECT CLIENT COMMAND CONFIG INFO: redis-cli, redis-py
-and other Redis clients work against it, and the client half of this file
-works against Redis or Valkey.
+Channels fan a message out to their subscribers at once and keep nothing.
+The server speaks the Redis protocol (RESP2, and RESP3 after HELLO 3): the
+list commands, DEL EXISTS TYPE KEYS SCAN DBSIZE FLUSHDB FLUSHALL,
+transactions, pub/sub, and what clients ask of a server (HELLO AUTH CLIENT
+COMMAND CONFIG INFO ...; COMMAND LIST names them all, from the command
+table below): redis-cli, redis-py and other Redis clients work against it,
+and the client half of this file works against Redis or Valkey.
 
 Limits: a message is at most 10240 bytes unless --max-message-size (or
 BMAXMESSAGESIZE) says otherwise, 512 MiB at most; a request has at most
@@ -169,7 +167,7 @@ def _warn(text):
     sys.stderr.flush()
 
 
-# ## Protocol: pure functions on bytes, shared by the server and the client ####
+# ## Protocol: pure functions on bytes, shared by server and client ########
 
 def encode_bulk(data):
     return b"$%d\r\n%s\r\n" % (len(data), data)
@@ -1957,8 +1955,27 @@ def _store_reason(exc):
     return str(exc) or type(exc).__name__
 
 
+# ## Connections: sockets, their input and output, TLS, one close path ########
 
-# ## Server ##################################################################
+# A connection (_Conn) is one client's socket and all the server keeps for
+# it: the bytes it sent and not yet run (its RequestReader), the replies
+# not yet sent, and where it stands in a transaction, a wait or its
+# subscriptions. _Connections is the half of the server that moves bytes;
+# Server, the loop below, inherits it and runs what it reads.
+#
+# - _accept takes every connection waiting, up to --max-clients (those past
+#   it get one error line and are closed); a TLS connection shakes hands
+#   first, without blocking, and is closed if it stalls.
+# - _read takes what the socket holds into the connection's reader, closes
+#   a client that sends more than --max-input ahead, and runs the rest.
+# - A reply goes to conn.out; _write sends at once what the socket takes
+#   and keeps the rest as a memoryview, watching EVENT_WRITE only while
+#   bytes wait. A client whose unsent replies pass OUTPUT_LIMIT is not read
+#   or run until it reads. Replies held for the store (conn.held) wait for
+#   a commit that succeeds.
+# - _close is the one way out, and safe to call twice: it cancels the
+#   client's wait, ends its watches and subscriptions, and gives back the
+#   messages it held, so a client that goes away loses nobody a message.
 
 class _Conn:
     """One client connection: its socket, what it sent, what it is owed."""
@@ -1993,7 +2010,7 @@ class _Conn:
         self.authenticated = True   # no token, or the client gave it
         self.failed_auths = 0
         # Requests of a connection in a transaction, or subscribed in RESP2,
-        # take the slower path through Server._guard; others never do.
+        # take the slower path through Server._run_checked; others never do.
         self.guarded = False
         self.multi = None           # MULTI: the queued (function, args)
         self.multi_failed = False   # a command was refused while queueing
@@ -2006,7 +2023,355 @@ class _Conn:
         self.held = False           # replies wait for the store (_commit)
 
 
-class Server:
+class _Connections:
+    """Accepting, reading, writing and closing client connections, for
+    Server, which inherits them and provides the rest: the selector,
+    the listener, the settings, _run and the services _close calls."""
+
+    def _accept(self):
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    # The listener stays readable: watching it would spin.
+                    # Serve the others, and try again at housekeeping.
+                    self._selector.unregister(self._listener)
+                    self._accepting = False
+                    self._housekeeping_at = min(
+                        self._housekeeping_at,
+                        time.monotonic() + ACCEPT_RETRY)
+                    self._complain("out of file descriptors (%s): not "
+                                   "accepting connections for a moment"
+                                   % _reason(exc))
+                return
+            if len(self._conns) >= self.max_clients or (
+                    self._max_fd is not None and sock.fileno() >= self._max_fd):
+                try:
+                    sock.send(ERR_MAX_CLIENTS)
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                try:
+                    sock = self._tls.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False)
+                except (OSError, ValueError):
+                    sock.close()
+                    continue
+            conn = _Conn(sock, self._next_id, peer, self.max_message_size)
+            self._next_id += 1
+            self._conns[conn.id] = conn
+            conn.handshaking = self._tls is not None
+            if self.token is not None:
+                conn.authenticated = False
+                conn.reader.locked = True
+            self._update_guard(conn)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+            conn.events = selectors.EVENT_READ
+
+    def _complain(self, text):
+        # Hostile or broken traffic is said at most once a minute, so that
+        # it cannot fill the log.
+        now = time.monotonic()
+        if now >= self._complained_at + 60:
+            self._complained_at = now
+            _warn(text)
+
+    def _handshake(self, conn):
+        import ssl
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_events(conn, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            self._set_events(conn, selectors.EVENT_WRITE)
+        except (OSError, ValueError):
+            self._close(conn)
+        else:
+            conn.handshaking = False
+            self._set_events(conn, selectors.EVENT_READ)
+            self._read(conn)        # what came with the handshake
+
+    def _read(self, conn):
+        sock = conn.sock
+        while True:
+            try:
+                # Into one buffer, then a copy of what came: recv() would
+                # allocate READ_SIZE for every read, however small.
+                size = sock.recv_into(self._read_buffer)
+                data = self._read_view[:size].tobytes()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if conn.handshaking is False and _tls_wants(exc):
+                    return          # TLS: the rest of a record is on its way
+                self._close(conn)
+                return
+            if not data:
+                self._close(conn)
+                return
+            conn.active = time.monotonic()
+            conn.reader.feed(data)
+            # TLS may hold decrypted bytes the socket no longer signals.
+            if not (self._tls is not None and sock.pending()):
+                break
+        if conn.reader.pending() > self.max_input:
+            self._reply(conn, encode_error(
+                "ERR Protocol error: more than %d bytes of unread input"
+                % self.max_input))
+            conn.closing = True
+            self._update_events(conn)
+            return
+        self._run(conn)
+        self._update_events(conn)
+
+    def _update_events(self, conn):
+        """Read from conn only while it may send more: not while its
+        replies pile up unread, nor while it waits with 64 KiB sent ahead
+        (the kernel keeps the rest); write while replies wait unsent."""
+        if conn.closed:
+            return
+        events = 0
+        if conn.out_size <= OUTPUT_LIMIT and not (
+                conn.waiter is not None
+                and conn.reader.pending() >= WAITING_INPUT_LIMIT):
+            events = selectors.EVENT_READ
+        if conn.writing:
+            events |= selectors.EVENT_WRITE
+        if events != conn.events:
+            self._set_events(conn, events)
+
+    def _set_events(self, conn, events):
+        if conn.events and events:
+            self._selector.modify(conn.sock, events, conn)
+        elif events:
+            self._selector.register(conn.sock, events, conn)
+        else:
+            self._selector.unregister(conn.sock)
+        conn.events = events
+
+    def _reply(self, conn, data):
+        if not conn.out and conn.unsent is None:
+            self._dirty.append(conn)
+        conn.out.append(data)
+        conn.out_size += len(data)
+
+    def _flush_dirty(self):
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            if conn.unsent is None and not conn.closed:
+                self._write(conn)
+
+    def _write(self, conn):
+        out = conn.out
+        while True:
+            data = conn.unsent
+            if data is None:
+                if not out or conn.held:
+                    break
+                data = _next_slice(out)
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                if not _tls_wants(exc):
+                    self._close(conn)
+                    return
+                sent = 0
+            conn.out_size -= sent
+            if conn.backlogged and conn.out_size <= OUTPUT_LIMIT:
+                conn.backlogged = False
+                self._resumed.append(conn)  # caught up: run what it sent
+            if sent < len(data):
+                conn.unsent = memoryview(data)[sent:]   # sent without a copy
+                if not conn.writing:
+                    conn.writing = True
+                    self._update_events(conn)
+                return
+            conn.unsent = None
+        if conn.closing and not conn.held:
+            self._close(conn)
+            return
+        if conn.writing or not conn.events & selectors.EVENT_READ:
+            conn.writing = False
+            self._update_events(conn)
+
+    def _close(self, conn):
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.waiter is not None:
+            self.queues.cancel(conn.waiter)
+            conn.waiter = None
+        self.unwatch(conn)
+        self.unsubscribe_all(conn)
+        held = self.queues.held_by(conn)
+        if held:
+            self._give_back_safely(held)
+        self._conns.pop(conn.id, None)
+        if conn.events:
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        conn.sock.close()
+
+    def _close_all(self):
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        if self.store is not None:
+            # What the closes gave back, too.
+            self.unsaved = self.store.close()
+        self._selector.close()
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            sock.close()
+
+
+def _next_slice(out):
+    """Take the next replies from out, joined, at most about WRITE_SLICE
+    bytes (a single larger reply whole): a backlog is never joined into
+    one object."""
+    if len(out) == 1:
+        return out.pop()
+    size, count = 0, 0
+    for data in out:
+        if count and size + len(data) > WRITE_SLICE:
+            break
+        size += len(data)
+        count += 1
+    data = b"".join(out[:count])
+    del out[:count]
+    return data
+
+
+def _tls_wants(exc):
+    """Whether exc only says that TLS needs the socket again later."""
+    name = type(exc).__name__
+    return name in ("SSLWantReadError", "SSLWantWriteError")
+
+
+def _listen(host, port):
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if sys.platform == "win32":
+            # Windows lets a second server share a port with SO_REUSEADDR.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(511)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_loopback(host):
+    """Whether every address host names is a loopback one."""
+    import ipaddress
+    try:
+        found = socket.getaddrinfo(host or None, 0, 0, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(
+        address[4][0].split("%")[0]).is_loopback for address in found)
+
+
+_OUT_OF_DESCRIPTORS = {getattr(errno, name) for name in (
+    "EMFILE", "ENFILE", "ENOBUFS", "ENOMEM") if hasattr(errno, name)}
+
+
+def _fit_to_descriptors(max_clients):
+    """How many clients the process can really hold open. As Redis does,
+    ask the system for enough file descriptors, and when it gives fewer,
+    serve fewer clients: accept() failing for want of descriptors would
+    leave the listener ready, and the loop spinning."""
+    try:
+        import resource
+    except ImportError:             # Windows: select()'s limit is the bound
+        return max_clients
+    wanted = max_clients + RESERVED_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return max_clients
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    except (ValueError, OSError):   # macOS caps it below what hard says
+        pass
+    return max(min(max_clients, soft - RESERVED_DESCRIPTORS), 1)
+
+
+def _address_text(address):
+    """ip:port as Redis writes a client's address (IPv6 in brackets is not
+    Redis's way: it writes the bare address, then :port)."""
+    if not address:
+        return "?"
+    if isinstance(address, str):    # AF_UNIX
+        return address + ":0"
+    return "%s:%d" % (address[0], address[1])
+
+
+def _local_address(sock):
+    try:
+        return sock.getsockname()
+    except OSError:
+        return None
+
+
+def _drain(sock):
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+
+
+# ## The loop: read, run, serve waiters, expire, commit, flush ################
+
+# One pass of the loop, in Server.serve_forever:
+#
+# 1. select() waits for sockets, at most until the next deadline (a
+#    blocked client's timeout, a lease, housekeeping), so no timer thread
+#    is needed. Each ready socket is written, then read; each read runs
+#    the requests that came (_run), in order, up to REQUESTS_PER_PASS a
+#    client, so one busy client cannot starve the others.
+# 2. Running a request looks it up in the command table and enforces its
+#    row (arity, then the flags: _run for most, _run_checked for a client
+#    in a transaction, subscribed, not yet authenticated, or when the store
+#    cannot write). After each command, queues it made ready are served
+#    to their waiters, oldest first (_serve_waiters): a waiter's reply is
+#    its own take() and reply(), set by the command that blocked.
+# 3. Waits whose timeout passed are answered with a null; leases that ran
+#    out give their messages back (or to <queue>.dead).
+# 4. Clients that used their share, or were unblocked with requests
+#    waiting behind, run again.
+# 5. The store commits the pass's changes (_commit): replies that report a
+#    change go out only once it is durable, and wait while it cannot be.
+# 6. Replies are flushed (_flush_dirty), and once a second housekeeping
+#    drops stalled handshakes, slow subscribers and stale lease entries.
+#
+# Commands reach the server through its public methods (authenticate,
+# begin_transaction, subscribe, publish, block, reserved, ...), never its
+# private state.
+
+class Server(_Connections):
     """The bus: a non-blocking selectors loop serving one set of queues.
 
     Server(address, **settings): address is (host, port), port 0 picks a
@@ -2257,110 +2622,6 @@ class Server:
         if self._leases:
             self._drop_stale_leases()
 
-    def _accept(self):
-        while True:
-            try:
-                sock, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_DESCRIPTORS:
-                    # The listener stays readable: watching it would spin.
-                    # Serve the others, and try again at housekeeping.
-                    self._selector.unregister(self._listener)
-                    self._accepting = False
-                    self._housekeeping_at = min(
-                        self._housekeeping_at,
-                        time.monotonic() + ACCEPT_RETRY)
-                    self._complain("out of file descriptors (%s): not "
-                                   "accepting connections for a moment"
-                                   % _reason(exc))
-                return
-            if len(self._conns) >= self.max_clients or (
-                    self._max_fd is not None and sock.fileno() >= self._max_fd):
-                try:
-                    sock.send(ERR_MAX_CLIENTS)
-                except OSError:
-                    pass
-                sock.close()
-                continue
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls is not None:
-                try:
-                    sock = self._tls.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False)
-                except (OSError, ValueError):
-                    sock.close()
-                    continue
-            conn = _Conn(sock, self._next_id, peer, self.max_message_size)
-            self._next_id += 1
-            self._conns[conn.id] = conn
-            conn.handshaking = self._tls is not None
-            if self.token is not None:
-                conn.authenticated = False
-                conn.reader.locked = True
-            self._update_guard(conn)
-            self._selector.register(sock, selectors.EVENT_READ, conn)
-            conn.events = selectors.EVENT_READ
-
-    def _complain(self, text):
-        # Hostile or broken traffic is said at most once a minute, so that
-        # it cannot fill the log.
-        now = time.monotonic()
-        if now >= self._complained_at + 60:
-            self._complained_at = now
-            _warn(text)
-
-    def _handshake(self, conn):
-        import ssl
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._set_events(conn, selectors.EVENT_READ)
-        except ssl.SSLWantWriteError:
-            self._set_events(conn, selectors.EVENT_WRITE)
-        except (OSError, ValueError):
-            self._close(conn)
-        else:
-            conn.handshaking = False
-            self._set_events(conn, selectors.EVENT_READ)
-            self._read(conn)        # what came with the handshake
-
-    def _read(self, conn):
-        sock = conn.sock
-        while True:
-            try:
-                # Into one buffer, then a copy of what came: recv() would
-                # allocate READ_SIZE for every read, however small.
-                size = sock.recv_into(self._read_buffer)
-                data = self._read_view[:size].tobytes()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if conn.handshaking is False and _tls_wants(exc):
-                    return          # TLS: the rest of a record is on its way
-                self._close(conn)
-                return
-            if not data:
-                self._close(conn)
-                return
-            conn.active = time.monotonic()
-            conn.reader.feed(data)
-            # TLS may hold decrypted bytes the socket no longer signals.
-            if not (self._tls is not None and sock.pending()):
-                break
-        if conn.reader.pending() > self.max_input:
-            self._reply(conn, encode_error(
-                "ERR Protocol error: more than %d bytes of unread input"
-                % self.max_input))
-            conn.closing = True
-            self._update_events(conn)
-            return
-        self._run(conn)
-        self._update_events(conn)
-
     def _run(self, conn):
         """Run the requests conn has sent, in order, until it blocks, its
         unsent replies pass OUTPUT_LIMIT, or it has had its share of this
@@ -2434,32 +2695,6 @@ class Server:
                 conn.out_size += len(reply)
             if queues.ready:
                 self._serve_waiters()
-
-    def _update_events(self, conn):
-        """Read from conn only while it may send more: not while its
-        replies pile up unread, nor while it waits with 64 KiB sent ahead
-        (the kernel keeps the rest); write while replies wait unsent."""
-        if conn.closed:
-            return
-        events = 0
-        if conn.out_size <= OUTPUT_LIMIT and not (
-                conn.waiter is not None
-                and conn.reader.pending() >= WAITING_INPUT_LIMIT):
-            events = selectors.EVENT_READ
-        if conn.writing:
-            events |= selectors.EVENT_WRITE
-        if events != conn.events:
-            self._set_events(conn, events)
-
-    def _set_events(self, conn, events):
-        if conn.events and events:
-            self._selector.modify(conn.sock, events, conn)
-        elif events:
-            self._selector.register(conn.sock, events, conn)
-        else:
-            self._selector.unregister(conn.sock)
-        conn.events = events
-
 
     def _unknown(self, conn, args):
         """The reply to a command beuss does not know; None when the
@@ -2586,12 +2821,6 @@ class Server:
         if (store.failing is not None) != was_failing:
             for conn in self._conns.values():
                 self._update_guard(conn)
-
-    def _reply(self, conn, data):
-        if not conn.out and conn.unsent is None:
-            self._dirty.append(conn)
-        conn.out.append(data)
-        conn.out_size += len(data)
 
     # Authentication ------------------------------------------------------
 
@@ -2741,7 +2970,7 @@ class Server:
                   "unread" % (conn.id, _address_text(conn.peer), size))
             self._close(conn)
 
-    # Clients ---------------------------------------------------------------
+    # Clients -------------------------------------------------------------
 
     def clients(self):
         return list(self._conns.values())
@@ -2888,129 +3117,11 @@ class Server:
                 self._run(conn)
                 self._update_events(conn)
 
-    # Writing and closing -------------------------------------------------
-
-    def _flush_dirty(self):
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            if conn.unsent is None and not conn.closed:
-                self._write(conn)
-
-    def _write(self, conn):
-        out = conn.out
-        while True:
-            data = conn.unsent
-            if data is None:
-                if not out or conn.held:
-                    break
-                data = _next_slice(out)
-            try:
-                sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                if not _tls_wants(exc):
-                    self._close(conn)
-                    return
-                sent = 0
-            conn.out_size -= sent
-            if conn.backlogged and conn.out_size <= OUTPUT_LIMIT:
-                conn.backlogged = False
-                self._resumed.append(conn)  # caught up: run what it sent
-            if sent < len(data):
-                conn.unsent = memoryview(data)[sent:]   # sent without a copy
-                if not conn.writing:
-                    conn.writing = True
-                    self._update_events(conn)
-                return
-            conn.unsent = None
-        if conn.closing and not conn.held:
-            self._close(conn)
-            return
-        if conn.writing or not conn.events & selectors.EVENT_READ:
-            conn.writing = False
-            self._update_events(conn)
-
-    def _close(self, conn):
-        if conn.closed:
-            return
-        conn.closed = True
-        if conn.waiter is not None:
-            self.queues.cancel(conn.waiter)
-            conn.waiter = None
-        self.unwatch(conn)
-        self.unsubscribe_all(conn)
-        held = self.queues.held_by(conn)
-        if held:
-            self._give_back_safely(held)
-        self._conns.pop(conn.id, None)
-        if conn.events:
-            try:
-                self._selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-        conn.sock.close()
-
-    def _close_all(self):
-        if self._closed:
-            return
-        self._closed = True
-        for conn in list(self._conns.values()):
-            self._close(conn)
-        if self.store is not None:
-            # What the closes gave back, too.
-            self.unsaved = self.store.close()
-        self._selector.close()
-        for sock in (self._listener, self._wake_r, self._wake_w):
-            sock.close()
-
-
-def _next_slice(out):
-    """Take the next replies from out, joined, at most about WRITE_SLICE
-    bytes (a single larger reply whole): a backlog is never joined into
-    one object."""
-    if len(out) == 1:
-        return out.pop()
-    size, count = 0, 0
-    for data in out:
-        if count and size + len(data) > WRITE_SLICE:
-            break
-        size += len(data)
-        count += 1
-    data = b"".join(out[:count])
-    del out[:count]
-    return data
-
 
 def _internal_error(args, exc):
     # A bug must cost one reply, never the bus.
     return encode_error("ERR internal error in '%s': %r" % (
         args[0].lower().decode("utf-8", "replace"), exc))
-
-
-def _tls_wants(exc):
-    """Whether exc only says that TLS needs the socket again later."""
-    name = type(exc).__name__
-    return name in ("SSLWantReadError", "SSLWantWriteError")
-
-
-def _listen(host, port):
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        if sys.platform == "win32":
-            # Windows lets a second server share a port with SO_REUSEADDR.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(511)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _same_token(given, token):
@@ -3026,61 +3137,6 @@ def half_the_memory():
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (AttributeError, ValueError, OSError):
         return 0
-
-
-def _is_loopback(host):
-    """Whether every address host names is a loopback one."""
-    import ipaddress
-    try:
-        found = socket.getaddrinfo(host or None, 0, 0, socket.SOCK_STREAM, 0,
-                                   socket.AI_PASSIVE)
-    except OSError:
-        return False
-    return bool(found) and all(ipaddress.ip_address(
-        address[4][0].split("%")[0]).is_loopback for address in found)
-
-
-_OUT_OF_DESCRIPTORS = {getattr(errno, name) for name in (
-    "EMFILE", "ENFILE", "ENOBUFS", "ENOMEM") if hasattr(errno, name)}
-
-
-def _fit_to_descriptors(max_clients):
-    """How many clients the process can really hold open. As Redis does,
-    ask the system for enough file descriptors, and when it gives fewer,
-    serve fewer clients: accept() failing for want of descriptors would
-    leave the listener ready, and the loop spinning."""
-    try:
-        import resource
-    except ImportError:             # Windows: select()'s limit is the bound
-        return max_clients
-    wanted = max_clients + RESERVED_DESCRIPTORS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return max_clients
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    except (ValueError, OSError):   # macOS caps it below what hard says
-        pass
-    return max(min(max_clients, soft - RESERVED_DESCRIPTORS), 1)
-
-
-def _address_text(address):
-    """ip:port as Redis writes a client's address (IPv6 in brackets is not
-    Redis's way: it writes the bare address, then :port)."""
-    if not address:
-        return "?"
-    if isinstance(address, str):    # AF_UNIX
-        return address + ":0"
-    return "%s:%d" % (address[0], address[1])
-
-
-def _local_address(sock):
-    try:
-        return sock.getsockname()
-    except OSError:
-        return None
 
 
 def _encode_push(conn, items):
@@ -3101,18 +3157,14 @@ def _encode_mpop(name, messages):
     return b"*2\r\n" + encode_bulk(name) + encode_bulks(messages)
 
 
-def _drain(sock):
-    try:
-        while sock.recv(4096):
-            pass
-    except OSError:
-        pass
+# ## Commands: queues #########################################################
 
-
-# Commands -------------------------------------------------------------------
-#
 # One small function a command: (server, conn, args) -> the encoded reply,
-# or None when the client now waits. A refusal raises ReplyError.
+# or None when the client now waits. A refusal raises ReplyError. Arity and
+# the flags of the command table are checked before a function runs, so a
+# function checks only its own arguments. The families follow: queues,
+# blocking, reserve and acknowledge, transactions, pub/sub, the connection
+# and introspection; the table that names them all comes last.
 
 def _unknown_command(args):
     # Redis quotes at most about 128 characters of the arguments.
@@ -3196,19 +3248,6 @@ def cmd_pop(server, conn, args):
     return encode_bulks(server.queues.pop(args[1], left, count))
 
 
-def cmd_bpop(server, conn, args):
-    left = args[0][1] in b"lL"
-    names = list(dict.fromkeys(args[1:-1]))     # BLPOP q q waits once on q
-    timeout = _timeout(args[-1])
-    for name in names:
-        message = server.queues.pop_one(name, left)
-        if message is not None:
-            return encode_bulks([name, message])
-    waiter = Waiter(names, lambda queues, name: queues.pop_one(name, left),
-                    lambda name, message: encode_bulks([name, message]))
-    return server.block(conn, waiter, timeout, conn.null_array)
-
-
 def _mpop_arguments(args, first):
     """(names, from_left, count) of LMPOP (first = 1) or BLMPOP (2)."""
     numkeys = parse_integer(args[first])
@@ -3242,88 +3281,15 @@ def cmd_lmpop(server, conn, args):
     return _mpop(server, names, from_left, count) or conn.null_array
 
 
-def cmd_blmpop(server, conn, args):
-    timeout = _timeout(args[1])
-    names, from_left, count = _mpop_arguments(args, 2)
-    reply = _mpop(server, names, from_left, count)
-    if reply is not None:
-        return reply
-    waiter = Waiter(list(dict.fromkeys(names)),
-                    lambda queues, name: queues.pop(name, from_left, count),
-                    _encode_mpop)
-    return server.block(conn, waiter, timeout, conn.null_array)
-
-
 def cmd_lmove(server, conn, args):
     from_left, to_left = _side(args[3]), _side(args[4])
     message = server.queues.move(args[1], args[2], from_left, to_left)
     return conn.null_bulk if message is None else encode_bulk(message)
 
 
-def cmd_blmove(server, conn, args):
-    from_left, to_left = _side(args[3]), _side(args[4])
-    return _blocking_move(server, conn, args[1], args[2], from_left, to_left,
-                          args[5])
-
-
 def cmd_rpoplpush(server, conn, args):
     message = server.queues.move(args[1], args[2], False, True)
     return conn.null_bulk if message is None else encode_bulk(message)
-
-
-def cmd_brpoplpush(server, conn, args):
-    return _blocking_move(server, conn, args[1], args[2], False, True, args[3])
-
-
-def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
-    timeout = _timeout(timeout)
-    message = server.queues.move(source, target, from_left, to_left)
-    if message is not None:
-        return encode_bulk(message)
-    waiter = Waiter([source], lambda queues, name: queues.move(
-        name, target, from_left, to_left), lambda name, message: encode_bulk(message))
-    return server.block(conn, waiter, timeout, conn.null_bulk)
-
-
-# Reserve and acknowledge (beuss's own, named so as not to clash with Redis)
-
-def cmd_reserve(server, conn, args):
-    names = list(dict.fromkeys(args[1:-1]))
-    timeout = _timeout(args[-1])
-    for name in names:
-        held = server.queues.reserve(name, conn)
-        if held is not None:
-            return server.reserved(held)
-    waiter = Waiter(names, lambda queues, name: queues.reserve(name, conn),
-                    lambda name, held: server.reserved(held))
-    return server.block(conn, waiter, timeout, conn.null_array)
-
-
-def _held(server, conn, args):
-    """The messages conn holds among the ids it named, each once."""
-    found = (server.queues.held(held_id, conn)
-             for held_id in dict.fromkeys(args[1:]))
-    return [held for held in found if held is not None]
-
-
-def cmd_ack(server, conn, args):
-    helds = _held(server, conn, args)
-    for held in helds:
-        server.queues.ack(held)
-    return encode_int(len(helds))
-
-
-def cmd_nack(server, conn, args):
-    helds = _held(server, conn, args)
-    server.give_back(helds)
-    return encode_int(len(helds))
-
-
-def cmd_touch(server, conn, args):
-    helds = _held(server, conn, args)
-    for held in helds:
-        server.touch(held)
-    return encode_int(len(helds))
 
 
 def cmd_llen(server, conn, args):
@@ -3456,33 +3422,103 @@ def cmd_flush(server, conn, args):
     return OK
 
 
-def cmd_ping(server, conn, args):
-    if len(args) > 2:
-        raise _wrong_arity(b"ping")
-    if conn.subscribed and not conn.resp3:      # a subscriber's PING
-        return encode_bulks([b"pong", args[1] if len(args) == 2 else b""])
-    return PONG if len(args) == 1 else encode_bulk(args[1])
+# ## Commands: blocking #######################################################
+
+# Each takes at once when it can; otherwise it makes a Waiter that says how
+# it takes a message and how the client is answered, and the server blocks
+# the client on it (inside EXEC, where nothing waits, the null reply).
+
+def cmd_bpop(server, conn, args):
+    left = args[0][1] in b"lL"
+    names = list(dict.fromkeys(args[1:-1]))     # BLPOP q q waits once on q
+    timeout = _timeout(args[-1])
+    for name in names:
+        message = server.queues.pop_one(name, left)
+        if message is not None:
+            return encode_bulks([name, message])
+    waiter = Waiter(names, lambda queues, name: queues.pop_one(name, left),
+                    lambda name, message: encode_bulks([name, message]))
+    return server.block(conn, waiter, timeout, conn.null_array)
 
 
-def cmd_echo(server, conn, args):
-    return encode_bulk(args[1])
+def cmd_blmpop(server, conn, args):
+    timeout = _timeout(args[1])
+    names, from_left, count = _mpop_arguments(args, 2)
+    reply = _mpop(server, names, from_left, count)
+    if reply is not None:
+        return reply
+    waiter = Waiter(list(dict.fromkeys(names)),
+                    lambda queues, name: queues.pop(name, from_left, count),
+                    _encode_mpop)
+    return server.block(conn, waiter, timeout, conn.null_array)
 
 
-def cmd_quit(server, conn, args):
-    conn.closing = True
-    return OK
+def cmd_blmove(server, conn, args):
+    from_left, to_left = _side(args[3]), _side(args[4])
+    return _blocking_move(server, conn, args[1], args[2], from_left, to_left,
+                          args[5])
 
 
-def cmd_reset(server, conn, args):
-    server.end_transaction(conn)
-    server.unsubscribe_all(conn)
-    _set_protocol(conn, False)
-    conn.name = b""
-    server.deauthenticate(conn)
-    return b"+RESET\r\n"
+def cmd_brpoplpush(server, conn, args):
+    return _blocking_move(server, conn, args[1], args[2], False, True, args[3])
 
 
-# Transactions ---------------------------------------------------------------
+def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
+    timeout = _timeout(timeout)
+    message = server.queues.move(source, target, from_left, to_left)
+    if message is not None:
+        return encode_bulk(message)
+    waiter = Waiter([source], lambda queues, name: queues.move(
+        name, target, from_left, to_left), lambda name, message: encode_bulk(message))
+    return server.block(conn, waiter, timeout, conn.null_bulk)
+
+
+# ## Commands: reserve and acknowledge ########################################
+
+# beuss's own, named so as not to clash with Redis: RESERVE holds a message
+# under an id until ACK removes it, NACK or the lease gives it back, and
+# TOUCH renews the lease. A client acts on the messages it holds only.
+
+def cmd_reserve(server, conn, args):
+    names = list(dict.fromkeys(args[1:-1]))
+    timeout = _timeout(args[-1])
+    for name in names:
+        held = server.queues.reserve(name, conn)
+        if held is not None:
+            return server.reserved(held)
+    waiter = Waiter(names, lambda queues, name: queues.reserve(name, conn),
+                    lambda name, held: server.reserved(held))
+    return server.block(conn, waiter, timeout, conn.null_array)
+
+
+def _held(server, conn, args):
+    """The messages conn holds among the ids it named, each once."""
+    found = (server.queues.held(held_id, conn)
+             for held_id in dict.fromkeys(args[1:]))
+    return [held for held in found if held is not None]
+
+
+def cmd_ack(server, conn, args):
+    helds = _held(server, conn, args)
+    for held in helds:
+        server.queues.ack(held)
+    return encode_int(len(helds))
+
+
+def cmd_nack(server, conn, args):
+    helds = _held(server, conn, args)
+    server.give_back(helds)
+    return encode_int(len(helds))
+
+
+def cmd_touch(server, conn, args):
+    helds = _held(server, conn, args)
+    for held in helds:
+        server.touch(held)
+    return encode_int(len(helds))
+
+
+# ## Commands: transactions ###################################################
 
 def cmd_multi(server, conn, args):
     if conn.multi is not None:
@@ -3516,7 +3552,7 @@ def cmd_unwatch(server, conn, args):
     return OK
 
 
-# Pub/sub ------------------------------------------------------------------
+# ## Commands: pub/sub ########################################################
 
 def cmd_subscribe(server, conn, args):
     return server.subscribe(conn, args[1:], args[0][0] in b"pP")
@@ -3546,26 +3582,38 @@ def cmd_pubsub(server, conn, args):
                      % args[1].decode("utf-8", "replace")[:128])
 
 
+# ## Commands: the connection #################################################
+
+def cmd_ping(server, conn, args):
+    if len(args) > 2:
+        raise _wrong_arity(b"ping")
+    if conn.subscribed and not conn.resp3:      # a subscriber's PING
+        return encode_bulks([b"pong", args[1] if len(args) == 2 else b""])
+    return PONG if len(args) == 1 else encode_bulk(args[1])
+
+
+def cmd_echo(server, conn, args):
+    return encode_bulk(args[1])
+
+
+def cmd_quit(server, conn, args):
+    conn.closing = True
+    return OK
+
+
+def cmd_reset(server, conn, args):
+    server.end_transaction(conn)
+    server.unsubscribe_all(conn)
+    _set_protocol(conn, False)
+    conn.name = b""
+    server.deauthenticate(conn)
+    return b"+RESET\r\n"
+
+
 def _set_protocol(conn, resp3):
     conn.resp3 = resp3
     conn.null_bulk = RESP3_NULL if resp3 else RESP2_NULL_BULK
     conn.null_array = RESP3_NULL if resp3 else RESP2_NULL_ARRAY
-
-
-def _subcommand(command, args):
-    """The row of the subcommand args name, its name and arity checked as
-    Redis checks them before running or queueing it; command itself when
-    args name none."""
-    if not command.subcommands or len(args) < 2:
-        return command
-    sub = command.subcommands.get(args[1].upper())
-    if sub is None:
-        raise ReplyError("ERR unknown subcommand '%s'. Try %s HELP." % (
-            args[1].decode("utf-8", "replace")[:128],
-            command.name.upper().decode("utf-8", "replace")))
-    if (len(args) != sub.arity) if sub.arity > 0 else (len(args) < -sub.arity):
-        raise _wrong_arity(sub.name)
-    return sub
 
 
 def cmd_hello(server, conn, args):
@@ -3740,6 +3788,13 @@ def _client_kill(server, conn, args):
     return encode_int(killed)
 
 
+# ## Commands: introspection ##################################################
+
+# COMMAND prints the command table: COMMAND INFO its arity, flags and queue
+# positions as programs read them, COMMAND DOCS its summaries and arguments
+# (in Redis's docs notation, parsed on first use) for redis-cli's HELP and
+# hints. CONFIG GET prints the settings table, INFO the server's state.
+
 def cmd_command(server, conn, args):
     if len(args) == 1:
         return _command_info(conn, COMMAND_ROWS)
@@ -3893,8 +3948,8 @@ def cmd_info(server, conn, args):
     return encode_bulk(server.info(wanted).encode("utf-8", "replace"))
 
 
-# The command table ------------------------------------------------------
-#
+# ## The command table ########################################################
+
 # One row per command and per subcommand; adding a command is one function
 # above and one row here. The dispatch (Server._run and _run_checked)
 # enforces a row's flags, COMMAND INFO prints them and COMMAND DOCS prints
@@ -4021,6 +4076,22 @@ class Command:
         self.messages = next((i for i, word in enumerate(words)
                               if word.rstrip(".") == "element"), 0) \
             if self.denyoom else 0
+
+
+def _subcommand(command, args):
+    """The row of the subcommand args name, its name and arity checked as
+    Redis checks them before running or queueing it; command itself when
+    args name none."""
+    if not command.subcommands or len(args) < 2:
+        return command
+    sub = command.subcommands.get(args[1].upper())
+    if sub is None:
+        raise ReplyError("ERR unknown subcommand '%s'. Try %s HELP." % (
+            args[1].decode("utf-8", "replace")[:128],
+            command.name.upper().decode("utf-8", "replace")))
+    if (len(args) != sub.arity) if sub.arity > 0 else (len(args) < -sub.arity):
+        raise _wrong_arity(sub.name)
+    return sub
 
 
 def _load_commands():
