@@ -112,6 +112,67 @@ def requests(*commands):
                     for command in commands)
 
 
+def reply_end(data, at):
+    """Where the RESP reply that starts at `at` ends, or None if data
+    holds only part of it."""
+    line_end = data.find(b"\r\n", at)
+    if line_end < 0:
+        return None
+    kind, head = data[at:at + 1], data[at + 1:line_end]
+    if kind in (b"$", b"!", b"=") and int(head) >= 0:
+        end = line_end + 2 + int(head) + 2
+        return end if end <= len(data) else None
+    if kind in (b"*", b"~", b">", b"%", b"|") and int(head) > 0:
+        at = line_end + 2
+        for _ in range(int(head) * (2 if kind in (b"%", b"|") else 1)):
+            at = reply_end(data, at)
+            if at is None:
+                return None
+        return at
+    return line_end + 2
+
+
+def split_replies(data):
+    replies, at = [], 0
+    while at < len(data):
+        try:
+            end = reply_end(data, at)
+        except ValueError:
+            end = None
+        if end is None:
+            replies.append(data[at:])      # the rest, unparsed
+            break
+        replies.append(data[at:end])
+        at = end
+    return replies
+
+
+def first_difference(sent, expected, got):
+    """Which request's reply differs, for a failing exchange: the n-th
+    reply is paired with the n-th request (a SUBSCRIBE of two channels,
+    which has two replies, shifts the pairing; the message says so)."""
+    reader = beuss.RequestReader(beuss.MAX_BULK_LENGTH)
+    reader.feed(sent)
+    commands = []
+    try:
+        while True:
+            args = reader.read()
+            if args is None:
+                break
+            commands.append(b" ".join(arg[:40] for arg in args[:6]))
+    except (beuss.ReplyError, beuss.ProtocolError):
+        commands.append(b"(a request the server refuses to parse)")
+    wanted, found = split_replies(expected), split_replies(got)
+    for i, want in enumerate(wanted):
+        have = found[i] if i < len(found) else b"(nothing)"
+        if have != want:
+            command = commands[i] if i < len(commands) else b"?"
+            return ("reply %d of %d, to request %r (if one reply a request): "
+                    "expected %r, got %r" % (i + 1, len(wanted), command,
+                                             want[:300], have[:300]))
+    return "expected %r, got %r" % (expected[:300], got[:300])
+
+
 # ## Protocol ################################################################
 
 class RequestReaderTest(unittest.TestCase):
@@ -1016,9 +1077,13 @@ class ServerCase(unittest.TestCase):
         self.assertEqual(self.receive(sock, len(expected)), expected)
 
     def exchange(self, data, expected, sock=None):
+        """Send data (one request or several), expect these replies; a
+        difference names the request whose reply differs."""
         sock = sock or self.connect()
         sock.sendall(data)
-        self.assertEqual(self.receive(sock, len(expected)), expected)
+        got = self.receive(sock, len(expected))
+        if got != expected:
+            self.fail(first_difference(data, expected, got))
         return sock
 
     def assert_closed(self, sock):
@@ -1030,6 +1095,12 @@ class ServerCase(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.005)
 
+    def wait_blocked(self, count):
+        deadline = time.monotonic() + TIMEOUT
+        while self.server.queues.waiting != count:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+
     def assert_quiet(self, sock, seconds=0.1):
         sock.settimeout(seconds)
         with self.assertRaises(socket.timeout):
@@ -1037,14 +1108,9 @@ class ServerCase(unittest.TestCase):
         sock.settimeout(TIMEOUT)
 
 
-class ServerTest(ServerCase):
-
-    def test_push_and_pop(self):
-        self.exchange(requests(["RPUSH", "q", "a", "b"], ["LPUSH", "q", "z"],
-                               ["LLEN", "q"], ["LPOP", "q"], ["RPOP", "q"],
-                               ["LPOP", "q", "5"], ["LPOP", "q"], ["EXISTS", "q"]),
-                      b":2\r\n:3\r\n:3\r\n$1\r\nz\r\n$1\r\nb\r\n*1\r\n$1\r\na\r\n"
-                      b"$-1\r\n:0\r\n")
+class ProtocolServerTest(ServerCase):
+    """Requests and replies on the wire: framing, inline commands, pipelining,
+    and the errors that answer a broken request."""
 
     def test_inline_commands_as_typed_in_nc(self):
         self.exchange(b"PING\r\nrpush q 'a b'\nLRANGE q 0 -1\r\n",
@@ -1068,6 +1134,82 @@ class ServerTest(ServerCase):
             sock.send(bytes([byte]))
         self.expect(sock, b":1\r\n")
 
+    def test_an_argument_past_every_limit_is_skipped_byte_exactly(self):
+        # Larger than any argument the server reads: its bytes are dropped
+        # as they come, never buffered, and the connection stays in step.
+        huge = b"z" * (beuss.MAX_INLINE_LENGTH + 1)
+        sock = self.exchange(requests(["LPUSH", "q", huge], ["PING"]),
+                             b"-ERR message too large (max 10240 bytes)\r\n+PONG\r\n")
+        self.exchange(requests(["EXISTS", "q"]), b":0\r\n", sock)
+
+    def test_protocol_errors_answer_then_close(self):
+        for data, text in [
+                (b"*1\r\n$536870913\r\n", b"invalid bulk length"),
+                (b"*1048577\r\n", b"invalid multibulk length"),
+                (b"*1\r\n:1\r\n", b"expected '$', got ':'"),
+                (b"PING " + b"x" * 70000, b"too big inline request")]:
+            sock = self.exchange(data, b"-ERR Protocol error: " + text + b"\r\n")
+            self.assert_closed(sock)
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+
+    def test_unknown_command_names_its_arguments(self):
+        self.exchange(b"FOO a b\r\nFOO\r\n",
+                      b"-ERR unknown command 'FOO', with args beginning with: 'a' 'b' \r\n"
+                      b"-ERR unknown command 'FOO', with args beginning with: \r\n")
+
+    def test_a_failing_command_costs_one_error_reply(self):
+        def broken(server, conn, args):
+            raise RuntimeError("boom")
+        with mock.patch.object(beuss.COMMANDS[b"llen"], "function", broken):
+            sock = self.exchange(requests(["LLEN", "q"]),
+                                 b"-ERR internal error in 'llen': RuntimeError('boom')\r\n")
+        self.exchange(b"PING\r\n", b"+PONG\r\n", sock)
+
+    def test_an_internal_error_costs_one_connection(self):
+        victim = self.connect()
+        with mock.patch.object(beuss.RequestReader, "read",
+                               side_effect=RuntimeError("bug")), \
+                mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            victim.sendall(b"PING\r\n")
+            self.assert_closed(victim)
+        self.assertIn("internal error: RuntimeError('bug')", err.getvalue())
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+
+
+class ExchangeTest(ServerCase):
+    """exchange() points at the request whose reply differs."""
+
+    def test_a_failed_exchange_names_the_request(self):
+        with self.assertRaises(AssertionError) as caught:
+            self.exchange(requests(["RPUSH", "q", "a"], ["LPOP", "q"], ["LLEN", "q"]),
+                          b":1\r\n$1\r\nb\r\n:0\r\n")
+        self.assertIn("reply 2 of 3, to request b'LPOP q'", str(caught.exception))
+        self.assertIn("expected b'$1\\r\\nb\\r\\n', got b'$1\\r\\na\\r\\n'",
+                      str(caught.exception))
+
+
+class QueueCommandsTest(ServerCase):
+    """Pushing, popping and the message size limit."""
+
+    def test_push_and_pop(self):
+        self.exchange(requests(["RPUSH", "q", "a", "b"], ["LPUSH", "q", "z"],
+                               ["LLEN", "q"], ["LPOP", "q"], ["RPOP", "q"],
+                               ["LPOP", "q", "5"], ["LPOP", "q"], ["EXISTS", "q"]),
+                      b":2\r\n:3\r\n:3\r\n$1\r\nz\r\n$1\r\nb\r\n*1\r\n$1\r\na\r\n"
+                      b"$-1\r\n:0\r\n")
+
+    def test_message_size_at_and_past_the_limit(self):
+        sock = self.exchange(requests(["RPUSH", "q", b"x" * 10240]), b":1\r\n")
+        self.exchange(requests(["RPUSH", "q", "fine", b"y" * 10241], ["LLEN", "q"]),
+                      b"-ERR message too large (max 10240 bytes)\r\n:1\r\n", sock)
+        # The limit is on messages: names and other arguments may be longer.
+        self.exchange(requests(["ECHO", b"e" * 20000]),
+                      b"$20000\r\n" + b"e" * 20000 + b"\r\n", sock)
+
+
+class BlockingCommandsTest(ServerCase):
+    """Clients that wait: BLPOP, BRPOP, BLMOVE, BRPOPLPUSH."""
+
     def test_three_waiters_get_three_messages_in_arrival_order(self):
         waiters = []
         for _ in range(3):
@@ -1078,12 +1220,6 @@ class ServerTest(ServerCase):
         self.exchange(requests(["RPUSH", "q", "a", "b", "c"]), b":3\r\n")
         for sock, message in zip(waiters, b"abc"):
             self.expect(sock, b"*2\r\n$1\r\nq\r\n$1\r\n" + bytes([message]) + b"\r\n")
-
-    def wait_blocked(self, count):
-        deadline = time.monotonic() + TIMEOUT
-        while self.server.queues.waiting != count:
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.005)
 
     def test_a_waiter_that_disconnects_loses_nothing(self):
         gone = self.connect()
@@ -1138,31 +1274,9 @@ class ServerTest(ServerCase):
         self.exchange(requests(["LRANGE", "dst", "0", "-1"], ["LLEN", "src"]),
                       b"*1\r\n$1\r\nb\r\n:1\r\n")
 
-    def test_message_size_at_and_past_the_limit(self):
-        sock = self.exchange(requests(["RPUSH", "q", b"x" * 10240]), b":1\r\n")
-        self.exchange(requests(["RPUSH", "q", "fine", b"y" * 10241], ["LLEN", "q"]),
-                      b"-ERR message too large (max 10240 bytes)\r\n:1\r\n", sock)
-        # The limit is on messages: names and other arguments may be longer.
-        self.exchange(requests(["ECHO", b"e" * 20000]),
-                      b"$20000\r\n" + b"e" * 20000 + b"\r\n", sock)
 
-    def test_an_argument_past_every_limit_is_skipped_byte_exactly(self):
-        # Larger than any argument the server reads: its bytes are dropped
-        # as they come, never buffered, and the connection stays in step.
-        huge = b"z" * (beuss.MAX_INLINE_LENGTH + 1)
-        sock = self.exchange(requests(["LPUSH", "q", huge], ["PING"]),
-                             b"-ERR message too large (max 10240 bytes)\r\n+PONG\r\n")
-        self.exchange(requests(["EXISTS", "q"]), b":0\r\n", sock)
-
-    def test_protocol_errors_answer_then_close(self):
-        for data, text in [
-                (b"*1\r\n$536870913\r\n", b"invalid bulk length"),
-                (b"*1048577\r\n", b"invalid multibulk length"),
-                (b"*1\r\n:1\r\n", b"expected '$', got ':'"),
-                (b"PING " + b"x" * 70000, b"too big inline request")]:
-            sock = self.exchange(data, b"-ERR Protocol error: " + text + b"\r\n")
-            self.assert_closed(sock)
-        self.exchange(b"PING\r\n", b"+PONG\r\n")
+class ConnectionCommandsTest(ServerCase):
+    """HELLO, QUIT, INFO and the addresses a server listens on."""
 
     def test_resp3_after_hello_3(self):
         sock = self.connect()
@@ -1180,24 +1294,6 @@ class ServerTest(ServerCase):
         sock = self.exchange(b"QUIT\r\nPING\r\n", b"+OK\r\n")
         self.assert_closed(sock)
 
-    def test_a_failing_command_costs_one_error_reply(self):
-        def broken(server, conn, args):
-            raise RuntimeError("boom")
-        with mock.patch.object(beuss.COMMANDS[b"llen"], "function", broken):
-            sock = self.exchange(requests(["LLEN", "q"]),
-                                 b"-ERR internal error in 'llen': RuntimeError('boom')\r\n")
-        self.exchange(b"PING\r\n", b"+PONG\r\n", sock)
-
-    def test_an_internal_error_costs_one_connection(self):
-        victim = self.connect()
-        with mock.patch.object(beuss.RequestReader, "read",
-                               side_effect=RuntimeError("bug")), \
-                mock.patch.object(sys, "stderr", io.StringIO()) as err:
-            victim.sendall(b"PING\r\n")
-            self.assert_closed(victim)
-        self.assertIn("internal error: RuntimeError('bug')", err.getvalue())
-        self.exchange(b"PING\r\n", b"+PONG\r\n")
-
     def test_info_describes_the_server_and_queues(self):
         self.exchange(requests(["RPUSH", "jobs", "abc", "de"]), b":2\r\n")
         sock = self.connect()
@@ -1214,11 +1310,6 @@ class ServerTest(ServerCase):
             self.assertIn("# %s\r\n" % section, info)
         sock.sendall(requests(["INFO", "memory"]))
         self.assertTrue(beuss.ReplyReader(sock).read().startswith(b"# Memory\r\n"))
-
-    def test_unknown_command_names_its_arguments(self):
-        self.exchange(b"FOO a b\r\nFOO\r\n",
-                      b"-ERR unknown command 'FOO', with args beginning with: 'a' 'b' \r\n"
-                      b"-ERR unknown command 'FOO', with args beginning with: \r\n")
 
     def test_ipv6_loopback(self):
         if not socket.has_ipv6:
