@@ -2669,21 +2669,21 @@ class Server(_Connections):
             if command is None:
                 reply = self._unknown(conn, args)
             else:
-                conn.command = command.name
-                arity = command.arity
+                function, arity, name, route = command.dispatch
+                conn.command = name
                 if (len(args) != arity) if arity > 0 else (
                         len(args) < -arity):
-                    reply = self._refuse(conn, str(_wrong_arity(
-                        command.name)), command)
-                elif conn.guarded or command.subcommands:
+                    reply = self._refuse(conn, str(_wrong_arity(name)),
+                                         command)
+                elif conn.guarded or route == 2:
                     reply = self._run_checked(conn, command, args)
                 else:
                     # _call, written out: the flags that can matter on a
                     # connection that is not guarded are denyoom's alone.
                     try:
-                        if command.denyoom:
+                        if route:
                             self._admit(command, args)
-                        reply = command.function(self, conn, args)
+                        reply = function(self, conn, args)
                     except ReplyError as exc:
                         reply = encode_error(str(exc))
                     except Exception as exc:
@@ -2722,10 +2722,10 @@ class Server(_Connections):
         """Refuse a denyoom command whose messages pass the size limit, or
         any once queued messages pass the memory bound (the command that
         crossed it went through, as in Redis)."""
-        if command.messages:
-            messages = args[command.messages:]
-            longest = len(messages[0]) if len(messages) == 1 else max(
-                map(len, messages))
+        first = command.messages
+        if first:
+            longest = len(args[first]) if len(args) == first + 1 else max(
+                map(len, args[first:]))
             if longest > self.max_message_size:
                 raise message_too_large(self.max_message_size)
         if self.max_memory and self.queues.size > self.max_memory:
@@ -4054,7 +4054,8 @@ class Command:
 
     __slots__ = ("name", "function", "arity", "flags", "keys", "group",
                  "since", "summary", "arguments", "subcommands", "write",
-                 "denyoom", "no_auth", "subscribed", "at_once", "messages")
+                 "denyoom", "no_auth", "subscribed", "at_once", "messages",
+                 "dispatch")
 
     def __init__(self, row):
         (name, function, arity, flags, keys, self.group, self.since,
@@ -4108,6 +4109,13 @@ def _load_commands():
             continue
         commands[command.name] = commands[command.name.upper()] = command
         rows.append(command)
+    for command in rows:
+        # What Server._run reads of every request's row, in one tuple; the
+        # route is 0 to call the function, 1 to _admit first, 2 to take
+        # the checked path (a command made of subcommands).
+        route = 2 if command.subcommands else 1 if command.denyoom else 0
+        command.dispatch = (command.function, command.arity, command.name,
+                            route)
     return commands, rows
 
 

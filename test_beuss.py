@@ -1160,7 +1160,8 @@ class ProtocolServerTest(ServerCase):
     def test_a_failing_command_costs_one_error_reply(self):
         def broken(server, conn, args):
             raise RuntimeError("boom")
-        with mock.patch.object(beuss.COMMANDS[b"llen"], "function", broken):
+        with mock.patch.object(beuss.COMMANDS[b"llen"], "dispatch",
+                               (broken, 2, b"llen", 0)):
             sock = self.exchange(requests(["LLEN", "q"]),
                                  b"-ERR internal error in 'llen': RuntimeError('boom')\r\n")
         self.exchange(b"PING\r\n", b"+PONG\r\n", sock)
