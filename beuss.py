@@ -56,7 +56,7 @@ import sys
 import time
 
 
-# ## Constants ###############################################################
+# ## Constants ################################################################
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6552
@@ -131,7 +131,7 @@ ERR_MAX_CLIENTS = b"-ERR max number of clients reached\r\n"
 ERR_OOM = "OOM command not allowed when used memory > 'maxmemory'."
 
 
-# ## Errors ##################################################################
+# ## Errors ###################################################################
 
 class BeussError(Exception):
     """Base of every error beuss raises on purpose."""
@@ -167,7 +167,7 @@ def _warn(text):
     sys.stderr.flush()
 
 
-# ## Protocol: pure functions on bytes, shared by server and client ########
+# ## Protocol: pure functions on bytes, shared by server and client ###########
 
 def encode_bulk(data):
     return b"$%d\r\n%s\r\n" % (len(data), data)
@@ -630,7 +630,7 @@ class ReplyReader:
         raise ProtocolError("unexpected reply %r" % line[:40])
 
 
-# ## Queues: messages, waiters, holders and channels, without sockets ########
+# ## Queues: messages, waiters, holders and channels, without sockets #########
 #
 # Names are matched against glob patterns (KEYS, SCAN MATCH, CONFIG GET,
 # PSUBSCRIBE) as Redis's stringmatchlen matches them. The pattern is cut
@@ -1377,7 +1377,7 @@ class Channels:
         return len(self._patterns)
 
 
-# ## Store: the queues on disk, in SQLite ####################################
+# ## Store: the queues on disk, in SQLite #####################################
 #
 # With --data, every queued and held message is also a row of an SQLite
 # database (the standard library's sqlite3: crash-safe, needs no compaction,
@@ -4122,7 +4122,7 @@ def _load_commands():
 COMMANDS, COMMAND_ROWS = _load_commands()
 
 
-# ## Settings ################################################################
+# ## Settings #################################################################
 #
 # One row per setting of the server; adding a setting is one row here. A row
 # makes SERVE's option (flag and help), the environment variable read when
@@ -4298,7 +4298,7 @@ def _setting_text(value):
     return str(value)
 
 
-# ## Client ##################################################################
+# ## Client ###################################################################
 
 DEFAULT_TIMEOUT = 10.0          # seconds to connect, or to wait for a reply
 BLOCK_SLICE = 1.0               # a long wait is cut in slices so Ctrl-C works
@@ -4744,7 +4744,7 @@ def on(queue, handler, **conn):
         return client.on(queue, handler)
 
 
-# ## Command line ############################################################
+# ## Command line #############################################################
 
 USAGE = """\
 usage: python beuss.py [VERB] [options]

@@ -173,7 +173,7 @@ def first_difference(sent, expected, got):
     return "expected %r, got %r" % (expected[:300], got[:300])
 
 
-# ## Protocol ################################################################
+# ## Protocol #################################################################
 
 class RequestReaderTest(unittest.TestCase):
 
@@ -500,7 +500,7 @@ class ReplyReaderTest(unittest.TestCase):
         self.assertEqual(str(reply), "ERR no")
 
 
-# ## Queues ##################################################################
+# ## Queues ###################################################################
 
 class QueuesTest(unittest.TestCase):
 
@@ -1018,7 +1018,7 @@ class ChannelsTest(unittest.TestCase):
         self.assertEqual(channels._owners, {})
 
 
-# ## Server, over raw sockets ################################################
+# ## Server, over raw sockets #################################################
 
 class ServerCase(unittest.TestCase):
     """Starts an embedded server on a free port for each test, and checks
@@ -2425,7 +2425,7 @@ class SlowReaderTest(ServerCase):
         self.assertEqual(self.receive(reader, len(reply) * 2000), reply * 2000)
 
 
-# ## Client ##################################################################
+# ## Client ###################################################################
 
 class ClientTest(ServerCase):
 
@@ -2594,7 +2594,7 @@ class ClientTest(ServerCase):
         self.assertIn("back on the server", err.getvalue())
 
 
-# ## Command line, in process and as a real subprocess #######################
+# ## Command line, in process and as a real subprocess ########################
 
 class OptionParserTest(unittest.TestCase):
     """The command line's own reader of options, in place of argparse."""
@@ -3402,7 +3402,7 @@ time.sleep(60)
                                       b"--file or stdin\n")
 
 
-# ## Side by side with Redis and its tools ###################################
+# ## Side by side with Redis and its tools ####################################
 
 class DurabilityTest(unittest.TestCase):
     """A server killed with SIGKILL at random moments (seeded), ten times,
@@ -4514,7 +4514,7 @@ class ClientAgainstRedisTest(unittest.TestCase):
             self.assertEqual(client.queues(), {})
 
 
-# ## Benchmark helper (not a test): python test_beuss.py --bench #############
+# ## Benchmark helper (not a test): python test_beuss.py --bench ##############
 #
 # Every figure is measured side by side with a real redis-server in the same
 # run, alternating between the two, and given as the median of the rounds
