@@ -1984,7 +1984,7 @@ class _Conn:
                  "resp3", "name", "waiter", "closed", "closing", "writing",
                  "events", "handshaking", "authenticated", "failed_auths",
                  "backlogged",
-                 "null_bulk", "null_array", "guarded", "multi", "multi_failed",
+                 "null_bulk", "null_array", "guarded", "multi", "multi_failed", "multi_size",
                  "in_exec", "watch", "subscribed", "over_soft_limit",
                  "created", "active", "command", "held")
 
@@ -2012,8 +2012,9 @@ class _Conn:
         # Requests of a connection in a transaction, or subscribed in RESP2,
         # take the slower path through Server._run_checked; others never do.
         self.guarded = False
-        self.multi = None           # MULTI: the queued (function, args)
+        self.multi = None           # MULTI: the queued (Command, args)
         self.multi_failed = False   # a command was refused while queueing
+        self.multi_size = 0         # bytes of arguments queued
         self.in_exec = False        # EXEC runs: blocking commands do not wait
         self.watch = None           # WATCH: a Watch, or None
         self.subscribed = False     # has a channel or pattern
@@ -2780,6 +2781,12 @@ class Server(_Connections):
                     raise ReplyError(ERR_OOM)
             except ReplyError as exc:
                 return self._refuse(conn, str(exc), command)
+            # What waits for EXEC is bounded as unread input is.
+            conn.multi_size += sum(map(len, args)) + 16 * len(args)
+            if conn.multi_size > self.max_input:
+                return self._refuse(conn, "ERR transaction too large: more "
+                                    "than %d bytes queued" % self.max_input,
+                                    command)
             conn.multi.append((command, args))
             return QUEUED
         if denyoom and command.name == b"exec" and self.max_memory \
@@ -2855,6 +2862,7 @@ class Server(_Connections):
     def begin_transaction(self, conn):
         conn.multi = []
         conn.multi_failed = False
+        conn.multi_size = 0
         self._update_guard(conn)
 
     def end_transaction(self, conn):

@@ -1353,6 +1353,26 @@ class TransactionTest(ServerCase):
         self.assertEqual(self.server.queues._watches, {})
 
 
+class TransactionBoundTest(ServerCase):
+    """What a transaction queues is bounded by --max-input, as unread input is."""
+
+    server_options = {"max_input": 100000}
+
+    def test_queueing_past_max_input_dooms_the_transaction(self):
+        sock = self.exchange(requests(["MULTI"]), b"+OK\r\n")
+        # 60,000 bytes and their overhead fit; twice that does not.
+        self.exchange(requests(["RPUSH", "q", b"x" * 6000]) * 10, b"+QUEUED\r\n" * 10, sock)
+        self.exchange(requests(["RPUSH", "q", b"x" * 6000]) * 7,
+                      b"+QUEUED\r\n" * 6 + b"-ERR transaction too large: more than "
+                      b"100000 bytes queued\r\n", sock)
+        self.exchange(requests(["EXEC"], ["LLEN", "q"]),
+                      b"-EXECABORT Transaction discarded because of previous "
+                      b"errors.\r\n:0\r\n", sock)
+        # The next transaction starts from nothing.
+        self.exchange(requests(["MULTI"], ["RPUSH", "q", b"x" * 6000], ["EXEC"]),
+                      b"+OK\r\n+QUEUED\r\n*1\r\n:1\r\n", sock)
+
+
 class ReserveTest(ServerCase):
 
     def test_reserve_ack_nack_and_touch(self):
