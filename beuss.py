@@ -61,7 +61,9 @@ import time
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6552
 DEFAULT_MAX_MESSAGE_SIZE = 10240
-DEFAULT_MAX_DELIVERIES = 5
+DEFAULT_MAX_DELIVERIES = 10
+DEFAULT_RETRY_DELAY = 1.0       # seconds a first failure waits; doubles
+DEFAULT_RETRY_MAX_DELAY = 300.0  # the longest wait between two deliveries
 # selectors.SelectSelector, what Windows gets, cannot watch more than 512
 # sockets; keep room for the listener and the wake-up pair.
 DEFAULT_MAX_CLIENTS = 500 if sys.platform == "win32" else 10000
@@ -80,6 +82,8 @@ WAITING_INPUT_LIMIT = 64 * 1024         # read ahead by a blocked client
 REQUESTS_PER_PASS = 1000                # one client's share of a loop pass
 DEFAULT_MAX_INPUT = 32 * 1024 * 1024
 HOUSEKEEPING_INTERVAL = 1.0
+MAX_DELAY = 10 ** 9             # seconds a message may be set aside (31 years)
+MAX_REASON = 1000               # characters of why a message failed, kept
 ACCEPT_RETRY = 0.1                      # after running out of descriptors
 TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_FAILED_AUTHS = 3                    # wrong tokens before the close
@@ -862,6 +866,30 @@ def deliveries(message):
     return message.deliveries if message.__class__ is Returned else 0
 
 
+class DeadLetter(bytes):
+    """A message in "<queue>.dead" that remembers why it is there: the
+    deliveries it had, when it died (seconds since the epoch) and why. It
+    counts no deliveries of its own, so it starts afresh wherever it goes;
+    moved by hand (LMOVE), it leaves its record behind."""
+
+    tries = 0
+    died = 0.0
+    why = ""
+
+
+def dead_letter(message, tries, died, why):
+    letter = DeadLetter(message)
+    letter.tries, letter.died, letter.why = tries, died, why
+    return letter
+
+
+def dead_record(message):
+    """(tries, died, why) of a dead letter, or three Nones."""
+    if message.__class__ is DeadLetter:
+        return message.tries, message.died, message.why
+    return None, None, None
+
+
 def dead_letters(name):
     """The queue where messages of `name` go after too many deliveries."""
     return name + b".dead"
@@ -871,7 +899,8 @@ class Queues:
     """Named FIFO queues of bytes, the clients waiting on them, and the
     messages clients hold."""
 
-    def __init__(self, max_deliveries=0, journal=None):
+    def __init__(self, max_deliveries=0, journal=None, retry_delay=0.0,
+                 retry_max_delay=0.0):
         self._queues = {}
         self._waiters = {}
         self.ready = {}             # an ordered set of names to serve
@@ -879,6 +908,12 @@ class Queues:
         self._held = {}             # id -> Held
         self._held_by = {}          # owner -> {id: Held}
         self.max_deliveries = max_deliveries    # 0: no limit
+        self.retry_delay = retry_delay  # a first failure waits this long
+        self.retry_max_delay = retry_max_delay  # and a later one at most
+        # Messages set aside until they are due: a heap of (due, id, queue,
+        # message, at the head), due in seconds since the epoch.
+        self._deferred = []
+        self.deferred_by = collections.Counter()    # queue -> how many
         self.journal = journal      # the store, or None
         self.next_id = 1            # of the next reservation
         self.size = 0               # memory all messages take, held too
@@ -906,17 +941,17 @@ class Queues:
         return len(self._held)
 
     def queue_sizes(self):
-        """(name, messages, bytes, waiters, held) for each queue with
-        messages, waiters or held messages."""
+        """(name, messages, bytes, waiters, held, deferred) for each queue
+        with messages, waiters, held or deferred messages."""
         held = collections.Counter(held.queue for held in self._held.values())
-        names = list(self._queues)
-        names += [name for name in self._waiters if name not in self._queues]
-        names += [name for name in held if name not in self._queues
-                  and name not in self._waiters]
+        names = dict.fromkeys(self._queues)
+        names.update(dict.fromkeys(self._waiters))
+        names.update(dict.fromkeys(held))
+        names.update(dict.fromkeys(self.deferred_by))
         return [(name, self.length(name),
                  sum(map(len, self._queues.get(name, ()))),
-                 len(self._waiters.get(name, ())), held[name])
-                for name in names]
+                 len(self._waiters.get(name, ())), held[name],
+                 self.deferred_by[name]) for name in names]
 
     def peek(self, name, start, stop):
         """Messages from index start to stop, both included, as LRANGE
@@ -1045,14 +1080,18 @@ class Queues:
             self._changed(name)
         return messages
 
-    def move(self, source, target, from_left=True, to_left=True):
+    def move(self, source, target, from_left=True, to_left=True,
+             fresh=False):
         """Take one message from source and push it onto target; return it,
-        or None when source is empty."""
+        or None when source is empty. A dead letter leaves its record
+        behind; fresh, the message also starts with no deliveries."""
         if not self._queues.get(source):
             return None
         if self.journal is not None:
-            self.journal.move(source, target, from_left, to_left)
+            self.journal.move(source, target, from_left, to_left, fresh)
         messages = self._take(source, from_left, 1)
+        if fresh or messages[0].__class__ is DeadLetter:
+            messages = [bytes(messages[0])]
         self._add(target, messages, to_left)
         return messages[0]
 
@@ -1197,29 +1236,53 @@ class Queues:
             self.journal.ack(held.id)
         self._forget(held)
 
-    def give_back(self, helds):
-        """Put held messages back at the head of their queues, in the order
-        they were queued, or into the dead letters after too many
-        deliveries. Returns the queues that dead letters went to."""
+    def give_back(self, helds, delay=None, why=None, failed=True,
+                  now=None):
+        """Put held messages back, in the order they were queued. One at
+        its last delivery goes to the tail of its dead letters, recording
+        why (or that it failed too often); another goes back to the head of
+        its queue after delay seconds, or when delay is None at once if it
+        did not fail (its consumer went away) and else after the retry
+        schedule's wait. Returns the queues that dead letters went to."""
+        now = time.time() if now is None else now
         dead = []
         for held in sorted(helds, key=lambda held: -int(held.id)):
             if self.is_dead(held.queue, held.deliveries):
-                # A dead letter starts again with no deliveries, so that
-                # LMOVE can requeue it for a fresh set of tries.
                 target = dead_letters(held.queue)
+                record = (held.deliveries, now, why or "failed %d deliveries"
+                          % held.deliveries)
                 if self.journal is not None:
-                    self.journal.unreserve(held.id, target, False)
+                    self.journal.unreserve(held.id, target, False, record)
                 self._forget(held)
-                self._add(target, [held.message], False)
+                self._add(target, [dead_letter(held.message, *record)], False)
                 dead.append(target)
+                continue
+            wait = delay if delay is not None else (
+                self.retry_wait(held.deliveries) if failed else 0)
+            message = Returned(held.message)
+            message.deliveries = held.deliveries
+            if wait > 0:
+                deferred_id = self.next_id
+                if self.journal is not None:
+                    self.journal.defer_held(held.id, deferred_id, now + wait)
+                self.next_id += 1
+                self._forget(held)
+                self._set_aside(deferred_id, held.queue, message, now + wait,
+                                True)
                 continue
             if self.journal is not None:
                 self.journal.unreserve(held.id, held.queue, True)
             self._forget(held)
-            message = Returned(held.message)
-            message.deliveries = held.deliveries
             self._add(held.queue, [message], True)
         return dead
+
+    def retry_wait(self, count):
+        """Seconds a message waits after failing its count-th delivery:
+        retry_delay, doubling each time, at most retry_max_delay."""
+        if not self.retry_delay:
+            return 0.0
+        return min(self.retry_delay * 2.0 ** min(count - 1, 64),
+                   self.retry_max_delay or float("inf"))
 
     def is_dead(self, name, count):
         """Whether a message of queue name delivered count times without
@@ -1235,6 +1298,73 @@ class Queues:
         del mine[held.id]
         if not mine:
             del self._held_by[held.owner]
+
+    # Deferring -----------------------------------------------------------
+    #
+    # A message set aside (DEFER, or a retry that waits) is in no queue
+    # until it is due: then it joins the tail (DEFER) or the head (a retry)
+    # of its queue, which wakes its waiters as a push does. It counts in
+    # size meanwhile; DEL and FLUSHALL, which empty queues, leave it be, as
+    # they leave held messages.
+
+    def defer(self, name, messages, seconds, now=None):
+        """DEFER: messages that join the tail of name in seconds. Returns
+        how many of name's messages are now set aside."""
+        due = (time.time() if now is None else now) + seconds
+        ids = list(range(self.next_id, self.next_id + len(messages)))
+        if self.journal is not None:
+            self.journal.defer(ids, name, messages, due)
+        self.next_id += len(messages)
+        for deferred_id, message in zip(ids, messages):
+            self._set_aside(deferred_id, name, message, due, False)
+        return self.deferred_by[name]
+
+    def _set_aside(self, deferred_id, name, message, due, head):
+        heapq.heappush(self._deferred, (due, deferred_id, name, message,
+                                        head))
+        self.deferred_by[name] += 1
+        self.size += len(message) + MESSAGE_COST
+
+    def next_due(self):
+        """When the first message set aside is due, or None."""
+        return self._deferred[0][0] if self._deferred else None
+
+    def release_due(self, now=None):
+        """Messages set aside whose time came join their queues, in the
+        order they fall due; a store that fails leaves the rest for later
+        (StoreError)."""
+        now = time.time() if now is None else now
+        deferred = self._deferred
+        while deferred and deferred[0][0] <= now:
+            due, deferred_id, name, message, head = deferred[0]
+            if self.journal is not None:
+                self.journal.undefer(deferred_id, name, head)
+            heapq.heappop(deferred)
+            self.deferred_by[name] -= 1
+            if not self.deferred_by[name]:
+                del self.deferred_by[name]
+            self.size -= len(message) + MESSAGE_COST
+            self._add(name, [message], head)
+
+    def deferred_count(self):
+        return len(self._deferred)
+
+    # Dead letters --------------------------------------------------------
+
+    def dead_records(self, name, start=0, stop=-1):
+        """WHY: (message, tries, died, why) for the messages of name from
+        start to stop; a message that is not a dead letter has Nones."""
+        return [(message,) + dead_record(message)
+                for message in self.peek(name, start, stop)]
+
+    def redrive(self, name, count=None):
+        """Move up to count (None: all) messages from name's dead letters
+        to the tail of name, as new messages; returns how many moved."""
+        source, moved = dead_letters(name), 0
+        while (count is None or moved < count) and self._queues.get(source):
+            self.move(source, name, True, False, fresh=True)
+            moved += 1
+        return moved
 
     # Watching ------------------------------------------------------------
 
@@ -1408,19 +1538,40 @@ class Channels:
 # messages go back to the head of their queue, delivery counts kept, or to
 # their dead letters if they were at their last delivery.
 #
-# Schema: queued(queue, position, message, deliveries), ordered by position
-# within a queue; held(id, queue, message, deliveries); settings(name,
-# value) with next_id.
+# Messages set aside (DEFER, a retry that waits) are rows of their own with
+# their due time as wall-clock seconds, so one whose time passed while the
+# server was down is ready at start; a dead letter's record (deliveries,
+# when, why) is part of its row.
+#
+# Schema (user_version 2; a version 1 file gains the new columns and table
+# at start): queued(queue, position, message, deliveries, tries, died, why),
+# ordered by position within a queue, the last three set for dead letters
+# only; held(id, queue, message, deliveries); deferred(id, queue, message,
+# deliveries, due, head); settings(name, value) with next_id.
 
 _STORE_ID = 0x62657573          # "beus", PRAGMA application_id
+_STORE_VERSION = 2              # PRAGMA user_version
+_DEFERRED_SCHEMA = """
+CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
+                       message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                       due REAL NOT NULL, head INTEGER NOT NULL);
+"""
+_INSERT_QUEUED = "INSERT INTO queued VALUES (?, ?, ?, ?, ?, ?, ?)"
 _STORE_SCHEMA = """
 CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
                      message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                     tries INTEGER, died REAL, why TEXT,
                      PRIMARY KEY (queue, position)) WITHOUT ROWID;
 CREATE TABLE held (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
                    message BLOB NOT NULL, deliveries INTEGER NOT NULL);
 CREATE TABLE settings (name TEXT PRIMARY KEY, value);
-"""
+""" + _DEFERRED_SCHEMA
+# What version 2 added to a version 1 store.
+_STORE_UPGRADE = """
+ALTER TABLE queued ADD COLUMN tries INTEGER;
+ALTER TABLE queued ADD COLUMN died REAL;
+ALTER TABLE queued ADD COLUMN why TEXT;
+""" + _DEFERRED_SCHEMA
 FSYNC_POLICIES = ("always", "everysec", "no")
 
 
@@ -1466,11 +1617,15 @@ class Store:
                                    check_same_thread=False, timeout=0)
         try:
             if exists:
+                if _first(db, "PRAGMA user_version")[0] == 1:
+                    db.executescript("BEGIN;" + _STORE_UPGRADE
+                                     + "PRAGMA user_version = %d; COMMIT;"
+                                     % _STORE_VERSION)
                 _check_store(db, self.path)
             else:
                 db.executescript(_STORE_SCHEMA)
                 db.execute("PRAGMA application_id = %d" % _STORE_ID)
-                db.execute("PRAGMA user_version = 1")
+                db.execute("PRAGMA user_version = %d" % _STORE_VERSION)
             _first(db, "PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = %s" % (
                 "FULL" if self.fsync == "always" else "OFF"))
@@ -1511,15 +1666,17 @@ class Store:
                               "held ORDER BY id DESC").fetchall():
             _check_row(self.path, "held", row, (int, bytes, bytes, int))
             held_id, name, message, count = row
+            record = (None, None, None)
             if queues.is_dead(name, count):
+                record = (count, time.time(), "held when the server stopped")
                 name, count, edge = dead_letters(name), 0, "max(position) + 1"
             else:
                 edge = "min(position) - 1"
             position = _first(db, "SELECT %s FROM queued WHERE queue = ?"
                               % edge, (name,))[0]
-            db.execute("INSERT INTO queued VALUES (?, ?, ?, ?)",
-                       (name, 0.0 if position is None else position,
-                        message, count))
+            db.execute(_INSERT_QUEUED, (name, 0.0 if position is None
+                                        else position, message, count)
+                       + record)
         db.execute("DELETE FROM held")
         db.execute("COMMIT")
         row = _first(db, "SELECT value FROM settings WHERE name = 'next_id'")
@@ -1527,11 +1684,21 @@ class Store:
         if queues.next_id.__class__ is not int:
             raise BeussError("cannot use %s: it is damaged (next_id is %r)"
                              % (self.path, queues.next_id))
+        for row in db.execute("SELECT id, queue, message, deliveries, due, "
+                              "head FROM deferred").fetchall():
+            _check_row(self.path, "deferred", row,
+                       (int, bytes, bytes, int, float, int))
+            deferred_id, queue, message, count, due, head = row
+            if count:
+                message = Returned(message)
+                message.deliveries = count
+            queues._set_aside(deferred_id, queue, message, due, bool(head))
+            queues.next_id = max(queues.next_id, deferred_id + 1)
         name, messages, positions = None, [], collections.deque()
         for row in db.execute(
-                "SELECT queue, position, message, deliveries FROM queued "
-                "ORDER BY queue, position"):
-            queue, position, message, count = row
+                "SELECT queue, position, message, deliveries, tries, died, "
+                "why FROM queued ORDER BY queue, position"):
+            queue, position, message, count, tries, died, why = row
             if message.__class__ is not bytes or count.__class__ is not int \
                     or queue.__class__ is not bytes \
                     or position.__class__ is not float:
@@ -1545,6 +1712,8 @@ class Store:
             if count:
                 message = Returned(message)
                 message.deliveries = count
+            elif why is not None:
+                message = dead_letter(message, tries, died, why)
             messages.append(message)
             positions.append(position)
         if messages:
@@ -1562,11 +1731,14 @@ class Store:
             edge = positions[-1] if positions else 0.0
             new = [edge + i + 1 for i in range(len(messages))]
         if len(messages) == 1:
-            rows = (name, new[0], messages[0], deliveries(messages[0]))
+            message = messages[0]
+            rows = (name, new[0], message, deliveries(message)) \
+                + dead_record(message)
         else:
             rows = [(name, position, message, deliveries(message))
+                    + dead_record(message)
                     for position, message in zip(new, messages)]
-        self._run([("INSERT INTO queued VALUES (?, ?, ?, ?)", rows)])
+        self._run([(_INSERT_QUEUED, rows)])
         if positions is None:
             positions = self._positions[name] = collections.deque()
         if left:
@@ -1590,7 +1762,7 @@ class Store:
         if not positions:
             del self._positions[name]
 
-    def move(self, source, target, from_left, to_left):
+    def move(self, source, target, from_left, to_left, fresh=False):
         positions = self._positions[source]
         old = positions[0] if from_left else positions[-1]
         if source == target and len(positions) == 1:
@@ -1598,8 +1770,11 @@ class Store:
         ends = self._positions.get(target)
         new = (ends[0] - 1 if to_left else ends[-1] + 1) if ends else 0.0
         self._run([
-            ("INSERT INTO queued SELECT ?, ?, message, deliveries FROM "
-             "queued WHERE queue = ? AND position = ?",
+            # A record stays behind (its columns are left out), and fresh
+            # also leaves the deliveries.
+            ("INSERT INTO queued (queue, position, message, deliveries) "
+             "SELECT ?, ?, message, %s FROM queued WHERE queue = ? AND "
+             "position = ?" % ("0" if fresh else "deliveries"),
              (target, new, source, old)),
             ("DELETE FROM queued WHERE queue = ? AND position = ?",
              (source, old))])
@@ -1620,8 +1795,8 @@ class Store:
         after = positions[index] if index < len(positions) else before + 2
         middle = (before + after) / 2
         if before < middle < after:
-            self._run([("INSERT INTO queued VALUES (?, ?, ?, 0)",
-                        (name, middle, message))])
+            self._run([(_INSERT_QUEUED, (name, middle, message, 0, None,
+                                         None, None))])
             positions.insert(index, middle)
             return
         # No room left between the two neighbours: number a stretch of the
@@ -1642,8 +1817,9 @@ class Store:
             width *= 2
         old = list(itertools.islice(queue, low, high))
         moved = old[:index - low] + [message] + old[index - low:]
-        statements = [("INSERT INTO queued VALUES (?, ?, ?, ?)",
+        statements = [(_INSERT_QUEUED,
                        [(name, position, item, deliveries(item))
+                        + dead_record(item)
                         for position, item in zip(new, moved)])]
         if high > low:
             statements.insert(0, (
@@ -1714,22 +1890,54 @@ class Store:
     def ack(self, held_id):
         self._run([("DELETE FROM held WHERE id = ?", (int(held_id),))])
 
-    def unreserve(self, held_id, name, to_head):
-        """A held message back at the head of name, or (a dead letter) at
-        its tail with no deliveries counted."""
+    def unreserve(self, held_id, name, to_head, record=(None, None, None)):
+        """A held message back at the head of name, or (a dead letter,
+        with its record) at its tail with no deliveries counted."""
         positions = self._positions.get(name)
         if positions:
             new = positions[0] - 1 if to_head else positions[-1] + 1
         else:
             new = 0.0
         self._run([
-            ("INSERT INTO queued SELECT ?, ?, message, %s FROM held WHERE "
-             "id = ?" % ("deliveries" if to_head else "0"),
-             (name, new, int(held_id))),
+            ("INSERT INTO queued SELECT ?, ?, message, %s, ?, ?, ? FROM held "
+             "WHERE id = ?" % ("deliveries" if to_head else "0"),
+             (name, new) + tuple(record) + (int(held_id),)),
             ("DELETE FROM held WHERE id = ?", (int(held_id),))])
         if positions is None:
             positions = self._positions[name] = collections.deque()
         positions.appendleft(new) if to_head else positions.append(new)
+
+    def defer(self, ids, name, messages, due):
+        self._run([
+            ("INSERT INTO deferred VALUES (?, ?, ?, 0, ?, 0)",
+             [(deferred_id, name, message, due)
+              for deferred_id, message in zip(ids, messages)]),
+            ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
+             (ids[-1] + 1,))])
+
+    def defer_held(self, held_id, deferred_id, due):
+        """A held message set aside, to go back to the head when due."""
+        self._run([
+            ("INSERT INTO deferred SELECT ?, queue, message, deliveries, ?, "
+             "1 FROM held WHERE id = ?", (deferred_id, due, int(held_id))),
+            ("DELETE FROM held WHERE id = ?", (int(held_id),)),
+            ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
+             (deferred_id + 1,))])
+
+    def undefer(self, deferred_id, name, head):
+        positions = self._positions.get(name)
+        if positions:
+            new = positions[0] - 1 if head else positions[-1] + 1
+        else:
+            new = 0.0
+        self._run([
+            ("INSERT INTO queued (queue, position, message, deliveries) "
+             "SELECT queue, ?, message, deliveries FROM deferred WHERE id = ?",
+             (new, deferred_id)),
+            ("DELETE FROM deferred WHERE id = ?", (deferred_id,))])
+        if positions is None:
+            positions = self._positions[name] = collections.deque()
+        positions.appendleft(new) if head else positions.append(new)
 
     # Writing ---------------------------------------------------------------
 
@@ -1915,8 +2123,11 @@ def _check_row(path, table, row, types):
                                  path, table, value, kind.__name__))
 
 
-_STORE_COLUMNS = {"queued": ["queue", "position", "message", "deliveries"],
+_STORE_COLUMNS = {"queued": ["queue", "position", "message", "deliveries",
+                             "tries", "died", "why"],
                   "held": ["id", "queue", "message", "deliveries"],
+                  "deferred": ["id", "queue", "message", "deliveries", "due",
+                               "head"],
                   "settings": ["name", "value"]}
 
 
@@ -1930,7 +2141,7 @@ def _check_store(db, path):
     except sqlite3.DatabaseError as exc:
         raise BeussError("cannot use %s: it is not a beuss store (%s)"
                          % (path, exc))
-    if application != _STORE_ID or not {"queued", "held",
+    if application != _STORE_ID or not {"queued", "held", "deferred",
                                         "settings"} <= tables:
         raise BeussError("cannot use %s: it is another program's SQLite "
                          "database, not a beuss store" % path)
@@ -2430,7 +2641,10 @@ class Server(_Connections):
                 raise BeussError("cannot use the TLS certificate %s: %s"
                                  % (self.tls_cert, _reason(exc)))
         self.lease = settings["lease"]  # seconds a message may be held; 0: ever
-        self.queues = Queues(self.max_deliveries)
+        self.retry_delay = settings["retry_delay"]
+        self.retry_max_delay = settings["retry_max_delay"]
+        self.queues = Queues(self.max_deliveries, None, self.retry_delay,
+                             self.retry_max_delay)
         self.store = None
         if data is not None:
             self.store = Store(data, self.fsync)
@@ -2545,9 +2759,11 @@ class Server(_Connections):
              "err" if store and store.failing else "ok")])
         section("Queues", [("queues", len(queues)),
                            ("messages", queues.message_count()),
-                           ("held", queues.held_count())] + [
+                           ("held", queues.held_count()),
+                           ("deferred", queues.deferred_count())] + [
             ("queue_" + repr(name)[2:-1],
-             "messages=%d,bytes=%d,waiters=%d,held=%d" % tuple(sizes))
+             "messages=%d,bytes=%d,waiters=%d,held=%d,deferred=%d"
+             % tuple(sizes))
             for name, *sizes in queues.queue_sizes()])
         return "\r\n".join(lines)
 
@@ -2561,6 +2777,7 @@ class Server(_Connections):
 
     def serve_forever(self):
         self._serving = True
+        queues = self.queues
         try:
             while not self._stopping:
                 for key, mask in self._selector.select(self._select_timeout()):
@@ -2579,6 +2796,8 @@ class Server(_Connections):
                     self._expire_waiters()
                 if self._leases:
                     self._expire_leases()
+                if queues._deferred and queues.next_due() <= time.time():
+                    self._release_due()
                 if self._resumed:
                     self._run_resumed()
                 if self.store is not None:
@@ -2601,6 +2820,9 @@ class Server(_Connections):
             timeout = min(timeout, self._deadlines[0][0] - time.monotonic())
         if self._leases:
             timeout = min(timeout, self._leases[0][0] - time.monotonic())
+        due = self.queues.next_due()
+        if due is not None:
+            timeout = min(timeout, due - time.time())
         return max(timeout, 0)
 
     def _housekeeping(self):
@@ -3035,12 +3257,13 @@ class Server(_Connections):
         if self.lease:
             held.deadline = time.monotonic() + self.lease
 
-    def give_back(self, helds):
+    def give_back(self, helds, delay=None, why=None, failed=True):
         """NACK, a close or a lease that ran out: the messages go back to
-        their queues (or their dead letters)."""
+        their queues, at once or after a wait, or to their dead letters
+        (see Queues.give_back)."""
         for held in helds:
             held.deadline = None
-        self.queues.give_back(helds)
+        self.queues.give_back(helds, delay, why, failed)
 
     def _expire_leases(self):
         now = time.monotonic()
@@ -3056,7 +3279,8 @@ class Server(_Connections):
             else:
                 expired.append(held)
         if expired:
-            self._give_back_safely(expired)
+            # A consumer that let its lease run out failed the message.
+            self._give_back_safely(expired, why="lease expired")
 
     def _drop_stale_leases(self):
         live = self.queues.held_count()
@@ -3065,11 +3289,14 @@ class Server(_Connections):
                             if self.queues.find(entry[2]) is not None]
             heapq.heapify(self._leases)
 
-    def _give_back_safely(self, helds):
+    def _give_back_safely(self, helds, why="its consumer went away"):
         # Giving back writes to the store; if that fails, the messages stay
         # held (they come back at the next start), and the server goes on.
+        # A consumer that went away says nothing of the message: it comes
+        # back at once, its delivery counted all the same (a message that
+        # crashes every consumer still dies).
         try:
-            self.give_back(helds)
+            self.give_back(helds, why=why, failed=why == "lease expired")
         except StoreError as exc:
             _warn("could not give back %d held messages: %s" % (len(helds),
                                                                   exc))
@@ -3117,6 +3344,16 @@ class Server(_Connections):
                 self._reply(conn, conn.null_array)  # BLMOVE too, as Redis
                 self._unblock(conn)
 
+    def _release_due(self):
+        # Messages set aside whose time came join their queues, and their
+        # waiters are served; a store that fails keeps them for later.
+        try:
+            self.queues.release_due()
+        except StoreError:
+            pass
+        if self.queues.ready:
+            self._serve_waiters()
+
     def _run_resumed(self):
         # Those that used up their share come back in the next pass.
         resumed, self._resumed = self._resumed, collections.deque()
@@ -3153,8 +3390,8 @@ def _encode_push(conn, items):
 
 
 def _encode_reserved(held):
-    return b"*3\r\n" + encode_bulk(held.queue) + encode_bulk(held.id) \
-        + encode_bulk(held.message)
+    return b"*4\r\n" + encode_bulk(held.queue) + encode_bulk(held.id) \
+        + encode_bulk(held.message) + encode_int(held.deliveries)
 
 
 def _number_text(seconds):
@@ -3216,6 +3453,22 @@ def _timeout(arg):
         raise ReplyError(ERR_TIMEOUT_NEGATIVE)
     if seconds > 1e12:
         raise ReplyError(ERR_TIMEOUT_RANGE)
+    return seconds
+
+
+def _delay(arg):
+    """Seconds before a message is ready: DEFER's and NACK's DELAY."""
+    try:
+        seconds = float(arg)
+    except ValueError:
+        raise ReplyError("ERR delay is not a number")
+    if seconds != seconds:
+        raise ReplyError("ERR delay is not a number")
+    if seconds < 0:
+        raise ReplyError("ERR delay is negative")
+    if seconds > MAX_DELAY:
+        raise ReplyError("ERR delay is out of range (at most %d seconds)"
+                         % MAX_DELAY)
     return seconds
 
 
@@ -3514,9 +3767,67 @@ def cmd_ack(server, conn, args):
 
 
 def cmd_nack(server, conn, args):
-    helds = _held(server, conn, args)
-    server.give_back(helds)
+    # NACK id [id ...] [DELAY seconds] [REASON text]
+    ids, delay, why, i = [], None, None, 1
+    while i < len(args):
+        word = args[i].upper()
+        if word in (b"DELAY", b"REASON") and i + 1 < len(args):
+            if word == b"DELAY":
+                delay = _delay(args[i + 1])
+            else:
+                why = args[i + 1].decode("utf-8", "replace")[:MAX_REASON]
+            i += 2
+        elif word in (b"DELAY", b"REASON") or delay is not None \
+                or why is not None:
+            raise ReplyError(ERR_SYNTAX)
+        else:
+            ids.append(args[i])
+            i += 1
+    if not ids:
+        raise _wrong_arity(b"nack")
+    helds = _held(server, conn, [b"nack"] + ids)
+    server.give_back(helds, delay, why)
     return encode_int(len(helds))
+
+
+def cmd_defer(server, conn, args):
+    seconds = _delay(args[2])
+    return encode_int(server.queues.defer(args[1], args[3:], seconds))
+
+
+def cmd_redrive(server, conn, args):
+    if len(args) > 3:
+        raise ReplyError(ERR_SYNTAX)
+    count = None
+    if len(args) == 3:
+        count = parse_integer(args[2])
+        if count is None or count < 1:
+            raise ReplyError("ERR count should be greater than 0")
+    return encode_int(server.queues.redrive(args[1], count))
+
+
+def cmd_why(server, conn, args):
+    if len(args) not in (2, 4):
+        raise ReplyError(ERR_SYNTAX)
+    start, stop = (_integer(args[2]), _integer(args[3])) if len(args) == 4 \
+        else (0, -1)
+    return _encode_records(conn, server.queues.dead_records(args[1], start,
+                                                            stop))
+
+
+def _encode_records(conn, records):
+    """WHY's reply: for each message [message, deliveries, died, why], the
+    last three null for a message that is not a dead letter."""
+    encoded = []
+    for message, tries, died, why in records:
+        if why is None:
+            encoded.append(b"*4\r\n" + encode_bulk(message) + conn.null_bulk
+                           * 3)
+        else:
+            encoded.append(b"*4\r\n" + encode_bulk(message) + encode_int(
+                tries) + encode_bulk(b"%.3f" % died) + encode_bulk(
+                    why.encode("utf-8", "replace")))
+    return b"*%d\r\n" % len(encoded) + b"".join(encoded)
 
 
 def cmd_touch(server, conn, args):
@@ -3998,8 +4309,11 @@ rpoplpush|cmd_rpoplpush|3|write,denyoom|1,2,1|list|1.2.0|Move the tail message o
 brpoplpush|cmd_brpoplpush|4|write,denyoom,noscript,blocking|1,2,1|list|2.2.0|Move the tail message of a queue to the head of another, or wait for one|source destination timeout
 reserve|cmd_reserve|-3|write,blocking|1,-2,1|list|beuss|Hold the head message of the first non-empty queue until ACK, or wait for one|key... timeout
 ack|cmd_ack|-2|write,fast|0,0,0|list|beuss|Remove held messages for good|id...
-nack|cmd_nack|-2|write,fast|0,0,0|list|beuss|Put held messages back at the head of their queues|id...
+nack|cmd_nack|-2|write,fast|0,0,0|list|beuss|Give held messages back: at the head of their queues, after a delay (the retry schedule's unless given), or to their dead letters|id... [DELAY delay] [REASON reason]
 touch|cmd_touch|-2|fast|0,0,0|list|beuss|Renew the lease of held messages|id...
+defer|cmd_defer|-4|write,denyoom|1,1,1|list|beuss|Add messages to the tail of a queue once a delay has passed|key delay element...
+redrive|cmd_redrive|-2|write|1,1,1|list|beuss|Move dead letters back to the tail of their queue, as new messages|key [count]
+why|cmd_why|-2|readonly|1,1,1|list|beuss|Why the messages of a dead-letter queue died: deliveries, when, why|key [start stop]
 llen|cmd_llen|2|readonly,fast|1,1,1|list|1.0.0|The number of messages in a queue|key
 lrange|cmd_lrange|4|readonly|1,1,1|list|1.0.0|Messages of a queue, without taking them|key start stop
 lindex|cmd_lindex|3|readonly|1,1,1|list|1.0.0|The message at an index of a queue|key index
@@ -4197,8 +4511,17 @@ def _message_size(value):
     return size
 
 
+_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
 def _duration(value):
-    seconds = float(value)
+    """Seconds: 30, 0.5, 500ms, 30s, 5m, 2h."""
+    text = value.strip().lower()
+    number = text.rstrip("hms")
+    unit = _TIME_UNITS.get(text[len(number):], 1 if number == text else None)
+    if unit is None:
+        raise ValueError(value)
+    seconds = float(number) * unit
     if not 0 <= seconds < 1e9:
         raise ValueError(value)
     return seconds
@@ -4254,6 +4577,13 @@ SETTINGS = [Setting(*row) for row in (
      DEFAULT_MAX_DELIVERIES, _whole, "max-deliveries", "N",
      "a message given back after N deliveries goes to <queue>.dead; %d; "
      "0: never" % DEFAULT_MAX_DELIVERIES),
+    ("retry_delay", "--retry-delay", "BRETRYDELAY", DEFAULT_RETRY_DELAY,
+     _duration, "retry-delay", "SECONDS", "a message that failed (NACK, a "
+     "lease that ran out) is ready again after this, doubled at each "
+     "failure; 1s; 0: at once"),
+    ("retry_max_delay", "--retry-max-delay", "BRETRYMAXDELAY",
+     DEFAULT_RETRY_MAX_DELAY, _duration, "retry-max-delay", "SECONDS",
+     "the longest wait between two deliveries; 5m"),
     ("data", "--data", "BDATA", None, str, "data", "FILE",
      "keep the queues in this SQLite file, so that they outlive a restart; "
      "none: memory only"),
@@ -4429,13 +4759,50 @@ class Client:
 
     # Queues ----------------------------------------------------------------
 
-    def put(self, queue, message):
-        """Append message to queue; return the queue's new length."""
+    def put(self, queue, message, delay=None):
+        """Append message to queue; return the queue's new length. With
+        delay (seconds), the message joins the tail once the delay has
+        passed (DEFER); then the reply is how many of queue's messages wait
+        so. Redis has no DEFER: against it a delay is an error."""
+        if delay:
+            return self._beuss_only(b"DEFER", queue, _number_text(delay),
+                                    _arg(message))
         return self.call(b"RPUSH", queue, _arg(message))
 
-    def put_many(self, queue, messages):
-        """Append many messages in one round trip; return the final length."""
+    def redrive(self, queue, count=None):
+        """Move the dead letters of queue (all, or count) back to its tail
+        as new messages; return how many moved."""
+        return self._beuss_only(b"REDRIVE", queue,
+                                *([] if count is None else [count]))
+
+    def why(self, queue):
+        """The messages of a dead-letter queue ("jobs.dead") with why they
+        died: a DeadRecord (.message, .deliveries, .died, .why) each;
+        .why is None for a message put there by hand."""
+        return [DeadRecord(*record) for record in self._beuss_only(
+            b"WHY", queue)]
+
+    def _beuss_only(self, command, *args):
+        """A command that Redis does not have: against one, a clear error."""
+        try:
+            return self.call(command, *args)
+        except ReplyError as exc:
+            if "unknown command" in str(exc):
+                raise ReplyError("the server at %s:%d does not offer %s (a "
+                                 "Redis?)" % (self.host, self.port,
+                                              command.decode()))
+            raise
+
+    def put_many(self, queue, messages, delay=None):
+        """Append many messages in one round trip; return the final length
+        (with delay, see put())."""
         messages = [_arg(message) for message in messages]
+        if delay:
+            reply = 0
+            for i in range(0, len(messages), PUT_MANY_BATCH):
+                reply = self._beuss_only(b"DEFER", queue, _number_text(delay),
+                                         *messages[i:i + PUT_MANY_BATCH])
+            return reply
         commands = [[b"RPUSH", queue] + messages[i:i + PUT_MANY_BATCH]
                     for i in range(0, len(messages), PUT_MANY_BATCH)]
         if not commands:
@@ -4511,8 +4878,8 @@ class Client:
         for message in self.reservations(queue, idle, reconnect):
             try:
                 handler(message.data)
-            except BaseException:
-                message.nack()
+            except BaseException as exc:
+                message.nack(reason=_failure(exc))
                 raise
             _acknowledge(message, reconnect)
             handled += 1
@@ -4565,15 +4932,23 @@ class Client:
         self.reserves = True
         if reply is None:
             return None
-        return Message(self, reply[0], reply[1], reply[2])
+        return Message(self, reply[0], reply[1], reply[2],
+                       reply[3] if len(reply) > 3 else 1)
 
     def ack(self, *ids):
         """Remove held messages for good; how many this connection held."""
         return self.call(b"ACK", *ids)
 
-    def nack(self, *ids):
-        """Put held messages back at the head of their queues."""
-        return self.call(b"NACK", *ids)
+    def nack(self, *ids, delay=None, reason=None):
+        """Give held messages back: after delay seconds, or the server's
+        retry schedule when delay is None (0: at once); reason is what
+        their dead-letter record says if they die. How many were held."""
+        options = []
+        if delay is not None:
+            options += [b"DELAY", _number_text(delay)]
+        if reason is not None:
+            options += [b"REASON", _arg(reason)[:MAX_REASON]]
+        return self.call(b"NACK", *(list(ids) + options))
 
     def put_back(self, queue, message):
         """Return a message that could not be handled to the head of queue."""
@@ -4660,16 +5035,20 @@ class Client:
 
 
 class Message:
-    """A reserved message: .data (bytes), .queue, .id. ack() when it has
-    been handled, nack() to give it back; `with message:` acks when the
-    block ends and nacks if it raises. Against a server without RESERVE
-    .id is None, ack() does nothing and nack() pushes the message back."""
+    """A reserved message: .data (bytes), .queue, .id, and .deliveries
+    (this one included). ack() when it has been handled, nack() to give it
+    back; `with message:` acks when the block ends and nacks if it raises,
+    the exception as the reason. Both return whether the server still held
+    it (a lease that ran out gave it to another). Against a server without
+    RESERVE .id is None, ack() does nothing and nack() pushes the message
+    back at once."""
 
-    def __init__(self, client, queue, message_id, data):
+    def __init__(self, client, queue, message_id, data, deliveries=1):
         self.client = client
         self.queue = _arg(queue)
         self.id = message_id
         self.data = data
+        self.deliveries = deliveries
 
     def __repr__(self):
         return "<beuss.Message %r of %s: %d bytes>" % (
@@ -4682,23 +5061,50 @@ class Message:
         if kind is None:
             self.ack()
         else:
-            self.nack()
+            self.nack(reason=_failure(exc))
 
     def ack(self):
-        if self.id is not None:
-            self.client.ack(self.id)
-
-    def nack(self):
-        """Give the message back; a failure to do so is said on stderr, since
-        the server gives back what a closed connection held anyway."""
         if self.id is None:
+            return True
+        return self.client.ack(self.id) == 1
+
+    def nack(self, delay=None, reason=None):
+        """Give the message back, after delay seconds or the server's retry
+        schedule; reason goes into its dead-letter record if it dies. A
+        failure to give it back is said on stderr, since the server gives
+        back what a closed connection held anyway."""
+        if self.id is None:
+            if delay:
+                _warn("the server has no RESERVE: the message goes back "
+                      "at once, not in %ss" % _number_text(delay))
             self.client.put_back(self.queue, self.data)
-            return
+            return True
         try:
-            self.client.nack(self.id)
+            return self.client.nack(self.id, delay=delay, reason=reason) == 1
         except BeussError as exc:
             _warn("could not give back message %s: %s; the server does once "
                   "the connection closes" % (self.id.decode(), exc))
+            return False
+
+
+class DeadRecord:
+    """A message of a dead-letter queue and why it died (Client.why)."""
+
+    def __init__(self, message, deliveries, died, why):
+        self.message = message
+        self.deliveries = deliveries    # None: not a dead letter
+        self.died = None if died is None else float(died)  # epoch seconds
+        self.why = None if why is None else why.decode("utf-8", "replace")
+
+    def __repr__(self):
+        return "<beuss.DeadRecord after %s deliveries: %r>" % (
+            self.deliveries, self.why)
+
+
+def _failure(exc):
+    """A handler's exception as a dead letter's reason."""
+    text = str(exc).strip().splitlines()
+    return (type(exc).__name__ + (": " + text[-1] if text else ""))[:MAX_REASON]
 
 
 def _acknowledge(message, reconnect):
@@ -4733,11 +5139,12 @@ def _reason(exc):
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def put(queue, message, **conn):
-    """Append message to queue on the server; return the queue's length.
-    conn: Client's settings (host, port, token, tls, tls_ca, timeout)."""
+def put(queue, message, delay=None, **conn):
+    """Append message to queue on the server, now or once delay seconds
+    have passed (see Client.put). conn: Client's settings (host, port,
+    token, tls, tls_ca, timeout)."""
     with Client(**conn) as client:
-        return client.put(queue, message)
+        return client.put(queue, message, delay)
 
 
 def get(queue, wait=None, **conn):
@@ -4761,7 +5168,9 @@ usage: python beuss.py [VERB] [options]
   PUT <queue> [msg]   put msg, or all of stdin, as one message
   GET <queue> [file]  take one message; write it to file, or to stdout
   ON <queue>          take messages as they come; write each to stdout
-  PEEK <queue> [N]    write the first N messages (1) without taking them
+  PEEK <queue> [N]    write the first N messages (1) without taking them;
+                      with --why, why the messages of <queue>.dead died
+  REDRIVE <queue> [N] move the dead letters of <queue> back to it
   DEL <queue>...      delete queues and their messages
   LEN <queue>         how many messages the queue holds
   LIST                every queue that holds messages, with its length
@@ -4796,7 +5205,10 @@ class HandlerFailed(BeussError):
 
 class CommandFailed(HandlerFailed):
     """The --exec command of a message exited with another status than 0:
-    ON gives the message back and goes on (with RESERVE)."""
+    ON gives the message back and goes on (with RESERVE). .reason is what
+    its dead-letter record says: the status and its last line of stderr."""
+
+    reason = ""
 
 
 def main(argv=None):
@@ -5003,13 +5415,12 @@ def _queue(name):
 
 
 def _seconds(text):
+    """A number of seconds, or a time with its unit: 500ms, 30s, 5m, 2h."""
     try:
-        seconds = float(text)
+        return _duration(text)
     except ValueError:
-        seconds = -1
-    if not 0 <= seconds < 1e9:
-        raise ValueError("%r is not a number of seconds" % text)
-    return seconds
+        raise ValueError("%r is not a number of seconds (or a time such as "
+                         "500ms, 30s, 5m, 2h)" % text)
 
 
 def _count(text):
@@ -5097,6 +5508,9 @@ def run_serve(options):
 
 def _put_arguments(parser):
     parser.add_argument("queue")
+    parser.add_argument("-d", "--delay", type=_seconds, metavar="TIME",
+                        help="the message joins the queue once TIME has "
+                        "passed (seconds, or 500ms, 30s, 5m, 2h)")
     _add_message_source(parser)
 
 
@@ -5116,9 +5530,9 @@ def run_put(options):
     with _client(options) as client:
         try:
             if options.lines:
-                client.put_many(queue, messages)
+                client.put_many(queue, messages, options.delay)
             else:
-                client.put(queue, messages[0])
+                client.put(queue, messages[0], options.delay)
         except ReplyError as exc:
             if str(exc).startswith("ERR message too large"):
                 raise ReplyError("%s; the server takes larger messages when "
@@ -5181,12 +5595,12 @@ def run_get(options):
             try:
                 _write_stdout(message.data)
             except BrokenPipeError:
-                message.nack()
+                message.nack(delay=0)
                 raise HandlerFailed("stdout was closed before the message "
                                     "was written; it is back at the head of "
                                     "%s" % options.queue)
             except HandlerFailed as exc:
-                message.nack()
+                message.nack(delay=0)
                 raise HandlerFailed("%s; the message is back at the head of "
                                     "%s" % (exc, options.queue))
             message.ack()
@@ -5201,7 +5615,7 @@ def run_get(options):
             try:
                 target.write(message.data)
             except OSError as exc:
-                message.nack()
+                message.nack(delay=0)
                 raise HandlerFailed("cannot write %s: %s; the message is "
                                     "back at the head of %s" % (
                                         options.file, _reason(exc),
@@ -5271,8 +5685,8 @@ def _empty(queue, wait):
     return EXIT_EMPTY
 
 
-def _plural(number, word):
-    return "%g %s%s" % (number, word, "" if number == 1 else "s")
+def _plural(number, word, words=None):
+    return "%g %s" % (number, word if number == 1 else words or word + "s")
 
 
 def _write_stdout(data):
@@ -5320,8 +5734,9 @@ def _add_separator(parser):
 
 def run_on(options):
     queue = _queue(options.queue)
-    handle = _handler(options, "its message is back at the head of %s"
-                      % options.queue)
+    handle = _handler(options, "its message goes back to %s after the retry "
+                      "delay, or to %s.dead after its last delivery"
+                      % (options.queue, options.queue))
     handled = 0
     with _client(options) as client:
         messages = client.reservations(queue, options.timeout)
@@ -5330,16 +5745,17 @@ def run_on(options):
             if message is None:
                 break
             try:
-                handle(message.data, None)
+                handle(message.data, None, message.deliveries)
             except CommandFailed as exc:
-                message.nack()
+                message.nack(reason=exc.reason)
                 if client.reserves is False:
                     raise           # plain pops: no count of tries to stop
-                _warn("%s, or in %s.dead once it was delivered too often"
-                      % (exc, options.queue))
+                _warn(str(exc))
                 continue
             except BaseException:
-                message.nack()
+                # Ctrl-C, a closed pipe, stdout that cannot be written: none
+                # is the message's fault, so it goes back at once.
+                message.nack(delay=0)
                 raise
             _acknowledge(message, True)
             handled += 1
@@ -5356,20 +5772,31 @@ def _handler(options, after_failure):
     BrokenPipeError, which ends the command quietly."""
     separator = _unescape(options.separator)
     if options.command:
-        def handle(message, channel):
+        def handle(message, channel, deliveries=None):
             import subprocess
             sys.stdout.flush()
-            env = None
+            env = dict(os.environ)
             if channel is not None:
-                env = dict(os.environ, BEUSS_CHANNEL=channel)
+                env["BEUSS_CHANNEL"] = channel
+            if deliveries is not None:
+                env["BEUSS_DELIVERIES"] = str(deliveries)
+            # Its stderr passes through, and its last line says why.
             done = subprocess.run(options.command, shell=True, input=message,
-                                  env=env)
+                                  env=env, stderr=subprocess.PIPE)
+            sys.stderr.buffer.write(done.stderr) if hasattr(
+                sys.stderr, "buffer") else sys.stderr.write(
+                    done.stderr.decode("utf-8", "replace"))
+            sys.stderr.flush()
             if done.returncode != 0:
-                raise CommandFailed("%r exited with status %d; %s" % (
+                exc = CommandFailed("%r exited with status %d; %s" % (
                     options.command, done.returncode, after_failure))
+                lines = done.stderr.decode("utf-8", "replace").strip()
+                exc.reason = "exit status %d" % done.returncode + (
+                    ": " + lines.splitlines()[-1][:200] if lines else "")
+                raise exc
         return handle
 
-    def handle(message, channel):
+    def handle(message, channel, deliveries=None):
         head = b""
         if channel is not None and getattr(options, "channel", False):
             head = os.fsencode(channel) + b" "
@@ -5410,38 +5837,50 @@ def run_len(options):
 def run_list(options):
     with _client(options) as client:
         queues = client.queues()
-        held = _held_counts(client.info())
-    for name in held:
+        aside = _aside_counts(client.info())
+    for name in aside:
         queues.setdefault(name, 0)
     if not queues:
         _warn("no queues: every queue is empty")
     for name, length in sorted(queues.items()):
-        print("%s %d%s" % (name, length, " (%d held)" % held[name]
-                           if held.get(name) else ""))
+        held, deferred = aside.get(name, (0, 0))
+        notes = ([_plural(held, "held", "held")] if held else []) + (
+            [_plural(deferred, "deferred", "deferred")] if deferred else [])
+        print("%s %d%s" % (name, length, " (%s)" % ", ".join(notes)
+                           if notes else ""))
     return EXIT_OK
 
 
-def _held_counts(info):
-    """{queue: held messages} from a beuss server's INFO ({} from Redis)."""
-    held = {}
+def _aside_counts(info):
+    """{queue: (held, deferred)} from a beuss server's INFO ({} from
+    Redis), for the queues that have any."""
+    counts = {}
     for field, value in info.items():
         if field.startswith("queue_"):
             sizes = dict(part.split("=") for part in value.split(","))
-            if int(sizes.get("held", 0)):
-                held[field[6:]] = int(sizes["held"])
-    return held
+            held, deferred = (int(sizes.get(key, 0))
+                              for key in ("held", "deferred"))
+            if held or deferred:
+                counts[field[6:]] = (held, deferred)
+    return counts
 
 
 def _peek_arguments(parser):
     parser.add_argument("queue")
     parser.add_argument("count", nargs="?", type=_count, default=1,
                         metavar="N", help="how many messages (1)")
+    parser.add_argument("--why", action="store_true",
+                        help="of a dead-letter queue (<queue>.dead): a line "
+                        "each, when it died, after how many deliveries, why, "
+                        "and the message's start")
     _add_separator(parser)
     _add_address(parser)
 
 
 def run_peek(options):
     queue = _queue(options.queue)
+    if options.why:
+        return _print_why(options, queue)
     with _client(options) as client:
         messages = client.call(b"LRANGE", queue, 0, options.count - 1) \
             if options.count else []
@@ -5449,6 +5888,41 @@ def run_peek(options):
         return _empty(options.queue, None)
     separator = _unescape(options.separator)
     _write_stdout(b"".join(message + separator for message in messages))
+    return EXIT_OK
+
+
+def _print_why(options, queue):
+    with _client(options) as client:
+        records = client.why(queue)[:options.count]
+    if not records:
+        return _empty(options.queue, None)
+    for record in records:
+        start = record.message[:60].decode("utf-8", "backslashreplace")
+        start = start.replace("\n", "\\n") + (
+            "..." if len(record.message) > 60 else "")
+        if record.why is None:
+            print("(not a dead letter)  %s" % start)
+            continue
+        print("%s  after %s: %s  |  %s" % (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.died)),
+            _plural(record.deliveries, "delivery", "deliveries"),
+            record.why, start))
+    return EXIT_OK
+
+
+def _redrive_arguments(parser):
+    parser.add_argument("queue")
+    parser.add_argument("count", nargs="?", type=_count, metavar="N",
+                        help="how many (all by default)")
+    _add_address(parser)
+
+
+def run_redrive(options):
+    queue = _queue(options.queue)
+    if options.count == 0:
+        raise UsageError("REDRIVE moves at least one message")
+    with _client(options) as client:
+        print(client.redrive(queue, options.count))
     return EXIT_OK
 
 
@@ -5484,18 +5958,19 @@ def run_stats(options):
     print("clients: %s connected, %s waiting" % (
         info.get("connected_clients", "?"), info.get("blocked_clients", "?")))
     if version:
-        print("queues: %s holding %s (%s of memory); %s held by clients" % (
-            info.get("queues"), _plural(int(info.get("messages", 0)),
-                                        "message"),
-            _plural(int(info.get("used_memory", 0)), "byte"),
-            info.get("held")))
+        print("queues: %s holding %s (%s of memory); %s held by clients, "
+              "%s deferred" % (
+                  info.get("queues"), _plural(int(info.get("messages", 0)),
+                                              "message"),
+                  _plural(int(info.get("used_memory", 0)), "byte"),
+                  info.get("held"), info.get("deferred", 0)))
         for field, value in sorted(info.items()):
             if field.startswith("queue_"):
                 sizes = dict(part.split("=") for part in value.split(","))
-                print("  %s: %s, %s, %s waiting, %s held" % (
+                print("  %s: %s, %s, %s waiting, %s held, %s deferred" % (
                     field[6:], _plural(int(sizes["messages"]), "message"),
                     _plural(int(sizes["bytes"]), "byte"), sizes["waiters"],
-                    sizes["held"]))
+                    sizes["held"], sizes.get("deferred", 0)))
     else:
         print("memory: %s" % info.get("used_memory_human", "?"))
     return EXIT_OK
@@ -5703,6 +6178,8 @@ VERBS = {
              "without taking them."),
     "DEL": (run_del, _del_arguments, "Delete queues and their messages; "
             "print how many there were."),
+    "REDRIVE": (run_redrive, _redrive_arguments, "Move the dead letters of "
+                "a queue back to it as new messages; print how many."),
     "PUB": (run_pub, _pub_arguments, "Publish a message to the subscribers "
             "of a channel; nothing keeps it for later."),
     "SUB": (run_sub, _sub_arguments, "Print the messages published on "

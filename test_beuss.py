@@ -919,12 +919,14 @@ class StoreTest(unittest.TestCase):
             "UPDATE queued SET deliveries = 'many'",
             "INSERT INTO held VALUES (5, 'q', x'00', 1)",
             "UPDATE settings SET value = 'x' WHERE name = 'next_id'",
-            "ALTER TABLE queued RENAME COLUMN deliveries TO tries",
+            "ALTER TABLE queued RENAME COLUMN deliveries TO count",
+            "UPDATE deferred SET due = 'soon'",
         ]
         for damage in damages:
             shutil.copy(self.path, self.path + ".good")
             db = sqlite3.connect(self.path)
             db.execute("INSERT OR REPLACE INTO settings VALUES ('next_id', 2)")
+            db.execute("INSERT INTO deferred VALUES (1, 'q', x'00', 0, 1.5, 0)")
             db.execute(damage)
             db.commit()
             db.close()
@@ -1302,7 +1304,7 @@ class ConnectionCommandsTest(ServerCase):
         info = beuss.ReplyReader(sock).read().decode()
         for line in ("beuss_version:" + beuss.__version__, "connected_clients:2",
                      "blocked_clients:0", "used_memory:%d" % (5 + 2 * beuss.MESSAGE_COST), "queues:1",
-                     "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0,held=0", "held:0",
+                     "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0,held=0,deferred=0", "held:0",
                      "tcp_port:%d" % self.port, "process_id:%d" % os.getpid(),
                      "python_version:%d.%d.%d" % sys.version_info[:3],
                      "uptime_in_seconds:0"):
@@ -1375,14 +1377,16 @@ class TransactionBoundTest(ServerCase):
 
 class ReserveTest(ServerCase):
 
+    server_options = {"retry_delay": 0}
+
     def test_reserve_ack_nack_and_touch(self):
         sock = self.exchange(requests(["RPUSH", "q", "a", "b", "c"],
                                       ["RESERVE", "q", "0"], ["LLEN", "q"]),
-                             b":3\r\n*3\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\na\r\n:2\r\n")
+                             b":3\r\n*4\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\na\r\n:1\r\n:2\r\n")
         self.exchange(requests(["ACK", "1"], ["ACK", "1"], ["TOUCH", "1"],
-                               ["RESERVE", "none", "q", "0"], ["NACK", "2", "2"],
+                               ["RESERVE", "none", "q", "0"], ["NACK", "2", "2", "DELAY", "0"],
                                ["LRANGE", "q", "0", "-1"], ["ACK", "99"]),
-                      b":1\r\n:0\r\n:0\r\n*3\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\nb\r\n"
+                      b":1\r\n:0\r\n:0\r\n*4\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\nb\r\n:1\r\n"
                       b":1\r\n*2\r\n$1\r\nb\r\n$1\r\nc\r\n:0\r\n", sock)
         self.exchange(requests(["RESERVE", "none", "0.01"], ["RESERVE", "q"],
                                ["MULTI"], ["RESERVE", "none", "0"], ["EXEC"]),
@@ -1391,7 +1395,7 @@ class ReserveTest(ServerCase):
 
     def test_another_connection_cannot_ack_or_nack_what_it_does_not_hold(self):
         holder = self.exchange(requests(["RPUSH", "q", "m"], ["RESERVE", "q", "0"]),
-                               b":1\r\n*3\r\n")
+                               b":1\r\n*4\r\n")
         self.exchange(requests(["ACK", "1"], ["NACK", "1"], ["TOUCH", "1"]),
                       b":0\r\n:0\r\n:0\r\n")
         self.assertEqual(self.server.queues.held_count(), 1)
@@ -1425,33 +1429,33 @@ class ReserveTest(ServerCase):
                 time.sleep(0.005)
         self.exchange(requests(["RPUSH", "q", "x", "y", "z"]), b":3\r\n")
         self.expect(first, b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n")
-        self.expect(second, b"*3\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\ny\r\n")
+        self.expect(second, b"*4\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\ny\r\n:1\r\n")
         self.expect(third, b"*2\r\n$1\r\nq\r\n$1\r\nz\r\n")
 
     def test_held_messages_show_in_info(self):
         holder = self.exchange(requests(["RPUSH", "q", "a", "b"], ["RESERVE", "q", "0"]),
-                               b":2\r\n*3\r\n")
+                               b":2\r\n*4\r\n")
         info = self.client().info()
         self.assertEqual(info["held"], "1")
-        self.assertEqual(info["queue_q"], "messages=1,bytes=1,waiters=0,held=1")
+        self.assertEqual(info["queue_q"], "messages=1,bytes=1,waiters=0,held=1,deferred=0")
         holder.close()
 
 
 class LeaseTest(ServerCase):
 
-    server_options = {"lease": 0.3, "max_deliveries": 3}
+    server_options = {"lease": 0.3, "max_deliveries": 3, "retry_delay": 0}
 
     def test_a_lease_that_runs_out_hands_the_message_to_the_next(self):
         first = self.exchange(requests(["RPUSH", "q", "m"], ["RESERVE", "q", "0"]),
-                              b":1\r\n*3\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\nm\r\n")
+                              b":1\r\n*4\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\nm\r\n:1\r\n")
         second = self.exchange(requests(["RESERVE", "q", "0"]),
-                               b"*3\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\nm\r\n")
+                               b"*4\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\nm\r\n:2\r\n")
         self.exchange(requests(["ACK", "1"]), b":0\r\n", first)
         self.exchange(requests(["ACK", "2"]), b":1\r\n", second)
 
     def test_touch_keeps_a_message_held(self):
         sock = self.exchange(requests(["RPUSH", "q", "m"], ["RESERVE", "q", "0"]),
-                             b":1\r\n*3\r\n")
+                             b":1\r\n*4\r\n")
         sock.recv(100)
         for _ in range(6):
             time.sleep(0.1)
@@ -1464,7 +1468,7 @@ class LeaseTest(ServerCase):
             sock.sendall(requests(["RESERVE", "q", "0"]))
             if _ == 0:
                 self.exchange(requests(["RPUSH", "q", "m"]), b":1\r\n")
-            self.expect(sock, b"*3\r\n")
+            self.expect(sock, b"*4\r\n")
             sock.recv(100)
         deadline = time.monotonic() + TIMEOUT
         while self.server.queues.length(b"q.dead") != 1:
@@ -1487,7 +1491,7 @@ class LongLeaseTest(ServerCase):
             self.assertEqual(reply.read()[1], b"%d" % number)
             self.assertEqual(reply.read(), 1)
         self.exchange(requests(["RPUSH", "q", "y" * 1000], ["RESERVE", "q", "0"]),
-                      b":1\r\n*3\r\n", sock)
+                      b":1\r\n*4\r\n", sock)
         sock.recv(2000)
         sock.sendall(requests(*[["TOUCH", "2001"]] * 5000))
         self.receive(sock, 5000 * 4)
@@ -1515,13 +1519,13 @@ class StoreServerTest(ServerCase):
     def test_queues_and_held_messages_outlive_a_restart(self):
         holder = self.exchange(requests(["RPUSH", "q", "a", "b", "c"],
                                         ["RESERVE", "q", "0"], ["RPUSH", "r", "x"]),
-                               b":3\r\n*3\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\na\r\n:1\r\n")
+                               b":3\r\n*4\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\na\r\n:1\r\n:1\r\n")
         self.restart()
         holder.close()
         self.exchange(requests(["LRANGE", "q", "0", "-1"], ["LRANGE", "r", "0", "-1"],
                                ["RESERVE", "q", "0"]),
                       b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n*1\r\n$1\r\nx\r\n"
-                      b"*3\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\na\r\n")
+                      b"*4\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\na\r\n:2\r\n")
 
     def test_a_full_disk_refuses_changes_and_recovers_by_itself(self):
         sock = self.exchange(requests(["RPUSH", "q", "first"]), b":1\r\n")
@@ -1714,7 +1718,8 @@ class CommandFlagsTest(unittest.TestCase):
         "lmove": "LMOVE q r LEFT RIGHT", "blmove": "BLMOVE q r LEFT RIGHT 0.01",
         "rpoplpush": "RPOPLPUSH q r", "brpoplpush": "BRPOPLPUSH q r 0.01",
         "reserve": "RESERVE q 0.01", "ack": "ACK 1", "nack": "NACK 1",
-        "touch": "TOUCH 1", "llen": "LLEN q", "lrange": "LRANGE q 0 -1",
+        "touch": "TOUCH 1", "defer": "DEFER q 10 m", "redrive": "REDRIVE q",
+        "why": "WHY q.dead", "llen": "LLEN q", "lrange": "LRANGE q 0 -1",
         "lindex": "LINDEX q 0", "lpos": "LPOS q m", "lset": "LSET q 0 m",
         "linsert": "LINSERT q BEFORE m n", "ltrim": "LTRIM q 0 -1",
         "lrem": "LREM q 0 m", "del": "DEL q", "exists": "EXISTS q",
@@ -2449,6 +2454,9 @@ class SlowReaderTest(ServerCase):
 
 class ClientTest(ServerCase):
 
+    # A failure gives back at once here; FailureTest tries the schedule.
+    server_options = {"retry_delay": 0}
+
     def test_put_get_len_queues(self):
         client = self.client()
         self.assertEqual(client.put("jobs", "héllo"), 1)
@@ -2883,7 +2891,7 @@ class CommandLineTest(ServerCase):
                          "beuss: no message on queue q within 1 second\n")
         self.client().put("q", "m")
         out = self.run_main("STATS")[1].decode()
-        self.assertIn("holding 1 message (%d bytes of memory); 0 held by clients\n"
+        self.assertIn("holding 1 message (%d bytes of memory); 0 held by clients, 0 deferred\n"
                       % (1 + beuss.MESSAGE_COST), out)
         self.assertIn("q: 1 message, 1 byte, 0 waiting, 0 held", out)
 
@@ -3024,7 +3032,7 @@ class CommandLineTest(ServerCase):
 
 class DeadLetterCommandLineTest(ServerCase):
 
-    server_options = {"max_deliveries": 3}
+    server_options = {"max_deliveries": 3, "retry_delay": 0}
 
     def test_on_exec_that_fails_sends_the_message_to_dead_letters(self):
         self.client().put_many("q", ["bad", "good"])
