@@ -4678,6 +4678,7 @@ class Client:
             self.tls_ca)
         self.timeout = timeout
         self.reserves = None        # the server has RESERVE; None: not asked
+        self.said_no_delay = False  # that a delay means nothing without it
         self._sock = None
         self._reader = None
 
@@ -5074,9 +5075,10 @@ class Message:
         failure to give it back is said on stderr, since the server gives
         back what a closed connection held anyway."""
         if self.id is None:
-            if delay:
-                _warn("the server has no RESERVE: the message goes back "
-                      "at once, not in %ss" % _number_text(delay))
+            if delay and not self.client.said_no_delay:
+                self.client.said_no_delay = True
+                _warn("the server has no RESERVE: a message goes back at "
+                      "once, not in %ss" % _number_text(delay))
             self.client.put_back(self.queue, self.data)
             return True
         try:

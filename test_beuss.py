@@ -627,6 +627,66 @@ class QueuesTest(unittest.TestCase):
         self.assertEqual(queues.serve(), [(waiter, b"q", [b"1", b"2"])])
 
 
+class RetryQueuesTest(unittest.TestCase):
+    """The retry schedule, deferred messages and dead-letter records, with
+    the clock given, so no test waits."""
+
+    def test_a_failing_message_waits_twice_as_long_each_time_up_to_the_bound(self):
+        queues = beuss.Queues(max_deliveries=8, retry_delay=0.5, retry_max_delay=6)
+        queues.push(b"q", [b"m", b"other"])
+        now, waits = 1000.0, []
+        for _ in range(7):
+            held = queues.reserve(b"q", "consumer")
+            self.assertEqual(held.message, b"m")
+            queues.give_back([held], now=now)
+            self.assertEqual(queues.peek(b"q", 0, -1), [b"other"])  # not held up
+            waits.append(queues.next_due() - now)
+            queues.release_due(now=queues.next_due() - 0.001)
+            self.assertEqual(queues.length(b"q"), 1)                # not yet due
+            now = queues.next_due()
+            queues.release_due(now=now)
+            self.assertEqual(queues.peek(b"q", 0, 0), [b"m"])       # at the head
+        self.assertEqual(waits, [0.5, 1, 2, 4, 6, 6, 6])
+        held = queues.reserve(b"q", "consumer")
+        self.assertEqual(held.deliveries, 8)
+        self.assertEqual(queues.give_back([held], why="boom", now=now), [b"q.dead"])
+        (message, tries, died, why), = queues.dead_records(b"q.dead")
+        self.assertEqual((message, tries, died, why), (b"m", 8, now, "boom"))
+
+    def test_an_explicit_delay_or_a_vanished_consumer_overrides_the_schedule(self):
+        queues = beuss.Queues(max_deliveries=5, retry_delay=10)
+        queues.push(b"q", [b"a", b"b"])
+        first, second = queues.reserve(b"q", "c"), queues.reserve(b"q", "c")
+        queues.give_back([second], failed=False, now=0)
+        queues.give_back([first], delay=0, now=0)
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"a", b"b"])
+        self.assertEqual(queues.deferred_count(), 0)
+
+    def test_deferred_messages_join_the_tail_in_the_order_they_fall_due(self):
+        queues = beuss.Queues()
+        queues.push(b"q", [b"now"])
+        self.assertEqual(queues.defer(b"q", [b"late"], 5, now=0), 1)
+        self.assertEqual(queues.defer(b"q", [b"soon", b"soon2"], 1, now=0), 3)
+        self.assertEqual(queues.size, sum(map(len, [b"now", b"late", b"soon", b"soon2"]))
+                         + 4 * beuss.MESSAGE_COST)
+        queues.release_due(now=1)
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"now", b"soon", b"soon2"])
+        queues.release_due(now=5)
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"now", b"soon", b"soon2", b"late"])
+        self.assertEqual(queues.deferred_count(), 0)
+
+    def test_redrive_and_lmove_drop_the_record_and_the_count(self):
+        queues = beuss.Queues(max_deliveries=1)
+        queues.push(b"q", [b"a", b"b"])
+        for _ in range(2):
+            queues.give_back([queues.reserve(b"q", "c")], why="no", now=7)
+        queues.move(b"q.dead", b"elsewhere", True, False)
+        self.assertEqual(queues.dead_records(b"elsewhere"), [(b"a", None, None, None)])
+        self.assertEqual(queues.redrive(b"q"), 1)
+        self.assertEqual(queues.reserve(b"q", "c").deliveries, 1)
+        self.assertNotIn(b"q.dead", queues)
+
+
 class BigQueueTest(unittest.TestCase):
     """Every list command reaches its messages in one pass over the queue:
     on a queue four times as long it takes about four times as long (a
@@ -2452,6 +2512,154 @@ class SlowReaderTest(ServerCase):
 
 # ## Client ###################################################################
 
+class FailureTest(ServerCase):
+    """Retries that back off, messages due later, dead letters that say
+    why, and REDRIVE, through the server and each kind of consumer."""
+
+    server_options = {"retry_delay": 0.05, "retry_max_delay": 0.2,
+                      "max_deliveries": 10}
+
+    def records(self, queue="q.dead"):
+        return [(r.message, r.deliveries, r.why) for r in self.client().why(queue)]
+
+    def test_the_retry_schedule_doubles_through_the_server(self):
+        client = self.client()
+        client.put("q", "m")
+        times, started = [], time.monotonic()
+        for _ in range(4):
+            message = client.reserve("q", wait=5)
+            times.append(time.monotonic() - started)
+            self.assertTrue(message.nack())
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        for gap, wait in zip(gaps, [0.05, 0.1, 0.2]):
+            self.assertGreaterEqual(gap, wait * 0.9)
+        self.assertEqual(client.reserve("q", wait=5).deliveries, 5)
+
+    def test_a_consumer_that_fails_for_a_while_then_recovers_loses_nothing(self):
+        # 0.05 doubling to 0.2 s, ten deliveries: about 1.55 s of retries;
+        # the consumer fails for 0.6 s.
+        client = self.client()
+        client.put_many("q", ["a", "b", "c"])
+        recovered_at = time.monotonic() + 0.6
+        handled = []
+
+        def handler(message):
+            if time.monotonic() < recovered_at:
+                raise ConnectionError("the service is down")
+            handled.append(message)
+        while len(handled) < 3:
+            try:
+                client.on("q", handler, count=3 - len(handled), idle=5)
+            except ConnectionError:
+                pass
+        self.assertEqual(sorted(handled), [b"a", b"b", b"c"])
+        self.assertEqual(client.queues(), {})
+        self.assertEqual(self.server.queues.deferred_count(), 0)
+
+    def test_defer_wakes_a_blocked_consumer_when_due(self):
+        waiter = self.connect()
+        waiter.sendall(requests(["BLPOP", "q", "0"]))
+        self.wait_blocked(1)
+        started = time.monotonic()
+        self.exchange(requests(["DEFER", "q", "0.2", "later"], ["LLEN", "q"]),
+                      b":1\r\n:0\r\n")
+        self.expect(waiter, b"*2\r\n$1\r\nq\r\n$5\r\nlater\r\n")
+        self.assertGreaterEqual(time.monotonic() - started, 0.19)
+        self.assertEqual(self.client().info()["deferred"], "0")
+
+    def test_defer_and_nack_refuse_bad_delays(self):
+        self.exchange(requests(["DEFER", "q", "-1", "m"], ["DEFER", "q", "soon", "m"],
+                               ["DEFER", "q", "1000000001", "m"], ["DEFER", "q", "nan", "m"],
+                               ["DEFER", "q", "1000000000", "m"], ["DEFER", "q", "1"],
+                               ["NACK", "1", "DELAY", "-2"], ["NACK", "DELAY", "1"],
+                               ["NACK", "1", "DELAY"]),
+                      b"-ERR delay is negative\r\n-ERR delay is not a number\r\n"
+                      b"-ERR delay is out of range (at most 1000000000 seconds)\r\n"
+                      b"-ERR delay is not a number\r\n:1\r\n"
+                      b"-ERR wrong number of arguments for 'defer' command\r\n"
+                      b"-ERR delay is negative\r\n"
+                      b"-ERR wrong number of arguments for 'nack' command\r\n"
+                      b"-ERR syntax error\r\n")
+
+    def test_each_consumer_says_why_a_message_died(self):
+        self.server.queues.max_deliveries = 1
+        client = self.client()
+        client.put_many("q", ["raw", "on", "with", "cli"])
+        message = client.reserve("q")
+        self.assertTrue(message.nack(reason="raw reason"))
+        with self.assertRaises(ValueError):
+            client.on("q", lambda data: int(data), count=1)
+        with self.assertRaises(KeyError):
+            with client.reserve("q"):
+                raise KeyError("missing")
+        command = ('%s -c "import sys, os; print(os.environ[\'BEUSS_DELIVERIES\'], '
+                   'file=sys.stderr); print(\'last words\', file=sys.stderr); sys.exit(3)"'
+                   % sys.executable)
+        err = io.StringIO()
+        with mock.patch.object(sys, "stderr", err):
+            self.assertEqual(beuss.main(["ON", "q", "--exec", command, "--count", "1",
+                                         "--timeout", "0.5", "--port", str(self.port)]), 1)
+        self.assertIn("1\nlast words\n", err.getvalue())
+        self.assertEqual(self.records(), [
+            (b"raw", 1, "raw reason"),
+            (b"on", 1, "ValueError: invalid literal for int() with base 10: b'on'"),
+            (b"with", 1, "KeyError: 'missing'"),
+            (b"cli", 1, "exit status 3: last words")])
+        self.assertFalse(message.ack())             # no longer held
+
+    def test_peek_why_and_redrive_on_the_command_line(self):
+        self.server.queues.max_deliveries = 1
+        client = self.client()
+        client.put_many("q", ["poison", "other"])
+        for _ in range(2):
+            client.reserve("q").nack(reason="it hurts")
+        client.call(b"RPUSH", b"q.dead", b"by hand")
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.object(sys, "stdout", out), mock.patch.object(sys, "stderr", err):
+            self.assertEqual(beuss.main(["PEEK", "q.dead", "5", "--why", "--port", str(self.port)]), 0)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  after 1 delivery: it hurts  \|  poison$")
+        self.assertEqual(lines[2], "(not a dead letter)  by hand")
+        with mock.patch.object(sys, "stdout", out):
+            self.assertEqual(beuss.main(["REDRIVE", "q", "2", "--port", str(self.port)]), 0)
+        self.assertTrue(out.getvalue().endswith("\n2\n"))
+        self.assertEqual(client.call(b"LRANGE", b"q", 0, -1), [b"poison", b"other"])
+        self.assertEqual(client.reserve("q").deliveries, 1)
+        self.assertEqual(client.redrive("q"), 1)
+        self.assertEqual(client.redrive("q"), 0)
+        self.exchange(requests(["REDRIVE", "q", "0"], ["WHY", "q", "0"]),
+                      b"-ERR count should be greater than 0\r\n-ERR syntax error\r\n")
+
+    def test_put_with_a_delay_from_the_command_line_and_python(self):
+        with mock.patch.object(sys, "stderr", io.StringIO()):
+            self.assertEqual(beuss.main(["PUT", "q", "cli", "--delay", "150ms",
+                                         "--port", str(self.port)]), 0)
+        beuss.put("q", "python", delay=0.15, port=self.port)
+        client = self.client()
+        self.assertEqual(client.len("q"), 0)
+        self.assertEqual(client.info()["queue_q"], "messages=0,bytes=0,waiters=0,held=0,deferred=2")
+        out = io.StringIO()
+        with mock.patch.object(sys, "stdout", out):
+            self.assertEqual(beuss.main(["LIST", "--port", str(self.port)]), 0)
+        self.assertEqual(out.getvalue(), "q 0 (2 deferred)\n")
+        self.assertEqual(client.get("q", wait=5), b"cli")
+        self.assertEqual(client.get("q", wait=5), b"python")
+
+    def test_reserve_takes_from_the_first_queue_with_a_message_priorities(self):
+        client = self.client()
+        client.put("low", "l")
+        client.put("normal", "n")
+        order = []
+        for _ in range(2):
+            reply = client.call(b"RESERVE", b"high", b"normal", b"low", b"0")
+            order.append(reply[0])
+            client.ack(reply[1])
+        client.put("high", "h")
+        order.append(client.call(b"RESERVE", b"high", b"normal", b"low", b"0")[0])
+        self.assertEqual(order, [b"normal", b"low", b"high"])
+
+
 class ClientTest(ServerCase):
 
     # A failure gives back at once here; FailureTest tries the schedule.
@@ -3523,6 +3731,85 @@ class DurabilityTest(unittest.TestCase):
         self.run_kills("everysec", seed=2)
 
 
+class DeferredDurabilityTest(unittest.TestCase):
+    """Deferred messages, retries set aside and dead letters' records
+    outlive a SIGKILL; what fell due while the server was down is ready at
+    start."""
+
+    def test_sigkill_keeps_what_is_set_aside_and_why_letters_died(self):
+        if not POSIX:
+            self.skipTest("SIGKILL is POSIX")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        port = free_port()
+        command = [sys.executable, BEUSS, "--port", str(port), "--data",
+                   os.path.join(folder, "beuss.db"), "--fsync", "always",
+                   "--max-deliveries", "2"]
+        server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(port, process=server)
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                self.assertEqual(client.put("q", "far", delay=3600), 1)
+                self.assertEqual(client.put("q", "soon", delay=0.3), 2)
+                client.put("poison", "p")
+                client.reserve("poison").nack(delay=0)
+                self.assertTrue(client.reserve("poison").nack(reason="bad input"))
+                client.put("r", "retry")
+                client.reserve("r").nack(delay=3600)
+        finally:
+            server.kill()
+            server.wait()
+        time.sleep(0.4)
+        server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(port, process=server)
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                self.assertEqual(client.call(b"LRANGE", b"q", 0, -1), [b"soon"])
+                info = client.info()
+                self.assertEqual(info["deferred"], "2")
+                self.assertEqual(info["queue_r"], "messages=0,bytes=0,waiters=0,held=0,deferred=1")
+                (record,) = client.why("poison.dead")
+                self.assertEqual((record.message, record.deliveries, record.why),
+                                 (b"p", 2, "bad input"))
+                self.assertLess(abs(record.died - time.time()), 30)
+        finally:
+            server.kill()
+            server.wait()
+
+    def test_a_version_1_store_is_upgraded_in_place(self):
+        import sqlite3
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "old.db")
+        db = sqlite3.connect(path)
+        db.executescript("""
+            CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
+                                 message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                                 PRIMARY KEY (queue, position)) WITHOUT ROWID;
+            CREATE TABLE held (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
+                               message BLOB NOT NULL, deliveries INTEGER NOT NULL);
+            CREATE TABLE settings (name TEXT PRIMARY KEY, value);
+            PRAGMA application_id = %d; PRAGMA user_version = 1;
+            INSERT INTO queued VALUES (x'71', 1.0, x'6f6c64', 0);
+            INSERT INTO settings VALUES ('next_id', 7);""" % beuss._STORE_ID)
+        db.close()
+        store = beuss.Store(path)
+        queues = beuss.Queues(max_deliveries=1)
+        store.load(queues)
+        queues.journal = store
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"old"])
+        queues.give_back([queues.reserve(b"q", "c")], why="upgraded")
+        self.assertEqual(queues.defer(b"q", [b"later"], 60), 1)
+        store.commit()
+        store.close()
+        store, queues = beuss.Store(path), beuss.Queues()
+        store.load(queues)
+        self.addCleanup(store.close)
+        self.assertEqual(queues.dead_records(b"q.dead")[0][::3], (b"old", "upgraded"))
+        self.assertEqual(queues.deferred_count(), 1)
+        self.assertGreater(queues.next_id, 7)
+
+
 class FullDiskTest(unittest.TestCase):
     """The store on a filesystem of 8 MB that four writers fill with
     messages of 50 KB: the server stops acknowledging when it cannot write
@@ -4487,7 +4774,7 @@ class ReadmeTest(ServerCase):
         with open(path, "w") as script:
             script.write(snippet)
         out = self.run_snippet([node], path)
-        self.assertEqual(out, b"{ key: 'jobs', element: 'hello' }\n")
+        self.assertEqual(out, b"hello\njob 1 handled on delivery 2\n")
 
 
 class ClientAgainstRedisTest(unittest.TestCase):
@@ -4512,6 +4799,24 @@ class ClientAgainstRedisTest(unittest.TestCase):
             self.assertEqual(beuss.main(["STATS", "--port", str(redis.port)]), 0)
         self.assertTrue(out.getvalue().startswith(b"hiredis "), out.getvalue())
         self.assertEqual(err.getvalue().count("has no RESERVE"), 1, err.getvalue())
+
+    def test_beuss_own_commands_say_so_against_redis(self):
+        redis = RedisServer(self)
+        self.addCleanup(redis.stop)
+        for argv in (["PUT", "q", "m", "--delay", "1s"], ["REDRIVE", "q"],
+                     ["PEEK", "q.dead", "--why"]):
+            with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+                self.assertEqual(beuss.main(argv + ["--port", str(redis.port)]), 3)
+            self.assertEqual(len(err.getvalue().splitlines()), 1, err.getvalue())
+            self.assertIn("does not offer", err.getvalue())
+        with beuss.Client(port=redis.port, timeout=TIMEOUT) as client, \
+                mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            client.put("jobs", "a")
+            message = client.reserve("jobs")
+            self.assertTrue(message.nack(delay=30))
+            self.assertTrue(message.nack(delay=30))
+            self.assertEqual(client.len("jobs"), 2)     # given back at once
+        self.assertEqual(err.getvalue().count("not in 30s"), 1, err.getvalue())
 
     def test_reserve_and_on_fall_back_to_plain_pops_against_redis(self):
         redis = RedisServer(self)
