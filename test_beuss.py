@@ -1535,6 +1535,8 @@ class LeaseTest(ServerCase):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.01)
         self.assertNotIn(b"q", self.server.queues)
+        (record,) = self.client().why("q.dead")
+        self.assertEqual((record.deliveries, record.why), (3, "lease expired"))
 
 
 class LongLeaseTest(ServerCase):
