@@ -790,14 +790,17 @@ def glob_matcher(pattern):
 # that is still there, so a waiter that left loses nothing.
 #
 # A reserved message (RESERVE) leaves its queue but is not gone: it is held
-# under a fresh id by its owner until ACK removes it for good. NACK, the
-# owner going away, or the lease running out (the server's call) put it
-# back at the head of its queue, several at once in the order they were
-# queued; one that was delivered max_deliveries times goes to the tail of
-# "<queue>.dead" instead (a dead letter that fails again stays where it is,
-# at the head of its .dead queue, its count growing). A message that comes back keeps its count of
-# deliveries; LLEN counts ready messages only. So a message is always in
-# exactly one place: ready in one queue, or held by one live client.
+# under a fresh id by its owner until ACK removes it for good. The owner
+# going away puts it back at the head of its queue at once; a failure (NACK,
+# the lease running out, the server's call) sets it aside first, for a wait
+# that doubles with its deliveries (retry_delay up to retry_max_delay), or
+# for NACK's own DELAY, after which it rejoins the head. One that was
+# delivered max_deliveries times goes to the tail of "<queue>.dead" instead,
+# as a DeadLetter that records why (a dead letter that fails again stays in
+# its .dead queue, its count growing). A message that comes back keeps its
+# count of deliveries; LLEN counts ready messages only. So a message is
+# always in exactly one place: ready in one queue, held by one live client,
+# or set aside until it is due (DEFER puts messages there too).
 #
 # With a store, each change is first handed to the journal, which writes it
 # or raises StoreError; memory changes only after the journal took it.
