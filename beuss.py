@@ -84,6 +84,12 @@ DEFAULT_MAX_INPUT = 32 * 1024 * 1024
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_DELAY = 10 ** 9             # seconds a message may be set aside (31 years)
 MAX_REASON = 1000               # characters of why a message failed, kept
+SAMPLE_INTERVAL = 10            # seconds between samples of each queue
+HISTORY = 900                   # seconds of samples kept (15 minutes)
+MAX_MARKS = 512                 # arrival marks a queue keeps
+MAX_COUNTED = 10000             # queues whose counts are kept
+HTTP_MAX_REQUEST = 8192         # bytes of an HTTP request line and headers
+HTTP_TIMEOUT = 10.0             # seconds an HTTP exchange may take
 ACCEPT_RETRY = 0.1                      # after running out of descriptors
 TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_FAILED_AUTHS = 3                    # wrong tokens before the close
@@ -898,6 +904,35 @@ def dead_letters(name):
     return name + b".dead"
 
 
+class QueueCounts:
+    """What happened to one queue: totals, samples and arrival marks."""
+
+    __slots__ = ("pushed", "delivered", "acknowledged", "given_back",
+                 "dead_lettered", "expired", "marks", "marked", "history",
+                 "active", "sampled_pushed")
+
+    def __init__(self, second):
+        self.pushed = self.delivered = self.acknowledged = 0
+        self.given_back = self.dead_lettered = self.expired = 0
+        self.marks = collections.deque()    # (pushed before, second)
+        self.marked = None
+        # (time, depth, pushed, delivered), one each SAMPLE_INTERVAL.
+        self.history = collections.deque(maxlen=HISTORY // SAMPLE_INTERVAL)
+        self.active = second
+        self.sampled_pushed = 0
+
+    def rates(self, now, span=60):
+        """(in, out) per second over the last span seconds of samples."""
+        history = self.history
+        if not history:
+            return 0.0, 0.0
+        then = next((sample for sample in history if sample[0] >= now - span
+                     - SAMPLE_INTERVAL / 2), history[0])
+        seconds = max(now - then[0], 1)
+        return ((self.pushed - then[2]) / seconds,
+                (self.delivered - then[3]) / seconds)
+
+
 class Queues:
     """Named FIFO queues of bytes, the clients waiting on them, and the
     messages clients hold."""
@@ -917,6 +952,8 @@ class Queues:
         # message, at the head), due in seconds since the epoch.
         self._deferred = []
         self.deferred_by = collections.Counter()    # queue -> how many
+        self.counts = {}            # queue -> QueueCounts (see Counting)
+        self.second = 0             # the server's clock, in whole seconds
         self.journal = journal      # the store, or None
         self.next_id = 1            # of the next reservation
         self.size = 0               # memory all messages take, held too
@@ -1026,6 +1063,7 @@ class Queues:
         """Add messages at the tail (or the head); return the new length."""
         if self.journal is not None:
             self.journal.push(name, messages, left)
+        self._arrived(name, len(messages))
         return self._add(name, messages, left)
 
     def _add(self, name, messages, left):
@@ -1054,6 +1092,9 @@ class Queues:
             return None
         if self.journal is not None:
             self.journal.pop(name, 1, left)
+        counts = self.counts.get(name)
+        if counts is not None:
+            counts.delivered += 1
         message = queue.popleft() if left else queue.pop()
         self.size -= len(message) + MESSAGE_COST
         if not queue:
@@ -1073,6 +1114,9 @@ class Queues:
         return self._take(name, left, count)
 
     def _take(self, name, left, count):
+        counts = self.counts.get(name)
+        if counts is not None:
+            counts.delivered += count
         queue = self._queues[name]
         take = queue.popleft if left else queue.pop
         messages = [take() for _ in range(count)]
@@ -1095,6 +1139,7 @@ class Queues:
         messages = self._take(source, from_left, 1)
         if fresh or messages[0].__class__ is DeadLetter:
             messages = [bytes(messages[0])]
+        self._arrived(target, 1)
         self._add(target, messages, to_left)
         return messages[0]
 
@@ -1238,6 +1283,7 @@ class Queues:
         if self.journal is not None:
             self.journal.ack(held.id)
         self._forget(held)
+        self._count(held.queue, "acknowledged")
 
     def give_back(self, helds, delay=None, why=None, failed=True,
                   now=None):
@@ -1259,7 +1305,13 @@ class Queues:
                 self._forget(held)
                 self._add(target, [dead_letter(held.message, *record)], False)
                 dead.append(target)
+                self._count(held.queue, "dead_lettered")
+                if why == "lease expired":
+                    self._count(held.queue, "expired")
                 continue
+            self._count(held.queue, "given_back")
+            if why == "lease expired":
+                self._count(held.queue, "expired")
             wait = delay if delay is not None else (
                 self.retry_wait(held.deliveries) if failed else 0)
             message = Returned(held.message)
@@ -1302,6 +1354,63 @@ class Queues:
         if not mine:
             del self._held_by[held.owner]
 
+    # Counting ------------------------------------------------------------
+    #
+    # For the status page, metrics and TOP: each queue seen recently has a
+    # QueueCounts: totals since it was first seen, a history of samples
+    # (one each SAMPLE_INTERVAL, for HISTORY seconds), and marks of when
+    # its messages arrived (at most one a second, MAX_MARKS of them), from
+    # which the age of the oldest ready message is told, to the second, for
+    # a queue used first in, first out. A push costs a dictionary lookup
+    # and two additions. At most MAX_COUNTED queues are counted (the
+    # others only in the totals of INFO), and a queue's counts go once it
+    # has been empty and idle for HISTORY seconds.
+
+    def _arrived(self, name, count):
+        counts = self.counts.get(name)
+        if counts is None:
+            if len(self.counts) >= MAX_COUNTED:
+                return
+            counts = self.counts[name] = QueueCounts(self.second)
+        if counts.marked != self.second and len(counts.marks) < MAX_MARKS:
+            counts.marks.append((counts.pushed, self.second))
+            counts.marked = self.second
+        counts.pushed += count
+
+    def _count(self, name, field):
+        counts = self.counts.get(name)
+        if counts is not None:
+            setattr(counts, field, getattr(counts, field) + 1)
+
+    def oldest_age(self, name, now):
+        """Seconds the head of name has waited, as the marks tell, or 0."""
+        counts = self.counts.get(name)
+        if counts is None or not self._queues.get(name):
+            return 0
+        marks = counts.marks
+        # A mark (pushed, when) says messages after the first `pushed`
+        # arrived from `when` on; the head is about the delivered-th.
+        while len(marks) > 1 and marks[1][0] <= counts.delivered:
+            marks.popleft()
+        return max(now - marks[0][1], 0) if marks else 0
+
+    def sample(self, now):
+        """Record a sample of every counted queue, and forget the counts of
+        queues empty and idle for HISTORY seconds."""
+        held = collections.Counter(held.queue for held in self._held.values())
+        for name, counts in list(self.counts.items()):
+            depth = self.length(name)
+            busy = depth or held[name] or self.deferred_by[name] \
+                or name in self._waiters
+            if busy or counts.pushed != counts.sampled_pushed:
+                counts.active = now
+            elif now - counts.active > HISTORY:
+                del self.counts[name]
+                continue
+            counts.sampled_pushed = counts.pushed
+            counts.history.append((now, depth, counts.pushed,
+                                   counts.delivered))
+
     # Deferring -----------------------------------------------------------
     #
     # A message set aside (DEFER, or a retry that waits) is in no queue
@@ -1318,6 +1427,7 @@ class Queues:
         if self.journal is not None:
             self.journal.defer(ids, name, messages, due)
         self.next_id += len(messages)
+        self._arrived(name, len(messages))
         for deferred_id, message in zip(ids, messages):
             self._set_aside(deferred_id, name, message, due, False)
         return self.deferred_by[name]
@@ -1591,6 +1701,7 @@ class Store:
         self._in_pass = False       # a transaction is open
         self.failing = None         # why the last commit failed, or None
         self.commits = 0
+        self.last_commit = None     # when (time.time()) the last one was
         self.changes = 0            # changes made since the start
         self.saved = 0              # of those, how many are committed
         self._synced = 0            # commits the helper thread has synced
@@ -2025,6 +2136,7 @@ class Store:
             if self._in_pass:
                 self._db.execute("COMMIT")
                 self.commits += 1
+                self.last_commit = time.time()
         except self._sqlite3.Error as exc:
             if self.failing is None:
                 _warn("cannot write %s: %s; replies that report changes "
@@ -2262,7 +2374,7 @@ class _Connections:
                                    "accepting connections for a moment"
                                    % _reason(exc))
                 return
-            if len(self._conns) >= self.max_clients or (
+            if len(self._conns) + len(self._http_conns) >= self.max_clients or (
                     self._max_fd is not None and sock.fileno() >= self._max_fd):
                 try:
                     sock.send(ERR_MAX_CLIENTS)
@@ -2290,6 +2402,36 @@ class _Connections:
             self._update_guard(conn)
             self._selector.register(sock, selectors.EVENT_READ, conn)
             conn.events = selectors.EVENT_READ
+
+    def _listen_http(self, address):
+        host, port = address
+        try:
+            self._http_listener = _listen(host or self.host, port)
+        except OSError:
+            self._close_all()
+            raise
+        self.http = self._http_listener.getsockname()[:2]
+        self._selector.register(self._http_listener, selectors.EVENT_READ,
+                                self._accept_http)
+
+    def _accept_http(self):
+        # The status page's connections count against --max-clients too.
+        while True:
+            try:
+                sock, _ = self._http_listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(self._conns) + len(self._http_conns) >= self.max_clients \
+                    or (self._max_fd is not None
+                        and sock.fileno() >= self._max_fd):
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = _HttpConn(self, sock)
+            self._http_conns.add(conn)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _complain(self, text):
         # Hostile or broken traffic is said at most once a minute, so that
@@ -2448,6 +2590,10 @@ class _Connections:
         if self.store is not None:
             # What the closes gave back, too.
             self.unsaved = self.store.close()
+        for conn in list(self._http_conns):
+            conn.close()
+        if self._http_listener is not None:
+            self._http_listener.close()
         self._selector.close()
         for sock in (self._listener, self._wake_r, self._wake_w):
             sock.close()
@@ -2673,8 +2819,20 @@ class Server(_Connections):
         self._read_view = memoryview(self._read_buffer)
         self._accepting = True      # the listener is watched
         self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
+        self._sample_at = 0.0           # the next sample of the queues
+        self._started_clock = time.monotonic()
+        self.published = {}             # channel -> messages published
+        self.published_total = 0
+        self.published_history = collections.deque(
+            maxlen=HISTORY // SAMPLE_INTERVAL)  # (time, published_total)
         self._complained_at = -60.0
         self._selector = self.selector()
+        http = settings["http"]
+        if http is not None and token is None and self.protected_mode \
+                and not _is_loopback(http[0] or host):
+            raise BeussError(
+                "refusing to serve the status page on %s without a token: "
+                "set one, or pass --no-protected-mode" % (http[0] or host))
         try:
             self._listener = _listen(host, port)
         except OSError:
@@ -2690,6 +2848,10 @@ class Server(_Connections):
                                 self._accept)
         self._selector.register(self._wake_r, selectors.EVENT_READ,
                                 lambda: _drain(self._wake_r))
+        self._http_conns = set()
+        self._http_listener, self.http = None, None
+        if settings["http"] is not None:
+            self._listen_http(settings["http"])
 
     def __enter__(self):
         self.start()
@@ -2760,15 +2922,89 @@ class Server(_Connections):
             ("store_commits", store.commits if store else 0),
             ("store_last_write_status",
              "err" if store and store.failing else "ok")])
+        clock = time.monotonic()
+
+        def rates(name):
+            counts = queues.counts.get(name)
+            return ",in_per_sec=%.2f,out_per_sec=%.2f,oldest_age=%d" % (
+                (counts.rates(clock) if counts else (0.0, 0.0))
+                + (queues.oldest_age(name, clock),))
         section("Queues", [("queues", len(queues)),
                            ("messages", queues.message_count()),
                            ("held", queues.held_count()),
                            ("deferred", queues.deferred_count())] + [
             ("queue_" + repr(name)[2:-1],
              "messages=%d,bytes=%d,waiters=%d,held=%d,deferred=%d"
-             % tuple(sizes))
+             % tuple(sizes) + rates(name))
             for name, *sizes in queues.queue_sizes()])
         return "\r\n".join(lines)
+
+    def status(self):
+        """What the status page, /metrics and /status.json show: plain
+        values, queue and channel names as text."""
+        import platform
+        queues, now, clock = self.queues, time.time(), time.monotonic()
+        store = self.store
+        rows = []
+        for name, ready, size, waiting, held, deferred in queues.queue_sizes():
+            counts = queues.counts.get(name)
+            rates = counts.rates(clock) if counts else (0.0, 0.0)
+            history, previous = [], None
+            for sample in (counts.history if counts else ()):
+                if previous is not None:
+                    seconds = max(sample[0] - previous[0], 1)
+                    history.append([round(clock - sample[0]), sample[1],
+                                    round((sample[2] - previous[2]) / seconds, 2),
+                                    round((sample[3] - previous[3]) / seconds, 2)])
+                previous = sample
+            rows.append({
+                "name": _name_text(name), "ready": ready, "bytes": size,
+                "held": held, "deferred": deferred,
+                "dead": queues.length(dead_letters(name)), "waiting": waiting,
+                "in_per_second": round(rates[0], 2),
+                "out_per_second": round(rates[1], 2),
+                "oldest_age_seconds": round(queues.oldest_age(name, clock)),
+                "pushed": counts.pushed if counts else 0,
+                "delivered": counts.delivered if counts else 0,
+                "acknowledged": counts.acknowledged if counts else 0,
+                "given_back": counts.given_back if counts else 0,
+                "dead_lettered": counts.dead_lettered if counts else 0,
+                "leases_expired": counts.expired if counts else 0,
+                "history": history})
+        rows.sort(key=lambda row: (-(row["ready"] + row["held"]
+                                     + row["deferred"]), row["name"]))
+        then = self.published_history[0] if self.published_history else (
+            clock, self.published_total)
+        published_rate = (self.published_total - then[1]) / max(
+            clock - then[0], 1)
+        channels = sorted(({
+            "name": _name_text(channel),
+            "subscribers": self.channels.subscribers(channel),
+            "published_per_second": round(count / max(min(
+                clock - self._started_clock, HISTORY), 1), 2)}
+            for channel, count in self.published.items()
+            if self.channels.subscribers(channel)),
+            key=lambda row: row["name"])
+        return {
+            "server": {
+                "version": __version__, "host": self.host, "port": self.port,
+                "python": "%d.%d.%d" % sys.version_info[:3],
+                "implementation": platform.python_implementation(),
+                "started": self.started,
+                "uptime_seconds": int(now - self.started),
+                "memory_used_bytes": queues.size,
+                "memory_max_bytes": self.max_memory,
+                "connections": len(self._conns),
+                "max_connections": self.max_clients,
+                "store": store.path if store else None,
+                "fsync": store.fsync if store else None,
+                "store_ok": store is None or store.failing is None,
+                "store_commits": store.commits if store else 0,
+                "last_commit": store.last_commit if store else None,
+                "tls": self._tls is not None, "token": self.token is not None},
+            "queues": rows, "channels": channels,
+            "published": self.published_total,
+            "published_per_second": round(published_rate, 2)}
 
     def _wake(self):
         try:
@@ -2783,7 +3019,9 @@ class Server(_Connections):
         queues = self.queues
         try:
             while not self._stopping:
-                for key, mask in self._selector.select(self._select_timeout()):
+                events = self._selector.select(self._select_timeout())
+                queues.second = int(time.monotonic())
+                for key, mask in events:
                     conn = key.data
                     if conn.__class__ is not _Conn:
                         conn()              # the listener or the wake-up pair
@@ -2847,6 +3085,16 @@ class Server(_Connections):
             self._check_subscriber_backlog(conn)
         if self._leases:
             self._drop_stale_leases()
+        if now >= self._sample_at:
+            self._sample_at = now + SAMPLE_INTERVAL
+            self.queues.sample(now)
+            self.published = {channel: count for channel, count
+                              in self.published.items()
+                              if self.channels.subscribers(channel)}
+            self.published_history.append((now, self.published_total))
+        for conn in [conn for conn in self._http_conns
+                     if now - conn.created > HTTP_TIMEOUT]:
+            conn.close()
 
     def _run(self, conn):
         """Run the requests conn has sent, in order, until it blocks, its
@@ -3180,6 +3428,9 @@ class Server(_Connections):
                                             message])
             self._reply(conn, frame)
             self._check_subscriber_backlog(conn)
+        self.published_total += 1
+        if channel in self.published or self.channels.subscribers(channel):
+            self.published[channel] = self.published.get(channel, 0) + 1
         return len(receivers)
 
     def _push(self, conn, kind, name, count):
@@ -4545,6 +4796,13 @@ def _yes(value):
     raise ValueError(value)
 
 
+def _http_address(value):
+    """(host or None, port) from [HOST:]PORT; [::1]:8080 for IPv6."""
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or None, _port(port)
+
+
 def _selector(value):
     """A selectors class by its short name: epoll, kqueue, devpoll, poll
     or select, those the system has."""
@@ -4601,6 +4859,9 @@ SETTINGS = [Setting(*row) for row in (
      "FILE", "serve TLS with this certificate"),
     ("tls_key", "--tls-key", "BTLSKEY", None, str, "tls-key-file", "FILE",
      "... and this private key"),
+    ("http", "--http", "BHTTP", None, _http_address, "http", "[HOST:]PORT",
+     "serve the status page, /metrics, /status.json and /healthz over HTTP "
+     "here (the host defaults to --host's); off unless given"),
     ("selector", "--selector", "BSELECTOR", None, _selector, "selector",
      "NAME", "how the loop waits for sockets: epoll, kqueue, devpoll, poll "
      "or select; the best the system has"),
@@ -4636,7 +4897,352 @@ def _setting_text(value):
         return _number_text(value)
     if isinstance(value, type):         # a selector class
         return value.__name__[:-len("Selector")].lower()
+    if isinstance(value, tuple):        # an address
+        return "%s:%d" % value[:2]
     return str(value)
+
+
+# ## The status page: HTML, metrics, JSON and health over HTTP ###############
+#
+# With --http the loop also answers HTTP/1.1 on a port of its own, read-only
+# and one request a connection: "/" a page with a row and a chart for each
+# queue (drawn by the server as SVG, refreshed by the browser every few
+# seconds, no JavaScript), "/metrics" Prometheus's text format,
+# "/status.json" the same numbers for scripts, and "/healthz" 200 while the
+# store can write (503 while it answers MISCONF). With a token, every path
+# but /healthz wants it (Authorization: Bearer, or Basic with the token as
+# password). A request is at most HTTP_MAX_REQUEST bytes and HTTP_TIMEOUT
+# seconds, its connection counts against --max-clients, and the reply is
+# made at once and sent as the socket takes it, so no RESP client waits for
+# a browser. Names are escaped wherever they go.
+
+class _HttpConn:
+    """One HTTP exchange: read the request, answer, close."""
+
+    __slots__ = ("server", "sock", "data", "out", "created")
+
+    def __init__(self, server, sock):
+        self.server, self.sock = server, sock
+        self.data, self.out = b"", None
+        self.created = time.monotonic()
+
+    def __call__(self):
+        if self.out is not None:
+            self._send()
+            return
+        try:
+            chunk = self.sock.recv(HTTP_MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not chunk:
+            self.close()
+            return
+        self.data += chunk
+        end = self.data.find(b"\r\n\r\n")
+        if end < 0 and len(self.data) <= HTTP_MAX_REQUEST:
+            return
+        if end < 0 or end > HTTP_MAX_REQUEST:
+            reply = _http_reply(431, "text/plain", b"request too large\n")
+        else:
+            try:
+                reply = _http_answer(self.server, self.data[:end])
+            except Exception as exc:
+                _warn("internal error answering HTTP: %r" % exc)
+                reply = _http_reply(500, "text/plain", b"internal error\n")
+        self.out = memoryview(reply)
+        self._send()
+
+    def _send(self):
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        self.out = self.out[sent:]
+        if not self.out:
+            self.close()
+        elif sent == 0 or len(self.out):
+            self.server._selector.modify(self.sock, selectors.EVENT_WRITE, self)
+
+    def close(self):
+        if self in self.server._http_conns:
+            self.server._http_conns.discard(self)
+            try:
+                self.server._selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+
+
+_HTTP_REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found",
+                 405: "Method Not Allowed", 431: "Request Header Fields Too "
+                 "Large", 500: "Internal Server Error",
+                 503: "Service Unavailable"}
+
+
+def _http_reply(status, kind, body, head=False, extra=""):
+    return ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n" % (
+                status, _HTTP_REASONS[status], kind, len(body), extra)
+            ).encode() + (b"" if head else body)
+
+
+def _http_answer(server, request):
+    """The whole reply to a request (its line and headers)."""
+    lines = request.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return _http_reply(405, "text/plain", b"not an HTTP request\n")
+    method, target = parts[0], parts[1].split("?")[0]
+    if method not in ("GET", "HEAD"):
+        return _http_reply(405, "text/plain", b"GET or HEAD only\n",
+                           extra="Allow: GET, HEAD\r\n")
+    head = method == "HEAD"
+    if target == "/healthz":
+        store = server.store
+        if store is not None and store.failing is not None:
+            return _http_reply(503, "text/plain", ("the store cannot be "
+                               "written: %s\n" % store.failing).encode(), head)
+        return _http_reply(200, "text/plain", b"ok\n", head)
+    if target not in ("/", "/metrics", "/status.json"):
+        return _http_reply(404, "text/plain", b"not found\n", head)
+    if server.token is not None and not _http_authorized(server, lines[1:]):
+        return _http_reply(401, "text/plain", b"the token is needed\n", head,
+                           'WWW-Authenticate: Basic realm="beuss"\r\n')
+    status = server.status()
+    if target == "/metrics":
+        return _http_reply(200, "text/plain; version=0.0.4; charset=utf-8",
+                           _metrics(status).encode(), head)
+    if target == "/status.json":
+        import json
+        return _http_reply(200, "application/json", json.dumps(
+            status, indent=1).encode(), head)
+    return _http_reply(200, "text/html; charset=utf-8",
+                       _page(status).encode(), head)
+
+
+def _http_authorized(server, headers):
+    for header in headers:
+        name, _, value = header.partition(":")
+        if name.strip().lower() != "authorization":
+            continue
+        kind, _, credentials = value.strip().partition(" ")
+        if kind.lower() == "bearer":
+            return _same_token(credentials.strip().encode(), server.token)
+        if kind.lower() == "basic":
+            import base64
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True)
+            except ValueError:
+                return False
+            return _same_token(decoded.partition(b":")[2], server.token)
+    return False
+
+
+def _name_text(name):
+    """A queue or channel name for people: UTF-8, other bytes as \\xNN."""
+    return name.decode("utf-8", "backslashreplace")
+
+
+def _metric_label(text):
+    return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+_QUEUE_METRICS = [
+    # (status field, metric name, type, help)
+    ("ready", "beuss_queue_ready_messages", "gauge",
+     "Messages ready in the queue."),
+    ("held", "beuss_queue_held_messages", "gauge",
+     "Messages reserved and not yet acknowledged."),
+    ("deferred", "beuss_queue_deferred_messages", "gauge",
+     "Messages set aside until they are due."),
+    ("dead", "beuss_queue_dead_messages", "gauge",
+     "Messages in the queue's dead letters."),
+    ("waiting", "beuss_queue_consumers", "gauge",
+     "Clients blocked waiting on the queue."),
+    ("oldest_age_seconds", "beuss_queue_oldest_message_age_seconds", "gauge",
+     "How long the oldest ready message has waited."),
+    ("pushed", "beuss_queue_pushed_total", "counter",
+     "Messages put on the queue."),
+    ("delivered", "beuss_queue_delivered_total", "counter",
+     "Messages taken or reserved from the queue."),
+    ("acknowledged", "beuss_queue_acknowledged_total", "counter",
+     "Reserved messages acknowledged."),
+    ("given_back", "beuss_queue_given_back_total", "counter",
+     "Reserved messages given back to be retried."),
+    ("dead_lettered", "beuss_queue_dead_lettered_total", "counter",
+     "Messages sent to the dead letters."),
+    ("leases_expired", "beuss_queue_leases_expired_total", "counter",
+     "Leases that ran out before an acknowledgement."),
+]
+
+
+def _metrics(status):
+    server = status["server"]
+    lines = []
+
+    def metric(name, kind, help, samples):
+        lines.append("# HELP %s %s" % (name, help))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            lines.append("%s%s %r" % (name, labels, value))
+    metric("beuss_build_info", "gauge", "The server's version and Python.",
+           [('{version="%s",python="%s",implementation="%s"}' % (
+               server["version"], server["python"],
+               server["implementation"]), 1)])
+    metric("beuss_start_time_seconds", "gauge", "When the server started.",
+           [("", server["started"])])
+    metric("beuss_connected_clients", "gauge", "Client connections.",
+           [("", server["connections"])])
+    metric("beuss_memory_used_bytes", "gauge", "Memory that messages take.",
+           [("", server["memory_used_bytes"])])
+    metric("beuss_memory_max_bytes", "gauge", "--max-memory (0: no bound).",
+           [("", server["memory_max_bytes"])])
+    metric("beuss_store_up", "gauge", "1 while the store can be written.",
+           [("", int(server["store_ok"]))])
+    metric("beuss_store_commits_total", "counter", "Store commits.",
+           [("", server["store_commits"])])
+    if server["last_commit"] is not None:
+        metric("beuss_store_last_commit_timestamp_seconds", "gauge",
+               "When the store last committed.", [("", server["last_commit"])])
+    for field, name, kind, help in _QUEUE_METRICS:
+        metric(name, kind, help, [('{queue="%s"}' % _metric_label(queue["name"]),
+                                   queue[field]) for queue in status["queues"]])
+    metric("beuss_channel_subscribers", "gauge", "Subscribers of a channel.",
+           [('{channel="%s"}' % _metric_label(channel["name"]),
+             channel["subscribers"]) for channel in status["channels"]])
+    metric("beuss_published_total", "counter", "Messages published.",
+           [("", status["published"])])
+    return "\n".join(lines) + "\n"
+
+
+def _chart(history, width=160, height=36):
+    """An SVG of a queue's depth (filled) and its in and out rates (lines)
+    over the last HISTORY seconds: history is [[seconds ago, depth, in,
+    out], ...], oldest first."""
+    if len(history) < 2:
+        return '<svg class="chart" width="%d" height="%d"></svg>' % (
+            width, height)
+    top = max(max(sample[1] for sample in history), 1)
+    fast = max(max(max(sample[2], sample[3]) for sample in history), 0.001)
+
+    def x(sample):
+        return width - min(sample[0], HISTORY) / HISTORY * width
+
+    def points(index, scale):
+        return " ".join("%.1f,%.1f" % (x(sample), height - 1 - sample[index]
+                                       / scale * (height - 4))
+                        for sample in history)
+    return ('<svg class="chart" width="%d" height="%d" viewBox="0 0 %d %d" '
+            'role="img"><title>depth up to %d, rates up to %.1f/s</title>'
+            '<polygon points="%.1f,%d %s %.1f,%d" fill="#cfe3f7"/>'
+            '<polyline points="%s" fill="none" stroke="#2a7d2a"/>'
+            '<polyline points="%s" fill="none" stroke="#b35900"/></svg>' % (
+                width, height, width, height, top, fast, x(history[0]),
+                height, points(1, top), x(history[-1]), height,
+                points(2, fast), points(3, fast)))
+
+
+def _page(status):
+    from html import escape
+    server = status["server"]
+
+    def size(number):
+        return _size_text(number)
+    memory = size(server["memory_used_bytes"]) + (
+        " of " + size(server["memory_max_bytes"])
+        if server["memory_max_bytes"] else "")
+    store = ("%s, fsync %s, last commit %s" % (
+        escape(server["store"]), server["fsync"], time.strftime(
+            "%H:%M:%S", time.localtime(server["last_commit"]))
+        if server["last_commit"] else "none yet") if server["store"]
+        else "memory only")
+    if server["store"] and not server["store_ok"]:
+        store += ' <b class="bad">cannot write</b>'
+    rows = []
+    for queue in status["queues"]:
+        rows.append(
+            "<tr><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td%s>%d</td>"
+            "<td>%d</td><td>%.1f</td><td>%.1f</td><td>%s</td><td>%s</td></tr>"
+            % (escape(queue["name"]), queue["ready"], queue["held"],
+               queue["deferred"], ' class="bad"' if queue["dead"] else "",
+               queue["dead"], queue["waiting"], queue["in_per_second"],
+               queue["out_per_second"], _age_text(queue["oldest_age_seconds"]),
+               _chart(queue["history"])))
+    channels = "".join(
+        "<tr><td>%s</td><td>%d</td><td>%.1f</td></tr>" % (
+            escape(channel["name"]), channel["subscribers"],
+            channel["published_per_second"])
+        for channel in status["channels"])
+    return """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="refresh" content="5">
+<title>beuss on %(host)s</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1em; color: #222; }
+h1 { font-size: 1.3em; margin: 0 0 .3em; }
+.server { color: #555; margin-bottom: 1em; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+th, td { padding: .3em .6em; text-align: right; border-bottom: 1px solid #ddd;
+         white-space: nowrap; vertical-align: middle; }
+th:first-child, td:first-child { text-align: left; }
+th { font-weight: 600; background: #f4f4f4; }
+.bad { color: #fff; background: #c0392b; font-weight: 600; }
+.key { color: #555; font-size: .9em; }
+.key i { display: inline-block; width: 1.5em; height: .3em; margin: 0 .3em .2em; }
+</style></head><body>
+<h1>beuss %(version)s on %(host)s</h1>
+<div class="server">Python %(python)s (%(implementation)s), up %(uptime)s;
+memory %(memory)s; %(connections)d connections of %(max_connections)d;
+%(store)s; TLS %(tls)s, token %(token)s.</div>
+<div class="scroll"><table id="queues">
+<tr><th>queue</th><th>ready</th><th>held</th><th>deferred</th><th>dead</th>
+<th>waiting</th><th>in/s</th><th>out/s</th><th>oldest</th>
+<th>last 15 min</th></tr>
+%(rows)s
+</table></div>
+<p class="key"><i style="background:#cfe3f7"></i>depth
+<i style="background:#2a7d2a"></i>in <i style="background:#b35900"></i>out;
+rates over the last minute; sorted by backlog.</p>
+<div class="scroll"><table id="channels">
+<tr><th>channel</th><th>subscribers</th><th>published/s</th></tr>
+%(channels)s
+</table></div>
+</body></html>
+""" % dict(host=escape("%s:%s" % (server["host"], server["port"])),
+           version=escape(server["version"]), python=server["python"],
+           implementation=server["implementation"],
+           uptime=_age_text(server["uptime_seconds"]), memory=memory,
+           connections=server["connections"],
+           max_connections=server["max_connections"], store=store,
+           tls="on" if server["tls"] else "off",
+           token="on" if server["token"] else "off",
+           rows="\n".join(rows) or '<tr><td colspan="10">no queues</td></tr>',
+           channels=channels or '<tr><td colspan="3">no subscribers</td></tr>')
+
+
+def _age_text(seconds):
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm %02ds" % (seconds // 60, seconds % 60)
+    return "%dh %02dm" % (seconds // 3600, seconds // 60 % 60)
+
+
+def _size_text(number):
+    """Bytes for people: 812 B, 13.4 KB, 1.0 MB (1024s)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if number < 1024 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (number, unit)
+        number /= 1024.0
 
 
 # ## Client ###################################################################
@@ -5185,6 +5791,7 @@ usage: python beuss.py [VERB] [options]
                       name with * ? or [ is a pattern) as it comes
   PING                check that the server answers
   STATS               a summary of the server's state
+  TOP                 the queues live: counts, rates and depth (q quits)
   BENCH               measure the server: put, then take, many messages
 
 `python beuss.py VERB --help` tells a verb's options. Verbs may be written
@@ -5497,6 +6104,10 @@ def run_serve(options):
                      "%s; Ctrl-C stops it)\n" % (
                          __version__, server.address[0], server.address[1],
                          server.max_message_size, kept))
+    if server.http is not None:
+        sys.stderr.write("status page at http://%s/ (also /metrics, "
+                         "/status.json, /healthz)\n" % _address_text(
+                             server.http))
     sys.stderr.flush()
     server.serve_forever()
     if server.unsaved:
@@ -5967,18 +6578,124 @@ def run_stats(options):
               "%s deferred" % (
                   info.get("queues"), _plural(int(info.get("messages", 0)),
                                               "message"),
-                  _plural(int(info.get("used_memory", 0)), "byte"),
+                  _size_text(int(info.get("used_memory", 0))),
                   info.get("held"), info.get("deferred", 0)))
         for field, value in sorted(info.items()):
             if field.startswith("queue_"):
                 sizes = dict(part.split("=") for part in value.split(","))
-                print("  %s: %s, %s, %s waiting, %s held, %s deferred" % (
-                    field[6:], _plural(int(sizes["messages"]), "message"),
-                    _plural(int(sizes["bytes"]), "byte"), sizes["waiters"],
-                    sizes["held"], sizes.get("deferred", 0)))
+                print("  %s: %s, %s, %s waiting, %s held, %s deferred, "
+                      "%s in/s, %s out/s" % (
+                          field[6:], _plural(int(sizes["messages"]),
+                                             "message"),
+                          _size_text(int(sizes["bytes"])), sizes["waiters"],
+                          sizes["held"], sizes.get("deferred", 0),
+                          sizes.get("in_per_sec", "0"),
+                          sizes.get("out_per_sec", "0")))
     else:
         print("memory: %s" % info.get("used_memory_human", "?"))
     return EXIT_OK
+
+
+# TOP ------------------------------------------------------------------------
+
+_SPARKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
+
+
+def _top_arguments(parser):
+    parser.add_argument("-i", "--interval", type=_seconds, default=1.0,
+                        metavar="SECONDS", help="refresh every SECONDS (1)")
+    _add_address(parser)
+
+
+def run_top(options):
+    """The queues, refreshed until Ctrl-C or q on a terminal; one snapshot
+    when stdout is not one."""
+    live = sys.stdout is not None and sys.stdout.isatty()
+    depths = {}                         # queue -> recent depths, for sparks
+    with _client(options) as client, _KeyPress() as keys:
+        while True:
+            text = _top_text(client, depths)
+            if not live:
+                sys.stdout.write(text)
+                return EXIT_OK
+            sys.stdout.write("\x1b[H\x1b[2J" + text + "q quits\n")
+            sys.stdout.flush()
+            if keys.wait(options.interval) in ("q", "Q"):
+                return EXIT_OK
+
+
+def _top_text(client, depths):
+    info = client.info()
+    lines = ["%s on %s:%d: %s clients, %s waiting, %s of memory" % (
+        "beuss " + info["beuss_version"] if "beuss_version" in info
+        else "redis " + info.get("redis_version", "?"), client.host,
+        client.port, info.get("connected_clients", "?"),
+        info.get("blocked_clients", "?"),
+        _size_text(int(info.get("used_memory", 0)))), ""]
+    lines.append("%-24s %8s %6s %8s %6s %7s %8s %8s %7s  %s" % (
+        "queue", "ready", "held", "deferred", "dead", "waiting", "in/s",
+        "out/s", "oldest", "depth"))
+    rows = {}
+    for field, value in info.items():
+        if field.startswith("queue_"):
+            rows[field[6:]] = dict(part.split("=") for part in value.split(","))
+    if not rows:                        # Redis: lengths only
+        rows = {name: {"messages": length}
+                for name, length in client.queues().items()}
+    for name in sorted(rows, key=lambda name: -int(rows[name]["messages"])):
+        row = rows[name]
+        history = depths.setdefault(name, collections.deque(maxlen=30))
+        history.append(int(row["messages"]))
+        top = max(history) or 1
+        sparks = "".join(_SPARKS[min(depth * 8 // (top + 1), 7)]
+                         for depth in history)
+        dead = rows.get(name + ".dead", {}).get("messages", 0)
+        lines.append("%-24s %8s %6s %8s %6s %7s %8s %8s %7s  %s" % (
+            name[:24], row["messages"], row.get("held", "-"),
+            row.get("deferred", "-"), dead, row.get("waiters", "-"),
+            row.get("in_per_sec", "-"), row.get("out_per_sec", "-"),
+            _age_text(int(row["oldest_age"])) if "oldest_age" in row else "-",
+            sparks))
+    if not rows:
+        lines.append("(no queues)")
+    return "\n".join(lines) + "\n"
+
+
+class _KeyPress:
+    """Single keys from a terminal's stdin, without Enter, while it lasts."""
+
+    def __enter__(self):
+        self.saved = None
+        if os.name == "posix" and sys.stdin is not None and sys.stdin.isatty():
+            import termios
+            import tty
+            self.saved = termios.tcgetattr(sys.stdin.fileno())
+            tty.setcbreak(sys.stdin.fileno())
+        return self
+
+    def wait(self, seconds):
+        """A key pressed within seconds, or None."""
+        if os.name == "nt":
+            import msvcrt
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if msvcrt.kbhit():
+                    return msvcrt.getwch()
+                time.sleep(0.05)
+            return None
+        if self.saved is None:
+            time.sleep(seconds)
+            return None
+        import select
+        if select.select([sys.stdin], [], [], seconds)[0]:
+            return os.read(sys.stdin.fileno(), 1).decode("utf-8", "replace")
+        return None
+
+    def __exit__(self, *exc_info):
+        if self.saved is not None:
+            import termios
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN,
+                              self.saved)
 
 
 # PUB, SUB ---------------------------------------------------------------------
@@ -6197,6 +6914,8 @@ VERBS = {
     "PING": (run_ping, _add_address, "Check that the server answers."),
     "STATS": (run_stats, _add_address, "Print a summary of the server's "
               "state."),
+    "TOP": (run_top, _top_arguments, "Show the queues live (Ctrl-C or q "
+            "ends it); one snapshot when stdout is not a terminal."),
     "BENCH": (run_bench, _bench_arguments, "Measure how fast the server "
               "takes and gives messages."),
 }

@@ -1364,7 +1364,7 @@ class ConnectionCommandsTest(ServerCase):
         info = beuss.ReplyReader(sock).read().decode()
         for line in ("beuss_version:" + beuss.__version__, "connected_clients:2",
                      "blocked_clients:0", "used_memory:%d" % (5 + 2 * beuss.MESSAGE_COST), "queues:1",
-                     "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0,held=0,deferred=0", "held:0",
+                     "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0,held=0,deferred=0,in_per_sec=0.00,out_per_sec=0.00,oldest_age=0", "held:0",
                      "tcp_port:%d" % self.port, "process_id:%d" % os.getpid(),
                      "python_version:%d.%d.%d" % sys.version_info[:3],
                      "uptime_in_seconds:0"):
@@ -1497,7 +1497,7 @@ class ReserveTest(ServerCase):
                                b":2\r\n*4\r\n")
         info = self.client().info()
         self.assertEqual(info["held"], "1")
-        self.assertEqual(info["queue_q"], "messages=1,bytes=1,waiters=0,held=1,deferred=0")
+        self.assertTrue(info["queue_q"].startswith("messages=1,bytes=1,waiters=0,held=1,deferred=0,"))
         holder.close()
 
 
@@ -2640,7 +2640,7 @@ class FailureTest(ServerCase):
         beuss.put("q", "python", delay=0.15, port=self.port)
         client = self.client()
         self.assertEqual(client.len("q"), 0)
-        self.assertEqual(client.info()["queue_q"], "messages=0,bytes=0,waiters=0,held=0,deferred=2")
+        self.assertTrue(client.info()["queue_q"].startswith("messages=0,bytes=0,waiters=0,held=0,deferred=2,"))
         out = io.StringIO()
         with mock.patch.object(sys, "stdout", out):
             self.assertEqual(beuss.main(["LIST", "--port", str(self.port)]), 0)
@@ -2660,6 +2660,236 @@ class FailureTest(ServerCase):
         client.put("high", "h")
         order.append(client.call(b"RESERVE", b"high", b"normal", b"low", b"0")[0])
         self.assertEqual(order, [b"normal", b"low", b"high"])
+
+
+class StatusPageTest(ServerCase):
+    """--http: the page, /metrics, /status.json and /healthz, read-only and
+    bounded, beside the RESP clients."""
+
+    server_options = {"http": ("127.0.0.1", 0)}
+
+    def get(self, path, method="GET", headers=None, server=None):
+        import http.client
+        server = server or self.server
+        connection = http.client.HTTPConnection(*server.http, timeout=TIMEOUT)
+        try:
+            connection.request(method, path, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read(), dict(response.getheaders())
+        finally:
+            connection.close()
+
+    def test_each_path(self):
+        client = self.client()
+        client.put_many("jobs", ["a", "b", "c"])
+        client.get("jobs")
+        status, body, headers = self.get("/")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/html"))
+        self.assertIn(b'<table id="queues">', body)
+        self.assertIn(b"<td>jobs</td><td>2</td>", body)
+        status, body, _ = self.get("/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn(b'beuss_queue_ready_messages{queue="jobs"} 2\n', body)
+        self.assertIn(b'beuss_queue_pushed_total{queue="jobs"} 3\n', body)
+        self.assertIn(b'beuss_queue_delivered_total{queue="jobs"} 1\n', body)
+        self.assertIn(b"beuss_build_info{", body)
+        import json
+        status, body, _ = self.get("/status.json?pretty")
+        document = json.loads(body.decode())
+        self.assertEqual([(q["name"], q["ready"], q["pushed"]) for q in document["queues"]],
+                         [("jobs", 2, 3)])
+        self.assertEqual(self.get("/healthz")[:2], (200, b"ok\n"))
+        self.assertEqual(self.get("/nothing/here")[0], 404)
+        self.assertEqual(self.get("/", method="POST")[0], 405)
+        status, body, headers = self.get("/", method="HEAD")
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(headers["Content-Length"]), 100)
+
+    def test_names_are_escaped_everywhere(self):
+        import json
+        name = '<script>"\n\\'
+        self.client().put(name, "x")
+        self.assertIn(b"&lt;script&gt;&quot;", self.get("/")[1])
+        self.assertNotIn(b"<script>", self.get("/")[1])
+        self.assertEqual(json.loads(self.get("/status.json")[1].decode())["queues"][0]["name"],
+                         name)
+        self.assertIn(b'{queue="<script>\\"\\n\\\\"} 1', self.get("/metrics")[1])
+
+    def test_slow_and_oversized_requests_do_not_hold_up_resp_clients(self):
+        slow = socket.create_connection(self.server.http, TIMEOUT)
+        self.sockets.append(slow)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")     # and nothing more
+        started = time.monotonic()
+        self.exchange(b"PING\r\n", b"+PONG\r\n")
+        self.assertLess(time.monotonic() - started, 1)
+        big = socket.create_connection(self.server.http, TIMEOUT)
+        self.sockets.append(big)
+        big.sendall(b"GET /" + b"x" * beuss.HTTP_MAX_REQUEST + b" HTTP/1.1\r\n")
+        self.assertTrue(self.receive(big, 12).startswith(b"HTTP/1.1 431"))
+        with mock.patch.object(beuss, "HTTP_TIMEOUT", 0.2):
+            slow.settimeout(3)
+            self.assertEqual(slow.recv(100), b"")        # closed at housekeeping
+        self.assertEqual(len(self.server._http_conns), 0)
+
+    def test_the_numbers_behind_the_page(self):
+        client = self.client()
+        client.put_many("q", ["a", "b", "c", "d"])
+        client.reserve("q").ack()
+        client.reserve("q").nack(delay=0)
+        client.call(b"LPOP", b"q")
+        queue, = self.server.status()["queues"]
+        self.assertEqual({field: queue[field] for field in (
+            "ready", "pushed", "delivered", "acknowledged", "given_back")},
+            {"ready": 2, "pushed": 4, "delivered": 3, "acknowledged": 1, "given_back": 1})
+
+    def test_top_prints_one_snapshot_when_not_on_a_terminal(self):
+        self.client().put_many("jobs", ["a", "b"])
+        out = io.StringIO()
+        with mock.patch.object(sys, "stdout", out):
+            self.assertEqual(beuss.main(["TOP", "--port", str(self.port)]), 0)
+        lines = out.getvalue().splitlines()
+        self.assertIn("ready", lines[2])
+        self.assertRegex(lines[3], r"^jobs +2 +0 +0 +0 +0 ")
+
+
+class StatusPageGuardTest(unittest.TestCase):
+    """The token and protected mode apply to the page as to RESP."""
+
+    def test_the_token_guards_every_path_but_healthz(self):
+        import base64
+        with beuss.Server(("127.0.0.1", 0), token="s3cret",
+                          **server_options(http=("127.0.0.1", 0))) as server:
+            get = StatusPageTest.get
+            self.assertEqual(get(self, "/", server=server)[0], 401)
+            self.assertEqual(get(self, "/metrics", server=server,
+                                 headers={"Authorization": "Bearer nope"})[0], 401)
+            self.assertEqual(get(self, "/metrics", server=server,
+                                 headers={"Authorization": "Bearer s3cret"})[0], 200)
+            basic = base64.b64encode(b"anyone:s3cret").decode()
+            self.assertEqual(get(self, "/", server=server,
+                                 headers={"Authorization": "Basic " + basic})[0], 200)
+            self.assertEqual(get(self, "/healthz", server=server)[0], 200)
+
+    def test_protected_mode_covers_the_page_address(self):
+        with self.assertRaises(beuss.BeussError) as caught:
+            beuss.Server(("127.0.0.1", 0), http=("0.0.0.0", 0))
+        self.assertIn("status page", str(caught.exception))
+
+    def test_healthz_says_503_while_the_store_cannot_write(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        server = beuss.Server(("127.0.0.1", 0), data=os.path.join(folder, "b.db"),
+                              **server_options(http=("127.0.0.1", 0)))
+        server.store.commit = lambda now=False: False
+        server.store.failing = "disk full"
+        with server:
+            status, body, _ = StatusPageTest.get(self, "/healthz", server=server)
+        self.assertEqual((status, body), (503, b"the store cannot be written: disk full\n"))
+
+    def test_http_connections_count_against_max_clients(self):
+        with beuss.Server(("127.0.0.1", 0), max_clients=2,
+                          **server_options(http=("127.0.0.1", 0))) as server:
+            held = [socket.create_connection(server.http, TIMEOUT) for _ in range(2)]
+            try:
+                deadline = time.monotonic() + TIMEOUT
+                while len(server._http_conns) < 2:
+                    self.assertLess(time.monotonic(), deadline)
+                    time.sleep(0.01)
+                with socket.create_connection(server.address, TIMEOUT) as sock:
+                    self.assertTrue(sock.recv(100).startswith(b"-ERR max"))
+            finally:
+                for sock in held:
+                    sock.close()
+
+    def test_sizes_read_as_people_read_them(self):
+        self.assertEqual([beuss._size_text(n) for n in (812, 13722, 1005000, 2 ** 20)],
+                         ["812 B", "13.4 KB", "981.4 KB", "1.0 MB"])
+
+
+class BrowserAndPrometheusTest(ServerCase):
+    """A real browser renders the page; a real Prometheus scrapes /metrics."""
+
+    server_options = {"http": ("127.0.0.1", 0)}
+
+    def chromium(self, *arguments):
+        chromium = need_tool(self, "chromium")
+        profile = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, profile, True)
+        return subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync",
+             "--user-data-dir=" + profile] + list(arguments)
+            + ["http://%s:%d/" % self.server.http],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=90)
+
+    def test_a_headless_browser_renders_the_queue_table(self):
+        self.client().put_many("jobs", ["a", "b"])
+        dom = self.chromium("--dump-dom").stdout.decode()
+        self.assertIn('<table id="queues">', dom)
+        self.assertIn("<td>jobs</td>", dom)
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        picture = os.path.join(folder, "page.png")
+        self.chromium("--window-size=900,500", "--screenshot=" + picture)
+        self.assertGreater(len(png_colours(picture)), 4)   # not a blank page
+
+    def test_promtool_accepts_the_metrics_and_prometheus_scrapes_them(self):
+        import json
+        import urllib.request
+        promtool = need_tool(self, "promtool")
+        prometheus = need_tool(self, "prometheus")
+        self.client().put_many("jobs", ["a", "b", "c"])
+        metrics = urllib.request.urlopen("http://%s:%d/metrics" % self.server.http,
+                                         timeout=TIMEOUT).read()
+        checked = subprocess.run([promtool, "check", "metrics"], input=metrics,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 timeout=60)
+        self.assertEqual(checked.returncode, 0, checked.stdout.decode())
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        config = os.path.join(folder, "prometheus.yml")
+        with open(config, "w") as out:
+            out.write("global:\n  scrape_interval: 1s\nscrape_configs:\n"
+                      "  - job_name: beuss\n    static_configs:\n"
+                      "      - targets: ['%s:%d']\n" % self.server.http)
+        port = free_port()
+        process = subprocess.Popen(
+            [prometheus, "--config.file=" + config, "--storage.tsdb.path="
+             + os.path.join(folder, "data"), "--web.listen-address=127.0.0.1:%d" % port],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        query = ("http://127.0.0.1:%d/api/v1/query?query=beuss_queue_ready_messages"
+                 "%%7Bqueue%%3D%%22jobs%%22%%7D" % port)
+        deadline, result = time.monotonic() + 60, []
+        while not result:
+            self.assertLess(time.monotonic(), deadline, "Prometheus never had the series")
+            time.sleep(0.5)
+            try:
+                answer = json.loads(urllib.request.urlopen(query, timeout=5).read())
+            except (OSError, ValueError):
+                continue
+            result = answer["data"]["result"]
+        self.assertEqual(result[0]["value"][1], "3")
+
+
+def png_colours(path):
+    """The distinct pixels (as bytes of a scanline) of a PNG, roughly: the
+    set of byte values of its decompressed image data."""
+    import zlib
+    with open(path, "rb") as image:
+        data = image.read()
+    self_check = data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert self_check, "not a PNG"
+    at, idat = 8, b""
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        if kind == b"IDAT":
+            idat += data[at + 8:at + 8 + length]
+        at += 12 + length
+    return set(zlib.decompress(idat))
 
 
 class ClientTest(ServerCase):
@@ -3057,7 +3287,7 @@ class CommandLineTest(ServerCase):
         status, out, _ = self.run_main("STATS")
         self.assertEqual(status, 0)
         self.assertIn(b"beuss " + beuss.__version__.encode(), out)
-        self.assertIn(b"queues: 2 holding 3 messages (%d bytes of memory)" % (4 + 3 * beuss.MESSAGE_COST), out)
+        self.assertIn(b"queues: 2 holding 3 messages (%d B of memory)" % (4 + 3 * beuss.MESSAGE_COST), out)
         self.assertIn(b"  jobs: 2 messages, 3 bytes, 0 waiting", out)
 
     def test_bench_puts_then_takes_and_cleans_up(self):
@@ -3101,9 +3331,9 @@ class CommandLineTest(ServerCase):
                          "beuss: no message on queue q within 1 second\n")
         self.client().put("q", "m")
         out = self.run_main("STATS")[1].decode()
-        self.assertIn("holding 1 message (%d bytes of memory); 0 held by clients, 0 deferred\n"
+        self.assertIn("holding 1 message (%d B of memory); 0 held by clients, 0 deferred\n"
                       % (1 + beuss.MESSAGE_COST), out)
-        self.assertIn("q: 1 message, 1 byte, 0 waiting, 0 held", out)
+        self.assertIn("q: 1 message, 1 B, 0 waiting, 0 held", out)
 
     def test_setting_errors_name_the_flag_as_typed(self):
         for flag, value in (("--max-message-size", "ten"), ("--max-clients", "0"),
@@ -3769,7 +3999,7 @@ class DeferredDurabilityTest(unittest.TestCase):
                 self.assertEqual(client.call(b"LRANGE", b"q", 0, -1), [b"soon"])
                 info = client.info()
                 self.assertEqual(info["deferred"], "2")
-                self.assertEqual(info["queue_r"], "messages=0,bytes=0,waiters=0,held=0,deferred=1")
+                self.assertTrue(info["queue_r"].startswith("messages=0,bytes=0,waiters=0,held=0,deferred=1,"))
                 (record,) = client.why("poison.dead")
                 self.assertEqual((record.message, record.deliveries, record.why),
                                  (b"p", 2, "bad input"))
