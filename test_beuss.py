@@ -3288,7 +3288,7 @@ class CommandLineTest(ServerCase):
         self.assertEqual(status, 0)
         self.assertIn(b"beuss " + beuss.__version__.encode(), out)
         self.assertIn(b"queues: 2 holding 3 messages (%d B of memory)" % (4 + 3 * beuss.MESSAGE_COST), out)
-        self.assertIn(b"  jobs: 2 messages, 3 bytes, 0 waiting", out)
+        self.assertIn(b"  jobs: 2 messages, 3 B, 0 waiting", out)
 
     def test_bench_puts_then_takes_and_cleans_up(self):
         self.client().put("other", "untouched")
