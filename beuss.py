@@ -1063,7 +1063,11 @@ class Queues:
         """Add messages at the tail (or the head); return the new length."""
         if self.journal is not None:
             self.journal.push(name, messages, left)
-        self._arrived(name, len(messages))
+        counts = self.counts.get(name)
+        if counts is not None and counts.marked == self.second:
+            counts.pushed += len(messages)      # _arrived, without a call
+        else:
+            self._arrived(name, len(messages))
         return self._add(name, messages, left)
 
     def _add(self, name, messages, left):
