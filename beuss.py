@@ -907,12 +907,18 @@ def dead_letters(name):
 class QueueCounts:
     """What happened to one queue: totals, samples and arrival marks."""
 
-    __slots__ = ("pushed", "delivered", "acknowledged", "given_back",
-                 "dead_lettered", "expired", "marks", "marked", "history",
-                 "active", "sampled_pushed")
+    __slots__ = ("pushed", "returned", "removed", "acknowledged",
+                 "given_back", "dead_lettered", "expired", "marks", "marked",
+                 "history", "active", "sampled_pushed")
 
-    def __init__(self, second):
-        self.pushed = self.delivered = self.acknowledged = 0
+    def __init__(self, second, depth=0):
+        # What entered the queue: new messages (pushed), and messages that
+        # came back to it (returned: given back, or there when counting
+        # began); what left it other than to a consumer (removed: LREM,
+        # LTRIM, DEL, FLUSHALL). What consumers took is then told by the
+        # depth (delivered()), so a pop counts nothing.
+        self.pushed, self.returned, self.removed = 0, depth, 0
+        self.acknowledged = 0
         self.given_back = self.dead_lettered = self.expired = 0
         self.marks = collections.deque()    # (pushed before, second)
         self.marked = None
@@ -921,7 +927,11 @@ class QueueCounts:
         self.active = second
         self.sampled_pushed = 0
 
-    def rates(self, now, span=60):
+    def delivered(self, depth):
+        """Messages consumers took, the queue holding depth now."""
+        return self.pushed + self.returned - self.removed - depth
+
+    def rates(self, now, depth, span=60):
         """(in, out) per second over the last span seconds of samples."""
         history = self.history
         if not history:
@@ -930,7 +940,7 @@ class QueueCounts:
                      - SAMPLE_INTERVAL / 2), history[0])
         seconds = max(now - then[0], 1)
         return ((self.pushed - then[2]) / seconds,
-                (self.delivered - then[3]) / seconds)
+                (self.delivered(depth) - then[3]) / seconds)
 
 
 class Queues:
@@ -1096,9 +1106,6 @@ class Queues:
             return None
         if self.journal is not None:
             self.journal.pop(name, 1, left)
-        counts = self.counts.get(name)
-        if counts is not None:
-            counts.delivered += 1
         message = queue.popleft() if left else queue.pop()
         self.size -= len(message) + MESSAGE_COST
         if not queue:
@@ -1118,9 +1125,6 @@ class Queues:
         return self._take(name, left, count)
 
     def _take(self, name, left, count):
-        counts = self.counts.get(name)
-        if counts is not None:
-            counts.delivered += count
         queue = self._queues[name]
         take = queue.popleft if left else queue.pop
         messages = [take() for _ in range(count)]
@@ -1167,6 +1171,7 @@ class Queues:
             found = [last - i for i in reversed(found)]
         if self.journal is not None:
             self.journal.remove(name, found)
+        self._count(name, "removed", len(found))
         gone = set(found)
         kept = [item for i, item in enumerate(queue) if i not in gone]
         self.size -= _cost([message]) * len(found)
@@ -1203,6 +1208,7 @@ class Queues:
             return -1
         if self.journal is not None:
             self.journal.insert(name, index, message, queue)
+        self._arrived(name, 1)
         queue.insert(index, message)
         self.size += len(message) + MESSAGE_COST
         self._changed(name)
@@ -1223,6 +1229,7 @@ class Queues:
         head, tail = start, length - 1 - stop
         if self.journal is not None and (head or tail):
             self.journal.trim(name, head, tail)
+        self._count(name, "removed", head + tail)
         for _ in range(head):
             self.size -= len(queue.popleft()) + MESSAGE_COST
         for _ in range(tail):
@@ -1235,6 +1242,7 @@ class Queues:
             return False
         if self.journal is not None:
             self.journal.delete(name)
+        self._count(name, "removed", len(queue))
         del self._queues[name]
         self.size -= _cost(queue)
         self._changed(name)
@@ -1245,8 +1253,9 @@ class Queues:
         owners, who may still acknowledge them."""
         if self.journal is not None:
             self.journal.clear()
-        for name in self._queues:
+        for name, queue in self._queues.items():
             self._changed(name)
+            self._count(name, "removed", len(queue))
         self.size -= sum(_cost(queue) for queue in self._queues.values())
         self._queues.clear()
 
@@ -1307,6 +1316,7 @@ class Queues:
                 if self.journal is not None:
                     self.journal.unreserve(held.id, target, False, record)
                 self._forget(held)
+                self._arrived(target, 1)
                 self._add(target, [dead_letter(held.message, *record)], False)
                 dead.append(target)
                 self._count(held.queue, "dead_lettered")
@@ -1332,6 +1342,7 @@ class Queues:
             if self.journal is not None:
                 self.journal.unreserve(held.id, held.queue, True)
             self._forget(held)
+            self._count(held.queue, "returned")
             self._add(held.queue, [message], True)
         return dead
 
@@ -1375,26 +1386,27 @@ class Queues:
         if counts is None:
             if len(self.counts) >= MAX_COUNTED:
                 return
-            counts = self.counts[name] = QueueCounts(self.second)
+            counts = self.counts[name] = QueueCounts(self.second,
+                                                     self.length(name))
         if counts.marked != self.second and len(counts.marks) < MAX_MARKS:
             counts.marks.append((counts.pushed, self.second))
             counts.marked = self.second
         counts.pushed += count
 
-    def _count(self, name, field):
+    def _count(self, name, field, count=1):
         counts = self.counts.get(name)
         if counts is not None:
-            setattr(counts, field, getattr(counts, field) + 1)
+            setattr(counts, field, getattr(counts, field) + count)
 
     def oldest_age(self, name, now):
         """Seconds the head of name has waited, as the marks tell, or 0."""
         counts = self.counts.get(name)
         if counts is None or not self._queues.get(name):
             return 0
-        marks = counts.marks
+        marks, delivered = counts.marks, counts.delivered(self.length(name))
         # A mark (pushed, when) says messages after the first `pushed`
         # arrived from `when` on; the head is about the delivered-th.
-        while len(marks) > 1 and marks[1][0] <= counts.delivered:
+        while len(marks) > 1 and marks[1][0] <= delivered:
             marks.popleft()
         return max(now - marks[0][1], 0) if marks else 0
 
@@ -1413,7 +1425,7 @@ class Queues:
                 continue
             counts.sampled_pushed = counts.pushed
             counts.history.append((now, depth, counts.pushed,
-                                   counts.delivered))
+                                   counts.delivered(depth)))
 
     # Deferring -----------------------------------------------------------
     #
@@ -1431,7 +1443,6 @@ class Queues:
         if self.journal is not None:
             self.journal.defer(ids, name, messages, due)
         self.next_id += len(messages)
-        self._arrived(name, len(messages))
         for deferred_id, message in zip(ids, messages):
             self._set_aside(deferred_id, name, message, due, False)
         return self.deferred_by[name]
@@ -1461,6 +1472,10 @@ class Queues:
             if not self.deferred_by[name]:
                 del self.deferred_by[name]
             self.size -= len(message) + MESSAGE_COST
+            if head:
+                self._count(name, "returned")   # a retry
+            else:
+                self._arrived(name, 1)          # DEFER's, arriving now
             self._add(name, [message], head)
 
     def deferred_count(self):
@@ -2931,7 +2946,8 @@ class Server(_Connections):
         def rates(name):
             counts = queues.counts.get(name)
             return ",in_per_sec=%.2f,out_per_sec=%.2f,oldest_age=%d" % (
-                (counts.rates(clock) if counts else (0.0, 0.0))
+                (counts.rates(clock, queues.length(name)) if counts
+                 else (0.0, 0.0))
                 + (queues.oldest_age(name, clock),))
         section("Queues", [("queues", len(queues)),
                            ("messages", queues.message_count()),
@@ -2952,7 +2968,7 @@ class Server(_Connections):
         rows = []
         for name, ready, size, waiting, held, deferred in queues.queue_sizes():
             counts = queues.counts.get(name)
-            rates = counts.rates(clock) if counts else (0.0, 0.0)
+            rates = counts.rates(clock, ready) if counts else (0.0, 0.0)
             history, previous = [], None
             for sample in (counts.history if counts else ()):
                 if previous is not None:
@@ -2969,7 +2985,7 @@ class Server(_Connections):
                 "out_per_second": round(rates[1], 2),
                 "oldest_age_seconds": round(queues.oldest_age(name, clock)),
                 "pushed": counts.pushed if counts else 0,
-                "delivered": counts.delivered if counts else 0,
+                "delivered": counts.delivered(ready) if counts else 0,
                 "acknowledged": counts.acknowledged if counts else 0,
                 "given_back": counts.given_back if counts else 0,
                 "dead_lettered": counts.dead_lettered if counts else 0,

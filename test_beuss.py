@@ -675,6 +675,22 @@ class RetryQueuesTest(unittest.TestCase):
         self.assertEqual(queues.peek(b"q", 0, -1), [b"now", b"soon", b"soon2", b"late"])
         self.assertEqual(queues.deferred_count(), 0)
 
+    def test_deliveries_are_told_from_what_entered_left_and_remains(self):
+        queues = beuss.Queues(retry_delay=1)
+        queues.push(b"q", [b"a", b"b", b"c", b"d", b"e", b"f"])
+        queues.pop_one(b"q")                                  # delivered 1
+        queues.give_back([queues.reserve(b"q", "c")], delay=0)  # 2, returned
+        queues.remove(b"q", 1, b"d")                          # removed, not delivered
+        queues.trim(b"q", 0, -2)                              # f removed
+        queues.insert(b"q", b"b", b"new", False)              # arrived
+        queues.defer(b"q", [b"later"], 1, now=0)
+        queues.release_due(now=2)                             # arrived now
+        queues.pop(b"q", True, 2)                             # 4
+        counts = queues.counts[b"q"]
+        self.assertEqual((counts.pushed, counts.delivered(queues.length(b"q"))), (8, 4))
+        queues.delete(b"q")
+        self.assertEqual(counts.delivered(0), 4)
+
     def test_redrive_and_lmove_drop_the_record_and_the_count(self):
         queues = beuss.Queues(max_deliveries=1)
         queues.push(b"q", [b"a", b"b"])
