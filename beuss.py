@@ -3,20 +3,24 @@
 
     python beuss.py [SERVE]               serve named queues on 127.0.0.1:6552
     echo hi | python beuss.py PUT jobs    put a message (stdin, an argument,
-                                          --file, or --lines: one a line)
+                                          --file, or --lines: one a line;
+                                          --delay 30s: ready later)
     python beuss.py GET jobs [out.bin]    take one message (--wait SECONDS)
     python beuss.py ON jobs               take messages as they come (--exec,
                                           --count, --timeout, --separator)
     python beuss.py PEEK jobs [N] | DEL jobs... | LEN jobs | LIST
+    python beuss.py PEEK jobs.dead --why | REDRIVE jobs   (dead letters)
     python beuss.py PUB news [message]    publish to a channel's subscribers
     python beuss.py SUB news 'sport.*'    print what is published (--exec,
                                           --count, --timeout, --channel)
-    python beuss.py PING | STATS | BENCH
+    python beuss.py PING | STATS | TOP | BENCH
+    python beuss.py --http 8080           also serve a status page, /metrics
 
 Queues hold binary messages, first in, first out, in memory or (--data FILE)
 in an SQLite file. RESERVE, ACK, NACK and TOUCH deliver at least once: a
 reserved message goes back to the head of its queue if its consumer goes
-away unacknowledged, and to <queue>.dead after --max-deliveries tries.
+away unacknowledged, after a wait that doubles if it failed, and to
+<queue>.dead, saying why, after --max-deliveries tries.
 Channels fan a message out to their subscribers at once and keep nothing.
 The server speaks the Redis protocol (RESP2, and RESP3 after HELLO 3): the
 list commands, DEL EXISTS TYPE KEYS SCAN DBSIZE FLUSHDB FLUSHALL,
