@@ -87,6 +87,7 @@ REQUESTS_PER_PASS = 1000                # one client's share of a loop pass
 DEFAULT_MAX_INPUT = 32 * 1024 * 1024
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_DELAY = 10 ** 9             # seconds a message may be set aside (31 years)
+REDIS_VERSION = "7.0.15"        # the Redis whose behaviour beuss follows
 MAX_REASON = 1000               # characters of why a message failed, kept
 SAMPLE_INTERVAL = 10            # seconds between samples of each queue
 HISTORY = 900                   # seconds of samples kept (15 minutes)
@@ -1121,8 +1122,8 @@ class Queues:
     def pop(self, name, left=True, count=1):
         """Take up to count messages from the head (or the tail)."""
         queue = self._queues.get(name)
-        if not queue:
-            return []
+        if not queue or count < 1:
+            return []               # nothing taken: nothing changed
         count = min(count, len(queue))
         if self.journal is not None:
             self.journal.pop(name, count, left)
@@ -2823,6 +2824,7 @@ class Server(_Connections):
             self.store.load(self.queues)
             self.queues.journal = self.store
         self.channels = Channels()
+        self.shard_channels = Channels()
         self.started = time.time()
         self._conns = {}
         self._next_id = 1
@@ -2926,6 +2928,8 @@ class Server(_Connections):
                 lines.append("")
         section("Server", [
             ("beuss_version", __version__),
+            # The Redis whose replies beuss gives, for tools that check.
+            ("redis_version", REDIS_VERSION),
             ("python_version", "%d.%d.%d" % sys.version_info[:3]),
             ("os", sys.platform), ("process_id", os.getpid()),
             ("tcp_port", self.address[1]),
@@ -3233,13 +3237,15 @@ class Server(_Connections):
         """The error reply for a request refused before it ran; inside
         MULTI it also dooms the transaction, and a refused EXEC ends it, as
         in Redis."""
+        if command is not None and command.name == b"exec":
+            # Inside MULTI or not, as Redis does.
+            if conn.multi is not None:
+                self.end_transaction(conn)
+            return encode_error("EXECABORT Transaction discarded because "
+                                "of: " + (text[4:] if text.startswith("ERR ")
+                                          else text))
         if conn.multi is not None:
             conn.multi_failed = True
-            if command is not None and command.name == b"exec":
-                self.end_transaction(conn)
-                return encode_error("EXECABORT Transaction discarded because "
-                                    "of: " + (text[4:] if text.startswith(
-                                        "ERR ") else text))
         return encode_error(text)
 
     def _run_checked(self, conn, command, args):
@@ -3267,7 +3273,7 @@ class Server(_Connections):
             return self._refuse(conn, (
                 "ERR Can't execute '%s': only (P|S)SUBSCRIBE / "
                 "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this "
-                "context") % command.name.decode("utf-8", "replace"))
+                "context") % command.name.decode("utf-8", "replace"), command)
         if conn.multi is not None and not command.at_once:
             # Queueing takes memory too: past the bound Redis refuses any
             # command here, and a refusal dooms the transaction.
@@ -3292,7 +3298,8 @@ class Server(_Connections):
         return self._call(conn, command, args)
 
     def _update_guard(self, conn):
-        conn.subscribed = self.channels.count(conn) > 0
+        conn.subscribed = self.channels.count(conn) > 0 \
+            or self.shard_channels.count(conn) > 0
         conn.guarded = conn.multi is not None or conn.subscribed or (
             not conn.authenticated) or (
             self.store is not None and self.store.failing is not None)
@@ -3403,42 +3410,57 @@ class Server(_Connections):
 
     # Pub/sub -------------------------------------------------------------
 
-    def subscribe(self, conn, names, pattern):
-        """SUBSCRIBE or PSUBSCRIBE: one confirmation per name."""
-        kind = b"psubscribe" if pattern else b"subscribe"
+    # Sharded channels (SSUBSCRIBE, SPUBLISH) are a namespace of their own,
+    # as on one Redis node: counted apart, and without patterns.
+
+    def subscribe(self, conn, names, pattern, shard=False):
+        """SUBSCRIBE, PSUBSCRIBE or SSUBSCRIBE: one confirmation a name."""
+        channels = self.shard_channels if shard else self.channels
+        kind = b"ssubscribe" if shard else (
+            b"psubscribe" if pattern else b"subscribe")
         replies = []
         for name in names:
-            self.channels.subscribe(conn, name, pattern)
-            replies.append(self._push(conn, kind, name,
-                                      self.channels.count(conn)))
+            channels.subscribe(conn, name, pattern)
+            replies.append(self._push(conn, kind, name, channels.count(conn)))
         self._update_guard(conn)
         return b"".join(replies)
 
-    def unsubscribe(self, conn, names, pattern):
-        """UNSUBSCRIBE or PUNSUBSCRIBE: one confirmation per name, or per
-        subscription when no name is given."""
-        kind = b"punsubscribe" if pattern else b"unsubscribe"
+    def unsubscribe(self, conn, names, pattern, shard=False):
+        """UNSUBSCRIBE, PUNSUBSCRIBE or SUNSUBSCRIBE: one confirmation per
+        name, or per subscription when no name is given."""
+        channels = self.shard_channels if shard else self.channels
+        kind = b"sunsubscribe" if shard else (
+            b"punsubscribe" if pattern else b"unsubscribe")
         if not names:
-            names = self.channels.subscriptions(conn)[pattern]
+            names = channels.subscriptions(conn)[pattern]
             if not names:
-                return self._push(conn, kind, None, self.channels.count(conn))
+                return self._push(conn, kind, None, channels.count(conn))
         replies = []
         for name in names:
-            self.channels.unsubscribe(conn, name, pattern)
-            replies.append(self._push(conn, kind, name,
-                                      self.channels.count(conn)))
+            channels.unsubscribe(conn, name, pattern)
+            replies.append(self._push(conn, kind, name, channels.count(conn)))
         self._update_guard(conn)
         return b"".join(replies)
 
     def unsubscribe_all(self, conn):
         """End every subscription of conn, saying nothing (RESET, close)."""
         if conn.subscribed:
-            channels, patterns = self.channels.subscriptions(conn)
-            for name in channels:
-                self.channels.unsubscribe(conn, name)
-            for name in patterns:
-                self.channels.unsubscribe(conn, name, True)
+            for channels in (self.channels, self.shard_channels):
+                names, patterns = channels.subscriptions(conn)
+                for name in names:
+                    channels.unsubscribe(conn, name)
+                for name in patterns:
+                    channels.unsubscribe(conn, name, True)
             self._update_guard(conn)
+
+    def publish_shard(self, channel, message):
+        """SPUBLISH: to the subscribers of a sharded channel."""
+        receivers = self.shard_channels.receivers(channel)
+        for conn, _ in receivers:
+            self._reply(conn, _encode_push(conn, [b"smessage", channel,
+                                                  message]))
+            self._check_subscriber_backlog(conn)
+        return len(receivers)
 
     def publish(self, channel, message):
         """Send message to every subscriber of channel and every matching
@@ -3981,8 +4003,8 @@ def cmd_bpop(server, conn, args):
 
 
 def cmd_blmpop(server, conn, args):
-    timeout = _timeout(args[1])
     names, from_left, count = _mpop_arguments(args, 2)
+    timeout = _timeout(args[1])     # after the rest, as Redis checks it
     reply = _mpop(server, names, from_left, count)
     if reply is not None:
         return reply
@@ -4152,25 +4174,36 @@ def cmd_unwatch(server, conn, args):
 # ## Commands: pub/sub ########################################################
 
 def cmd_subscribe(server, conn, args):
-    return server.subscribe(conn, args[1:], args[0][0] in b"pP")
+    # SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE
+    return server.subscribe(conn, args[1:], args[0][0] in b"pP",
+                            args[0].lower() == b"ssubscribe")
 
 
 def cmd_unsubscribe(server, conn, args):
-    return server.unsubscribe(conn, args[1:], args[0][0] in b"pP")
+    return server.unsubscribe(conn, args[1:], args[0][0] in b"pP",
+                              args[0].lower() == b"sunsubscribe")
 
 
 def cmd_publish(server, conn, args):
     return encode_int(server.publish(args[1], args[2]))
 
 
+def cmd_spublish(server, conn, args):
+    return encode_int(server.publish_shard(args[1], args[2]))
+
+
 def cmd_pubsub(server, conn, args):
     sub = args[1].upper()
-    if sub == b"CHANNELS" and len(args) <= 3:
+    if sub == b"HELP":
+        return _help(b"pubsub")
+    channels = server.shard_channels if sub.startswith(b"SHARD") \
+        else server.channels
+    if sub in (b"CHANNELS", b"SHARDCHANNELS") and len(args) <= 3:
         match = glob_matcher(args[2]) if len(args) == 3 else None
-        return encode_bulks(server.channels.channels(match))
-    if sub == b"NUMSUB":
+        return encode_bulks(channels.channels(match))
+    if sub in (b"NUMSUB", b"SHARDNUMSUB"):
         return b"*%d\r\n" % (2 * len(args) - 4) + b"".join(
-            encode_bulk(name) + encode_int(server.channels.subscribers(name))
+            encode_bulk(name) + encode_int(channels.subscribers(name))
             for name in args[2:])
     if sub == b"NUMPAT":
         return encode_int(server.channels.pattern_count())
@@ -4286,6 +4319,8 @@ def _client_name(name):
 
 def cmd_client(server, conn, args):
     sub = args[1].upper()
+    if sub == b"HELP":
+        return _help(b"client")
     if sub == b"SETNAME":
         conn.name = _client_name(args[2])
         return OK
@@ -4349,9 +4384,16 @@ def _client_kill(server, conn, args):
         for i in range(2, len(args), 2):
             option = args[i].upper()
             if i + 1 >= len(args) or option not in (
-                    b"ID", b"ADDR", b"LADDR", b"TYPE", b"SKIPME"):
+                    b"ID", b"ADDR", b"LADDR", b"TYPE", b"SKIPME", b"USER"):
                 raise ReplyError(ERR_SYNTAX)
             value = args[i + 1]
+            if option == b"TYPE" and value.lower() not in (
+                    b"normal", b"pubsub", b"master", b"replica", b"slave"):
+                raise ReplyError("ERR Unknown client type '%s'" % value.decode(
+                    "utf-8", "replace"))
+            if option == b"USER" and value != b"default":
+                raise ReplyError("ERR No such user '%s'" % value.decode(
+                    "utf-8", "replace"))
             if option == b"ID":
                 number = parse_integer(value)
                 if number is None or number < 1:
@@ -4396,6 +4438,8 @@ def cmd_command(server, conn, args):
     if len(args) == 1:
         return _command_info(conn, COMMAND_ROWS)
     sub = args[1].upper()
+    if sub == b"HELP":
+        return _help(b"command")
     if sub == b"COUNT":
         return encode_int(len(COMMAND_ROWS))
     if sub == b"LIST":
@@ -4527,6 +4571,8 @@ def _command_info(conn, commands):
 
 
 def cmd_config(server, conn, args):
+    if args[1].upper() == b"HELP":
+        return _help(b"config")
     settings = server.settings()
     pairs = {}
     for pattern in args[2:]:
@@ -4618,10 +4664,16 @@ unsubscribe|cmd_unsubscribe|-1|pubsub,noscript,loading,stale,subscribed|0,0,0|pu
 psubscribe|cmd_subscribe|-2|pubsub,noscript,loading,stale,subscribed|0,0,0|pubsub|2.0.0|Listen to the channels that match patterns|pattern...
 punsubscribe|cmd_unsubscribe|-1|pubsub,noscript,loading,stale,subscribed|0,0,0|pubsub|2.0.0|Stop listening to patterns|[pattern...]
 publish|cmd_publish|3|pubsub,loading,stale,fast|0,0,0|pubsub|2.0.0|Send a message to the subscribers of a channel|channel message
+ssubscribe|cmd_subscribe|-2|pubsub,noscript,loading,stale,subscribed|1,-1,1|pubsub|7.0.0|Listen to sharded channels|shardchannel...
+sunsubscribe|cmd_unsubscribe|-1|pubsub,noscript,loading,stale,subscribed|1,-1,1|pubsub|7.0.0|Stop listening to sharded channels|[shardchannel...]
+spublish|cmd_spublish|3|pubsub,loading,fast|1,1,1|pubsub|7.0.0|Send a message to the subscribers of a sharded channel|shardchannel message
 pubsub|cmd_pubsub|-2||0,0,0|pubsub|2.8.0|About channels and subscribers|
 pubsub channels||-2|pubsub,loading,stale|0,0,0|pubsub|2.8.0|Channels that have subscribers|[pattern]
 pubsub numsub||-2|pubsub,loading,stale|0,0,0|pubsub|2.8.0|How many subscribers channels have|[channel...]
 pubsub numpat||2|pubsub,loading,stale|0,0,0|pubsub|2.8.0|How many patterns have subscribers|
+pubsub shardchannels||-2|pubsub,loading,stale|0,0,0|pubsub|7.0.0|Sharded channels that have subscribers|[pattern]
+pubsub shardnumsub||-2|pubsub,loading,stale|0,0,0|pubsub|7.0.0|How many subscribers sharded channels have|[shardchannel...]
+pubsub help||2|loading,stale|0,0,0|pubsub|6.2.0|What PUBSUB's subcommands do|
 ping|cmd_ping|-1|fast,subscribed|0,0,0|connection|1.0.0|Check that the server answers|[message]
 echo|cmd_echo|2|fast|0,0,0|connection|1.0.0|Answer the message|message
 quit|cmd_quit|-1|noscript,loading,stale,fast,no_auth,subscribed,at-once|0,0,0|connection|1.0.0|Close the connection|
@@ -4637,13 +4689,16 @@ client info||2|noscript,loading,stale|0,0,0|connection|6.2.0|What the server kno
 client list||-2|noscript,loading,stale|0,0,0|connection|2.4.0|What the server knows of each connection|[TYPE NORMAL|PUBSUB] [ID client-id...]
 client kill||-3|noscript,loading,stale|0,0,0|connection|2.4.0|Close connections|[ID client-id] [ADDR ip:port] [LADDR ip:port] [TYPE NORMAL|PUBSUB] [SKIPME YES|NO]
 client setinfo||4|noscript,loading,stale|0,0,0|connection|7.2.0|Tell the server the client library's name or version|LIB-NAME|LIB-VER value
+client help||2|loading,stale|0,0,0|connection|5.0.0|What CLIENT's subcommands do|
 command|cmd_command|-1|loading,stale|0,0,0|server|2.8.13|What the server knows of its commands|
 command count||2|loading,stale|0,0,0|server|2.8.13|The number of commands|
 command list||-2|loading,stale|0,0,0|server|7.0.0|The names of the commands|
 command docs||-2|loading,stale|0,0,0|server|7.0.0|How commands are used, for people|[command-name...]
 command info||-2|loading,stale|0,0,0|server|2.8.13|How commands are called, for programs|[command-name...]
+command help||2|loading,stale|0,0,0|server|5.0.0|What COMMAND's subcommands do|
 config|cmd_config|-2||0,0,0|server|2.0.0|About the server's settings|
 config get||-3|loading,stale|0,0,0|server|2.0.0|Settings that match patterns|parameter...
+config help||2|loading,stale|0,0,0|server|5.0.0|What CONFIG's subcommands do|
 info|cmd_info|-1|loading,stale|0,0,0|server|1.0.0|The server's state, as text|[section...]
 """
 _UNPRINTED_FLAGS = {"subscribed", "at-once"}
@@ -4677,6 +4732,22 @@ class Command:
         self.messages = next((i for i, word in enumerate(words)
                               if word.rstrip(".") == "element"), 0) \
             if self.denyoom else 0
+
+
+def _help(name):
+    """The HELP of a command made of subcommands, from its rows."""
+    command = COMMANDS[name]
+    lines = [b"%s <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"
+             % name.upper()]
+    for sub in command.subcommands.values():
+        if sub.name.endswith(b"|help"):
+            continue
+        lines.append(("%s %s" % (sub.name.partition(b"|")[2].decode().upper(),
+                                 sub.arguments)).strip().encode())
+        lines.append(b"    " + sub.summary.encode() + b".")
+    lines += [b"HELP", b"    Print this help."]
+    return b"*%d\r\n" % len(lines) + b"".join(b"+%s\r\n" % line
+                                              for line in lines)
 
 
 def _subcommand(command, args):
