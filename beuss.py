@@ -4878,7 +4878,8 @@ def _duration(value):
 
 def _fsync_policy(value):
     if value not in FSYNC_POLICIES:
-        raise ValueError(value)
+        raise _BadValue("%r is not one of %s" % (value,
+                                                 ", ".join(FSYNC_POLICIES)))
     return value
 
 
@@ -5433,10 +5434,16 @@ class Client:
 
     def _talk(self, commands, replies, wait=0.0):
         """Send commands, then read that many replies."""
+        commands = [[_arg(arg) for arg in command] for command in commands]
+        for command in commands:
+            # A server closes the connection on a bulk over 512 MiB (Redis
+            # too): refuse it here, in words.
+            if any(len(arg) > MAX_BULK_LENGTH for arg in command):
+                raise ReplyError("ERR message too large (at most %d bytes "
+                                 "an argument)" % MAX_BULK_LENGTH)
         if self._sock is None:
             self._connect()
-        request = b"".join(encode_bulks([_arg(arg) for arg in command])
-                           for command in commands)
+        request = b"".join(encode_bulks(command) for command in commands)
         try:
             self._sock.settimeout(self.timeout + wait)
             self._sock.sendall(request)
@@ -5932,7 +5939,8 @@ def main(argv=None):
         if argv and not argv[0].startswith("-"):
             verb = argv.pop(0).upper()
         if verb not in VERBS:
-            raise UsageError("unknown verb %r (try --help)" % verb)
+            raise UsageError("unknown verb %r: the verbs are %s (--help "
+                             "tells more)" % (verb, " ".join(VERBS)))
         run, add_arguments, summary = VERBS[verb]
         parser = _Parser(verb, summary)
         add_arguments(parser)
@@ -6132,7 +6140,8 @@ def _seconds(text):
 
 def _count(text):
     if not text.isdigit():
-        raise ValueError("%r is not a whole number" % text)
+        raise ValueError("%r is not a count (a whole number, 0 or more)"
+                         % text)
     return int(text)
 
 
@@ -6170,6 +6179,15 @@ def run_serve(options):
         raise UsageError(str(exc))
     host, port = settings.pop("host"), settings.pop("port")
     max_clients, data = settings["max_clients"], settings["data"]
+    if settings["max_input"] is not None and \
+            settings["max_input"] <= settings["max_message_size"]:
+        raise UsageError("--max-input (%d bytes) must be more than "
+                         "--max-message-size (%d bytes), or a message could "
+                         "never be sent" % (settings["max_input"],
+                                            settings["max_message_size"]))
+    if data is None and (options.fsync or os.environ.get("BFSYNC")):
+        raise UsageError("--fsync says when the --data file is synced; "
+                         "without --data there is no file")
     # The handlers go in before the port opens: a signal that comes once
     # anyone can connect must stop the server cleanly, never half way.
     import signal
@@ -6193,8 +6211,11 @@ def run_serve(options):
         _warn("serving at most %d clients: the system allows this process "
               "only %d open files" % (server.max_clients, server.max_clients
                                       + RESERVED_DESCRIPTORS))
-    kept = "kept in %s, fsync %s" % (data, server.fsync) if data \
-        else "in memory"
+    kept = "kept in %s, fsync %s: %s in %s found" % (
+        data, server.fsync, _plural(server.queues.message_count()
+                                    + server.queues.deferred_count(),
+                                    "message"),
+        _plural(len(server.queues), "queue")) if data else "in memory"
     sys.stderr.write("beuss %s serving on %s port %d (messages up to %d bytes, "
                      "%s; Ctrl-C stops it)\n" % (
                          __version__, server.address[0], server.address[1],

@@ -2947,6 +2947,38 @@ class RepliesTest(ServerCase):
             self.assertTrue(any(line.startswith(sub) for line in lines), lines)
             self.assertEqual(lines[-2:], ["HELP", "    Print this help."])
 
+    def test_start_up_mistakes_are_refused_in_one_line(self):
+        for argv, words in ((["--max-input", "1kb"], "--max-input (1024 bytes) must be more"),
+                            (["--fsync", "always"], "without --data there is no file"),
+                            (["--fsync", "sometimes"], "is not one of always, everysec, no"),
+                            (["jobs"], "unknown verb 'JOBS': the verbs are SERVE PUT GET")):
+            with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+                self.assertEqual(beuss.main(argv + ["--port", "0"]), 2)
+            self.assertEqual(len(err.getvalue().splitlines()), 1, err.getvalue())
+            self.assertIn(words, err.getvalue())
+
+    def test_a_restart_says_what_it_found(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "b.db")
+        with beuss.Server(("127.0.0.1", 0), data=path) as server, \
+                beuss.Client(port=server.address[1]) as client:
+            client.put_many("q", ["a", "b"])
+        err = io.StringIO()
+        with mock.patch.object(sys, "stderr", err), \
+                mock.patch.object(beuss.Server, "serve_forever", lambda self: self._close_all()):
+            self.assertEqual(beuss.main(["--port", "0", "--data", path]), 0)
+        self.assertIn(": 2 messages in 1 queue found;", err.getvalue())
+
+    def test_the_client_refuses_an_argument_no_server_takes(self):
+        class Huge(bytes):
+            def __len__(self):
+                return beuss.MAX_BULK_LENGTH + 1
+        with self.assertRaises(beuss.ReplyError) as caught:
+            self.client().put("q", Huge(b"x"))
+        self.assertIn("message too large", str(caught.exception))
+        self.assertEqual(self.client().len("q"), 0)
+
     def test_info_names_the_redis_version_it_follows(self):
         info = self.client().info()
         self.assertEqual(info["redis_version"], beuss.REDIS_VERSION)
@@ -3165,7 +3197,7 @@ class OptionParserTest(unittest.TestCase):
                            (["q", "a", "--nope"], "unrecognized argument --nope"),
                            (["q", "a", "--count"], "--count needs a value"),
                            (["q", "a", "--lines=yes"], "--lines takes no value"),
-                           (["q", "a", "-C", "x"], "-C: 'x' is not a whole number")):
+                           (["q", "a", "-C", "x"], "-C: 'x' is not a count (a whole number, 0 or more)")):
             with self.assertRaises(beuss.UsageError) as caught:
                 self.parser().parse_args(argv)
             self.assertEqual(str(caught.exception),
@@ -3638,7 +3670,8 @@ time.sleep(60)
         done = subprocess.run([sys.executable, BEUSS, "--fsync", "sometimes"],
                               stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(done.returncode, 2)
-        self.assertIn(b"--fsync: 'sometimes' is not a valid value", done.stderr)
+        self.assertIn(b"--fsync: 'sometimes' is not one of always, everysec, no",
+                      done.stderr)
 
     def test_sigterm_commits_and_stops_within_five_seconds(self):
         if not POSIX:
