@@ -5902,15 +5902,21 @@ BMAXMESSAGESIZE, BMAXCLIENTS), else the defaults (127.0.0.1:6552).
 Exit status: 0 done, 1 the queue was empty or the wait ran out, 2 usage
 error, 3 the server could not be reached or refused the request, 4 a
 message could not be written out or handled (it is back in its queue),
-130 interrupted.
+5 the server could not start, 130 interrupted.
 """
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_SERVER, EXIT_HANDLER = 0, 1, 2, 3, 4
+EXIT_START = 5
 EXIT_INTERRUPTED = 130
 
 
 class UsageError(BeussError):
     """The command line was wrong: the user's fault, exit status 2."""
+
+
+class StartFailed(BeussError):
+    """SERVE could not start (the port, the store, TLS, protected mode):
+    exit status 5."""
 
 
 class HandlerFailed(BeussError):
@@ -5954,6 +5960,9 @@ def main(argv=None):
     except HandlerFailed as exc:
         _warn(str(exc))
         return EXIT_HANDLER
+    except StartFailed as exc:
+        _warn(str(exc))
+        return EXIT_START
     except BeussError as exc:       # the server refused, or could not start
         _warn(str(exc))
         return EXIT_SERVER
@@ -6202,8 +6211,10 @@ def run_serve(options):
     try:
         server = Server((host, port), **settings)
     except OSError as exc:
-        raise ConnectionFailed("cannot listen on %s:%s: %s"
-                               % (host, port, _reason(exc)))
+        raise StartFailed("cannot listen on %s:%s: %s"
+                          % (host, port, _reason(exc)))
+    except BeussError as exc:
+        raise StartFailed(str(exc))
     servers.append(server)
     if signals:
         server.stop()

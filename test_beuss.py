@@ -1684,7 +1684,7 @@ class StoreServerTest(ServerCase):
         err = io.StringIO()
         with mock.patch.object(sys, "stderr", err):
             code = beuss.main(["--port", "0", "--data", self.path])
-        self.assertEqual(code, 3)
+        self.assertEqual(code, 5)
         self.assertEqual(len(err.getvalue().splitlines()), 1, err.getvalue())
 
     def test_info_and_config_describe_the_store(self):
@@ -2253,7 +2253,7 @@ class ProtectedModeTest(unittest.TestCase):
         done = subprocess.run([sys.executable, BEUSS, "--host", "0.0.0.0",
                                "--port", str(free_port())],
                               stderr=subprocess.PIPE, timeout=60)
-        self.assertEqual(done.returncode, 3)
+        self.assertEqual(done.returncode, 5)
         self.assertEqual(done.stderr.count(b"\n"), 1)
         self.assertIn(b"without a token", done.stderr)
 
@@ -3664,7 +3664,7 @@ time.sleep(60)
             f.write(b"hello\n" * 1000)
         done = subprocess.run([sys.executable, BEUSS, "--port", str(free_port()),
                                "--data", path], stderr=subprocess.PIPE, timeout=60)
-        self.assertEqual(done.returncode, 3)
+        self.assertEqual(done.returncode, 5)
         self.assertEqual(done.stderr.count(b"\n"), 1, done.stderr)
         self.assertIn(path.encode(), done.stderr)
         done = subprocess.run([sys.executable, BEUSS, "--fsync", "sometimes"],
@@ -4200,7 +4200,7 @@ class FullDiskTest(unittest.TestCase):
         try:
             wait_for_port(port, process=again)
         except AssertionError:
-            self.assertEqual(again.wait(TIMEOUT), 3)
+            self.assertEqual(again.wait(TIMEOUT), 5)
             self.assertEqual(len(again.stderr.read().splitlines()), 1)
         finally:
             again.kill()
