@@ -5874,6 +5874,16 @@ def on(queue, handler, **conn):
 
 # ## Command line #############################################################
 
+def _wrap(text, width):
+    """text in lines of at most width, broken at spaces."""
+    lines = [""]
+    for word in text.split(" "):
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+            lines.append("")
+        lines[-1] += (" " if lines[-1] else "") + word
+    return "\n".join(lines)
+
+
 USAGE = """\
 usage: python beuss.py [VERB] [options]
 
@@ -5897,13 +5907,15 @@ usage: python beuss.py [VERB] [options]
   BENCH               measure the server: put, then take, many messages
 
 `python beuss.py VERB --help` tells a verb's options. Verbs may be written
-in any case. Settings come from flags, else the environment (BHOST, BPORT,
-BMAXMESSAGESIZE, BMAXCLIENTS), else the defaults (127.0.0.1:6552).
+in any case. Options may come before the verb. Settings come from flags,
+else the environment, else the defaults (127.0.0.1:6552). The server's:
+%s.
+The clients': BHOST, BPORT, BTOKEN, BTLS, BTLSCA.
 Exit status: 0 done, 1 the queue was empty or the wait ran out, 2 usage
 error, 3 the server could not be reached or refused the request, 4 a
 message could not be written out or handled (it is back in its queue),
 5 the server could not start, 130 interrupted.
-"""
+""" % _wrap(", ".join(setting.env for setting in SETTINGS), 72)
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_SERVER, EXIT_HANDLER = 0, 1, 2, 3, 4
 EXIT_START = 5
@@ -5942,8 +5954,9 @@ def main(argv=None):
             print("beuss", __version__)
             return EXIT_OK
         verb = "SERVE"
-        if argv and not argv[0].startswith("-"):
-            verb = argv.pop(0).upper()
+        at = _verb_position(argv)
+        if at is not None:
+            verb = argv.pop(at).upper()     # options may come before it
         if verb not in VERBS:
             raise UsageError("unknown verb %r: the verbs are %s (--help "
                              "tells more)" % (verb, " ".join(VERBS)))
@@ -5973,6 +5986,24 @@ def main(argv=None):
         # complaining when it flushes stdout on the way out.
         _silence_stdout()
         return EXIT_OK
+
+
+# Options that take no value: a verb may follow one directly.
+_SWITCHES = {"-l", "--lines", "--no-protected-mode", "--channel", "--why",
+             "--tls", "-h", "--help"}
+
+
+def _verb_position(argv):
+    """Where the verb is: first, or after options given before it
+    (`--port 7000 PUT q x`); None when there is none (SERVE)."""
+    if argv and not argv[0].startswith("-"):
+        return 0
+    for i, word in enumerate(argv):
+        if word.upper() in VERBS and i and (
+                not argv[i - 1].startswith("-") or "=" in argv[i - 1]
+                or argv[i - 1] in _SWITCHES):
+            return i
+    return None
 
 
 class _Parser:
@@ -6250,7 +6281,7 @@ def run_serve(options):
 # PUT ------------------------------------------------------------------------
 
 def _put_arguments(parser):
-    parser.add_argument("queue")
+    parser.add_argument("queue", help="the queue's name")
     parser.add_argument("-d", "--delay", type=_seconds, metavar="TIME",
                         help="the message joins the queue once TIME has "
                         "passed (seconds, or 500ms, 30s, 5m, 2h)")
@@ -6317,7 +6348,7 @@ def _messages(options, verb):
 # GET ------------------------------------------------------------------------
 
 def _get_arguments(parser):
-    parser.add_argument("queue")
+    parser.add_argument("queue", help="the queue's name")
     parser.add_argument("file", nargs="?", default="-",
                         help="where to write the message (- or none: stdout)")
     parser.add_argument("-w", "--wait", type=_seconds, metavar="SECONDS",
@@ -6451,7 +6482,7 @@ def _write_stdout(data):
 # ON -------------------------------------------------------------------------
 
 def _on_arguments(parser):
-    parser.add_argument("queue")
+    parser.add_argument("queue", help="the queue's name")
     _add_handling(parser)
 
 
@@ -6566,7 +6597,7 @@ def _unescape(text):
 # LEN, LIST, PING, STATS -----------------------------------------------------
 
 def _queue_argument(parser):
-    parser.add_argument("queue")
+    parser.add_argument("queue", help="the queue's name")
     _add_address(parser)
 
 
@@ -6609,7 +6640,7 @@ def _aside_counts(info):
 
 
 def _peek_arguments(parser):
-    parser.add_argument("queue")
+    parser.add_argument("queue", help="the queue's name")
     parser.add_argument("count", nargs="?", type=_count, default=1,
                         metavar="N", help="how many messages (1)")
     parser.add_argument("--why", action="store_true",
@@ -6654,7 +6685,7 @@ def _print_why(options, queue):
 
 
 def _redrive_arguments(parser):
-    parser.add_argument("queue")
+    parser.add_argument("queue", help="the queue's name")
     parser.add_argument("count", nargs="?", type=_count, metavar="N",
                         help="how many (all by default)")
     _add_address(parser)
@@ -6670,7 +6701,7 @@ def run_redrive(options):
 
 
 def _del_arguments(parser):
-    parser.add_argument("queue", nargs="+")
+    parser.add_argument("queue", nargs="+", help="the queues' names")
     _add_address(parser)
 
 

@@ -2957,6 +2957,25 @@ class RepliesTest(ServerCase):
             self.assertEqual(len(err.getvalue().splitlines()), 1, err.getvalue())
             self.assertIn(words, err.getvalue())
 
+    def test_options_may_come_before_the_verb(self):
+        with mock.patch.object(sys, "stderr", io.StringIO()):
+            self.assertEqual(beuss.main(["--port", str(self.port), "PUT", "q", "x"]), 0)
+            self.assertEqual(beuss.main(["--port=%d" % self.port, "put", "q", "y"]), 0)
+            self.assertEqual(beuss.main(["--lines", "--port", str(self.port), "PUT", "q",
+                                         "--file", os.devnull]), 0)
+        self.assertEqual(self.client().call(b"LRANGE", b"q", 0, -1), [b"x", b"y"])
+        self.assertEqual(beuss._verb_position(["--port", "7000"]), None)
+        self.assertEqual(beuss._verb_position(["--host", "0.0.0.0", "--port", "1"]), None)
+
+    def test_help_names_every_environment_variable_and_argument(self):
+        out = io.StringIO()
+        with mock.patch.object(sys, "stdout", out):
+            self.assertEqual(beuss.main(["--help"]), 0)
+            self.assertEqual(beuss.main(["GET", "--help"]), 0)
+        for setting in beuss.SETTINGS:
+            self.assertIn(setting.env, out.getvalue())
+        self.assertIn("the queue's name", out.getvalue())
+
     def test_a_restart_says_what_it_found(self):
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
