@@ -2623,6 +2623,29 @@ class _Connections:
             sock.close()
 
 
+def _tls_context(cert, key):
+    """The server's TLS context, or a BeussError that says which file is
+    wrong and how."""
+    import ssl
+    for path, what in ((cert, "certificate"), (key, "key")):
+        if path is not None and not os.path.isfile(path):
+            raise BeussError("cannot read the TLS %s %s: no such file"
+                             % (what, path))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if key is None:
+            raise BeussError("the TLS certificate %s holds no private key: "
+                             "give its key with --tls-key" % cert)
+        raise BeussError("cannot use the TLS certificate %s with the key %s: "
+                         "%s" % (cert, key, exc.reason or exc))
+    except (OSError, ValueError) as exc:
+        raise BeussError("cannot use the TLS certificate %s: %s"
+                         % (cert, _reason(exc)))
+    return context
+
+
 def _next_slice(out):
     """Take the next replies from out, joined, at most about WRITE_SLICE
     bytes (a single larger reply whole): a backlog is never joined into
@@ -2806,13 +2829,7 @@ class Server(_Connections):
         self.max_clients = _fit_to_descriptors(max_clients)
         self._tls = None
         if self.tls_cert is not None:
-            import ssl
-            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            try:
-                self._tls.load_cert_chain(self.tls_cert, self.tls_key)
-            except (OSError, ValueError) as exc:
-                raise BeussError("cannot use the TLS certificate %s: %s"
-                                 % (self.tls_cert, _reason(exc)))
+            self._tls = _tls_context(self.tls_cert, self.tls_key)
         self.lease = settings["lease"]  # seconds a message may be held; 0: ever
         self.retry_delay = settings["retry_delay"]
         self.retry_max_delay = settings["retry_max_delay"]
@@ -5441,7 +5458,8 @@ class Client:
             if any(len(arg) > MAX_BULK_LENGTH for arg in command):
                 raise ReplyError("ERR message too large (at most %d bytes "
                                  "an argument)" % MAX_BULK_LENGTH)
-        if self._sock is None:
+        fresh = self._sock is None
+        if fresh:
             self._connect()
         request = b"".join(encode_bulks(command) for command in commands)
         try:
@@ -5450,8 +5468,11 @@ class Client:
             return [self._reader.read() for _ in range(replies)]
         except OSError as exc:
             self.close()
-            raise ConnectionFailed("lost the server at %s:%d: %s"
-                                   % (self.host, self.port, _reason(exc)))
+            # A TLS server drops a plain client at its first request.
+            hint = "; if it serves TLS, connect with --tls" if fresh and not \
+                self.tls and not isinstance(exc, socket.timeout) else ""
+            raise ConnectionFailed("lost the server at %s:%d: %s%s"
+                                   % (self.host, self.port, _reason(exc), hint))
         except (ProtocolError, ValueError):
             self.close()
             raise ProtocolError("the server at %s:%d does not answer in the "
@@ -6258,6 +6279,8 @@ def run_serve(options):
                                     + server.queues.deferred_count(),
                                     "message"),
         _plural(len(server.queues), "queue")) if data else "in memory"
+    if server.tls_cert is not None:
+        kept += "; TLS only: clients connect with --tls"
     sys.stderr.write("beuss %s serving on %s port %d (messages up to %d bytes, "
                      "%s; Ctrl-C stops it)\n" % (
                          __version__, server.address[0], server.address[1],

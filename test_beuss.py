@@ -2306,6 +2306,21 @@ class TlsTest(ServerCase):
                                          "--tls-ca", self.cert]), 0)
         self.assertEqual(out.getvalue(), big)
 
+    def test_tls_mistakes_are_said_plainly(self):
+        with self.assertRaises(beuss.ConnectionFailed) as caught:
+            beuss.Client("127.0.0.1", self.port, timeout=TIMEOUT).len("q")
+        self.assertIn("if it serves TLS, connect with --tls", str(caught.exception))
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        missing_key = os.path.join(folder, "nokey.pem")
+        for cert, key, words in (
+                (self.cert, missing_key, "cannot read the TLS key %s: no such file" % missing_key),
+                (missing_key, None, "cannot read the TLS certificate %s: no such file" % missing_key),
+                (self.cert, None, "holds no private key: give its key with --tls-key")):
+            with self.assertRaises(beuss.BeussError) as caught:
+                beuss.Server(("127.0.0.1", 0), tls_cert=cert, tls_key=key)
+            self.assertIn(words, str(caught.exception))
+
     def test_a_stalled_handshake_is_closed(self):
         with mock.patch.object(beuss, "TLS_HANDSHAKE_TIMEOUT", 0.2), \
                 mock.patch.object(beuss, "HOUSEKEEPING_INTERVAL", 0.1):
