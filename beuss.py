@@ -346,6 +346,7 @@ class RequestReader:
         self._bulk = -1             # length of the argument under way
         self._skip = 0              # bytes of an over-size argument to drop
         self._too_large = False     # the request under way is being dropped
+        self._too_large_at = (0, [])  # (argument index, [command]) of it
         # Requests read ahead, the next one last: read() takes them, and so
         # does the server's loop, with pop(), to save a call a request.
         self.batch = []
@@ -487,7 +488,14 @@ class RequestReader:
                     self._args = None
                     self._left, self._bulk = 0, -1
                     self._partial = 0
-                    raise message_too_large(self.max_message)
+                    index, command = self._too_large_at
+                    error = message_too_large(self.max_message)
+                    # Which argument, of which command: whether it is a
+                    # message is the server's to say.
+                    error.argument = index
+                    error.command = command[0] if command else b""
+                    error.limit = self._max_argument
+                    raise error
                 if pos == end:
                     return self._incomplete(pos, 1, None, 0, -1)
                 if buf[pos] != 42:                  # not b"*": inline
@@ -546,6 +554,8 @@ class RequestReader:
                         if self.locked and bulk > UNAUTHENTICATED_BULK:
                             raise ProtocolError("unauthenticated bulk length")
                         self._skip = bulk + 2
+                        if not self._too_large:     # the first is the one
+                            self._too_large_at = (len(args), args[:1])
                         self._too_large = True
                         bulk = -1
                         left -= 1
@@ -3167,7 +3177,7 @@ class Server(_Connections):
                 try:
                     args = reader.read()
                 except ReplyError as exc:
-                    self._reply(conn, encode_error(str(exc)))
+                    self._reply(conn, encode_error(_reading_error(exc)))
                     continue
                 except ProtocolError as exc:
                     self._reply(conn, encode_error("ERR Protocol error: %s"
@@ -3678,6 +3688,19 @@ class Server(_Connections):
             if not conn.closed:
                 self._run(conn)
                 self._update_events(conn)
+
+
+def _reading_error(exc):
+    """The text of a request the reader refused: an argument too large is
+    a message too large only where the command's row says it stores
+    messages (RPUSH's elements), else an argument too large."""
+    command = getattr(exc, "command", None)
+    if command is None:
+        return str(exc)
+    row = COMMANDS.get(command) or COMMANDS.get(command.lower())
+    if row is not None and row.messages and exc.argument >= row.messages:
+        return str(exc)
+    return "ERR argument too large (max %d bytes)" % exc.limit
 
 
 def _internal_error(args, exc):

@@ -3013,6 +3013,13 @@ class RepliesTest(ServerCase):
         self.assertIn("message too large", str(caught.exception))
         self.assertEqual(self.client().len("q"), 0)
 
+    def test_an_argument_too_large_is_named_for_what_it_is(self):
+        big = b"n" * 100000
+        self.exchange(requests(["HELLO", "3", "SETNAME", big], ["ECHO", big],
+                               ["RPUSH", big, "m"], ["RPUSH", "q", "m", big], ["PING"]),
+                      b"-ERR argument too large (max 65536 bytes)\r\n" * 3
+                      + b"-ERR message too large (max 10240 bytes)\r\n+PONG\r\n")
+
     def test_info_names_the_redis_version_it_follows(self):
         info = self.client().info()
         self.assertEqual(info["redis_version"], beuss.REDIS_VERSION)
