@@ -5593,7 +5593,7 @@ class Client:
         return self._keep_waiting(lambda deadline: self._wait_one(
             queue, deadline), idle, reconnect)
 
-    def _keep_waiting(self, wait_one, idle, reconnect):
+    def _keep_waiting(self, wait_one, idle, reconnect, slices=False):
         # Yield what wait_one(deadline) returns (None: nothing within a
         # slice), through server restarts, until idle seconds pass empty.
         delay = None                    # seconds to the next retry, once lost
@@ -5621,6 +5621,8 @@ class Client:
                 last = time.monotonic()
             elif time.monotonic() >= deadline:
                 return
+            elif slices:
+                yield None
 
     def on(self, queue, handler, count=None, idle=None, reconnect=True):
         """Call handler(message) for each message of queue, for ever, or for
@@ -5660,11 +5662,12 @@ class Client:
                     time.monotonic() >= deadline:
                 return message
 
-    def reservations(self, queue, idle=None, reconnect=True):
+    def reservations(self, queue, idle=None, reconnect=True, slices=False):
         """Yield a reserved Message of queue as each comes, as listen()
-        yields messages, through server restarts."""
+        yields messages, through server restarts; with slices, also None
+        after each second or so with none, so the caller may look around."""
         return self._keep_waiting(lambda deadline: self._reserve_one(
-            queue, deadline), idle, reconnect)
+            queue, deadline), idle, reconnect, slices)
 
     def _reserve_one(self, queue, deadline):
         # One RESERVE of at most a slice (deadline None: not waiting).
@@ -6229,6 +6232,23 @@ def _count(text):
     return int(text)
 
 
+def _reader_gone():
+    """Whether stdout is a pipe whose reader has closed it (POSIX)."""
+    import select
+    import stat
+    try:
+        fd = sys.stdout.fileno()
+        if not hasattr(select, "poll") or not stat.S_ISFIFO(
+                os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, 0)      # only the error and hang-up conditions
+        return any(events & (select.POLLERR | select.POLLHUP)
+                   for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _silence_stdout():
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -6559,11 +6579,18 @@ def run_on(options):
                       % (options.queue, options.queue))
     handled = 0
     with _client(options) as client:
-        messages = client.reservations(queue, options.timeout)
+        messages = client.reservations(queue, options.timeout, slices=True)
         while options.count != handled:
-            message = next(messages, None)
-            if message is None:
+            message = next(messages, StopIteration)
+            if message is StopIteration:
                 break
+            if message is None:
+                # While it waits, ON notices a reader that went away (`|
+                # head`), rather than wait for a message to write.
+                if options.command is None and _reader_gone():
+                    _silence_stdout()
+                    return EXIT_OK
+                continue
             try:
                 handle(message.data, None, message.deliveries)
             except CommandFailed as exc:

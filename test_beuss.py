@@ -3872,6 +3872,18 @@ time.sleep(60)
         # The message whose write failed went back to its queue.
         self.assertEqual(self.client().get("q"), b"more")
 
+    def test_on_ends_while_waiting_once_its_reader_is_gone(self):
+        if not POSIX or not shutil.which("head"):
+            self.skipTest("needs a POSIX shell and head")
+        self.client().put_many("q", ["a", "b"])
+        started = time.monotonic()
+        done = subprocess.run("'%s' '%s' ON q -s '\\n' | head -2" % (sys.executable, BEUSS),
+                              shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, BPORT=str(self.port)), timeout=TIMEOUT)
+        self.assertEqual((done.stdout, done.stderr), (b"a\nb\n", b""))
+        self.assertLess(time.monotonic() - started, TIMEOUT)
+        self.wait_until(lambda: self.server.queues.waiting == 0)
+
     def test_sigint_exits_130_quietly(self):
         if not POSIX:
             self.skipTest("SIGINT to a child needs POSIX")
