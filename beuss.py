@@ -5794,7 +5794,8 @@ class Client:
 
 
 class Message:
-    """A reserved message: .data (bytes), .queue, .id, and .deliveries
+    """A reserved message: .data (bytes), .queue (str), .id (bytes, as the
+    server gave it), and .deliveries
     (this one included). ack() when it has been handled, nack() to give it
     back; `with message:` acks when the block ends and nacks if it raises,
     the exception as the reason. Both return whether the server still held
@@ -5804,14 +5805,16 @@ class Message:
 
     def __init__(self, client, queue, message_id, data, deliveries=1):
         self.client = client
-        self.queue = _arg(queue)
+        # Names come back as str everywhere (queues(), subscribe(), here):
+        # UTF-8, other bytes kept as surrogates, so they go back unchanged.
+        self.queue = _arg(queue).decode("utf-8", "surrogateescape")
         self.id = message_id
         self.data = data
         self.deliveries = deliveries
 
     def __repr__(self):
         return "<beuss.Message %r of %s: %d bytes>" % (
-            self.id, self.queue.decode("utf-8", "replace"), len(self.data))
+            self.id, self.queue, len(self.data))
 
     def __enter__(self):
         return self

@@ -3133,7 +3133,11 @@ class ClientTest(ServerCase):
         client = self.client()
         client.put_many("q", ["a", "b"])
         message = client.reserve("q")
-        self.assertEqual((message.data, message.queue, message.id), (b"a", b"q", b"1"))
+        self.assertEqual((message.data, message.queue, message.id), (b"a", "q", b"1"))
+        odd = client.put(b"\xff\xfe", "x") and client.reserve(b"\xff\xfe")
+        self.assertEqual(odd.queue, "\udcff\udcfe")         # str, and it goes back
+        self.assertTrue(odd.nack(delay=0))
+        self.assertEqual(client.queues()["\udcff\udcfe"], 1)
         with self.assertRaises(RuntimeError):
             with client.reserve("q") as failing:
                 raise RuntimeError("handler failed")
