@@ -56,10 +56,34 @@ def need_tool(test, name):
     return path
 
 
+# How to get each outside tool the interop tests use, said when one skips.
+HOW_TO_GET = {
+    "redis-py": "pip install redis, then BEUSS_REDIS_PYTHON=that python",
+    "node-redis": "npm install redis ioredis, then NODE_PATH=that node_modules",
+    "ioredis": "npm install redis ioredis, then NODE_PATH=that node_modules",
+}
+
+
 def missing(test, why):
+    """Skip, saying what is missing and how to get it (as .ci/run does);
+    under CI, fail instead."""
     if os.environ.get("CI") == "true":
         test.fail(why + " (CI must install it)")
-    test.skipTest(why)
+    how = next((how for tool, how in HOW_TO_GET.items() if tool in why),
+               "install it, as .ci/run does")
+    SKIPPED[why, how] += 1
+    test.skipTest("%s; to run this test: %s" % (why, how))
+
+
+SKIPPED = collections.Counter()     # (why, how) -> tests skipped so
+
+
+def tearDownModule():
+    # A plain `python -m unittest` shows no skip reasons: say them here.
+    for (why, how), count in sorted(SKIPPED.items()):
+        sys.stderr.write("skipped %d test%s: %s; to run %s: %s\n" % (
+            count, "" if count == 1 else "s", why,
+            "it" if count == 1 else "them", how))
 
 
 def redis_python(test):
@@ -3020,6 +3044,27 @@ class RepliesTest(ServerCase):
                       b"-ERR argument too large (max 65536 bytes)\r\n" * 3
                       + b"-ERR message too large (max 10240 bytes)\r\n+PONG\r\n")
 
+    def test_client_kill_user_default_closes_the_others(self):
+        other = self.connect()
+        self.exchange(b"PING\r\n", b"+PONG\r\n", other)
+        self.exchange(requests(["CLIENT", "KILL", "USER", "default"]), b":1\r\n")
+        self.assert_closed(other)
+
+    def test_a_count_that_is_not_one_is_named(self):
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            self.assertEqual(beuss.main(["PEEK", "q", "-1", "--port", str(self.port)]), 2)
+        self.assertIn("'-1' is not a count (a whole number, 0 or more)", err.getvalue())
+
+    def test_a_skip_says_how_to_run_the_test(self):
+        class Probe(unittest.TestCase):
+            def runTest(self):
+                pass
+        with mock.patch.dict(os.environ, {"CI": ""}), \
+                mock.patch.dict(SKIPPED, clear=True), \
+                self.assertRaises(unittest.SkipTest) as caught:
+            missing(Probe(), "redis-py is not installed")
+        self.assertIn("pip install redis", str(caught.exception))
+
     def test_info_names_the_redis_version_it_follows(self):
         info = self.client().info()
         self.assertEqual(info["redis_version"], beuss.REDIS_VERSION)
@@ -5165,7 +5210,7 @@ class ReadmeTest(ServerCase):
         node = need_tool(self, "node")
         if subprocess.run([node, "-e", "require.resolve('redis')"],
                           stderr=subprocess.DEVNULL).returncode != 0:
-            missing(self, "node-redis is not installed (set NODE_PATH)")
+            missing(self, "node-redis is not installed")
         snippet, = self.snippets("js")
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
