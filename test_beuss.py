@@ -2345,6 +2345,14 @@ class TlsTest(ServerCase):
                 beuss.Server(("127.0.0.1", 0), tls_cert=cert, tls_key=key)
             self.assertIn(words, str(caught.exception))
 
+    def test_the_start_up_line_says_tls_only(self):
+        err = io.StringIO()
+        with mock.patch.object(sys, "stderr", err), \
+                mock.patch.object(beuss.Server, "serve_forever", lambda self: self._close_all()):
+            self.assertEqual(beuss.main(["--port", "0", "--tls-cert", self.cert,
+                                         "--tls-key", self.server_options["tls_key"]]), 0)
+        self.assertIn("TLS only: clients connect with --tls", err.getvalue())
+
     def test_a_stalled_handshake_is_closed(self):
         with mock.patch.object(beuss, "TLS_HANDSHAKE_TIMEOUT", 0.2), \
                 mock.patch.object(beuss, "HOUSEKEEPING_INTERVAL", 0.1):
@@ -4597,6 +4605,9 @@ DIFFERENTIAL_SCRIPT = [
     ["PUBSUB", "SHARDCHANNELS", "a*"], ["HELLO", "3"],
     (["SSUBSCRIBE", "a", "b"], 2), ["PUBSUB", "SHARDCHANNELS", "b*"], ["SPUBLISH", "x", "m"],
     ["PUBSUB", "SHARDNUMSUB", "a"], ["SUNSUBSCRIBE", "a"], ["SUNSUBSCRIBE", "b"],
+    ["RPUSH", "w", "c"], ["WATCH", "w"], ["RPOP", "w", "0"], ["MULTI"], ["LLEN", "w"],
+    ["EXEC"], ["EXEC", "x"], ["BLMPOP", "-1", "0", "k", "LEFT"],
+    ["CLIENT", "KILL", "TYPE", "nope"], ["SUBSCRIBE", "c"], ["EXEC"],
     ["RESET"],
     ["QUIT"],
 ]
