@@ -935,10 +935,12 @@ class QueueCounts:
         self.pushed, self.returned, self.removed = 0, depth, 0
         self.acknowledged = 0
         self.given_back = self.dead_lettered = self.expired = 0
-        self.marks = collections.deque()    # (pushed before, second)
+        # Lists, not deques: an empty deque costs 600 bytes, and a client
+        # that pushes to many names makes many of these.
+        self.marks = []             # (pushed before, second)
         self.marked = None
         # (time, depth, pushed, delivered), one each SAMPLE_INTERVAL.
-        self.history = collections.deque(maxlen=HISTORY // SAMPLE_INTERVAL)
+        self.history = []
         self.active = second
         self.sampled_pushed = 0
 
@@ -1421,8 +1423,10 @@ class Queues:
         marks, delivered = counts.marks, counts.delivered(self.length(name))
         # A mark (pushed, when) says messages after the first `pushed`
         # arrived from `when` on; the head is about the delivered-th.
-        while len(marks) > 1 and marks[1][0] <= delivered:
-            marks.popleft()
+        passed = 0
+        while passed + 1 < len(marks) and marks[passed + 1][0] <= delivered:
+            passed += 1
+        del marks[:passed]
         return max(now - marks[0][1], 0) if marks else 0
 
     def sample(self, now):
@@ -1439,8 +1443,11 @@ class Queues:
                 del self.counts[name]
                 continue
             counts.sampled_pushed = counts.pushed
-            counts.history.append((now, depth, counts.pushed,
-                                   counts.delivered(depth)))
+            history = counts.history
+            history.append((now, depth, counts.pushed,
+                            counts.delivered(depth)))
+            if len(history) > HISTORY // SAMPLE_INTERVAL:
+                del history[0]
 
     # Deferring -----------------------------------------------------------
     #
