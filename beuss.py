@@ -2452,6 +2452,7 @@ class _Connections:
             self._close_all()
             raise
         self.http = self._http_listener.getsockname()[:2]
+        self._http_accepting = True
         self._selector.register(self._http_listener, selectors.EVENT_READ,
                                 self._accept_http)
 
@@ -2462,7 +2463,12 @@ class _Connections:
                 sock, _ = self._http_listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    # As _accept does: stop watching it (it stays readable),
+                    # and try again at housekeeping.
+                    self._selector.unregister(self._http_listener)
+                    self._http_accepting = False
                 return
             if len(self._conns) + len(self._http_conns) >= self.max_clients \
                     or (self._max_fd is not None
@@ -3139,6 +3145,10 @@ class Server(_Connections):
             self._accepting = True
             self._selector.register(self._listener, selectors.EVENT_READ,
                                     self._accept)
+        if self._http_listener is not None and not self._http_accepting:
+            self._http_accepting = True
+            self._selector.register(self._http_listener,
+                                    selectors.EVENT_READ, self._accept_http)
         for conn in [conn for conn in self._conns.values()
                      if conn.handshaking and now - conn.created > TLS_HANDSHAKE_TIMEOUT]:
             self._close(conn)

@@ -2384,8 +2384,9 @@ class OutOfDescriptorsTest(unittest.TestCase):
 import os, resource, sys, time, beuss
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(
     resource.RLIMIT_NOFILE)[1]))
-server = beuss.Server(("127.0.0.1", 0), max_clients=8).start()
-print(server.address[1], flush=True)
+server = beuss.Server(("127.0.0.1", 0), max_clients=8,
+                      http=("127.0.0.1", 0)).start()
+print(server.address[1], server.http[1], flush=True)
 sys.stdin.readline()                    # the first client is in
 files = []
 try:
@@ -2413,7 +2414,7 @@ server.stop()
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, universal_newlines=True)
         try:
-            port = int(program.stdout.readline())
+            port, http = map(int, program.stdout.readline().split())
             first = socket.create_connection(("127.0.0.1", port), TIMEOUT)
             first.sendall(b"PING\r\n")
             self.assertEqual(first.recv(100), b"+PONG\r\n")
@@ -2422,6 +2423,8 @@ server.stop()
             self.assertEqual(program.stdout.readline(), "full\n")
             second = socket.create_connection(("127.0.0.1", port), TIMEOUT)
             second.sendall(b"PING\r\n")
+            page = socket.create_connection(("127.0.0.1", http), TIMEOUT)
+            page.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
             program.stdin.write("\n")
             program.stdin.flush()
             first.sendall(b"RPUSH q served\r\n")
@@ -2433,8 +2436,11 @@ server.stop()
             self.assertEqual(program.stdout.readline(), "free\n")
             second.settimeout(TIMEOUT)
             self.assertEqual(second.recv(100), b"+PONG\r\n")
+            page.settimeout(TIMEOUT)
+            self.assertTrue(page.recv(100).startswith(b"HTTP/1.1 200"))
             first.close()
             second.close()
+            page.close()
             program.stdin.write("\n")
             program.stdin.flush()
             _, err = program.communicate(timeout=TIMEOUT)
