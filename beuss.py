@@ -2396,33 +2396,44 @@ class _Connections:
     Server, which inherits them and provides the rest: the selector,
     the listener, the settings, _run and the services _close calls."""
 
-    def _accept(self):
+    def _accept_one(self, listener, refusal=b""):
+        """The next (socket, peer) waiting on listener, or None. One past
+        --max-clients (RESP and HTTP together), or past what select() can
+        watch, gets the refusal and is closed. Out of descriptors, the
+        listener, which stays readable, is no longer watched (watching it
+        would spin) until housekeeping tries it again."""
         while True:
             try:
-                sock, peer = self._listener.accept()
+                sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return None
             except OSError as exc:
                 if exc.errno in _OUT_OF_DESCRIPTORS:
-                    # The listener stays readable: watching it would spin.
-                    # Serve the others, and try again at housekeeping.
-                    self._selector.unregister(self._listener)
-                    self._accepting = False
+                    self._selector.unregister(listener)
+                    self._paused.append(listener)
                     self._housekeeping_at = min(
                         self._housekeeping_at,
                         time.monotonic() + ACCEPT_RETRY)
                     self._complain("out of file descriptors (%s): not "
                                    "accepting connections for a moment"
                                    % _reason(exc))
-                return
+                return None
             if len(self._conns) + len(self._http_conns) >= self.max_clients or (
                     self._max_fd is not None and sock.fileno() >= self._max_fd):
                 try:
-                    sock.send(ERR_MAX_CLIENTS)
+                    sock.send(refusal)
                 except OSError:
                     pass
                 sock.close()
                 continue
+            return sock, peer
+
+    def _accept(self):
+        while True:
+            accepted = self._accept_one(self._listener, ERR_MAX_CLIENTS)
+            if accepted is None:
+                return
+            sock, peer = accepted
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2452,29 +2463,15 @@ class _Connections:
             self._close_all()
             raise
         self.http = self._http_listener.getsockname()[:2]
-        self._http_accepting = True
         self._selector.register(self._http_listener, selectors.EVENT_READ,
                                 self._accept_http)
 
     def _accept_http(self):
-        # The status page's connections count against --max-clients too.
         while True:
-            try:
-                sock, _ = self._http_listener.accept()
-            except (BlockingIOError, InterruptedError):
+            accepted = self._accept_one(self._http_listener)
+            if accepted is None:
                 return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_DESCRIPTORS:
-                    # As _accept does: stop watching it (it stays readable),
-                    # and try again at housekeeping.
-                    self._selector.unregister(self._http_listener)
-                    self._http_accepting = False
-                return
-            if len(self._conns) + len(self._http_conns) >= self.max_clients \
-                    or (self._max_fd is not None
-                        and sock.fileno() >= self._max_fd):
-                sock.close()
-                continue
+            sock = accepted[0]
             sock.setblocking(False)
             conn = _HttpConn(self, sock)
             self._http_conns.add(conn)
@@ -2882,7 +2879,7 @@ class Server(_Connections):
         self._thread = None
         self._read_buffer = bytearray(READ_SIZE)
         self._read_view = memoryview(self._read_buffer)
-        self._accepting = True      # the listener is watched
+        self._paused = []           # listeners not watched for a moment
         self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
         self._sample_at = 0.0           # the next sample of the queues
         self._started_clock = time.monotonic()
@@ -3141,14 +3138,11 @@ class Server(_Connections):
         # the entries of leases that ended.
         now = time.monotonic()
         self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
-        if not self._accepting:
-            self._accepting = True
-            self._selector.register(self._listener, selectors.EVENT_READ,
-                                    self._accept)
-        if self._http_listener is not None and not self._http_accepting:
-            self._http_accepting = True
-            self._selector.register(self._http_listener,
-                                    selectors.EVENT_READ, self._accept_http)
+        for listener in self._paused:
+            self._selector.register(listener, selectors.EVENT_READ,
+                                    self._accept if listener is self._listener
+                                    else self._accept_http)
+        self._paused = []
         for conn in [conn for conn in self._conns.values()
                      if conn.handshaking and now - conn.created > TLS_HANDSHAKE_TIMEOUT]:
             self._close(conn)
