@@ -2048,19 +2048,13 @@ class Store:
     def unreserve(self, held_id, name, to_head, record=(None, None, None)):
         """A held message back at the head of name, or (a dead letter,
         with its record) at its tail with no deliveries counted."""
-        positions = self._positions.get(name)
-        if positions:
-            new = positions[0] - 1 if to_head else positions[-1] + 1
-        else:
-            new = 0.0
+        new = self._edge(name, to_head)
         self._run([
             ("INSERT INTO queued SELECT ?, ?, message, %s, ?, ?, ? FROM held "
              "WHERE id = ?" % ("deliveries" if to_head else "0"),
              (name, new) + tuple(record) + (int(held_id),)),
             ("DELETE FROM held WHERE id = ?", (int(held_id),))])
-        if positions is None:
-            positions = self._positions[name] = collections.deque()
-        positions.appendleft(new) if to_head else positions.append(new)
+        self._place(name, new, to_head)
 
     def defer(self, ids, name, messages, due):
         self._run([
@@ -2080,19 +2074,25 @@ class Store:
              (deferred_id + 1,))])
 
     def undefer(self, deferred_id, name, head):
-        positions = self._positions.get(name)
-        if positions:
-            new = positions[0] - 1 if head else positions[-1] + 1
-        else:
-            new = 0.0
+        new = self._edge(name, head)
         self._run([
             ("INSERT INTO queued (queue, position, message, deliveries) "
              "SELECT queue, ?, message, deliveries FROM deferred WHERE id = ?",
              (new, deferred_id)),
             ("DELETE FROM deferred WHERE id = ?", (deferred_id,))])
-        if positions is None:
-            positions = self._positions[name] = collections.deque()
-        positions.appendleft(new) if head else positions.append(new)
+        self._place(name, new, head)
+
+    def _edge(self, name, head):
+        """The position of a message put at the head (or tail) of name."""
+        positions = self._positions.get(name)
+        if not positions:
+            return 0.0
+        return positions[0] - 1 if head else positions[-1] + 1
+
+    def _place(self, name, position, head):
+        # Once the statements ran: the new message's position, in order.
+        positions = self._positions.setdefault(name, collections.deque())
+        positions.appendleft(position) if head else positions.append(position)
 
     # Writing ---------------------------------------------------------------
 
