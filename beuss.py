@@ -68,6 +68,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 10240
 DEFAULT_MAX_DELIVERIES = 10
 DEFAULT_RETRY_DELAY = 1.0       # seconds a first failure waits; doubles
 DEFAULT_RETRY_MAX_DELAY = 300.0  # the longest wait between two deliveries
+DEFAULT_SCRIPT_LEASE = 60.0     # a lease on Redis, where no connection is
+                                # watched: a dead consumer's messages return
 # selectors.SelectSelector, what Windows gets, cannot watch more than 512
 # sockets; keep room for the listener and the wake-up pair.
 DEFAULT_MAX_CLIENTS = 500 if sys.platform == "win32" else 10000
@@ -5392,6 +5394,515 @@ def _size_text(number):
         number /= 1024.0
 
 
+# ## Links: a server, a cluster's slots, and Lua in place of RESERVE #######
+#
+# A Redis Cluster splits its keys over 16384 slots (CRC16 of the key, or of
+# its {hash tag}), each served by one primary. A node asked for a key it
+# does not serve answers MOVED (the slot lives elsewhere now: the client
+# reloads the map with CLUSTER SLOTS) or ASK (it is moving: that one
+# command goes to the other node after ASKING). Commands without a key go
+# to the node the client was pointed at; LIST and STATS ask every primary.
+#
+# Redis has no RESERVE, so the client gives its semantics with the scripts
+# below, each run atomically by the server (EVALSHA, or EVAL the first time
+# a node has not seen it). The ready messages stay a plain list under the
+# queue's name, which any Redis client may RPUSH to; the rest lives in
+# companion keys that share the queue's slot: "{jobs}:held" and the like
+# for a queue "jobs", "{app}jobs:held" for one with its own hash tag. Time
+# is the server's (TIME), so consumers' clocks need not agree. A lease that
+# ran out is noticed by the next reserve on that queue, a hundred at most
+# a call. No script can block: a consumer waiting for a message polls,
+# waiting 5 ms longer after each empty try, a tenth of a second at most.
+
+MAX_REDIRECTS = 5               # MOVED or ASK followed for one command
+SCRIPT_POLL_FIRST, SCRIPT_POLL_MAX = 0.005, 0.1
+REDRIVE_BATCH = 1000            # dead letters a redrive script moves
+
+# What routes by something else than its first argument, or by nothing.
+_KEYLESS = frozenset(b"PING ECHO INFO SCAN PUBLISH AUTH CLUSTER CONFIG CLIENT "
+                     b"COMMAND SCRIPT SELECT HELLO DBSIZE FLUSHALL FLUSHDB "
+                     b"TIME ACK NACK TOUCH SUBSCRIBE PSUBSCRIBE ASKING KEYS "
+                     b"QUIT".split())
+_KEYS_BUT_LAST = frozenset([b"BLPOP", b"BRPOP", b"RESERVE"])
+_ALL_KEYS = frozenset([b"DEL", b"EXISTS", b"UNLINK", b"MGET", b"WATCH"])
+_TWO_KEYS = frozenset([b"LMOVE", b"BLMOVE", b"RPOPLPUSH", b"BRPOPLPUSH"])
+
+
+class _Link:
+    """One connection of a Client: to its server, or to one node of a
+    cluster; opened on first use, with the client's token and TLS."""
+
+    def __init__(self, client, host, port):
+        self.client, self.host, self.port = client, host, port
+        self.sock = self.reader = None
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = self.reader = None
+
+    def connect(self):
+        client = self.client
+        try:
+            sock = socket.create_connection((_host_bytes(self.host),
+                                             self.port), client.timeout)
+        except OSError as exc:
+            raise ConnectionFailed("cannot reach the server at %s:%d: %s"
+                                   % (self.host, self.port, _reason(exc)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if client.tls:
+            import ssl
+            try:
+                # The server's certificate is checked, against --tls-ca or
+                # the system's authorities, and must name the host.
+                context = ssl.create_default_context(cafile=client.tls_ca)
+                sock = context.wrap_socket(sock, server_hostname=self.host)
+            except (OSError, ValueError) as exc:
+                sock.close()
+                raise ConnectionFailed("no TLS with the server at %s:%d: %s"
+                                       % (self.host, self.port, _reason(exc)))
+        self.sock, self.reader = sock, ReplyReader(sock)
+        if client.token is not None:
+            reply = self.talk([[b"AUTH", _arg(client.token)]], 1)[0]
+            if isinstance(reply, ReplyError):
+                self.close()
+                raise reply
+
+    def talk(self, commands, replies, wait=0.0):
+        """Send commands (lists of bytes), then read that many replies."""
+        fresh = self.sock is None
+        if fresh:
+            self.connect()
+        request = b"".join(encode_bulks(command) for command in commands)
+        try:
+            self.sock.settimeout(self.client.timeout + wait)
+            self.sock.sendall(request)
+            return [self.reader.read() for _ in range(replies)]
+        except OSError as exc:
+            self.close()
+            # A TLS server drops a plain client at its first request.
+            hint = "; if it serves TLS, connect with --tls" if fresh and not \
+                self.client.tls and not isinstance(exc, socket.timeout) else ""
+            raise ConnectionFailed("lost the server at %s:%d: %s%s"
+                                   % (self.host, self.port, _reason(exc), hint))
+        except (ProtocolError, ValueError):
+            self.close()
+            raise ProtocolError("the server at %s:%d does not answer in the "
+                                "Redis protocol" % (self.host, self.port))
+        except BaseException:
+            # Interrupted half way: the replies still due would be read as
+            # answers to the next command, so the connection is dropped.
+            self.close()
+            raise
+
+
+class _Routing:
+    """The part of Client that finds each command's node (mixed in)."""
+
+    def _node(self, address):
+        if address not in self._nodes:
+            self._nodes[address] = _Link(self, *address)
+        return self._nodes[address]
+
+    def _node_of(self, command):
+        """The link for a command: its keys' slot's primary, or home."""
+        slots = {key_slot(key) for key in _command_keys(command)}
+        if len(slots) > 1:
+            raise ReplyError(
+                "ERR %s names queues that the cluster keeps on different "
+                "slots; to use them in one command give them one hash tag, "
+                "as {app}jobs and {app}mail" % command[0].decode(
+                    "utf-8", "replace"))
+        if not slots or self._slots is None:
+            return self._home
+        address = self._slots[slots.pop()]
+        return self._home if address is None else self._node(address)
+
+    def _load_slots(self, link):
+        """Learn which primary serves which slot; ReplyError if the server
+        is not part of a cluster."""
+        reply = link.talk([[b"CLUSTER", b"SLOTS"]], 1)[0]
+        if isinstance(reply, ReplyError) or not reply:
+            raise reply or ReplyError("ERR the cluster serves no slot")
+        slots = [None] * CLUSTER_SLOTS
+        for first, last, primary in (entry[:3] for entry in reply):
+            host = primary[0].decode() or link.host
+            slots[first:last + 1] = [(host, primary[1])] * (last + 1 - first)
+        self._slots, self._cluster = slots, True
+
+    def _primaries(self):
+        """The links to every primary of a cluster, or to the one server."""
+        if self._cluster is None:
+            try:
+                self._load_slots(self._home)
+            except ReplyError:
+                self._cluster = False
+        if not self._cluster:
+            return [self._home]
+        return [self._node(address) for address in sorted(
+            set(address for address in self._slots if address))]
+
+    def _redirected(self, command, reply, wait):
+        """Run command where a MOVED or an ASK reply sends it."""
+        for _ in range(MAX_REDIRECTS):
+            kind, _, address = str(reply).split(" ", 2)
+            host, _, port = address.rpartition(":")
+            node = self._node((host or self.host, int(port)))
+            if kind == "MOVED":
+                self._load_slots(node)
+                reply = self._node_of(command).talk([command], 1, wait)[0]
+            else:
+                reply = node.talk([[b"ASKING"], command], 2, wait)[1]
+            if not (isinstance(reply, ReplyError) and str(reply).startswith(
+                    ("MOVED ", "ASK "))):
+                return reply
+        return ReplyError("ERR the cluster sent %s elsewhere %d times: its "
+                          "slots are moving; try again" % (
+                              command[0].decode("utf-8", "replace"),
+                              MAX_REDIRECTS))
+
+    def node_address(self, queue):
+        """(host, port) of the server that keeps queue."""
+        self._primaries()
+        link = self._node_of([b"LLEN", _arg(queue)])
+        return link.host, link.port
+
+
+class _Scripts:
+    """The part of Client that stands in for beuss's own commands on a
+    Redis, with SCRIPTS (mixed in)."""
+
+    def _choose_scripts(self):
+        # The server has no RESERVE: Lua if it runs scripts, else pops.
+        reply = self.pipeline([[b"EVAL", b"return 1", b"0"]])[0]
+        self.reserving = "pops" if isinstance(reply, ReplyError) else \
+            "scripts"
+        if self.reserving == "pops":
+            _warn("the server at %s:%d runs neither RESERVE nor Lua scripts: "
+                  "messages are taken with plain pops, and one is lost if "
+                  "its handler dies" % (self.host, self.port))
+
+    def _script(self, name, queue, *args):
+        text, sha = SCRIPTS[name]
+        keys = _script_keys(queue)
+        tail = [len(keys)] + keys + list(args)
+        reply = self.pipeline([[b"EVALSHA", sha] + tail])[0]
+        if isinstance(reply, ReplyError) and str(reply).startswith(
+                "NOSCRIPT"):
+            reply = self.pipeline([[b"EVAL", text] + tail])[0]
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+    def _retry_arguments(self):
+        return [self.max_deliveries, _number_text(self.retry_delay),
+                _number_text(self.retry_max_delay)]
+
+    def _by_queue(self, name, ids, *args):
+        """Run script name on the ids ("<token>@<queue>") of each queue."""
+        by_queue = {}
+        for message_id in ids:
+            number, _, queue = _arg(message_id).partition(b"@")
+            by_queue.setdefault(queue, []).append(number)
+        return sum(self._script(name, queue, *(list(args) + numbers))
+                   for queue, numbers in by_queue.items())
+
+    def _scripted_reserve(self, queue, deadline):
+        # deadline None: one try; else tries for at most a slice.
+        pause, end = SCRIPT_POLL_FIRST, None if deadline is None else min(
+            deadline, time.monotonic() + BLOCK_SLICE)
+        while True:
+            reply = self._script("reserve", queue, _number_text(self.lease),
+                                 *self._retry_arguments())
+            if reply is not None:
+                return Message(self, queue, b"%s/%d@%s" % (
+                    reply[0], reply[2], _arg(queue)), reply[1], reply[2])
+            left = 0 if end is None else end - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, SCRIPT_POLL_MAX)
+
+    def _scripted_defer(self, queue, delay, messages):
+        _delay(delay)               # the server's words for a bad one
+        return self._script("defer", queue, delay, *messages)
+
+    def _scripted_redrive(self, queue, count):
+        moved = 0
+        while count is None or moved < count:
+            batch = REDRIVE_BATCH if count is None else min(
+                REDRIVE_BATCH, count - moved)
+            done = self._script("redrive", queue, batch)
+            moved += done
+            if done < batch:
+                break
+        return moved
+
+    def _scripted_why(self, queue):
+        queue = _arg(queue)
+        if not queue.endswith(b".dead"):
+            return [(message, None, None, None) for message in self.call(
+                b"LRANGE", queue, 0, -1)]
+        keys = _script_keys(queue[:-len(b".dead")])
+        dead, why = (keys[1 + COMPANIONS.index(part)]
+                     for part in (b"dead", b"why"))
+        messages, records = self.pipeline([[b"LRANGE", dead, 0, -1],
+                                           [b"LRANGE", why, 0, -1]])
+        records = [[int(record.split(b" ")[0])] + record.split(b" ", 2)[1:]
+                   for record in records]
+        return [[message] + (record if len(record) == 3 else [None] * 3)
+                for message, record in itertools.zip_longest(
+                    messages, records[:len(messages)], fillvalue=[])]
+
+
+CLUSTER_SLOTS = 16384
+
+
+def _crc16_table():
+    # CRC-16/XMODEM (polynomial 0x1021, start 0), as a cluster hashes keys.
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = (crc << 1 ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+        table.append(crc)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+def _hash_tag(key):
+    """The part of key a cluster hashes: what its first {...} holds, when
+    that is not empty; else the whole key."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
+
+
+def key_slot(key):
+    """The slot of a Redis Cluster that keeps key (bytes or str)."""
+    crc = 0
+    for byte in bytearray(_hash_tag(_arg(key))):
+        crc = (crc << 8 & 0xFF00) ^ _CRC16[crc >> 8 ^ byte]
+    return crc % CLUSTER_SLOTS
+
+
+def _command_keys(command):
+    name = command[0].upper()
+    if name in (b"EVAL", b"EVALSHA"):
+        return command[3:3 + int(command[2])]
+    if name in _KEYS_BUT_LAST:
+        return command[1:-1]
+    if name in _ALL_KEYS:
+        return command[1:]
+    if name in _TWO_KEYS:
+        return command[1:3]
+    return [] if name in _KEYLESS else command[1:2]
+
+
+# A queue's companion keys on Redis, in the order the scripts take them
+# after the queue itself: held ids with their lease's end (a sorted set),
+# waiting ids with when they are ready (a sorted set), each id's message
+# and deliveries (hashes), ids ready again after a failure (a list, taken
+# before the queue), dead letters and, in step with them, why each died
+# (lists), and the last id given.
+COMPANIONS = (b"held", b"deferred", b"messages", b"deliveries", b"again",
+              b"dead", b"why", b"ids")
+
+
+def _script_keys(queue):
+    queue = _arg(queue)
+    prefix = queue if _hash_tag(queue) != queue else b"{" + queue + b"}"
+    return [queue] + [prefix + b":" + part for part in COMPANIONS]
+
+
+def _companion_of(name):
+    """(queue, part) when name is a companion key, else (name, None)."""
+    prefix, colon, part = name.rpartition(b":")
+    if colon and part in COMPANIONS:
+        inner = prefix[1:-1]
+        if prefix[:1] == b"{" and prefix[-1:] == b"}" and \
+                _hash_tag(inner) == inner:
+            return inner, part
+        if _hash_tag(prefix) != prefix:
+            return prefix, part
+    return name, None
+
+
+def _scripted_ids(ids):
+    """Whether ids were given by the scripts ("<id>/<delivery>@<queue>"),
+    not by a beuss."""
+    return any(b"@" in _arg(message_id) for message_id in ids)
+
+
+# Every script starts so: the server's clock, the keys by name, and what a
+# failure does (to the dead letters after the last delivery, else back to
+# the head after delay, or the retry schedule's wait when it is negative).
+_LUA_START = """
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local queue, held, deferred, messages, deliveries, again, dead, why, ids =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8],
+  KEYS[9]
+local function fail(id, delay, reason, max, first, longest)
+  local tries = tonumber(redis.call('HGET', deliveries, id) or '0')
+  if max > 0 and tries >= max then
+    if reason == '' then reason = 'failed ' .. tries .. ' deliveries' end
+    redis.call('RPUSH', dead, redis.call('HGET', messages, id))
+    redis.call('RPUSH', why, tries .. ' ' .. string.format('%.3f', now) ..
+      ' ' .. reason)
+    redis.call('HDEL', messages, id)
+    redis.call('HDEL', deliveries, id)
+  else
+    if delay < 0 then
+      delay = 0
+      if first > 0 then delay = first * 2 ^ math.min(tries - 1, 64) end
+      if longest > 0 and delay > longest then delay = longest end
+    end
+    if delay > 0 then
+      redis.call('ZADD', deferred, now + delay, id)
+    else
+      redis.call('LPUSH', again, id)
+    end
+  end
+end
+local function leased(lease)
+  if lease > 0 then return now + lease end
+  return 'inf'
+end
+local function holding(token)
+  local id, count = string.match(token, '^(%d+)/(%d+)$')
+  if id and redis.call('ZSCORE', held, id) and
+      redis.call('HGET', deliveries, id) == count then
+    return id
+  end
+end
+"""
+
+_LUA = {
+    # ARGV: lease, max deliveries, first retry wait, longest retry wait.
+    # Returns {id, message, deliveries}, or nil when none is ready.
+    "reserve": """
+local lease, max, first, longest = tonumber(ARGV[1]), tonumber(ARGV[2]),
+  tonumber(ARGV[3]), tonumber(ARGV[4])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', held, '-inf', now,
+                               'LIMIT', 0, 100)) do
+  redis.call('ZREM', held, id)
+  fail(id, -1, 'lease expired', max, first, longest)
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', deferred, '-inf', now,
+                               'LIMIT', 0, 100)) do
+  redis.call('ZREM', deferred, id)
+  if redis.call('HEXISTS', deliveries, id) == 1 then
+    redis.call('RPUSH', again, id)
+  else
+    redis.call('RPUSH', queue, redis.call('HGET', messages, id))
+    redis.call('HDEL', messages, id)
+  end
+end
+local id, message, count = redis.call('LPOP', again)
+if id then
+  message = redis.call('HGET', messages, id)
+  count = redis.call('HINCRBY', deliveries, id, 1)
+else
+  message = redis.call('LPOP', queue)
+  if not message then return false end
+  id = string.format('%012d', redis.call('INCR', ids))
+  redis.call('HSET', messages, id, message)
+  redis.call('HSET', deliveries, id, 1)
+  count = 1
+end
+redis.call('ZADD', held, leased(lease), id)
+return {id, message, count}
+""",
+    # ARGV: tokens ("<id>/<delivery>": one delivery's, so that a consumer
+    # whose lease ran out cannot act on the next one's). Returns how many
+    # were held.
+    "ack": """
+local count = 0
+for i = 1, #ARGV do
+  local id = holding(ARGV[i])
+  if id then
+    redis.call('ZREM', held, id)
+    redis.call('HDEL', messages, id)
+    redis.call('HDEL', deliveries, id)
+    count = count + 1
+  end
+end
+return count
+""",
+    # ARGV: delay (-1: the schedule), reason, max deliveries, first and
+    # longest retry wait, tokens. Last to first, so that the messages given
+    # back at once keep their order at the head.
+    "nack": """
+local delay, reason, max, first, longest = tonumber(ARGV[1]), ARGV[2],
+  tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local count = 0
+for i = #ARGV, 6, -1 do
+  local id = holding(ARGV[i])
+  if id then
+    redis.call('ZREM', held, id)
+    fail(id, delay, reason, max, first, longest)
+    count = count + 1
+  end
+end
+return count
+""",
+    # ARGV: lease, tokens. Returns how many were held.
+    "touch": """
+local lease, count = tonumber(ARGV[1]), 0
+for i = 2, #ARGV do
+  local id = holding(ARGV[i])
+  if id then
+    redis.call('ZADD', held, leased(lease), id)
+    count = count + 1
+  end
+end
+return count
+""",
+    # ARGV: delay, messages. Returns how many of the queue's messages wait.
+    # Ids are zero-padded: waiting ids due at once sort in the order given.
+    "defer": """
+local due = now + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local id = string.format('%012d', redis.call('INCR', ids))
+  redis.call('HSET', messages, id, ARGV[i])
+  redis.call('ZADD', deferred, due, id)
+end
+return redis.call('ZCARD', deferred)
+""",
+    # ARGV: how many dead letters to move back to the tail, as new.
+    "redrive": """
+local moved = 0
+while moved < tonumber(ARGV[1]) do
+  local message = redis.call('LPOP', dead)
+  if not message then break end
+  redis.call('LPOP', why)
+  redis.call('RPUSH', queue, message)
+  moved = moved + 1
+end
+return moved
+""",
+}
+
+
+def _scripts():
+    import hashlib
+    scripts = {}
+    for name, body in _LUA.items():
+        text = (_LUA_START + body).encode()
+        scripts[name] = (text, hashlib.sha1(text).hexdigest().encode())
+    return scripts
+
+
+SCRIPTS = _scripts()            # name -> (its text, its SHA1 for EVALSHA)
+
+
 # ## Client ###################################################################
 
 DEFAULT_TIMEOUT = 10.0          # seconds to connect, or to wait for a reply
@@ -5414,18 +5925,26 @@ def _arg(value):
                     % type(value).__name__)
 
 
-class Client:
-    """One connection to a beuss (or Redis) server, opened on first use;
-    one thread at a time may use it.
+class Client(_Routing, _Scripts):
+    """A connection to a beuss server, a Redis (or Valkey), or a Redis
+    Cluster, opened on first use; one thread at a time may use it.
 
-    Settings not given come from BHOST and BPORT, then the defaults.
-    Error replies raise ReplyError; a server that cannot be reached, or a
+    Against a cluster it keeps the map of which primary serves which slot,
+    learnt from the first MOVED, and sends each queue's commands to its
+    node (see "Links" above). Against a server without RESERVE
+    it gives the same at-least-once semantics with Lua scripts.
+
+    Settings not given come from BHOST, BPORT, ..., then the defaults; the
+    lease and retry settings matter only where scripts stand in for the
+    server (BLEASE, BMAXDELIVERIES, BRETRYDELAY, BRETRYMAXDELAY). Error
+    replies raise ReplyError; a server that cannot be reached, or a
     connection that breaks, raises ConnectionFailed. Messages come back as
     bytes.
     """
 
     def __init__(self, host=None, port=None, timeout=DEFAULT_TIMEOUT,
-                 token=None, tls=None, tls_ca=None):
+                 token=None, tls=None, tls_ca=None, lease=None,
+                 max_deliveries=None, retry_delay=None, retry_max_delay=None):
         self.host = _setting(host, "--host", "BHOST", DEFAULT_HOST)
         self.port = _setting(port, "--port", "BPORT", DEFAULT_PORT, _port)
         self.token = _setting(token, "--token", "BTOKEN", None)
@@ -5433,10 +5952,25 @@ class Client:
         self.tls = _setting(tls, "--tls", "BTLS", False, _yes) or bool(
             self.tls_ca)
         self.timeout = timeout
-        self.reserves = None        # the server has RESERVE; None: not asked
-        self.said_no_delay = False  # that a delay means nothing without it
-        self._sock = None
-        self._reader = None
+        self.lease = _setting(lease, "--lease", "BLEASE",
+                              DEFAULT_SCRIPT_LEASE, _seconds_setting)
+        self.max_deliveries = _setting(max_deliveries, "--max-deliveries",
+                                       "BMAXDELIVERIES",
+                                       DEFAULT_MAX_DELIVERIES, _whole)
+        self.retry_delay = _setting(retry_delay, "--retry-delay",
+                                    "BRETRYDELAY", DEFAULT_RETRY_DELAY,
+                                    _seconds_setting)
+        self.retry_max_delay = _setting(retry_max_delay, "--retry-max-delay",
+                                        "BRETRYMAXDELAY",
+                                        DEFAULT_RETRY_MAX_DELAY,
+                                        _seconds_setting)
+        # How messages are reserved: "RESERVE" (a beuss), "scripts" (Lua on
+        # a Redis), "pops" (a Redis without Lua); None: not known yet.
+        self.reserving = None
+        self._home = _Link(self, self.host, self.port)
+        self._nodes = {(self.host, self.port): self._home}
+        self._slots = None          # a cluster's slot -> its primary's address
+        self._cluster = None        # whether it is a cluster; None: not asked
 
     def __enter__(self):
         return self
@@ -5448,43 +5982,13 @@ class Client:
         return "<beuss.Client %s:%d>" % (self.host, self.port)
 
     def close(self):
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = self._reader = None
-
-    def _connect(self):
-        try:
-            sock = socket.create_connection((_host_bytes(self.host),
-                                             self.port), self.timeout)
-        except OSError as exc:
-            raise ConnectionFailed("cannot reach the server at %s:%d: %s"
-                                   % (self.host, self.port, _reason(exc)))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls:
-            import ssl
-            try:
-                # The server's certificate is checked, against --tls-ca or
-                # the system's authorities, and must name the host.
-                context = ssl.create_default_context(cafile=self.tls_ca)
-                sock = context.wrap_socket(sock, server_hostname=self.host)
-            except (OSError, ValueError) as exc:
-                sock.close()
-                raise ConnectionFailed("no TLS with the server at %s:%d: %s"
-                                       % (self.host, self.port, _reason(exc)))
-        self._sock, self._reader = sock, ReplyReader(sock)
-        if self.token is not None:
-            reply = self._talk([[b"AUTH", self.token]], 1)[0]
-            if isinstance(reply, ReplyError):
-                self.close()
-                raise reply
+        for link in self._nodes.values():
+            link.close()
 
     def pipeline(self, commands, wait=0.0):
         """Send every command at once, then read all their replies: one
-        round trip. An error reply comes back as a ReplyError instance."""
-        return self._talk(commands, len(commands), wait)
-
-    def _talk(self, commands, replies, wait=0.0):
-        """Send commands, then read that many replies."""
+        round trip (one a node, on a cluster). An error reply comes back as
+        a ReplyError instance."""
         commands = [[_arg(arg) for arg in command] for command in commands]
         for command in commands:
             # A server closes the connection on a bulk over 512 MiB (Redis
@@ -5492,30 +5996,27 @@ class Client:
             if any(len(arg) > MAX_BULK_LENGTH for arg in command):
                 raise ReplyError("ERR message too large (at most %d bytes "
                                  "an argument)" % MAX_BULK_LENGTH)
-        fresh = self._sock is None
-        if fresh:
-            self._connect()
-        request = b"".join(encode_bulks(command) for command in commands)
-        try:
-            self._sock.settimeout(self.timeout + wait)
-            self._sock.sendall(request)
-            return [self._reader.read() for _ in range(replies)]
-        except OSError as exc:
-            self.close()
-            # A TLS server drops a plain client at its first request.
-            hint = "; if it serves TLS, connect with --tls" if fresh and not \
-                self.tls and not isinstance(exc, socket.timeout) else ""
-            raise ConnectionFailed("lost the server at %s:%d: %s%s"
-                                   % (self.host, self.port, _reason(exc), hint))
-        except (ProtocolError, ValueError):
-            self.close()
-            raise ProtocolError("the server at %s:%d does not answer in the "
-                                "Redis protocol" % (self.host, self.port))
-        except BaseException:
-            # Interrupted half way: the replies still due would be read as
-            # answers to the next command, so the connection is dropped.
-            self.close()
-            raise
+        if self._slots is None:
+            replies = self._home.talk(commands, len(commands), wait)
+        else:
+            replies, by_node = [None] * len(commands), {}
+            for i, command in enumerate(commands):
+                by_node.setdefault(self._node_of(command), []).append(i)
+            for link, indexes in by_node.items():
+                for i, reply in zip(indexes, link.talk(
+                        [commands[i] for i in indexes], len(indexes), wait)):
+                    replies[i] = reply
+        for i, reply in enumerate(replies):
+            if isinstance(reply, ReplyError) and str(reply).startswith(
+                    ("MOVED ", "ASK ")):
+                replies[i] = self._redirected(commands[i], reply, wait)
+        return replies
+
+    def _talk(self, commands, replies, wait=0.0):
+        """Send commands to the server named, then read that many replies
+        (subscriptions, which read their messages as they come)."""
+        return self._home.talk([[_arg(arg) for arg in command]
+                                for command in commands], replies, wait)
 
     def call(self, *args, wait=0.0):
         """Run one command; return its reply or raise its error."""
@@ -5530,35 +6031,46 @@ class Client:
         """Append message to queue; return the queue's new length. With
         delay (seconds), the message joins the tail once the delay has
         passed (DEFER); then the reply is how many of queue's messages wait
-        so. Redis has no DEFER: against it a delay is an error."""
+        so."""
         if delay:
-            return self._beuss_only(b"DEFER", queue, _number_text(delay),
-                                    _arg(message))
+            return self._defer(queue, delay, [_arg(message)])
         return self.call(b"RPUSH", queue, _arg(message))
+
+    def _defer(self, queue, delay, messages):
+        delay = _number_text(delay)
+        return self._own(b"DEFER", [queue, delay] + messages, lambda: (
+            self._scripted_defer(queue, delay, messages)))
 
     def redrive(self, queue, count=None):
         """Move the dead letters of queue (all, or count) back to its tail
         as new messages; return how many moved."""
-        return self._beuss_only(b"REDRIVE", queue,
-                                *([] if count is None else [count]))
+        return self._own(b"REDRIVE", [queue] + ([] if count is None else [
+            count]), lambda: self._scripted_redrive(queue, count))
 
     def why(self, queue):
         """The messages of a dead-letter queue ("jobs.dead") with why they
         died: a DeadRecord (.message, .deliveries, .died, .why) each;
         .why is None for a message put there by hand."""
-        return [DeadRecord(*record) for record in self._beuss_only(
-            b"WHY", queue)]
+        return [DeadRecord(*record) for record in self._own(
+            b"WHY", [queue], lambda: self._scripted_why(queue))]
 
-    def _beuss_only(self, command, *args):
-        """A command that Redis does not have: against one, a clear error."""
-        try:
-            return self.call(command, *args)
-        except ReplyError as exc:
-            if "unknown command" in str(exc):
-                raise ReplyError("the server at %s:%d does not offer %s (a "
-                                 "Redis?)" % (self.host, self.port,
-                                              command.decode()))
-            raise
+    def _own(self, command, args, scripted):
+        """Run one of beuss's own commands; against a server without them
+        (a Redis), scripted() does the same in Lua."""
+        if self.reserving in (None, "RESERVE"):
+            try:
+                reply = self.call(command, *args)
+                self.reserving = "RESERVE"
+                return reply
+            except ReplyError as exc:
+                if self.reserving or "unknown command" not in str(exc):
+                    raise
+                self._choose_scripts()
+        if self.reserving == "pops":
+            raise ReplyError("the server at %s:%d offers neither %s nor Lua "
+                             "scripts to stand in for it" % (
+                                 self.host, self.port, command.decode()))
+        return scripted()
 
     def put_many(self, queue, messages, delay=None):
         """Append many messages in one round trip; return the final length
@@ -5567,8 +6079,8 @@ class Client:
         if delay:
             reply = 0
             for i in range(0, len(messages), PUT_MANY_BATCH):
-                reply = self._beuss_only(b"DEFER", queue, _number_text(delay),
-                                         *messages[i:i + PUT_MANY_BATCH])
+                reply = self._defer(queue, delay,
+                                    messages[i:i + PUT_MANY_BATCH])
             return reply
         commands = [[b"RPUSH", queue] + messages[i:i + PUT_MANY_BATCH]
                     for i in range(0, len(messages), PUT_MANY_BATCH)]
@@ -5663,8 +6175,8 @@ class Client:
         Message, or None when the queue is empty (with wait, wait that many
         seconds for one; 0: for ever). If this connection closes before the
         ack, the server puts the message back at the head of its queue.
-        Against a server without RESERVE (Redis) it is a plain pop, said
-        once on stderr."""
+        Against a Redis, Lua scripts hold it under a lease instead; where
+        there is no Lua either, it is a plain pop, said once on stderr."""
         deadline = None if wait is None else (
             time.monotonic() + wait if wait else FOREVER)
         while True:
@@ -5682,7 +6194,9 @@ class Client:
 
     def _reserve_one(self, queue, deadline):
         # One RESERVE of at most a slice (deadline None: not waiting).
-        if self.reserves is False:
+        if self.reserving == "scripts":
+            return self._scripted_reserve(queue, deadline)
+        if self.reserving == "pops":
             data = self.get(queue) if deadline is None else \
                 self._wait_one(queue, deadline)
             return None if data is None else Message(self, queue, None, data)
@@ -5692,33 +6206,44 @@ class Client:
             reply = self.call(b"RESERVE", queue, "%.3f" % seconds,
                               wait=seconds)
         except ReplyError as exc:
-            if self.reserves is not None or "unknown command" not in str(exc):
+            if self.reserving or "unknown command" not in str(exc):
                 raise
-            self.reserves = False
-            _warn("the server at %s:%d has no RESERVE (a Redis?): messages "
-                  "are taken with plain pops, and one is lost if its handler "
-                  "dies" % (self.host, self.port))
+            self._choose_scripts()
             return self._reserve_one(queue, deadline)
-        self.reserves = True
+        self.reserving = "RESERVE"
         if reply is None:
             return None
         return Message(self, reply[0], reply[1], reply[2],
                        reply[3] if len(reply) > 3 else 1)
 
     def ack(self, *ids):
-        """Remove held messages for good; how many this connection held."""
+        """Remove held messages for good; how many were still held (by
+        this connection, on a beuss)."""
+        if _scripted_ids(ids):
+            return self._by_queue("ack", ids)
         return self.call(b"ACK", *ids)
 
     def nack(self, *ids, delay=None, reason=None):
         """Give held messages back: after delay seconds, or the server's
         retry schedule when delay is None (0: at once); reason is what
         their dead-letter record says if they die. How many were held."""
+        reason = None if reason is None else _arg(reason)[:MAX_REASON]
+        if _scripted_ids(ids):
+            return self._by_queue("nack", ids, -1 if delay is None else
+                                  _number_text(delay), reason or b"",
+                                  *self._retry_arguments())
         options = []
         if delay is not None:
             options += [b"DELAY", _number_text(delay)]
         if reason is not None:
-            options += [b"REASON", _arg(reason)[:MAX_REASON]]
+            options += [b"REASON", reason]
         return self.call(b"NACK", *(list(ids) + options))
+
+    def touch(self, *ids):
+        """Renew the leases of held messages; how many were still held."""
+        if _scripted_ids(ids):
+            return self._by_queue("touch", ids, _number_text(self.lease))
+        return self.call(b"TOUCH", *ids)
 
     def put_back(self, queue, message):
         """Return a message that could not be handled to the head of queue."""
@@ -5732,7 +6257,8 @@ class Client:
 
     def publish(self, channel, message):
         """Send message to the channel's subscribers now; return how many
-        got it (none: the message is dropped, nothing keeps it)."""
+        got it (none: the message is dropped, nothing keeps it). A cluster
+        passes it to every node, but counts those of the node named."""
         return self.call(b"PUBLISH", channel, _arg(message))
 
     def subscribe(self, *channels, idle=None, reconnect=True):
@@ -5750,12 +6276,13 @@ class Client:
             commands.append([b"SUBSCRIBE"] + [name for name in names
                                               if not _is_pattern(name)])
         subscribed = []                 # the socket the subscriptions are on
+        home = self._home               # a cluster passes on what it gets
 
         def wait_one(deadline):
-            if self._sock is None or subscribed[-1:] != [self._sock]:
+            if home.sock is None or subscribed[-1:] != [home.sock]:
                 # Confirmations are read as they come, with the messages.
                 self._talk(commands, 0)
-                subscribed.append(self._sock)
+                subscribed.append(home.sock)
             return self._next_message(deadline)
         for channel, message in self._keep_waiting(wait_one, idle, reconnect):
             yield channel.decode("utf-8", "surrogateescape"), message
@@ -5763,9 +6290,9 @@ class Client:
     def _next_message(self, deadline):
         # At most one slice's wait, so that Ctrl-C gets through everywhere.
         seconds = min(BLOCK_SLICE, max(deadline - time.monotonic(), 0.001))
-        if not self._reader.buffered():
+        if not self._home.reader.buffered():
             import select
-            if not select.select([self._sock], [], [], seconds)[0]:
+            if not select.select([self._home.sock], [], [], seconds)[0]:
                 return None
         reply = self._talk([], 1)[0]
         if isinstance(reply, list) and reply[:1] == [b"message"]:
@@ -5778,30 +6305,109 @@ class Client:
         """How many messages queue holds."""
         return self.call(b"LLEN", queue)
 
+    def delete(self, *queues):
+        """Delete queues and their messages; how many of them existed."""
+        replies = self.pipeline([(b"DEL", queue) for queue in queues])
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                raise reply
+        return sum(replies)
+
     def queues(self):
-        """{name: length} of every queue that holds messages."""
-        names, cursor = [], b"0"
-        while True:
-            cursor, batch = self.call(b"SCAN", cursor, b"COUNT", b"1000",
-                                      b"TYPE", b"list")
-            names += batch
-            if cursor == b"0":
-                break
-        lengths = self.pipeline([(b"LLEN", name) for name in names])
-        return {name.decode("utf-8", "surrogateescape"): length
-                for name, length in zip(names, lengths)
-                if not isinstance(length, ReplyError)}
+        """{name: length} of every queue that holds messages ready to be
+        taken (over every primary of a cluster)."""
+        return {name: counts[0] for name, counts in
+                self.queue_counts().items() if counts[0]}
+
+    def queue_counts(self):
+        """{name: (ready, held, deferred)} of every queue that has a
+        message in any of these states, over every primary of a cluster.
+        On a Redis the companion keys of the scripts count with their
+        queue (retries ready again are ready) and are not listed."""
+        counts = {}
+        for link in self._primaries():
+            names, cursor = [], b"0"
+            while True:
+                reply = link.talk([[b"SCAN", cursor, b"COUNT", b"1000"]], 1)[0]
+                if isinstance(reply, ReplyError):
+                    raise reply
+                cursor, batch = reply
+                names += batch
+                if cursor == b"0":
+                    break
+            asks = []                   # (queue, column, command, key)
+            for name in names:
+                queue, part = _companion_of(name)
+                if part in (None, b"dead"):
+                    asks.append((name, 0, b"LLEN", name))
+                elif part in _COUNTED:
+                    column, command = _COUNTED[part]
+                    asks.append((queue, column, command, name))
+            replies = link.talk([[command, key] for _, _, command, key
+                                 in asks], len(asks))
+            for (queue, column, _, _), reply in zip(asks, replies):
+                if isinstance(reply, int) and reply:
+                    row = counts.setdefault(queue.decode(
+                        "utf-8", "surrogateescape"), [0, 0, 0])
+                    row[column] += reply
+        for name, aside in _aside_counts(self.info()).items():
+            counts.setdefault(name, [0, 0, 0])[1:] = aside
+        return {name: tuple(row) for name, row in counts.items()}
 
     def info(self):
-        """INFO as {field: text}."""
-        text = self.call(b"INFO").decode("utf-8", "replace")
-        fields = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                field, _, value = line.rpartition(":") if line.startswith(
-                    "queue_") else line.partition(":")
-                fields[field] = value
-        return fields
+        """INFO of the server named, as {field: text}."""
+        return _info_fields(self.call(b"INFO"))
+
+    def infos(self):
+        """[(host, port, INFO as info() gives it)] of every primary of a
+        cluster, or of the one server."""
+        return [(link.host, link.port, _info_fields(_raise(link.talk(
+            [[b"INFO"]], 1)[0]))) for link in self._primaries()]
+
+
+# A companion key counted with its queue: (its column, how it is counted).
+_COUNTED = {b"again": (0, b"LLEN"), b"held": (1, b"ZCARD"),
+            b"deferred": (2, b"ZCARD")}
+
+
+def _info_fields(text):
+    fields = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        if line and not line.startswith("#"):
+            field, _, value = line.rpartition(":") if line.startswith(
+                "queue_") else line.partition(":")
+            fields[field] = value
+    return fields
+
+
+def _aside_counts(info):
+    """{queue: (held, deferred)} from a beuss server's INFO ({} from
+    Redis), for the queues that have any."""
+    counts = {}
+    for field, value in info.items():
+        if field.startswith("queue_"):
+            sizes = dict(part.split("=") for part in value.split(","))
+            held, deferred = (int(sizes.get(key, 0))
+                              for key in ("held", "deferred"))
+            if held or deferred:
+                counts[field[6:]] = (held, deferred)
+    return counts
+
+
+def _raise(reply):
+    """reply, unless it is an error: then raise it."""
+    if isinstance(reply, ReplyError):
+        raise reply
+    return reply
+
+
+def _seconds_setting(value):
+    """A client's time setting: a number, or text as _duration reads it."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 <= value < 1e9:
+            raise ValueError(value)
+        return float(value)
+    return _duration(value)
 
 
 class Message:
@@ -5841,16 +6447,17 @@ class Message:
             return True
         return self.client.ack(self.id) == 1
 
+    def touch(self):
+        """Renew the lease: the message stays this consumer's for the
+        lease's length from now. Whether it was still held."""
+        return self.id is None or self.client.touch(self.id) == 1
+
     def nack(self, delay=None, reason=None):
         """Give the message back, after delay seconds or the server's retry
         schedule; reason goes into its dead-letter record if it dies. A
         failure to give it back is said on stderr, since the server gives
         back what a closed connection held anyway."""
         if self.id is None:
-            if delay and not self.client.said_no_delay:
-                self.client.said_no_delay = True
-                _warn("the server has no RESERVE: a message goes back at "
-                      "once, not in %ss" % _number_text(delay))
             self.client.put_back(self.queue, self.data)
             return True
         try:
@@ -6207,9 +6814,32 @@ def _add_address(parser):
 def _client(options):
     try:
         return Client(options.host, options.port, token=_token(options),
-                      tls=options.tls, tls_ca=options.tls_ca)
+                      tls=options.tls, tls_ca=options.tls_ca, **{
+                          name: getattr(options, name, None)
+                          for name in _SCRIPT_SETTINGS})
     except ValueError as exc:
         raise UsageError(str(exc))
+
+
+# Where Lua scripts stand in for RESERVE (a Redis), the consumer keeps the
+# lease and the retry schedule: GET's and ON's flags, named as the server's.
+_SCRIPT_SETTINGS = {
+    "lease": ("SECONDS", "a message not acknowledged within SECONDS is "
+              "retried; %gs (BLEASE)" % DEFAULT_SCRIPT_LEASE),
+    "max_deliveries": ("N", "a message that failed N deliveries becomes a "
+                       "dead letter; %d (BMAXDELIVERIES)"
+                       % DEFAULT_MAX_DELIVERIES),
+    "retry_delay": ("SECONDS", "a first failure's wait, doubled at each "
+                    "one; %gs (BRETRYDELAY)" % DEFAULT_RETRY_DELAY),
+    "retry_max_delay": ("SECONDS", "the longest wait before a retry; %gs "
+                        "(BRETRYMAXDELAY)" % DEFAULT_RETRY_MAX_DELAY),
+}
+
+
+def _add_script_settings(parser):
+    for name, (metavar, text) in _SCRIPT_SETTINGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), metavar=metavar,
+                            dest=name, help="on a Redis: " + text)
 
 
 def _token(options):
@@ -6433,6 +7063,7 @@ def _get_arguments(parser):
                         help="where to write the message (- or none: stdout)")
     parser.add_argument("-w", "--wait", type=_seconds, metavar="SECONDS",
                         help="wait up to SECONDS for a message (0: for ever)")
+    _add_script_settings(parser)
     _add_address(parser)
 
 
@@ -6563,6 +7194,7 @@ def _write_stdout(data):
 
 def _on_arguments(parser):
     parser.add_argument("queue", help="the queue's name")
+    _add_script_settings(parser)
     _add_handling(parser)
 
 
@@ -6594,6 +7226,9 @@ def run_on(options):
     handled = 0
     with _client(options) as client:
         messages = client.reservations(queue, options.timeout, slices=True)
+        renew = None                # a long --exec keeps its lease
+        if client.lease:
+            renew = (lambda: message.touch(), client.lease / 3)
         while options.count != handled:
             message = next(messages, StopIteration)
             if message is StopIteration:
@@ -6606,10 +7241,10 @@ def run_on(options):
                     return EXIT_OK
                 continue
             try:
-                handle(message.data, None, message.deliveries)
+                handle(message.data, None, message.deliveries, renew)
             except CommandFailed as exc:
                 message.nack(reason=exc.reason)
-                if client.reserves is False:
+                if client.reserving == "pops":
                     raise           # plain pops: no count of tries to stop
                 _warn(str(exc))
                 continue
@@ -6633,7 +7268,7 @@ def _handler(options, after_failure):
     BrokenPipeError, which ends the command quietly."""
     separator = _unescape(options.separator)
     if options.command:
-        def handle(message, channel, deliveries=None):
+        def handle(message, channel, deliveries=None, renew=None):
             import subprocess
             sys.stdout.flush()
             env = dict(os.environ)
@@ -6642,22 +7277,24 @@ def _handler(options, after_failure):
             if deliveries is not None:
                 env["BEUSS_DELIVERIES"] = str(deliveries)
             # Its stderr passes through, and its last line says why.
-            done = subprocess.run(options.command, shell=True, input=message,
-                                  env=env, stderr=subprocess.PIPE)
-            sys.stderr.buffer.write(done.stderr) if hasattr(
+            process = subprocess.Popen(options.command, shell=True, env=env,
+                                       stdin=subprocess.PIPE,
+                                       stderr=subprocess.PIPE)
+            stderr = _communicate(process, message, renew)
+            sys.stderr.buffer.write(stderr) if hasattr(
                 sys.stderr, "buffer") else sys.stderr.write(
-                    done.stderr.decode("utf-8", "replace"))
+                    stderr.decode("utf-8", "replace"))
             sys.stderr.flush()
-            if done.returncode != 0:
+            if process.returncode != 0:
                 exc = CommandFailed("%r exited with status %d; %s" % (
-                    options.command, done.returncode, after_failure))
-                lines = done.stderr.decode("utf-8", "replace").strip()
-                exc.reason = "exit status %d" % done.returncode + (
+                    options.command, process.returncode, after_failure))
+                lines = stderr.decode("utf-8", "replace").strip()
+                exc.reason = "exit status %d" % process.returncode + (
                     ": " + lines.splitlines()[-1][:200] if lines else "")
                 raise exc
         return handle
 
-    def handle(message, channel, deliveries=None):
+    def handle(message, channel, deliveries=None, renew=None):
         head = b""
         if channel is not None and getattr(options, "channel", False):
             head = os.fsencode(channel) + b" "
@@ -6666,6 +7303,25 @@ def _handler(options, after_failure):
         except HandlerFailed as exc:
             raise HandlerFailed("%s; %s" % (exc, after_failure))
     return handle
+
+
+def _communicate(process, message, renew):
+    """Give process message on its stdin and wait for it to end; return
+    its stderr. renew: (a function, seconds) to call it every so often
+    meanwhile (a lease kept while a long command works)."""
+    import subprocess
+    try:
+        data = message
+        while True:
+            try:
+                return process.communicate(data, renew and renew[1])[1]
+            except subprocess.TimeoutExpired:
+                data = None         # what is left of it is still fed
+                renew[0]()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
 
 
 def _unescape(text):
@@ -6697,33 +7353,15 @@ def run_len(options):
 
 def run_list(options):
     with _client(options) as client:
-        queues = client.queues()
-        aside = _aside_counts(client.info())
-    for name in aside:
-        queues.setdefault(name, 0)
-    if not queues:
+        counts = client.queue_counts()
+    if not counts:
         _warn("no queues: every queue is empty")
-    for name, length in sorted(queues.items()):
-        held, deferred = aside.get(name, (0, 0))
+    for name, (length, held, deferred) in sorted(counts.items()):
         notes = ([_plural(held, "held", "held")] if held else []) + (
             [_plural(deferred, "deferred", "deferred")] if deferred else [])
         print("%s %d%s" % (name, length, " (%s)" % ", ".join(notes)
                            if notes else ""))
     return EXIT_OK
-
-
-def _aside_counts(info):
-    """{queue: (held, deferred)} from a beuss server's INFO ({} from
-    Redis), for the queues that have any."""
-    counts = {}
-    for field, value in info.items():
-        if field.startswith("queue_"):
-            sizes = dict(part.split("=") for part in value.split(","))
-            held, deferred = (int(sizes.get(key, 0))
-                              for key in ("held", "deferred"))
-            if held or deferred:
-                counts[field[6:]] = (held, deferred)
-    return counts
 
 
 def _peek_arguments(parser):
@@ -6795,7 +7433,7 @@ def _del_arguments(parser):
 def run_del(options):
     queues = [_queue(name) for name in options.queue]
     with _client(options) as client:
-        print(client.call(b"DEL", *queues))
+        print(client.delete(*queues))
     return EXIT_OK
 
 
@@ -6808,17 +7446,25 @@ def run_ping(options):
 
 def run_stats(options):
     with _client(options) as client:
-        info = client.info()
-    version = info.get("beuss_version")
-    server = ("beuss " + version if version else
-              "redis " + info.get("redis_version", "?"))
-    uptime = int(info.get("uptime_in_seconds", 0))
-    print("%s on %s:%d, up %dh %02dm %02ds" % (
-        server, client.host, client.port, uptime // 3600, uptime // 60 % 60,
-        uptime % 60))
-    print("clients: %s connected, %s waiting" % (
-        info.get("connected_clients", "?"), info.get("blocked_clients", "?")))
+        nodes = client.infos()
+        version = nodes[0][2].get("beuss_version")
+        counts = None if version else client.queue_counts()
+    if len(nodes) > 1:
+        print("a Redis Cluster of %d primaries" % len(nodes))
+    for host, port, info in nodes:
+        server = ("beuss " + version if version else
+                  "redis " + info.get("redis_version", "?"))
+        uptime = int(info.get("uptime_in_seconds", 0))
+        print("%s on %s:%d, up %dh %02dm %02ds" % (
+            server, host, port, uptime // 3600, uptime // 60 % 60,
+            uptime % 60))
+        print("clients: %s connected, %s waiting" % (
+            info.get("connected_clients", "?"),
+            info.get("blocked_clients", "?")))
+        if not version:
+            print("memory: %s" % info.get("used_memory_human", "?"))
     if version:
+        info = nodes[0][2]
         print("queues: %s holding %s (%s of memory); %s held by clients, "
               "%s deferred" % (
                   info.get("queues"), _plural(int(info.get("messages", 0)),
@@ -6837,7 +7483,9 @@ def run_stats(options):
                           sizes.get("in_per_sec", "0"),
                           sizes.get("out_per_sec", "0")))
     else:
-        print("memory: %s" % info.get("used_memory_human", "?"))
+        for name, (ready, held, deferred) in sorted(counts.items()):
+            print("  %s: %d ready, %d held, %d deferred" % (
+                name, ready, held, deferred))
     return EXIT_OK
 
 
@@ -6884,9 +7532,10 @@ def _top_text(client, depths):
     for field, value in info.items():
         if field.startswith("queue_"):
             rows[field[6:]] = dict(part.split("=") for part in value.split(","))
-    if not rows:                        # Redis: lengths only
-        rows = {name: {"messages": length}
-                for name, length in client.queues().items()}
+    if not rows:                        # Redis: counts, no rates
+        rows = {name: {"messages": ready, "held": held, "deferred": deferred}
+                for name, (ready, held, deferred)
+                in client.queue_counts().items()}
     for name in sorted(rows, key=lambda name: -int(rows[name]["messages"])):
         row = rows[name]
         history = depths.setdefault(name, collections.deque(maxlen=30))
@@ -6955,7 +7604,9 @@ def run_pub(options):
     messages = _messages(options, "PUB")
     with _client(options) as client:
         received = [client.publish(channel, message) for message in messages]
-    if not any(received):
+        # A cluster's node counts its own subscribers only.
+        alone = len(client._primaries()) == 1
+    if alone and not any(received):
         _warn("no subscriber on channel %s: the message was dropped"
               % options.channel if len(messages) == 1 else
               "no subscriber on channel %s: the messages were dropped"
@@ -7019,12 +7670,14 @@ def run_bench(options):
     message = b"x" * options.size
     with client:
         client.call(b"DEL", queue)
+        address = client.node_address(queue)    # on a cluster, its node's
         try:
             for name, command, line_ends in (
                     ("PUT (RPUSH)", [b"RPUSH", queue, message], 1),
                     ("GET (LPOP)", [b"LPOP", queue], 2)):
                 seconds, latencies = _bench_load(
-                    client, name, encode_bulks(command), line_ends, options)
+                    client, address, name, encode_bulks(command), line_ends,
+                    options)
                 latencies.sort()
                 print("%-12s %9.0f messages/s  latency p50 %.2f ms, p99 %.2f "
                       "ms, max %.2f ms  (%s in %.2f s, %s, pipeline %d)" % (
@@ -7051,7 +7704,7 @@ def run_bench(options):
     return EXIT_OK
 
 
-def _bench_load(client, name, request, line_ends, options):
+def _bench_load(client, address, name, request, line_ends, options):
     # Each connection owns a share of the requests and keeps `pipeline` of
     # them in flight; a reply is complete when its line ends have come.
     # Returns the seconds it all took and the seconds each round trip took.
@@ -7066,7 +7719,7 @@ def _bench_load(client, name, request, line_ends, options):
             if not share:
                 continue
             sock = socket.create_connection(
-                (_host_bytes(client.host), client.port), client.timeout)
+                (_host_bytes(address[0]), address[1]), client.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             socks.append(sock)
             selector.register(sock, selectors.EVENT_READ,
@@ -7102,7 +7755,7 @@ def _bench_load(client, name, request, line_ends, options):
         return time.perf_counter() - started, latencies
     except OSError as exc:
         raise ConnectionFailed("lost the server at %s:%d: %s"
-                               % (client.host, client.port, _reason(exc)))
+                               % (address[0], address[1], _reason(exc)))
     finally:
         selector.close()
         for sock in socks:
