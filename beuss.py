@@ -26,8 +26,9 @@ The server speaks the Redis protocol (RESP2, and RESP3 after HELLO 3): the
 list commands, DEL EXISTS TYPE KEYS SCAN DBSIZE FLUSHDB FLUSHALL,
 transactions, pub/sub, and what clients ask of a server (HELLO AUTH CLIENT
 COMMAND CONFIG INFO ...; COMMAND LIST names them all, from the command
-table below): redis-cli, redis-py and other Redis clients work against it,
-and the client half of this file works against Redis or Valkey.
+table below): redis-cli, redis-py and other Redis clients work against it.
+The client half of this file works against Redis, Valkey or a Redis
+Cluster too, with the same guarantees: Lua scripts stand in for RESERVE.
 
 Limits: a message is at most 10240 bytes unless --max-message-size (or
 BMAXMESSAGESIZE) says otherwise, 512 MiB at most; a request has at most
@@ -47,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BeussError", "ProtocolError", "ReplyError", "ConnectionFailed",
     "Queues", "Channels", "Server", "Client", "put", "get", "on", "main",
+    "key_slot",
 ]
 
 import collections

@@ -10,6 +10,7 @@ then in the interpreter running the tests.
 
 import collections
 import contextlib
+import csv
 import io
 import os
 import platform
@@ -5217,7 +5218,7 @@ class ReadmeTest(ServerCase):
         return done.stdout
 
     def test_python_snippets(self):
-        beuss_snippet, redis_py_snippet = self.snippets("python")
+        beuss_snippet, redis_py_snippet = self.snippets("python")[:2]
         self.assertEqual(self.run_snippet([sys.executable, "-c"], beuss_snippet),
                          b"b'\\x00 any bytes'\nNone\n")
         out = self.run_snippet([redis_python(self), "-c"], redis_py_snippet)
@@ -5341,10 +5342,10 @@ class RedisCluster:
 class BeussProcess:
     """`python beuss.py` on a free loopback port, with these settings."""
 
-    def __init__(self, env):
+    def __init__(self, env, *options):
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, BEUSS, "--port", str(self.port)],
+            [sys.executable, BEUSS, "--port", str(self.port)] + list(options),
             env=dict(os.environ, **env), stderr=subprocess.DEVNULL)
         wait_for_port(self.port, process=self.process)
 
@@ -5509,6 +5510,48 @@ class OutgrowTest(unittest.TestCase):
                     subscriber.kill()
                     subscriber.wait(TIMEOUT)
 
+    def test_the_client_follows_a_slot_that_moves_and_one_that_is_moving(self):
+        self.targets()
+        if "cluster" not in OutgrowTest.servers:
+            self.skipTest("the cluster runs in the default selector's pass")
+        ports = OutgrowTest.servers["cluster"].ports
+        admins = [beuss.Client(port=port, timeout=TIMEOUT) for port in ports]
+        for admin in admins:
+            self.addCleanup(admin.close)
+        ids = [admin.call("CLUSTER", "MYID") for admin in admins]
+        client = self.client(ports[0])
+        client.put("moving", "before")
+        redirects, follow = [], client._redirected
+        client._redirected = lambda command, reply, wait: redirects.append(
+            str(reply).split()[0]) or follow(command, reply, wait)
+        slot = beuss.key_slot("moving")
+        source = ports.index(client.node_address("moving")[1])
+        target = (source + 1) % 3
+        # MOVED: the slot, emptied, now belongs to another primary.
+        self.assertEqual(client.get("moving"), b"before")
+        for admin in admins:
+            admin.call("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        del redirects[:]
+        self.assertEqual(client.put("moving", "after"), 1)
+        self.assertEqual(redirects, ["MOVED"])
+        self.assertEqual(client.node_address("moving"), ("127.0.0.1", ports[target]))
+        self.assertEqual(client.reserve("moving").data, b"after")
+        # ASK: the slot is half way to a third primary, and a key it does
+        # not hold yet is asked for there.
+        other = (target + 1) % 3
+        admins[other].call("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[target])
+        admins[target].call("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[other])
+        try:
+            self.assertEqual(client.put("moving", "asked"), 1)
+            self.assertEqual(redirects, ["MOVED", "ASK"])
+            asking = admins[other].pipeline([["ASKING"], ["LRANGE", "moving", 0, -1]])
+            self.assertEqual(asking[1], [b"asked"])
+            self.assertEqual(client.node_address("moving"), ("127.0.0.1", ports[target]))
+            admins[other].pipeline([["ASKING"], ["DEL", "moving"]])
+        finally:
+            for admin in admins:
+                admin.call("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+
     CONSUMER = """
 import sys, time, beuss
 client = beuss.Client(port=int(sys.argv[1]))
@@ -5593,6 +5636,41 @@ time.sleep(60)
                 self.assertEqual([m.data for m in got], [b"a", b"b", b"c"])
                 with self.assertRaisesRegex(beuss.ReplyError, "delay is negative"):
                     client.put(queue, "x", delay=-1)
+
+    def test_the_readme_moves_a_data_file_to_the_cluster(self):
+        self.targets()
+        if "cluster" not in OutgrowTest.servers:
+            self.skipTest("the cluster runs in the default selector's pass")
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            snippet = readme.read().split("```python\n")[3].split("```")[0]
+        self.assertIn("6553", snippet)
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        data = os.path.join(folder, "queues.db")
+        old = BeussProcess({}, "--data", data)
+        try:
+            with beuss.Client(port=old.port, timeout=TIMEOUT) as client:
+                client.put_many("moved-a", ["a%d" % i for i in range(2500)])
+                client.put_many("moved-b", ["b1", "b2"])
+        finally:
+            old.stop()
+        old = BeussProcess({}, "--data", data)      # the file, served alone
+        self.addCleanup(old.stop)
+        cluster = OutgrowTest.servers["cluster"].port
+        done = subprocess.run([sys.executable, "-c", snippet.replace(
+            "6553", str(old.port)).replace("6379", str(cluster))],
+            stdout=subprocess.PIPE, timeout=60, cwd=HERE)
+        self.assertEqual(done.returncode, 0)
+        self.assertEqual(sorted(done.stdout.decode().splitlines()),
+                         ["moved moved-a", "moved moved-b"])
+        client = self.client(cluster)
+        self.assertEqual(client.call("LRANGE", "moved-a", 0, -1),
+                         [b"a%d" % i for i in range(2500)])
+        self.assertEqual(client.call("LRANGE", "moved-b", 0, -1), [b"b1", b"b2"])
+        with beuss.Client(port=old.port, timeout=TIMEOUT) as client:
+            self.assertEqual(client.queues(), {})
+        self.assertNotEqual(self.client(cluster).node_address("moved-a"),
+                            self.client(cluster).node_address("moved-b"))
 
     CHAOS = """
 import sys, time, beuss
@@ -5692,6 +5770,7 @@ def benchmark(requests_count=200000, clients=50, rounds=5):
         bench.start_up()
         bench.footprint()
         bench.wake_up()
+        bench.scripts_on_redis()
     finally:
         bench.close()
         shutil.rmtree(folder)
@@ -5763,7 +5842,6 @@ class Bench:
     def throughput(self, requests_count, clients):
         """redis-benchmark's RPUSH and LPOP, plain and pipelined, in memory
         and with each fsync policy beside Redis's AOF."""
-        import csv
         pairs = [("memory", [], ["--appendonly", "no"])] + [
             (policy, ["--data", os.path.join(self.folder, "beuss-%s.db" % policy),
                       "--fsync", policy],
@@ -5903,6 +5981,49 @@ class Bench:
                 medians[name].append(latencies[count // 2])
         self.row("blocked consumer woken", medians["beuss"], medians["redis"],
                  "microseconds")
+        for process in processes:
+            process.terminate()
+            process.wait()
+
+
+    def scripts_on_redis(self, count=5000, clients=50):
+        """What at least once costs on a Redis: rows whose two columns are
+        both Redis's, the client's scripts beside plain LPOP. One Python
+        consumer: a reserve and an ack (two round trips, two scripts)
+        against one LPOP; then redis-benchmark's clients running the
+        reserve script against LPOP, on queues filled beforehand."""
+        ports, processes = self.start()
+        port, pairs, pops, scripted, popped = ports[1], [], [], [], []
+        sha = beuss.SCRIPTS["reserve"][1].decode()
+        keys = [key.decode() for key in beuss._script_keys(b"bench")]
+        with beuss.Client(port=port, timeout=TIMEOUT) as client:
+            for _ in range(self.rounds):
+                client.put_many("bench", [b"x"] * count)
+                started = time.perf_counter()
+                for _ in range(count):
+                    client.call(b"LPOP", b"bench")
+                pops.append(count / (time.perf_counter() - started))
+                client.put_many("bench", [b"x"] * count)
+                started = time.perf_counter()
+                for _ in range(count):
+                    client.reserve("bench").ack()
+                pairs.append(count / (time.perf_counter() - started))
+                for name, rates in (("LPOP", popped), ("EVALSHA", scripted)):
+                    client.put_many("bench", [b"x"] * count * 10)
+                    command = [self.benchmark, "-p", str(port), "-n",
+                               str(count * 10), "-c", str(clients), "--csv"] + (
+                        ["LPOP", "bench"] if name == "LPOP" else
+                        ["EVALSHA", sha, "9"] + keys + ["60", "10", "1", "300"])
+                    self.note(command, (str(port),))
+                    done = subprocess.run(command, stdout=subprocess.PIPE,
+                                          universal_newlines=True)
+                    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+                    rates.append(float(rows[0]["rps"]))
+                    client.call("DEL", *keys)
+        self.row("Redis: reserve+ack in Lua / LPOP, 1 client", pairs, pops,
+                 "messages/s")
+        self.row("Redis: reserve script / LPOP, %d clients" % clients,
+                 scripted, popped, "messages/s")
         for process in processes:
             process.terminate()
             process.wait()
