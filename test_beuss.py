@@ -6067,8 +6067,84 @@ def _read_reply(sock):
     beuss.ReplyReader(sock).read()
 
 
+# ## Instruction counts (not a test): python test_beuss.py --bench --instructions
+#
+# Wall-clock figures here move by a third between runs; the instructions a
+# fixed load costs do not. Each load runs in one process under valgrind's
+# callgrind twice, with N requests and with none, and the difference over
+# 2N is what one request costs: the server's work and the load's own small
+# share (it sends ready-made requests and counts line ends). Judge a change
+# by these, on one Python, before and after.
+
+INSTRUCTION_LOADS = [       # (name, pipeline, with the store)
+    ("RPUSH + LPOP, -P 16", 16, False), ("RPUSH + LPOP, -P 1", 1, False),
+    ("RPUSH + LPOP, -P 16, --data", 16, True),
+    ("RPUSH + LPOP, -P 1, --data", 1, True)]
+INSTRUCTION_REQUESTS = 2000
+
+# The load: count RPUSHes then count LPOPs, pipeline at a time, from one
+# connection to a server in the same process (argv: pipeline, count, and
+# "store" for one with --data). Only beuss is imported, from its .pyc.
+INSTRUCTION_LOAD = """
+import os, shutil, socket, sys, tempfile
+import beuss
+pipeline, count = int(sys.argv[1]), int(sys.argv[2])
+folder = tempfile.mkdtemp()
+settings = {"data": os.path.join(folder, "load.db"), "fsync": "no"} \\
+    if sys.argv[3] == "store" else {}
+server = beuss.Server(("127.0.0.1", 0), max_memory=0, **settings)
+server.start()
+with socket.create_connection(server.address) as sock:
+    for command, line_ends in (([b"RPUSH", b"q", b"hello"], 1), ([b"LPOP", b"q"], 2)):
+        request = beuss.encode_bulks(command)
+        for done in range(0, count, pipeline):
+            batch = min(pipeline, count - done)
+            sock.sendall(request * batch)
+            due = batch * line_ends
+            while due > 0:
+                due -= sock.recv(65536).count(b"\\r\\n")
+server.stop()
+shutil.rmtree(folder)
+"""
+
+
+def instructions():
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        sys.exit("needs valgrind (Debian's valgrind)")
+    folder = tempfile.mkdtemp()
+    env = dict(os.environ, PYTHONPATH=HERE)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)        # beuss's .pyc is reused
+    subprocess.run([sys.executable, "-c", "import beuss"], env=env, check=True)
+    print("instructions a request, %s %s, callgrind; %d of each command" % (
+        platform.python_implementation(), platform.python_version(),
+        INSTRUCTION_REQUESTS))
+    try:
+        for number, (name, pipeline, store) in enumerate(INSTRUCTION_LOADS):
+            totals = []
+            for count in (INSTRUCTION_REQUESTS, 0):
+                out = os.path.join(folder, "callgrind.%d.%d" % (number, count))
+                subprocess.run([valgrind, "--tool=callgrind", "--callgrind-out-file="
+                                + out, sys.executable, "-c", INSTRUCTION_LOAD,
+                                str(pipeline), str(count), "store" if store else "memory"],
+                               env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, check=True)
+                with open(out) as profile:
+                    totals.append(next(int(line.split()[1]) for line in profile
+                                       if line.startswith("summary:")))
+            print("  %-32s %8.0f" % (name, (totals[0] - totals[1])
+                                     / (2 * INSTRUCTION_REQUESTS)))
+    finally:
+        shutil.rmtree(folder)
+    print("each: valgrind --tool=callgrind python -c INSTRUCTION_LOAD PIPELINE "
+          "COUNT memory|store (test_beuss.py), COUNT %d and 0"
+          % INSTRUCTION_REQUESTS)
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--bench"]:
         benchmark()
+    elif sys.argv[1:] == ["--bench", "--instructions"]:
+        instructions()
     else:
         unittest.main()
