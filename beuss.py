@@ -5651,7 +5651,7 @@ class _Routing:
 
 class _Scripts:
     """The part of Client that stands in for beuss's own commands on a
-    Redis, with SCRIPTS (mixed in)."""
+    Redis, with the Lua scripts below (mixed in)."""
 
     def _choose_scripts(self):
         # The server has no RESERVE: Lua if it runs scripts, else pops.
@@ -5664,7 +5664,7 @@ class _Scripts:
                   "its handler dies" % (self.host, self.port))
 
     def _script(self, name, queue, *args):
-        text, sha = SCRIPTS[name]
+        text, sha = script_source(name)
         keys = _script_keys(queue)
         tail = [len(keys)] + keys + list(args)
         reply = self.pipeline([[b"EVALSHA", sha] + tail])[0]
@@ -5737,20 +5737,16 @@ class _Scripts:
 
 
 CLUSTER_SLOTS = 16384
+_CRC16 = []                     # made on the first key_slot()
 
 
 def _crc16_table():
     # CRC-16/XMODEM (polynomial 0x1021, start 0), as a cluster hashes keys.
-    table = []
     for byte in range(256):
         crc = byte << 8
         for _ in range(8):
             crc = (crc << 1 ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
-        table.append(crc)
-    return table
-
-
-_CRC16 = _crc16_table()
+        _CRC16.append(crc)
 
 
 def _hash_tag(key):
@@ -5766,6 +5762,8 @@ def _hash_tag(key):
 
 def key_slot(key):
     """The slot of a Redis Cluster that keeps key (bytes or str)."""
+    if not _CRC16:
+        _crc16_table()
     crc = 0
     for byte in bytearray(_hash_tag(_arg(key))):
         crc = (crc << 8 & 0xFF00) ^ _CRC16[crc >> 8 ^ byte]
@@ -5972,16 +5970,17 @@ return moved
 }
 
 
-def _scripts():
-    import hashlib
-    scripts = {}
-    for name, body in _LUA.items():
-        text = (_LUA_START + body).encode()
-        scripts[name] = (text, hashlib.sha1(text).hexdigest().encode())
-    return scripts
+_SCRIPTS = {}                   # name -> (its text, its SHA1 for EVALSHA)
 
 
-SCRIPTS = _scripts()            # name -> (its text, its SHA1 for EVALSHA)
+def script_source(name):
+    """(text, SHA1) of one of the scripts, made on first use: importing
+    hashlib would cost every one-shot command 6 ms."""
+    if name not in _SCRIPTS:
+        import hashlib
+        text = (_LUA_START + _LUA[name]).encode()
+        _SCRIPTS[name] = text, hashlib.sha1(text).hexdigest().encode()
+    return _SCRIPTS[name]
 
 
 # ## Client ###################################################################

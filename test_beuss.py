@@ -5793,6 +5793,9 @@ def benchmark(requests_count=200000, clients=50, rounds=5):
     bench = Bench(tools, folder, rounds)
     try:
         bench.throughput(requests_count, clients)
+        pypy = shutil.which("pypy3")
+        if pypy and platform.python_implementation() != "PyPy":
+            bench.throughput(requests_count, clients, pypy, ", PyPy")
         bench.start_up()
         bench.footprint()
         bench.wake_up()
@@ -5848,12 +5851,13 @@ class Bench:
         self.rows.append((label, mine, theirs,
                           [a / b for a, b in zip(mine, theirs)], unit))
 
-    def start(self, ours_options=(), theirs_options=("--appendonly", "no")):
-        """A beuss and a redis-server, each on a free port: their ports
-        and processes."""
+    def start(self, ours_options=(), theirs_options=("--appendonly", "no"),
+              python=sys.executable):
+        """A beuss (run by python) and a redis-server, each on a free port:
+        their ports and processes."""
         ours, theirs = free_port(), free_port()
         commands = [
-            [sys.executable, BEUSS, "--port", str(ours)] + list(ours_options),
+            [python, BEUSS, "--port", str(ours)] + list(ours_options),
             [self.redis_server, "--port", str(theirs), "--save", "", "--dir",
              self.folder] + list(theirs_options)]
         processes = []
@@ -5865,22 +5869,27 @@ class Bench:
             wait_for_port(port)
         return (ours, theirs), processes
 
-    def throughput(self, requests_count, clients):
+    def throughput(self, requests_count, clients, python=sys.executable,
+                   which=""):
         """redis-benchmark's RPUSH and LPOP, plain and pipelined, in memory
-        and with each fsync policy beside Redis's AOF."""
+        and with each fsync policy beside Redis's AOF; with another python
+        (PyPy), in memory only, after a round that warms its JIT."""
         pairs = [("memory", [], ["--appendonly", "no"])] + [
             (policy, ["--data", os.path.join(self.folder, "beuss-%s.db" % policy),
                       "--fsync", policy],
              ["--appendonly", "yes", "--appendfsync", policy,
               "--appendfilename", "redis-%s.aof" % policy])
             for policy in ("everysec", "always")]
-        for label, ours_options, theirs_options in pairs:
-            ports, processes = self.start(ours_options, theirs_options)
+        for label, ours_options, theirs_options in pairs[:1] if which else pairs:
+            ports, processes = self.start(ours_options, theirs_options, python)
             for pipeline in (1, 16):
                 command = [self.benchmark, "-p", "PORT", "-t", "rpush,lpop",
                            "-n", str(requests_count), "-c", str(clients),
                            "-P", str(pipeline), "--csv"]
                 self.note(command)
+                if which:
+                    subprocess.run(command[:2] + [str(ports[0])] + command[3:],
+                                   stdout=subprocess.DEVNULL)
                 results = collections.defaultdict(list)
                 for _ in range(self.rounds):
                     for name, port in zip(("beuss", "redis"), ports):
@@ -5890,9 +5899,9 @@ class Bench:
                         for row in csv.DictReader(io.StringIO(done.stdout)):
                             results[row["test"], name].append(float(row["rps"]))
                 for test in ("RPUSH", "LPOP"):
-                    self.row("%s, %d clients, %s%s" % (
+                    self.row("%s, %d clients, %s%s%s" % (
                         test, clients, label,
-                        ", -P %d" % pipeline if pipeline > 1 else ""),
+                        ", -P %d" % pipeline if pipeline > 1 else "", which),
                         results[test, "beuss"], results[test, "redis"],
                         "requests/s")
             for process in processes:
@@ -6020,7 +6029,7 @@ class Bench:
         reserve script against LPOP, on queues filled beforehand."""
         ports, processes = self.start()
         port, pairs, pops, scripted, popped = ports[1], [], [], [], []
-        sha = beuss.SCRIPTS["reserve"][1].decode()
+        sha = beuss.script_source("reserve")[1].decode()
         keys = [key.decode() for key in beuss._script_keys(b"bench")]
         with beuss.Client(port=port, timeout=TIMEOUT) as client:
             for _ in range(self.rounds):
