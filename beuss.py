@@ -7623,7 +7623,8 @@ def _top_text(client, depths):
         top = max(history) or 1
         sparks = "".join(_SPARKS[min(depth * 8 // (top + 1), 7)]
                          for depth in history)
-        dead = rows.get(name + ".dead", {}).get("messages", 0)
+        dead = rows.get(name + ".dead", rows.get(_dead_key(name), {})).get(
+            "messages", 0)
         lines.append("%-24s %8s %6s %8s %6s %7s %8s %8s %7s  %s" % (
             name[:24], row["messages"], row.get("held", "-"),
             row.get("deferred", "-"), dead, row.get("waiters", "-"),
@@ -7633,6 +7634,12 @@ def _top_text(client, depths):
     if not rows:
         lines.append("(no queues)")
     return "\n".join(lines) + "\n"
+
+
+def _dead_key(name):
+    """The name of a queue's dead letters on a Redis (see COMPANIONS)."""
+    key = _script_keys(os.fsencode(name))[1 + COMPANIONS.index(b"dead")]
+    return os.fsdecode(key)
 
 
 class _KeyPress:
