@@ -5617,6 +5617,28 @@ time.sleep(60)
                 self.assertEqual(client.ack(again[0].id), 0)
                 self.assertIsNone(client.reserve(queue))
 
+    def test_a_consumer_whose_lease_ran_out_cannot_touch_the_next_delivery(self):
+        # (beuss ties a hold to its connection: LeaseTest covers it there.)
+        for target, port in self.targets():
+            if target == "beuss":
+                continue
+            with self.subTest(target=target):
+                queue = "stale-" + target
+                client = beuss.Client(port=port, timeout=TIMEOUT, lease=0.2,
+                                      retry_delay=0)
+                self.addCleanup(client.close)
+                client.put(queue, "m")
+                first = client.reserve(queue)
+                time.sleep(0.3)
+                second = client.reserve(queue)
+                self.assertEqual((second.data, second.deliveries), (b"m", 2))
+                self.assertFalse(first.touch())
+                self.assertFalse(first.ack())
+                self.assertFalse(first.nack(delay=0))
+                self.assertTrue(second.touch())
+                self.assertTrue(second.ack())
+                self.assertIsNone(client.reserve(queue))
+
     def test_a_poison_message_goes_to_the_dead_letters_with_why(self):
         failing = "echo cannot parse >&2; exit 1" if POSIX else \
             '%s -c "import sys; sys.exit(\'cannot parse\')"' % sys.executable
