@@ -6658,7 +6658,9 @@ usage: python beuss.py [VERB] [options]
 in any case. Options may come before the verb. Settings come from flags,
 else the environment, else the defaults (127.0.0.1:6552). The server's:
 %s.
-The clients': BHOST, BPORT, BTOKEN, BTLS, BTLSCA.
+The clients': BHOST, BPORT, BTOKEN, BTLS, BTLSCA; GET and ON against a
+Redis also read BLEASE (60s there), BMAXDELIVERIES, BRETRYDELAY and
+BRETRYMAXDELAY.
 Exit status: 0 done, 1 the queue was empty or the wait ran out, 2 usage
 error, 3 the server could not be reached or refused the request, 4 a
 message could not be written out or handled (it is back in its queue),
