@@ -5724,16 +5724,15 @@ class _Scripts:
         if not queue.endswith(b".dead"):
             return [(message, None, None, None) for message in self.call(
                 b"LRANGE", queue, 0, -1)]
-        keys = _script_keys(queue[:-len(b".dead")])
-        dead, why = (keys[1 + COMPANIONS.index(part)]
-                     for part in (b"dead", b"why"))
-        messages, records = self.pipeline([[b"LRANGE", dead, 0, -1],
-                                           [b"LRANGE", why, 0, -1]])
-        records = [[int(record.split(b" ")[0])] + record.split(b" ", 2)[1:]
-                   for record in records]
-        return [[message] + (record if len(record) == 3 else [None] * 3)
-                for message, record in itertools.zip_longest(
-                    messages, records[:len(messages)], fillvalue=[])]
+        messages, records = self.pipeline([
+            [b"LRANGE", _companion(queue[:-len(b".dead")], part), 0, -1]
+            for part in (b"dead", b"why")])
+        parsed = []                     # [deliveries, died, why] each
+        for record in records[:len(messages)]:
+            tries, died, why = record.split(b" ", 2)
+            parsed.append([int(tries), died, why])
+        return [[message] + record for message, record in
+                itertools.zip_longest(messages, parsed, fillvalue=[None] * 3)]
 
 
 CLUSTER_SLOTS = 16384
@@ -5797,6 +5796,11 @@ def _script_keys(queue):
     queue = _arg(queue)
     prefix = queue if _hash_tag(queue) != queue else b"{" + queue + b"}"
     return [queue] + [prefix + b":" + part for part in COMPANIONS]
+
+
+def _companion(queue, part):
+    """One of a queue's companion keys (part: one of COMPANIONS)."""
+    return _script_keys(queue)[1 + COMPANIONS.index(part)]
 
 
 def _companion_of(name):
@@ -7625,7 +7629,8 @@ def _top_text(client, depths):
         top = max(history) or 1
         sparks = "".join(_SPARKS[min(depth * 8 // (top + 1), 7)]
                          for depth in history)
-        dead = rows.get(name + ".dead", rows.get(_dead_key(name), {})).get(
+        on_redis = os.fsdecode(_companion(os.fsencode(name), b"dead"))
+        dead = rows.get(name + ".dead", rows.get(on_redis, {})).get(
             "messages", 0)
         lines.append("%-24s %8s %6s %8s %6s %7s %8s %8s %7s  %s" % (
             name[:24], row["messages"], row.get("held", "-"),
@@ -7636,12 +7641,6 @@ def _top_text(client, depths):
     if not rows:
         lines.append("(no queues)")
     return "\n".join(lines) + "\n"
-
-
-def _dead_key(name):
-    """The name of a queue's dead letters on a Redis (see COMPANIONS)."""
-    key = _script_keys(os.fsencode(name))[1 + COMPANIONS.index(b"dead")]
-    return os.fsdecode(key)
 
 
 class _KeyPress:
