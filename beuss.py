@@ -2137,10 +2137,10 @@ class Store:
     #
     # A pipelined pass brings runs of like changes: pushes to one queue,
     # pops from one end of it, acknowledgements. Such a run waits in
-    # _pending and is written as one statement (one executemany of its
-    # rows, one DELETE of a range of positions) when something else comes,
-    # or at commit: SQLite's cost per statement is paid once a run, not
-    # once a message. The first change of a pass is written at once, so
+    # _pending and is written when something else comes, or at commit, in
+    # as few statements as it can (pushes a hundred rows an INSERT, pops
+    # one DELETE of a range of positions): SQLite's cost per statement is
+    # paid once a run, not once a message. The first change of a pass is written at once, so
     # that a file locked by another process refuses it at once; once the
     # pass holds the lock, what can still fail (a full disk, an I/O error)
     # fails its commit as well, and is handled as a failed commit is.
@@ -2148,17 +2148,16 @@ class Store:
     def _add(self, key, items):
         """A change of a run (key: its kind, queue and end), items its rows
         or positions."""
-        self.changes += 1
         pending = self._pending
         if pending is not None and pending[0] == key:
             pending[1].extend(items)
+        elif not self._in_pass or self.failing is not None:
+            self._run(_run_statements(key, items))      # counts the change
             return
-        if not self._in_pass or self.failing is not None:
-            self.changes -= 1               # _run counts it
-            self._run(_run_statements(key, items))
-            return
-        self._flush()
-        self._pending = (key, items)
+        else:
+            self._flush()
+            self._pending = (key, items)
+        self.changes += 1
 
     def _flush(self):
         """Write the pending run; if that fails, the store starts failing
