@@ -5639,6 +5639,33 @@ time.sleep(60)
                 self.assertTrue(second.ack())
                 self.assertIsNone(client.reserve(queue))
 
+    def test_on_keeps_the_lease_of_a_command_that_outlasts_it(self):
+        # --lease 0.6 s (beuss's own: 1 s) and a command of 1.5 s: ON
+        # renews it every 0.2 s, so nobody else gets the message meanwhile.
+        slow = "sleep 1.5" if POSIX else '%s -c "import time; time.sleep(1.5)"' \
+            % sys.executable
+        for target, port in self.targets():
+            with self.subTest(target=target):
+                queue = "slow-" + target
+                client = self.client(port)
+                client.put(queue, "long job")
+                stolen = []
+
+                def steal():
+                    time.sleep(0.3)
+                    with beuss.Client(port=port, timeout=TIMEOUT,
+                                      **dict(self.SETTINGS, lease=0.6)) as other:
+                        stolen.append(other.reserve(queue, wait=1.6))
+                thief = threading.Thread(target=steal)
+                thief.start()
+                try:
+                    self.cli(port, "ON", queue, "--exec", slow, "-C", "1",
+                             "--lease", "0.6")
+                finally:
+                    thief.join(TIMEOUT)
+                self.assertEqual(stolen, [None])
+                self.assertIsNone(client.queue_counts().get(queue))
+
     def test_a_poison_message_goes_to_the_dead_letters_with_why(self):
         failing = "echo cannot parse >&2; exit 1" if POSIX else \
             '%s -c "import sys; sys.exit(\'cannot parse\')"' % sys.executable
