@@ -75,6 +75,7 @@ DEFAULT_SCRIPT_LEASE = 60.0     # a lease on Redis, where no connection is
 # selectors.SelectSelector, what Windows gets, cannot watch more than 512
 # sockets; keep room for the listener and the wake-up pair.
 DEFAULT_MAX_CLIENTS = 500 if sys.platform == "win32" else 10000
+DEFAULT_MAX_HTTP_CLIENTS = 100
 
 RESERVED_DESCRIPTORS = 32               # kept for the listener, files, ...
 SELECT_SOCKETS = 512                    # what select() watches on Windows
@@ -98,7 +99,13 @@ HISTORY = 900                   # seconds of samples kept (15 minutes)
 MAX_MARKS = 512                 # arrival marks a queue keeps
 MAX_COUNTED = 10000             # queues whose counts are kept
 HTTP_MAX_REQUEST = 8192         # bytes of an HTTP request line and headers
-HTTP_TIMEOUT = 10.0             # seconds an HTTP exchange may take
+HTTP_TIMEOUT = 10.0             # seconds an HTTP client may take nothing
+HTTP_MAX_EXCHANGE = 60.0        # seconds an HTTP exchange may last
+SNAPSHOT_INTERVAL = 1.0         # the status page's numbers are this fresh
+STATUS_SLICE = 250              # queues a snapshot looks at in one pass
+BODY_SLICE = 64 * 1024          # bytes of an HTTP answer made in one pass
+PAGE_QUEUES = 100               # queues the status page shows
+JSON_PAGE = 1000                # queues a page of /status.json holds
 ACCEPT_RETRY = 0.1                      # after running out of descriptors
 TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_FAILED_AUTHS = 3                    # wrong tokens before the close
@@ -957,8 +964,12 @@ class QueueCounts:
         history = self.history
         if not history:
             return 0.0, 0.0
-        then = next((sample for sample in history if sample[0] >= now - span
-                     - SAMPLE_INTERVAL / 2), history[0])
+        # From the newest back: a status page asks this of every queue.
+        then, since = history[0], now - span - SAMPLE_INTERVAL / 2
+        for sample in reversed(history):
+            if sample[0] < since:
+                break
+            then = sample
         seconds = max(now - then[0], 1)
         return ((self.pushed - then[2]) / seconds,
                 (self.delivered(depth) - then[3]) / seconds)
@@ -976,6 +987,7 @@ class Queues:
         self._watches = {}          # name -> {Watch: None}
         self._held = {}             # id -> Held
         self._held_by = {}          # owner -> {id: Held}
+        self.held_in = {}           # queue -> how many of its messages are held
         self.max_deliveries = max_deliveries    # 0: no limit
         self.retry_delay = retry_delay  # a first failure waits this long
         self.retry_max_delay = retry_max_delay  # and a later one at most
@@ -1011,18 +1023,25 @@ class Queues:
     def held_count(self):
         return len(self._held)
 
+    def active_names(self):
+        """Every queue with messages, waiters, held or deferred messages."""
+        names = dict.fromkeys(self._queues)
+        names.update(dict.fromkeys(self._waiters))
+        names.update(dict.fromkeys(self.held_in))
+        names.update(dict.fromkeys(self.deferred_by))
+        return list(names)
+
+    def sizes(self, name):
+        """(messages, bytes, waiters, held, deferred) of one queue; the
+        bytes are summed, so this costs a pass over its messages."""
+        return (self.length(name), sum(map(len, self._queues.get(name, ()))),
+                len(self._waiters.get(name, ())), self.held_in.get(name, 0),
+                self.deferred_by.get(name, 0))
+
     def queue_sizes(self):
         """(name, messages, bytes, waiters, held, deferred) for each queue
         with messages, waiters, held or deferred messages."""
-        held = collections.Counter(held.queue for held in self._held.values())
-        names = dict.fromkeys(self._queues)
-        names.update(dict.fromkeys(self._waiters))
-        names.update(dict.fromkeys(held))
-        names.update(dict.fromkeys(self.deferred_by))
-        return [(name, self.length(name),
-                 sum(map(len, self._queues.get(name, ()))),
-                 len(self._waiters.get(name, ())), held[name],
-                 self.deferred_by[name]) for name in names]
+        return [(name,) + self.sizes(name) for name in self.active_names()]
 
     def peek(self, name, start, stop):
         """Messages from index start to stop, both included, as LRANGE
@@ -1298,6 +1317,7 @@ class Queues:
         held = self._held[held_id] = Held(held_id, name, bytes(message),
                                           count, owner)
         self._held_by.setdefault(owner, {})[held_id] = held
+        self.held_in[name] = self.held_in.get(name, 0) + 1
         return held
 
     def held(self, held_id, owner):
@@ -1389,6 +1409,11 @@ class Queues:
         del mine[held.id]
         if not mine:
             del self._held_by[held.owner]
+        left = self.held_in[held.queue] - 1
+        if left:
+            self.held_in[held.queue] = left
+        else:
+            del self.held_in[held.queue]
 
     # Counting ------------------------------------------------------------
     #
@@ -1436,10 +1461,9 @@ class Queues:
     def sample(self, now):
         """Record a sample of every counted queue, and forget the counts of
         queues empty and idle for HISTORY seconds."""
-        held = collections.Counter(held.queue for held in self._held.values())
         for name, counts in list(self.counts.items()):
             depth = self.length(name)
-            busy = depth or held[name] or self.deferred_by[name] \
+            busy = depth or name in self.held_in or name in self.deferred_by \
                 or name in self._waiters
             if busy or counts.pushed != counts.sampled_pushed:
                 counts.active = now
@@ -2478,10 +2502,11 @@ class _Connections:
     Server, which inherits them and provides the rest: the selector,
     the listener, the settings, _run and the services _close calls."""
 
-    def _accept_one(self, listener, refusal=b""):
-        """The next (socket, peer) waiting on listener, or None. One past
-        --max-clients (RESP and HTTP together), or past what select() can
-        watch, gets the refusal and is closed. Out of descriptors, the
+    def _accept_one(self, listener, full, refusal):
+        """The next (socket, peer) waiting on listener, or None. One that
+        comes when full() (its --max-clients or --max-http-clients), or
+        past what select() can watch, gets the refusal and is closed.
+        Out of descriptors, the
         listener, which stays readable, is no longer watched (watching it
         would spin) until housekeeping tries it again."""
         while True:
@@ -2500,8 +2525,8 @@ class _Connections:
                                    "accepting connections for a moment"
                                    % _reason(exc))
                 return None
-            if len(self._conns) + len(self._http_conns) >= self.max_clients or (
-                    self._max_fd is not None and sock.fileno() >= self._max_fd):
+            if full() or (self._max_fd is not None
+                          and sock.fileno() >= self._max_fd):
                 try:
                     sock.send(refusal)
                 except OSError:
@@ -2512,7 +2537,9 @@ class _Connections:
 
     def _accept(self):
         while True:
-            accepted = self._accept_one(self._listener, ERR_MAX_CLIENTS)
+            accepted = self._accept_one(
+                self._listener,
+                lambda: len(self._conns) >= self.max_clients, ERR_MAX_CLIENTS)
             if accepted is None:
                 return
             sock, peer = accepted
@@ -2550,14 +2577,17 @@ class _Connections:
 
     def _accept_http(self):
         while True:
-            accepted = self._accept_one(self._http_listener)
+            accepted = self._accept_one(
+                self._http_listener,
+                lambda: len(self._http_conns) >= self.max_http_clients,
+                HTTP_TOO_MANY)
             if accepted is None:
                 return
             sock = accepted[0]
             sock.setblocking(False)
             conn = _HttpConn(self, sock)
             self._http_conns.add(conn)
-            self._selector.register(sock, selectors.EVENT_READ, conn)
+            conn.watch(selectors.EVENT_READ)
 
     def _complain(self, text):
         # Hostile or broken traffic is said at most once a minute, so that
@@ -2902,6 +2932,7 @@ class Server(_Connections):
         token, max_memory = settings["token"], settings["max_memory"]
         max_message_size = settings["max_message_size"]
         max_clients, data = settings["max_clients"], settings["data"]
+        self.max_http_clients = settings["max_http_clients"]
         self.protected_mode, self.fsync = settings["protected_mode"], \
             settings["fsync"]
         self.tls_cert, self.tls_key = settings["tls_cert"], settings["tls_key"]
@@ -2928,7 +2959,11 @@ class Server(_Connections):
                 max_clients = min(max_clients, SELECT_SOCKETS - 4)
             else:
                 self._max_fd = SELECT_SOCKETS * 2   # FD_SETSIZE, 1024
-        self.max_clients = _fit_to_descriptors(max_clients)
+        # The status page's clients need descriptors too: what the system
+        # gives is theirs first, the rest the RESP clients'.
+        http_share = self.max_http_clients if settings["http"] else 0
+        self.max_clients = max(_fit_to_descriptors(max_clients + http_share)
+                               - http_share, 1)
         self._tls = None
         if self.tls_cert is not None:
             self._tls = _tls_context(self.tls_cert, self.tls_key)
@@ -2962,6 +2997,10 @@ class Server(_Connections):
         self._read_buffer = bytearray(READ_SIZE)
         self._read_view = memoryview(self._read_buffer)
         self._paused = []           # listeners not watched for a moment
+        # Work too long for one pass, done a slice a pass: each has step(),
+        # which returns True once the work is done.
+        self._chores = []
+        self._snapshot = None           # the status page's latest numbers
         self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
         self._sample_at = 0.0           # the next sample of the queues
         self._started_clock = time.monotonic()
@@ -3086,72 +3125,68 @@ class Server(_Connections):
             for name, *sizes in queues.queue_sizes()])
         return "\r\n".join(lines)
 
-    def status(self):
-        """What the status page, /metrics and /status.json show: plain
-        values, queue and channel names as text."""
+    def status_head(self):
+        """The status page's numbers that are not per queue or channel."""
         import platform
-        queues, now, clock = self.queues, time.time(), time.monotonic()
-        store = self.store
-        rows = []
-        for name, ready, size, waiting, held, deferred in queues.queue_sizes():
-            counts = queues.counts.get(name)
-            rates = counts.rates(clock, ready) if counts else (0.0, 0.0)
-            history, previous = [], None
-            for sample in (counts.history if counts else ()):
-                if previous is not None:
-                    seconds = max(sample[0] - previous[0], 1)
-                    history.append([round(clock - sample[0]), sample[1],
-                                    round((sample[2] - previous[2]) / seconds, 2),
-                                    round((sample[3] - previous[3]) / seconds, 2)])
-                previous = sample
-            rows.append({
-                "name": _name_text(name), "ready": ready, "bytes": size,
-                "held": held, "deferred": deferred,
-                "dead": queues.length(dead_letters(name)), "waiting": waiting,
-                "in_per_second": round(rates[0], 2),
-                "out_per_second": round(rates[1], 2),
-                "oldest_age_seconds": round(queues.oldest_age(name, clock)),
-                "pushed": counts.pushed if counts else 0,
-                "delivered": counts.delivered(ready) if counts else 0,
-                "acknowledged": counts.acknowledged if counts else 0,
-                "given_back": counts.given_back if counts else 0,
-                "dead_lettered": counts.dead_lettered if counts else 0,
-                "leases_expired": counts.expired if counts else 0,
-                "history": history})
-        rows.sort(key=lambda row: (-(row["ready"] + row["held"]
-                                     + row["deferred"]), row["name"]))
+        queues, store, clock = self.queues, self.store, time.monotonic()
         then = self.published_history[0] if self.published_history else (
             clock, self.published_total)
-        published_rate = (self.published_total - then[1]) / max(
-            clock - then[0], 1)
-        channels = sorted(({
-            "name": _name_text(channel),
-            "subscribers": self.channels.subscribers(channel),
-            "published_per_second": round(count / max(min(
-                clock - self._started_clock, HISTORY), 1), 2)}
-            for channel, count in self.published.items()
-            if self.channels.subscribers(channel)),
-            key=lambda row: row["name"])
         return {
-            "server": {
-                "version": __version__, "host": self.host, "port": self.port,
-                "python": "%d.%d.%d" % sys.version_info[:3],
-                "implementation": platform.python_implementation(),
-                "started": self.started,
-                "uptime_seconds": int(now - self.started),
-                "memory_used_bytes": queues.size,
-                "memory_max_bytes": self.max_memory,
-                "connections": len(self._conns),
-                "max_connections": self.max_clients,
-                "store": store.path if store else None,
-                "fsync": store.fsync if store else None,
-                "store_ok": store is None or store.failing is None,
-                "store_commits": store.commits if store else 0,
-                "last_commit": store.last_commit if store else None,
-                "tls": self._tls is not None, "token": self.token is not None},
-            "queues": rows, "channels": channels,
+            "version": __version__, "host": self.host, "port": self.port,
+            "python": "%d.%d.%d" % sys.version_info[:3],
+            "implementation": platform.python_implementation(),
+            "started": self.started,
+            "uptime_seconds": int(time.time() - self.started),
+            "memory_used_bytes": queues.size,
+            "memory_max_bytes": self.max_memory,
+            "connections": len(self._conns),
+            "max_connections": self.max_clients,
+            "http_connections": len(self._http_conns),
+            "max_http_connections": self.max_http_clients,
+            "store": store.path if store else None,
+            "fsync": store.fsync if store else None,
+            "store_ok": store is None or store.failing is None,
+            "store_commits": store.commits if store else 0,
+            "last_commit": store.last_commit if store else None,
+            "tls": self._tls is not None, "token": self.token is not None,
             "published": self.published_total,
-            "published_per_second": round(published_rate, 2)}
+            "published_per_second": round((self.published_total - then[1])
+                                          / max(clock - then[0], 1), 2)}
+
+    def status(self):
+        """What /status.json shows, made at once, with every queue and its
+        history: for tests and programs that embed the server (the page
+        makes its numbers a slice a pass instead)."""
+        snapshot = _Snapshot(self)
+        while not snapshot.step():
+            pass
+        return _status_document(snapshot, snapshot.rows, True)
+
+    # Chores ----------------------------------------------------------------
+
+    def add_chore(self, chore):
+        self._chores.append(chore)
+
+    def _do_chores(self):
+        # A slice of each; a chore that fails costs itself, never the bus.
+        for chore in list(self._chores):
+            try:
+                done = chore.step()
+            except Exception as exc:
+                _warn("dropped a chore after an internal error: %r" % exc)
+                done = True
+            if done:
+                self._chores.remove(chore)
+
+    def snapshot(self):
+        """The status page's numbers: the latest, while it is being made
+        or less than SNAPSHOT_INTERVAL old, else a new one."""
+        snapshot = self._snapshot
+        if snapshot is None or (snapshot.done and time.monotonic()
+                                - snapshot.made >= SNAPSHOT_INTERVAL):
+            snapshot = self._snapshot = _Snapshot(self)
+            self.add_chore(snapshot)
+        return snapshot
 
     def _wake(self):
         try:
@@ -3186,6 +3221,8 @@ class Server(_Connections):
                     self._expire_leases()
                 if queues._deferred and queues.next_due() <= time.time():
                     self._release_due()
+                if self._chores:
+                    self._do_chores()
                 if self._resumed:
                     self._run_resumed()
                 if self.store is not None:
@@ -3198,7 +3235,7 @@ class Server(_Connections):
             self._close_all()
 
     def _select_timeout(self):
-        if self._resumed:
+        if self._resumed or self._chores:
             return 0
         timeout = min(SELECT_TIMEOUT_MAX,
                       self._housekeeping_at - time.monotonic())
@@ -3241,7 +3278,8 @@ class Server(_Connections):
                               if self.channels.subscribers(channel)}
             self.published_history.append((now, self.published_total))
         for conn in [conn for conn in self._http_conns
-                     if now - conn.created > HTTP_TIMEOUT]:
+                     if now - conn.active > HTTP_TIMEOUT
+                     or now - conn.created > HTTP_MAX_EXCHANGE]:
             conn.close()
 
     def _run(self, conn):
@@ -5053,7 +5091,11 @@ SETTINGS = [Setting(*row) for row in (
      "largest message accepted; %d" % DEFAULT_MAX_MESSAGE_SIZE),
     ("max_clients", "--max-clients", "BMAXCLIENTS", DEFAULT_MAX_CLIENTS,
      _positive, "maxclients", "N",
-     "most connections at once; %d" % DEFAULT_MAX_CLIENTS),
+     "most client connections at once; %d" % DEFAULT_MAX_CLIENTS),
+    ("max_http_clients", "--max-http-clients", "BMAXHTTPCLIENTS",
+     DEFAULT_MAX_HTTP_CLIENTS, _positive, "max-http-clients", "N",
+     "most status page connections at once, apart from --max-clients; %d"
+     % DEFAULT_MAX_HTTP_CLIENTS),
     ("max_memory", "--max-memory", "BMAXMEMORY", None, _bytes, "maxmemory",
      "BYTES", "memory queued messages may take; pushes past it are refused; "
      "half of the machine's; 0: no bound; 512mb, 2gb ... understood"),
@@ -5133,27 +5175,190 @@ def _setting_text(value):
 
 # ## The status page: HTML, metrics, JSON and health over HTTP ###############
 #
-# With --http the loop also answers HTTP/1.1 on a port of its own, read-only
-# and one request a connection: "/" a page with a row and a chart for each
-# queue (drawn by the server as SVG, refreshed by the browser every few
-# seconds, no JavaScript), "/metrics" Prometheus's text format,
+# With --http the loop also answers HTTP/1.1 on a port of its own, one
+# request a connection: "/" a page with a row and a chart for each queue
+# that matters most (drawn by the server as SVG, refreshed by the browser
+# every few seconds, no JavaScript), "/metrics" Prometheus's text format,
 # "/status.json" the same numbers for scripts, and "/healthz" 200 while the
 # store can write (503 while it answers MISCONF). With a token, every path
 # but /healthz wants it (Authorization: Bearer, or Basic with the token as
-# password). A request is at most HTTP_MAX_REQUEST bytes and HTTP_TIMEOUT
-# seconds, its connection counts against --max-clients, and the reply is
-# made at once and sent as the socket takes it, so no RESP client waits for
-# a browser. Names are escaped wherever they go.
+# password).
+#
+# Watching the bus must never stop it, whatever the number of queues or of
+# readers:
+#
+# - The numbers come from a _Snapshot, made at most once a second and
+#   shared by every reader of that second; it is made STATUS_SLICE queues a
+#   pass, as a chore (Server._chores), so ten thousand queues cost the loop
+#   a few milliseconds a pass, never a freeze.
+# - Each answer (a _Body) is rendered from the snapshot a slice a pass too,
+#   once for every reader that asks the same thing in the same second, and
+#   sent from those shared chunks: a reader costs no copy of it.
+# - A client that takes no byte for HTTP_TIMEOUT seconds, or whose exchange
+#   lasts HTTP_MAX_EXCHANGE, is closed at housekeeping; a request is at most
+#   HTTP_MAX_REQUEST bytes; --max-http-clients bounds the connections, apart
+#   from --max-clients, so no HTTP traffic can shut out a RESP client.
+# - The page shows PAGE_QUEUES queues, those with the most backlog, dead
+#   letters and age, and says how many it left out (?queue=NAME shows one);
+#   /status.json gives JSON_PAGE queues a page (?page=N) and their history
+#   only when asked (?history=1); /metrics gives every series, as
+#   Prometheus needs. Names are escaped wherever they go.
+
+_QueueRow = collections.namedtuple("_QueueRow", (
+    "name ready bytes held deferred dead waiting in_per_second "
+    "out_per_second oldest_age_seconds pushed delivered acknowledged "
+    "given_back dead_lettered leases_expired"))
+
+
+def _queue_row(queues, name, clock):
+    ready, size, waiting, held, deferred = queues.sizes(name)
+    counts = queues.counts.get(name)
+    rates = counts.rates(clock, ready) if counts else (0.0, 0.0)
+    return _QueueRow(
+        name, ready, size, held, deferred, queues.length(dead_letters(name)),
+        waiting, round(rates[0], 2), round(rates[1], 2),
+        round(queues.oldest_age(name, clock)),
+        counts.pushed if counts else 0,
+        counts.delivered(ready) if counts else 0,
+        counts.acknowledged if counts else 0,
+        counts.given_back if counts else 0,
+        counts.dead_lettered if counts else 0,
+        counts.expired if counts else 0)
+
+
+def _importance(row):
+    # The page's order: backlog, then dead letters, then age; then names.
+    return (-(row.ready + row.held + row.deferred), -row.dead,
+            -row.oldest_age_seconds, row.name)
+
+
+class _Snapshot:
+    """The status page's numbers at one moment, made a slice a pass."""
+
+    def __init__(self, server):
+        self.server = server
+        self.made = time.monotonic()
+        self.head = server.status_head()
+        self.names = server.queues.active_names()
+        self.channel_names = list(server.published)
+        self.rows, self.channels = [], []
+        self.done = False
+        self.bodies = {}            # what was asked -> _Body
+        self._at = 0
+
+    def step(self):
+        """One slice; True once the snapshot is whole."""
+        server, clock = self.server, time.monotonic()
+        queues, budget = server.queues, STATUS_SLICE
+        names = self.names
+        while self._at < len(names) and budget > 0:
+            row = _queue_row(queues, names[self._at], clock)
+            self._at += 1
+            # Summing a queue's bytes is a pass over its messages.
+            budget -= 1 + row.ready // 10000
+            if row.ready or row.held or row.deferred or row.waiting:
+                self.rows.append(row)
+        if self._at < len(names):
+            return False
+        at = self._at - len(names)
+        for channel in self.channel_names[at:at + STATUS_SLICE]:
+            subscribers = server.channels.subscribers(channel)
+            if subscribers:
+                self.channels.append({
+                    "name": _name_text(channel), "subscribers": subscribers,
+                    "published_per_second": round(
+                        server.published.get(channel, 0) / max(min(
+                            clock - server._started_clock, HISTORY), 1), 2)})
+        self._at += STATUS_SLICE
+        if at + STATUS_SLICE < len(self.channel_names):
+            return False
+        self.rows.sort(key=_importance)
+        self.channels.sort(key=lambda channel: channel["name"])
+        self.done = True
+        return True
+
+
+def _history(queues, name, clock):
+    """[[seconds ago, depth, in/s, out/s], ...] of a queue, oldest first."""
+    counts = queues.counts.get(name)
+    history, previous = [], None
+    for sample in (counts.history if counts else ()):
+        if previous is not None:
+            seconds = max(sample[0] - previous[0], 1)
+            history.append([round(clock - sample[0]), sample[1],
+                            round((sample[2] - previous[2]) / seconds, 2),
+                            round((sample[3] - previous[3]) / seconds, 2)])
+        previous = sample
+    return history
+
+
+def _row_document(row, queues=None, clock=None):
+    document = row._asdict()
+    document["name"] = _name_text(row.name)
+    if queues is not None:
+        document["history"] = _history(queues, row.name, clock)
+    return document
+
+
+def _status_document(snapshot, rows, history):
+    """/status.json's document for these rows (a dict)."""
+    head = dict(snapshot.head)
+    published = head.pop("published"), head.pop("published_per_second")
+    queues, clock = snapshot.server.queues, time.monotonic()
+    return {"server": head, "queues": [
+        _row_document(row, queues if history else None, clock)
+        for row in rows], "channels": snapshot.channels,
+        "published": published[0], "published_per_second": published[1]}
+
+
+class _Body:
+    """One answer made from a snapshot, a slice a pass, and shared by every
+    reader that asked the same of it."""
+
+    def __init__(self, snapshot, status, kind, pieces):
+        self.snapshot = snapshot    # made before the body is
+        self.status, self.kind = status, kind
+        self.pieces = pieces        # an iterator of str
+        self.chunks = []            # bytes, about BODY_SLICE each
+        self.size = 0
+        self.done = False
+        self.readers = []           # (_HttpConn, head only) waiting
+
+    def step(self):
+        if not self.snapshot.done:
+            return False
+        made, size = [], 0
+        for piece in self.pieces:
+            made.append(piece)
+            size += len(piece)
+            if size >= BODY_SLICE:
+                self._keep(made)
+                return False
+        self._keep(made)
+        self.done = True
+        for conn, head_only in self.readers:
+            conn.answer(self, head_only)
+        self.readers = []
+        return True
+
+    def _keep(self, made):
+        if made:
+            chunk = "".join(made).encode()
+            self.chunks.append(chunk)
+            self.size += len(chunk)
+
 
 class _HttpConn:
     """One HTTP exchange: read the request, answer, close."""
 
-    __slots__ = ("server", "sock", "data", "out", "created")
+    __slots__ = ("server", "sock", "data", "out", "created", "active",
+                 "events")
 
     def __init__(self, server, sock):
         self.server, self.sock = server, sock
         self.data, self.out = b"", None
-        self.created = time.monotonic()
+        self.created = self.active = time.monotonic()
+        self.events = 0
 
     def __call__(self):
         if self.out is not None:
@@ -5174,60 +5379,107 @@ class _HttpConn:
         if end < 0 and len(self.data) <= HTTP_MAX_REQUEST:
             return
         if end < 0 or end > HTTP_MAX_REQUEST:
-            reply = _http_reply(431, "text/plain", b"request too large\n")
+            answer = _http_reply(431, "text/plain", b"request too large\n")
         else:
             try:
-                reply = _http_answer(self.server, self.data[:end])
+                answer = _http_answer(self.server, self.data[:end])
             except Exception as exc:
                 _warn("internal error answering HTTP: %r" % exc)
-                reply = _http_reply(500, "text/plain", b"internal error\n")
-        self.out = memoryview(reply)
+                answer = _http_reply(500, "text/plain", b"internal error\n")
+        if answer.__class__ is bytes:
+            self.out = collections.deque([answer])
+            self._send()
+            return
+        body, head_only = answer
+        self.out = collections.deque()
+        self.watch(0)               # nothing to read or send until it is made
+        if body.done:
+            self.answer(body, head_only)
+        else:
+            body.readers.append((self, head_only))
+
+    def answer(self, body, head_only):
+        """Send a body that is made (a chore calls this when it is)."""
+        if self.out is None or self.sock.fileno() < 0:
+            return                  # closed meanwhile
+        self.active = time.monotonic()
+        self.out.append(_http_head(body.status, body.kind, body.size))
+        if not head_only:
+            self.out.extend(body.chunks)
         self._send()
 
     def _send(self):
-        try:
-            sent = self.sock.send(self.out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close()
+        out = self.out
+        while out:
+            piece = out[0]
+            try:
+                sent = self.sock.send(piece)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            if sent:
+                self.active = time.monotonic()
+            if sent < len(piece):
+                out[0] = memoryview(piece)[sent:]
+                self.watch(selectors.EVENT_WRITE)
+                return
+            out.popleft()
+        self.close()
+
+    def watch(self, events):
+        if events == self.events:
             return
-        self.out = self.out[sent:]
-        if not self.out:
-            self.close()
-        elif sent == 0 or len(self.out):
-            self.server._selector.modify(self.sock, selectors.EVENT_WRITE, self)
+        selector = self.server._selector
+        if self.events and events:
+            selector.modify(self.sock, events, self)
+        elif events:
+            selector.register(self.sock, events, self)
+        else:
+            selector.unregister(self.sock)
+        self.events = events
 
     def close(self):
         if self in self.server._http_conns:
             self.server._http_conns.discard(self)
-            try:
-                self.server._selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
+            self.watch(0)
             self.sock.close()
 
 
-_HTTP_REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found",
-                 405: "Method Not Allowed", 431: "Request Header Fields Too "
-                 "Large", 500: "Internal Server Error",
-                 503: "Service Unavailable"}
+_HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized",
+                 404: "Not Found", 405: "Method Not Allowed",
+                 431: "Request Header Fields Too Large",
+                 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def _http_head(status, kind, length, extra=""):
+    return ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n" % (
+                status, _HTTP_REASONS[status], kind, length, extra)).encode()
 
 
 def _http_reply(status, kind, body, head=False, extra=""):
-    return ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-            "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n" % (
-                status, _HTTP_REASONS[status], kind, len(body), extra)
-            ).encode() + (b"" if head else body)
+    return _http_head(status, kind, len(body), extra) + (b"" if head
+                                                          else body)
+
+
+HTTP_TOO_MANY = _http_reply(503, "text/plain", b"too many HTTP connections "
+                            b"(--max-http-clients)\n")
+
+_HTTP_KINDS = {"/": "text/html; charset=utf-8",
+               "/metrics": "text/plain; version=0.0.4; charset=utf-8",
+               "/status.json": "application/json"}
 
 
 def _http_answer(server, request):
-    """The whole reply to a request (its line and headers)."""
+    """The whole reply to a request (its line and headers) as bytes, or
+    (a _Body, head only) for the answers made from a snapshot."""
     lines = request.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         return _http_reply(405, "text/plain", b"not an HTTP request\n")
-    method, target = parts[0], parts[1].split("?")[0]
+    method, (target, _, query) = parts[0], parts[1].partition("?")
     if method not in ("GET", "HEAD"):
         return _http_reply(405, "text/plain", b"GET or HEAD only\n",
                            extra="Allow: GET, HEAD\r\n")
@@ -5238,21 +5490,29 @@ def _http_answer(server, request):
             return _http_reply(503, "text/plain", ("the store cannot be "
                                "written: %s\n" % store.failing).encode(), head)
         return _http_reply(200, "text/plain", b"ok\n", head)
-    if target not in ("/", "/metrics", "/status.json"):
+    if target not in _HTTP_KINDS:
         return _http_reply(404, "text/plain", b"not found\n", head)
     if server.token is not None and not _http_authorized(server, lines[1:]):
         return _http_reply(401, "text/plain", b"the token is needed\n", head,
                            'WWW-Authenticate: Basic realm="beuss"\r\n')
-    status = server.status()
-    if target == "/metrics":
-        return _http_reply(200, "text/plain; version=0.0.4; charset=utf-8",
-                           _metrics(status).encode(), head)
-    if target == "/status.json":
-        import json
-        return _http_reply(200, "application/json", json.dumps(
-            status, indent=1).encode(), head)
-    return _http_reply(200, "text/html; charset=utf-8",
-                       _page(status).encode(), head)
+    from urllib.parse import parse_qs
+    asked = {name: values[-1] for name, values
+             in parse_qs(query, keep_blank_values=True).items()}
+    page = asked.get("page", "1")
+    if target == "/status.json" and not (page.isdigit() and int(page) >= 1):
+        return _http_reply(400, "text/plain", b"page is a whole number, "
+                           b"from 1\n", head)
+    snapshot = server.snapshot()
+    key = (target,) + tuple(sorted(asked.items()))
+    body = snapshot.bodies.get(key)
+    if body is None:
+        pieces = (_metrics_pieces(snapshot) if target == "/metrics" else
+                  _json_pieces(snapshot, asked) if target == "/status.json"
+                  else _page_pieces(snapshot, asked))
+        body = snapshot.bodies[key] = _Body(snapshot, 200, _HTTP_KINDS[target],
+                                            pieces)
+        server.add_chore(body)
+    return body, head
 
 
 def _http_authorized(server, headers):
@@ -5283,7 +5543,7 @@ def _metric_label(text):
 
 
 _QUEUE_METRICS = [
-    # (status field, metric name, type, help)
+    # (row field, metric name, type, help)
     ("ready", "beuss_queue_ready_messages", "gauge",
      "Messages ready in the queue."),
     ("held", "beuss_queue_held_messages", "gauge",
@@ -5311,43 +5571,75 @@ _QUEUE_METRICS = [
 ]
 
 
-def _metrics(status):
-    server = status["server"]
-    lines = []
+def _metrics_pieces(snapshot):
+    """/metrics, a few hundred lines a piece."""
+    server = snapshot.head
 
     def metric(name, kind, help, samples):
-        lines.append("# HELP %s %s" % (name, help))
-        lines.append("# TYPE %s %s" % (name, kind))
-        for labels, value in samples:
-            lines.append("%s%s %r" % (name, labels, value))
-    metric("beuss_build_info", "gauge", "The server's version and Python.",
-           [('{version="%s",python="%s",implementation="%s"}' % (
-               server["version"], server["python"],
-               server["implementation"]), 1)])
-    metric("beuss_start_time_seconds", "gauge", "When the server started.",
-           [("", server["started"])])
-    metric("beuss_connected_clients", "gauge", "Client connections.",
-           [("", server["connections"])])
-    metric("beuss_memory_used_bytes", "gauge", "Memory that messages take.",
-           [("", server["memory_used_bytes"])])
-    metric("beuss_memory_max_bytes", "gauge", "--max-memory (0: no bound).",
-           [("", server["memory_max_bytes"])])
-    metric("beuss_store_up", "gauge", "1 while the store can be written.",
-           [("", int(server["store_ok"]))])
-    metric("beuss_store_commits_total", "counter", "Store commits.",
-           [("", server["store_commits"])])
+        return "# HELP %s %s\n# TYPE %s %s\n%s" % (name, help, name, kind, "".join(
+            "%s%s %r\n" % (name, labels, value) for labels, value in samples))
+    yield "".join([
+        metric("beuss_build_info", "gauge", "The server's version and Python.",
+               [('{version="%s",python="%s",implementation="%s"}' % (
+                   server["version"], server["python"],
+                   server["implementation"]), 1)]),
+        metric("beuss_start_time_seconds", "gauge", "When the server started.",
+               [("", server["started"])]),
+        metric("beuss_connected_clients", "gauge", "Client connections.",
+               [("", server["connections"])]),
+        metric("beuss_memory_used_bytes", "gauge", "Memory that messages take.",
+               [("", server["memory_used_bytes"])]),
+        metric("beuss_memory_max_bytes", "gauge", "--max-memory (0: no bound).",
+               [("", server["memory_max_bytes"])]),
+        metric("beuss_store_up", "gauge", "1 while the store can be written.",
+               [("", int(server["store_ok"]))]),
+        metric("beuss_store_commits_total", "counter", "Store commits.",
+               [("", server["store_commits"])])])
     if server["last_commit"] is not None:
-        metric("beuss_store_last_commit_timestamp_seconds", "gauge",
-               "When the store last committed.", [("", server["last_commit"])])
+        yield metric("beuss_store_last_commit_timestamp_seconds", "gauge",
+                     "When the store last committed.",
+                     [("", server["last_commit"])])
+    labels = ['{queue="%s"}' % _metric_label(_name_text(row.name))
+              for row in snapshot.rows]
     for field, name, kind, help in _QUEUE_METRICS:
-        metric(name, kind, help, [('{queue="%s"}' % _metric_label(queue["name"]),
-                                   queue[field]) for queue in status["queues"]])
-    metric("beuss_channel_subscribers", "gauge", "Subscribers of a channel.",
-           [('{channel="%s"}' % _metric_label(channel["name"]),
-             channel["subscribers"]) for channel in status["channels"]])
-    metric("beuss_published_total", "counter", "Messages published.",
-           [("", status["published"])])
-    return "\n".join(lines) + "\n"
+        yield metric(name, kind, help, [])
+        index = _QueueRow._fields.index(field)
+        for at in range(0, len(labels), 500):
+            yield "".join("%s%s %r\n" % (name, label, row[index]) for label, row
+                          in zip(labels[at:at + 500], snapshot.rows[at:at + 500]))
+    yield metric("beuss_channel_subscribers", "gauge",
+                 "Subscribers of a channel.",
+                 [('{channel="%s"}' % _metric_label(channel["name"]),
+                   channel["subscribers"]) for channel in snapshot.channels])
+    yield metric("beuss_published_total", "counter", "Messages published.",
+                 [("", server["published"])])
+
+
+def _asked_rows(snapshot, asked):
+    """The rows a reader asked for: one queue (?queue=NAME), or all."""
+    if "queue" not in asked:
+        return snapshot.rows
+    return [row for row in snapshot.rows
+            if _name_text(row.name) == asked["queue"]]
+
+
+def _json_pieces(snapshot, asked):
+    """/status.json: JSON_PAGE queues a page, their history if asked."""
+    import json
+    rows = _asked_rows(snapshot, asked)
+    pages = max((len(rows) + JSON_PAGE - 1) // JSON_PAGE, 1)
+    page = int(asked.get("page", "1"))
+    history = asked.get("history", "0") not in ("0", "", "false", "no")
+    document = _status_document(snapshot, [], False)
+    queues, clock = snapshot.server.queues, time.monotonic()
+    document.update(queues_total=len(rows), page=page, pages=pages)
+    text = json.dumps(document)
+    cut = text.index('"queues": []') + len('"queues": [')
+    yield text[:cut]
+    for i, row in enumerate(rows[(page - 1) * JSON_PAGE:page * JSON_PAGE]):
+        yield ("," if i else "") + json.dumps(_row_document(
+            row, queues if history else None, clock))
+    yield text[cut:]
 
 
 def _chart(history, width=160, height=36):
@@ -5377,12 +5669,11 @@ def _chart(history, width=160, height=36):
                 points(2, fast), points(3, fast)))
 
 
-def _page(status):
+def _page_pieces(snapshot, asked):
+    """The page: the server, then a row and a chart for each queue shown."""
     from html import escape
-    server = status["server"]
-
-    def size(number):
-        return _size_text(number)
+    server = snapshot.head
+    size = _size_text
     memory = size(server["memory_used_bytes"]) + (
         " of " + size(server["memory_max_bytes"])
         if server["memory_max_bytes"] else "")
@@ -5393,22 +5684,17 @@ def _page(status):
         else "memory only")
     if server["store"] and not server["store_ok"]:
         store += ' <b class="bad">cannot write</b>'
-    rows = []
-    for queue in status["queues"]:
-        rows.append(
-            "<tr><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td%s>%d</td>"
-            "<td>%d</td><td>%.1f</td><td>%.1f</td><td>%s</td><td>%s</td></tr>"
-            % (escape(queue["name"]), queue["ready"], queue["held"],
-               queue["deferred"], ' class="bad"' if queue["dead"] else "",
-               queue["dead"], queue["waiting"], queue["in_per_second"],
-               queue["out_per_second"], _age_text(queue["oldest_age_seconds"]),
-               _chart(queue["history"])))
-    channels = "".join(
-        "<tr><td>%s</td><td>%d</td><td>%.1f</td></tr>" % (
-            escape(channel["name"]), channel["subscribers"],
-            channel["published_per_second"])
-        for channel in status["channels"])
-    return """<!DOCTYPE html>
+    rows = _asked_rows(snapshot, asked)
+    shown = rows[:PAGE_QUEUES]
+    if "queue" in asked:
+        left_out = ("one queue of %d; <a href=\"/\">all queues</a>"
+                    % len(snapshot.rows))
+    elif len(rows) > len(shown):
+        left_out = ("the %d queues with the most backlog, dead letters and "
+                    "age, of %d; ?queue=NAME shows one" % (len(shown), len(rows)))
+    else:
+        left_out = "sorted by backlog, dead letters and age"
+    yield """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="refresh" content="5">
@@ -5435,16 +5721,6 @@ memory %(memory)s; %(connections)d connections of %(max_connections)d;
 <tr><th>queue</th><th>ready</th><th>held</th><th>deferred</th><th>dead</th>
 <th>waiting</th><th>in/s</th><th>out/s</th><th>oldest</th>
 <th>last 15 min</th></tr>
-%(rows)s
-</table></div>
-<p class="key"><i style="background:#cfe3f7"></i>depth
-<i style="background:#2a7d2a"></i>in <i style="background:#b35900"></i>out;
-rates over the last minute; sorted by backlog.</p>
-<div class="scroll"><table id="channels">
-<tr><th>channel</th><th>subscribers</th><th>published/s</th></tr>
-%(channels)s
-</table></div>
-</body></html>
 """ % dict(host=escape("%s:%s" % (server["host"], server["port"])),
            version=escape(server["version"]), python=server["python"],
            implementation=server["implementation"],
@@ -5452,9 +5728,34 @@ rates over the last minute; sorted by backlog.</p>
            connections=server["connections"],
            max_connections=server["max_connections"], store=store,
            tls="on" if server["tls"] else "off",
-           token="on" if server["token"] else "off",
-           rows="\n".join(rows) or '<tr><td colspan="10">no queues</td></tr>',
-           channels=channels or '<tr><td colspan="3">no subscribers</td></tr>')
+           token="on" if server["token"] else "off")
+    queues, clock = snapshot.server.queues, time.monotonic()
+    for row in shown:
+        yield ("<tr><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td%s>%d</td>"
+               "<td>%d</td><td>%.1f</td><td>%.1f</td><td>%s</td><td>%s</td>"
+               "</tr>\n" % (
+                   escape(_name_text(row.name)), row.ready, row.held,
+                   row.deferred, ' class="bad"' if row.dead else "", row.dead,
+                   row.waiting, row.in_per_second, row.out_per_second,
+                   _age_text(row.oldest_age_seconds),
+                   _chart(_history(queues, row.name, clock))))
+    if not shown:
+        yield '<tr><td colspan="10">no queues</td></tr>\n'
+    channels = "".join(
+        "<tr><td>%s</td><td>%d</td><td>%.1f</td></tr>" % (
+            escape(channel["name"]), channel["subscribers"],
+            channel["published_per_second"])
+        for channel in snapshot.channels[:PAGE_QUEUES])
+    yield """</table></div>
+<p class="key"><i style="background:#cfe3f7"></i>depth
+<i style="background:#2a7d2a"></i>in <i style="background:#b35900"></i>out;
+rates over the last minute; %s.</p>
+<div class="scroll"><table id="channels">
+<tr><th>channel</th><th>subscribers</th><th>published/s</th></tr>
+%s
+</table></div>
+</body></html>
+""" % (left_out, channels or '<tr><td colspan="3">no subscribers</td></tr>')
 
 
 def _age_text(seconds):

@@ -2839,6 +2839,93 @@ class StatusPageTest(ServerCase):
             self.assertEqual(slow.recv(100), b"")        # closed at housekeeping
         self.assertEqual(len(self.server._http_conns), 0)
 
+    def test_the_page_shows_the_queues_that_matter_and_says_what_it_left_out(self):
+        client = self.client()
+        client.pipeline([["RPUSH", "q%03d" % number] + ["m"] * (number % 7 + 1)
+                         for number in range(beuss.PAGE_QUEUES + 20)])
+        client.call("RPUSH", "deep", *["m"] * 50)
+        body = self.get("/")[1].decode()
+        self.assertEqual(body.count("<tr><td>"), beuss.PAGE_QUEUES)
+        self.assertLess(body.index("<td>deep</td>"), body.index("<td>q006</td>"))
+        self.assertIn("of %d; ?queue=NAME shows one" % (beuss.PAGE_QUEUES + 21), body)
+        self.assertEqual(body.count("<svg"), beuss.PAGE_QUEUES)
+        one = self.get("/?queue=q000")[1].decode()
+        self.assertEqual(one.count("<tr><td>"), 1)
+        self.assertIn("<td>q000</td><td>1</td>", one)
+        metrics = self.get("/metrics")[1].decode()
+        self.assertEqual(metrics.count("beuss_queue_ready_messages{"),
+                         beuss.PAGE_QUEUES + 21)
+
+    def test_status_json_is_paged_and_gives_history_when_asked(self):
+        import json
+        client = self.client()
+        with mock.patch.object(beuss, "JSON_PAGE", 3):
+            client.put_many("big", ["a", "b", "c"])
+            for name in ("q1", "q2", "q3", "q4"):
+                client.put(name, "x")
+            first = json.loads(self.get("/status.json")[1].decode())
+            self.assertEqual((first["queues_total"], first["page"], first["pages"]),
+                             (5, 1, 2))
+            self.assertEqual([queue["name"] for queue in first["queues"]],
+                             ["big", "q1", "q2"])
+            self.assertNotIn("history", first["queues"][0])
+            second = json.loads(self.get("/status.json?page=2&history=1")[1].decode())
+            self.assertEqual([queue["name"] for queue in second["queues"]], ["q3", "q4"])
+            self.assertEqual(second["queues"][0]["history"], [])
+            self.assertEqual(json.loads(self.get("/status.json?page=9")[1])["queues"], [])
+            self.assertEqual(self.get("/status.json?page=0")[0], 400)
+            self.assertEqual(self.get("/status.json?page=x")[0], 400)
+            one = json.loads(self.get("/status.json?queue=q4")[1].decode())
+            self.assertEqual([queue["name"] for queue in one["queues"]], ["q4"])
+
+    def test_readers_of_one_second_share_one_snapshot_and_one_rendering(self):
+        self.client().put("jobs", "a")
+        made = []
+        real = beuss._metrics_pieces
+
+        def counted(snapshot):
+            made.append(snapshot)
+            return real(snapshot)
+        with mock.patch.object(beuss, "SNAPSHOT_INTERVAL", 60), \
+                mock.patch.object(beuss, "_metrics_pieces", counted):
+            bodies = [self.get("/metrics")[1] for _ in range(3)]
+        self.assertEqual(len(made), 1)
+        self.assertEqual(len(set(bodies)), 1)
+
+    def test_numbers_and_answers_are_made_a_slice_a_pass(self):
+        client = self.client()
+        client.pipeline([["RPUSH", "q%d" % number, "m"] for number in range(600)])
+        snapshot = beuss._Snapshot(self.server)
+        self.assertEqual([snapshot.step() for _ in range(3)], [False, False, True])
+        self.assertEqual(len(snapshot.rows), 600)
+        body = beuss._Body(snapshot, 200, "text/plain",
+                           beuss._metrics_pieces(snapshot))
+        steps = 1
+        while not body.step():
+            steps += 1
+        self.assertGreater(steps, 1)
+        self.assertLess(max(map(len, body.chunks)), 2 * beuss.BODY_SLICE)
+        self.assertEqual(b"".join(body.chunks).count(b"beuss_queue_pushed_total{"), 600)
+
+    def test_a_client_that_does_not_read_is_closed_and_stalls_nobody(self):
+        # About 12 MB of /metrics, more than the kernel's buffers take.
+        self.client().pipeline([["RPUSH", "%0300d" % number, "m"]
+                                for number in range(3000)])
+        with mock.patch.object(beuss, "HTTP_TIMEOUT", 0.5):
+            sock = socket.create_connection(self.server.http, TIMEOUT)
+            self.sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.wait_until(lambda: self.server._http_conns)
+            ping, started = self.connect(), time.monotonic()
+            while self.server._http_conns:
+                asked = time.monotonic()
+                self.exchange(b"PING\r\n", b"+PONG\r\n", ping)
+                self.assertLess(time.monotonic() - asked, 1)
+                time.sleep(0.01)
+            self.assertGreater(time.monotonic() - started, 0.4)
+        self.assertGreater(len(sock.recv(65536)), 0)     # it had begun
+
     def test_the_numbers_behind_the_page(self):
         client = self.client()
         client.put_many("q", ["a", "b", "c", "d"])
@@ -2894,8 +2981,8 @@ class StatusPageGuardTest(unittest.TestCase):
             status, body, _ = StatusPageTest.get(self, "/healthz", server=server)
         self.assertEqual((status, body), (503, b"the store cannot be written: disk full\n"))
 
-    def test_http_connections_count_against_max_clients(self):
-        with beuss.Server(("127.0.0.1", 0), max_clients=2,
+    def test_http_clients_have_their_own_bound_and_never_shut_out_resp(self):
+        with beuss.Server(("127.0.0.1", 0), max_clients=2, max_http_clients=2,
                           **server_options(http=("127.0.0.1", 0))) as server:
             held = [socket.create_connection(server.http, TIMEOUT) for _ in range(2)]
             try:
@@ -2903,8 +2990,17 @@ class StatusPageGuardTest(unittest.TestCase):
                 while len(server._http_conns) < 2:
                     self.assertLess(time.monotonic(), deadline)
                     time.sleep(0.01)
+                with socket.create_connection(server.http, TIMEOUT) as sock:
+                    self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 503"))
+                resp = [socket.create_connection(server.address, TIMEOUT)
+                        for _ in range(2)]
+                for sock in resp:
+                    sock.sendall(b"PING\r\n")
+                    self.assertEqual(sock.recv(100), b"+PONG\r\n")
                 with socket.create_connection(server.address, TIMEOUT) as sock:
                     self.assertTrue(sock.recv(100).startswith(b"-ERR max"))
+                for sock in resp:
+                    sock.close()
             finally:
                 for sock in held:
                     sock.close()
