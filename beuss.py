@@ -89,6 +89,7 @@ OUTPUT_LIMIT = 1024 * 1024              # unsent replies that stop reading
 WRITE_SLICE = 256 * 1024                # replies joined for one send
 WAITING_INPUT_LIMIT = 64 * 1024         # read ahead by a blocked client
 REQUESTS_PER_PASS = 1000                # one client's share of a loop pass
+MOVE_SLICE = 1000               # messages moved in one pass (REDRIVE, due)
 DEFAULT_MAX_INPUT = 32 * 1024 * 1024
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_DELAY = 10 ** 9             # seconds a message may be set aside (31 years)
@@ -1507,13 +1508,15 @@ class Queues:
         """When the first message set aside is due, or None."""
         return self._deferred[0][0] if self._deferred else None
 
-    def release_due(self, now=None):
+    def release_due(self, now=None, most=None):
         """Messages set aside whose time came join their queues, in the
-        order they fall due; a store that fails leaves the rest for later
-        (StoreError)."""
+        order they fall due, at most `most` of them (None: all); a store
+        that fails leaves the rest for later (StoreError)."""
         now = time.time() if now is None else now
         deferred = self._deferred
-        while deferred and deferred[0][0] <= now:
+        most = len(deferred) if most is None else most
+        while deferred and deferred[0][0] <= now and most > 0:
+            most -= 1
             due, deferred_id, name, message, head = deferred[0]
             if self.journal is not None:
                 self.journal.undefer(deferred_id, name, head)
@@ -2911,6 +2914,27 @@ def _drain(sock):
 # begin_transaction, subscribe, publish, block, reserved, ...), never its
 # private state.
 
+class _Errand:
+    """A chore done for one client, who waits for its reply."""
+
+    __slots__ = ("server", "conn", "work")
+
+    def __init__(self, server, conn, work):
+        self.server, self.conn, self.work = server, conn, work
+
+    def step(self):
+        try:
+            reply = self.work()
+        except ReplyError as exc:
+            reply = encode_error(str(exc))
+        if reply is None:
+            return False
+        if not self.conn.closed:
+            self.server._reply(self.conn, reply)
+            self.server._unblock(self.conn)
+        return True
+
+
 class Server(_Connections):
     """The bus: a non-blocking selectors loop serving one set of queues.
 
@@ -3167,6 +3191,15 @@ class Server(_Connections):
     def add_chore(self, chore):
         self._chores.append(chore)
 
+    def wait_for(self, conn, step):
+        """Make conn wait while step() does a command's work a slice a
+        pass, until it returns the reply; the command returns None."""
+        waiter = Waiter([])
+        waiter.active, waiter.owner = False, conn   # in no queue's line
+        conn.waiter = waiter
+        self.add_chore(_Errand(self, conn, step))
+        return None
+
     def _do_chores(self):
         # A slice of each; a chore that fails costs itself, never the bus.
         for chore in list(self._chores):
@@ -3177,6 +3210,8 @@ class Server(_Connections):
                 done = True
             if done:
                 self._chores.remove(chore)
+        if self.queues.ready:
+            self._serve_waiters()
 
     def snapshot(self):
         """The status page's numbers: the latest, while it is being made
@@ -3803,10 +3838,11 @@ class Server(_Connections):
                 self._unblock(conn)
 
     def _release_due(self):
-        # Messages set aside whose time came join their queues, and their
-        # waiters are served; a store that fails keeps them for later.
+        # Messages set aside whose time came join their queues, MOVE_SLICE
+        # a pass (the rest in the next passes), and their waiters are
+        # served; a store that fails keeps them for later.
         try:
-            self.queues.release_due()
+            self.queues.release_due(most=MOVE_SLICE)
         except StoreError:
             pass
         if self.queues.ready:
@@ -4267,14 +4303,27 @@ def cmd_defer(server, conn, args):
 
 
 def cmd_redrive(server, conn, args):
+    # A redrive of many moves MOVE_SLICE a pass and answers when it is done
+    # (the client waits, as in BLPOP); inside EXEC, all at once.
     if len(args) > 3:
         raise ReplyError(ERR_SYNTAX)
-    count = None
+    queues, name = server.queues, args[1]
+    count = queues.length(dead_letters(name))
     if len(args) == 3:
-        count = parse_integer(args[2])
-        if count is None or count < 1:
+        asked = parse_integer(args[2])
+        if asked is None or asked < 1:
             raise ReplyError("ERR count should be greater than 0")
-    return encode_int(server.queues.redrive(args[1], count))
+        count = min(asked, count)
+    if conn.in_exec or count <= MOVE_SLICE:
+        return encode_int(queues.redrive(name, count))
+    progress = [0]
+
+    def step():
+        moved = queues.redrive(name, min(count - progress[0], MOVE_SLICE))
+        progress[0] += moved
+        return encode_int(progress[0]) if (
+            not moved or progress[0] >= count) else None
+    return server.wait_for(conn, step)
 
 
 def cmd_why(server, conn, args):

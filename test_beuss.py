@@ -700,6 +700,16 @@ class RetryQueuesTest(unittest.TestCase):
         self.assertEqual(queues.peek(b"q", 0, -1), [b"now", b"soon", b"soon2", b"late"])
         self.assertEqual(queues.deferred_count(), 0)
 
+    def test_messages_that_fall_due_together_are_released_a_bounded_slice_at_a_time(self):
+        queues = beuss.Queues()
+        queues.defer(b"q", [b"later%d" % i for i in range(5)], 2, now=0)
+        queues.defer(b"q", [b"sooner%d" % i for i in range(5)], 1, now=0)
+        queues.release_due(now=3, most=4)
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"sooner%d" % i for i in range(4)])
+        queues.release_due(now=3, most=4)
+        self.assertEqual(queues.peek(b"q", 4, -1), [b"sooner4"] + [b"later%d" % i for i in range(3)])
+        self.assertEqual(queues.deferred_count(), 2)
+
     def test_deliveries_are_told_from_what_entered_left_and_remains(self):
         queues = beuss.Queues(retry_delay=1)
         queues.push(b"q", [b"a", b"b", b"c", b"d", b"e", b"f"])
@@ -1566,6 +1576,42 @@ class ReserveTest(ServerCase):
         self.assertEqual(info["held"], "1")
         self.assertTrue(info["queue_q"].startswith("messages=1,bytes=1,waiters=0,held=1,deferred=0,"))
         holder.close()
+
+
+class LongWorkTest(ServerCase):
+    """Work that grows with a queue is done MOVE_SLICE messages a pass:
+    other clients are served meanwhile."""
+
+    def test_a_large_redrive_answers_when_done_and_others_go_on_meanwhile(self):
+        self.client().pipeline([["RPUSH", "q.dead"] + ["m%d" % i for i in range(j, j + 1000)]
+                                for j in range(0, 20000, 1000)])
+        with mock.patch.object(beuss, "MOVE_SLICE", 1):
+            redrive = self.connect()
+            redrive.sendall(requests(["REDRIVE", "q"], ["LLEN", "q"]))
+            self.wait_until(lambda: self.server._chores)
+            self.exchange(b"PING\r\n", b"+PONG\r\n")
+            self.assertTrue(self.server._chores, "the redrive was over already")
+            self.expect(redrive, b":20000\r\n:20000\r\n")
+        self.exchange(requests(["LRANGE", "q", "0", "1"], ["EXISTS", "q.dead"]),
+                      b"*2\r\n$2\r\nm0\r\n$2\r\nm1\r\n:0\r\n")
+
+    def test_a_redrive_with_a_count_moves_that_many_over_several_passes(self):
+        self.client().call("RPUSH", "q.dead", *["m%d" % i for i in range(25)])
+        with mock.patch.object(beuss, "MOVE_SLICE", 10):
+            self.exchange(requests(["REDRIVE", "q", "23"], ["REDRIVE", "q", "100"]),
+                          b":23\r\n:2\r\n")
+            self.exchange(requests(["MULTI"], ["RPUSH", "q.dead", "a", "b"],
+                                   ["REDRIVE", "q"], ["EXEC"]),
+                          b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:2\r\n:2\r\n")
+
+    def test_many_deferred_messages_due_at_once_wake_their_waiter_in_order(self):
+        client = self.client()
+        client.call("DEFER", "q", "0.2", *["m%d" % i for i in range(50)])
+        with mock.patch.object(beuss, "MOVE_SLICE", 7):
+            self.assertEqual(client.call("BLPOP", "q", "5"), [b"q", b"m0"])
+            self.wait_until(lambda: self.server.queues.deferred_count() == 0)
+        self.assertEqual(client.call("LRANGE", "q", "0", "-1"),
+                         [b"m%d" % i for i in range(1, 50)])
 
 
 class LeaseTest(ServerCase):
