@@ -1155,6 +1155,25 @@ class ChannelsTest(unittest.TestCase):
         self.assertEqual(channels.pattern_count(), 0)
         self.assertEqual(channels.count("one"), 0)
         self.assertEqual(channels._owners, {})
+        self.assertEqual((channels._by_prefix, channels._prefix_lengths), ({}, {}))
+
+    def test_patterns_grouped_by_prefix_match_as_each_matcher_alone_does(self):
+        rng = random.Random(31)
+        alphabet = b"ab.*?[]\\^-"
+        patterns = [bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+                    for _ in range(300)]
+        channels = beuss.Channels()
+        for number, pattern in enumerate(patterns):
+            channels.subscribe(number % 3, pattern, pattern=True)
+        for _ in range(300):
+            channel = bytes(rng.choice(b"ab.^-]") for _ in range(rng.randint(0, 7)))
+            expected = [(owner, pattern) for pattern, (_, owners, _)
+                        in channels._patterns.items() if beuss.glob_match(
+                            beuss.compile_glob(pattern), channel) for owner in owners]
+            self.assertEqual(channels.receivers(channel), expected, channel)
+        for number, pattern in enumerate(patterns):
+            channels.unsubscribe(number % 3, pattern, pattern=True)
+        self.assertEqual((channels._by_prefix, channels._prefix_lengths), ({}, {}))
 
 
 # ## Server, over raw sockets #################################################
