@@ -1765,8 +1765,8 @@ def _literal_prefix(pattern):
 # -MISCONF, reads go on, and it all resumes by itself once the disk does;
 # a stop while it fails counts the changes that were lost (never replied).
 # The connection never waits for a lock (timeout 0): a file locked by
-# another process refuses writes at once. A lock on "<file>-lock" keeps a
-# second server away. At start the rows come back in their order; held
+# another process refuses writes at once. Locks keep a second server away
+# from the file whatever name it is given (_lock_store). At start the rows come back in their order; held
 # messages go back to the head of their queue, delivery counts kept, or to
 # their dead letters if they were at their last delivery.
 #
@@ -1867,7 +1867,7 @@ class Store:
         self._stop_sync = threading.Event()
         self._retry_at = 0.0        # when a failing store tries again
         _check_writable(path)
-        self._lock = _lock_store(path)
+        self._locks = [_lock_store(path)]
         try:
             self._db = self._open()
         except sqlite3.Error as exc:
@@ -1900,15 +1900,16 @@ class Store:
             _first(db, "PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = %s" % (
                 "FULL" if self.fsync == "always" else "OFF"))
+            _lock_file_itself(self._locks, self.path)
         except BaseException:
             db.close()
             raise
         return db
 
     def _unlock(self):
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
 
     def load(self, queues):
         """Fill queues (empty, with no journal) from the file: held
@@ -2393,10 +2394,11 @@ class Store:
 
 
 def _lock_store(path):
-    """A descriptor holding a lock on "<path>-lock" for as long as it is
-    open, so that two servers never share a file (SQLite's own locks last
-    a transaction, and its exclusive mode would shut out every reader)."""
-    lock_path = path + "-lock"
+    """A descriptor holding a lock on "<the file's real path>-lock" for as
+    long as it is open, so that two servers never share a file, even
+    through a symbolic link (SQLite's own locks last a transaction, and its
+    exclusive mode would shut out every reader)."""
+    lock_path = os.path.realpath(path) + "-lock"
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -2414,6 +2416,32 @@ def _lock_store(path):
         raise BeussError("cannot use %s: another beuss server is using it "
                          "(%s is locked)" % (path, lock_path))
     return fd
+
+
+# A byte of the store that no SQLite lock uses (its locks take the 512
+# bytes from 1 GiB on): a record lock there is the file's own, whatever name
+# it is opened by.
+_STORE_LOCK_BYTE = 0x40000000 + 512
+
+
+def _lock_file_itself(locks, path):
+    """Where POSIX record locks exist, also lock a byte of the file itself,
+    so that a second server given a hard link (another name, the same file)
+    is refused too. Such locks do not stop this process's own SQLite, and
+    last until its last descriptor of the file closes, at the stop. (On
+    Windows locks are mandatory and would stop SQLite's reads.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _STORE_LOCK_BYTE)
+    except OSError:
+        os.close(fd)
+        raise BeussError("cannot use %s: another beuss server is using it "
+                         "(under another name)" % path)
+    locks.append(fd)
 
 
 def _check_writable(path):

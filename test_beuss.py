@@ -1045,6 +1045,24 @@ class StoreTest(unittest.TestCase):
         store.close()
         beuss.Store(self.path).close()      # free again once closed
 
+    def test_a_second_server_is_refused_through_a_symlink_or_a_hard_link(self):
+        store, queues = self.open()
+        self.addCleanup(store.close)
+        symlink, hard_link = self.path + "-symlink", self.path + "-hard"
+        os.symlink(self.path, symlink)
+        with self.assertRaises(beuss.BeussError) as caught:
+            beuss.Store(symlink)
+        self.assertIn("another beuss server is using it", str(caught.exception))
+        if not POSIX:
+            return                  # record locks: POSIX systems only
+        os.link(self.path, hard_link)
+        # Record locks are a process's: the second server is another one.
+        second = subprocess.run([sys.executable, BEUSS, "--port", "0", "--data",
+                                 hard_link], stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(second.returncode, 5)
+        self.assertIn(b"another beuss server is using it (under another name)",
+                      second.stderr)
+
     def test_rows_of_the_wrong_type_or_shape_are_refused_in_one_line(self):
         import sqlite3
         store, queues = self.open()
