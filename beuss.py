@@ -1973,9 +1973,10 @@ class Store:
             queue, position, message, count, tries, died, why = row
             if message.__class__ is not bytes or count.__class__ is not int \
                     or queue.__class__ is not bytes \
-                    or position.__class__ is not float:
-                _check_row(self.path, "queued", row,
-                           (bytes, float, bytes, int))
+                    or position.__class__ is not float or why is not None \
+                    or tries is not None or died is not None:
+                _check_row(self.path, "queued", row, _QUEUED_TYPES if why
+                           is None else _DEAD_LETTER_TYPES)
             if queue != name:
                 if messages:
                     queues._add(name, messages, False)
@@ -2455,12 +2456,22 @@ def _check_writable(path):
 
 
 def _check_row(path, table, row, types):
-    """Refuse a row whose values are not of the types the store writes."""
+    """Refuse a row whose values are not of the types the store writes
+    (a type, or None where the column may be empty)."""
     for value, kind in zip(row, types):
-        if value.__class__ is not kind:
+        if value.__class__ is not kind and not (
+                value is None and kind.__class__ is tuple):
             raise BeussError("cannot use %s: it is damaged (a row of %s "
-                             "holds %r where a %s belongs)" % (
-                                 path, table, value, kind.__name__))
+                             "holds %r where %s belongs)" % (
+                                 path, table, value, "a " + kind.__name__
+                                 if kind.__class__ is type else "nothing or a "
+                                 + kind[0].__name__))
+
+
+# The types of a queued row's columns: a plain message leaves the record's
+# three empty (any of them may be), a dead letter fills all three.
+_QUEUED_TYPES = (bytes, float, bytes, int, (int,), (float,), (str,))
+_DEAD_LETTER_TYPES = (bytes, float, bytes, int, int, float, str)
 
 
 _STORE_COLUMNS = {"queued": ["queue", "position", "message", "deliveries",

@@ -1076,16 +1076,27 @@ class StoreTest(unittest.TestCase):
             "UPDATE settings SET value = 'x' WHERE name = 'next_id'",
             "ALTER TABLE queued RENAME COLUMN deliveries TO count",
             "UPDATE deferred SET due = 'soon'",
+            "UPDATE deferred SET head = 'yes'",
+            "UPDATE queued SET tries = 'x'",
+            "UPDATE queued SET died = 'yesterday'",
+            "UPDATE queued SET why = 'boom', died = 1.5",
+            "UPDATE queued SET why = 'boom', tries = 1",
+            "UPDATE queued SET why = x'00', tries = 1, died = 1.5",
         ]
         for damage in damages:
             shutil.copy(self.path, self.path + ".good")
             db = sqlite3.connect(self.path)
             db.execute("INSERT OR REPLACE INTO settings VALUES ('next_id', 2)")
-            db.execute("INSERT INTO deferred VALUES (1, 'q', x'00', 0, 1.5, 0)")
+            db.execute("INSERT INTO deferred VALUES (1, x'71', x'00', 0, 1.5, 0)")
+            db.commit()
+            db.close()
+            store, queues = self.open()     # whole before the damage
+            store.close()
+            db = sqlite3.connect(self.path)
             db.execute(damage)
             db.commit()
             db.close()
-            with self.assertRaises(beuss.BeussError) as caught:
+            with self.assertRaises(beuss.BeussError, msg=damage) as caught:
                 store, queues = self.open()
                 store.close()
             self.assertIn("it is damaged", str(caught.exception), damage)
