@@ -3988,7 +3988,11 @@ def _encode_reserved(held):
 
 
 def _number_text(seconds):
-    return "%g" % seconds
+    """Seconds as text that reads back exactly (a float's shortest form,
+    without a trailing ".0"): a delay sent to a script or shown by CONFIG
+    GET is the one given, 1234567 never 1.23457e+06."""
+    text = repr(float(seconds))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _encode_mpop(name, messages):
@@ -6748,9 +6752,11 @@ class Client(_Routing, _Scripts):
         their dead-letter record says if they die. How many were held."""
         reason = None if reason is None else _arg(reason)[:MAX_REASON]
         if _scripted_ids(ids):
-            return self._by_queue("nack", ids, -1 if delay is None else
-                                  _number_text(delay), reason or b"",
-                                  *self._retry_arguments())
+            if delay is not None:
+                delay = _number_text(delay)
+                _delay(delay)       # refused as the server refuses it
+            return self._by_queue("nack", ids, -1 if delay is None else delay,
+                                  reason or b"", *self._retry_arguments())
         options = []
         if delay is not None:
             options += [b"DELAY", _number_text(delay)]
@@ -6976,6 +6982,8 @@ class Message:
         schedule; reason goes into its dead-letter record if it dies. A
         failure to give it back is said on stderr, since the server gives
         back what a closed connection held anyway."""
+        if delay is not None:
+            _delay(_number_text(delay))     # a bad delay is the caller's
         if self.id is None:
             self.client.put_back(self.queue, self.data)
             return True

@@ -5479,6 +5479,33 @@ class ClientAgainstRedisTest(unittest.TestCase):
         self.assertTrue(out.getvalue().startswith(b"hiredis "), out.getvalue())
         self.assertEqual(err.getvalue(), "")
 
+    def test_the_scripts_refuse_the_delays_the_server_refuses_in_its_words(self):
+        redis = RedisServer(self)
+        self.addCleanup(redis.stop)
+        with beuss.Server(("127.0.0.1", 0)) as server:
+            errors = {}
+            for port in (server.address[1], redis.port):
+                with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                    client.put_many("jobs", ["a"])
+                    message = client.reserve("jobs")
+                    for delay in (float("inf"), float("nan"), -1, beuss.MAX_DELAY + 1):
+                        with self.assertRaises(beuss.ReplyError) as caught:
+                            message.nack(delay=delay)
+                        errors.setdefault(delay if delay == delay else "nan",
+                                          []).append(str(caught.exception))
+                        with self.assertRaises(beuss.ReplyError) as caught:
+                            client.put("jobs", "b", delay=delay)
+                        errors.setdefault(("put", delay if delay == delay else "nan"),
+                                          []).append(str(caught.exception))
+                    self.assertTrue(message.nack(delay=1234567))
+        for delay, (ours, theirs) in errors.items():
+            self.assertEqual(ours, theirs, delay)
+        with beuss.Client(port=redis.port, timeout=TIMEOUT) as client:
+            now = float(client.call("TIME")[0])
+            _, due = client.call("ZRANGE", beuss._companion(b"jobs", b"deferred"),
+                                    0, -1, "WITHSCORES")
+            self.assertAlmostEqual(float(due) - now, 1234567, delta=2)
+
     def test_without_lua_reserve_falls_back_to_plain_pops_said_once(self):
         redis = RedisServer(self, "--rename-command", "EVAL", "",
                             "--rename-command", "EVALSHA", "")
