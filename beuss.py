@@ -873,7 +873,8 @@ class Watch:
 class Held:
     """A reserved message: out of its queue, held by its owner."""
 
-    __slots__ = ("id", "queue", "message", "deliveries", "owner", "deadline")
+    __slots__ = ("id", "queue", "message", "deliveries", "owner", "deadline",
+                 "died")
 
     def __init__(self, held_id, queue, message, deliveries, owner):
         self.id = held_id           # bytes, unique for the life of the data
@@ -882,6 +883,7 @@ class Held:
         self.deliveries = deliveries    # this delivery included
         self.owner = owner
         self.deadline = None        # when the lease runs out (the server's)
+        self.died = None            # a dead letter's (when, why) it died
 
 
 class Returned(bytes):
@@ -899,14 +901,18 @@ def _cost(messages):
 
 
 def deliveries(message):
-    return message.deliveries if message.__class__ is Returned else 0
+    if message.__class__ is Returned:
+        return message.deliveries
+    return message.tries if message.__class__ is DeadLetter else 0
 
 
 class DeadLetter(bytes):
     """A message in "<queue>.dead" that remembers why it is there: the
-    deliveries it had, when it died (seconds since the epoch) and why. It
-    counts no deliveries of its own, so it starts afresh wherever it goes;
-    moved by hand (LMOVE), it leaves its record behind."""
+    deliveries it had, when it died (seconds since the epoch) and why.
+    Reserved from there and given back, it comes back to the head of its
+    .dead queue with its record, its deliveries counted on (tries); moved
+    by hand (LMOVE) or redriven, it leaves its record behind and starts
+    afresh."""
 
     tries = 0
     died = 0.0
@@ -1317,6 +1323,8 @@ class Queues:
         self.size += len(message) + MESSAGE_COST   # held ones count too
         held = self._held[held_id] = Held(held_id, name, bytes(message),
                                           count, owner)
+        if message.__class__ is DeadLetter:
+            held.died = message.died, message.why
         self._held_by.setdefault(owner, {})[held_id] = held
         self.held_in[name] = self.held_in.get(name, 0) + 1
         return held
@@ -1370,19 +1378,25 @@ class Queues:
                 self._count(held.queue, "expired")
             wait = delay if delay is not None else (
                 self.retry_wait(held.deliveries) if failed else 0)
-            message = Returned(held.message)
-            message.deliveries = held.deliveries
+            record = (None, None, None)
+            if held.died is None:
+                message = Returned(held.message)
+                message.deliveries = held.deliveries
+            else:                   # a dead letter keeps its record
+                record = (held.deliveries,) + held.died
+                message = dead_letter(held.message, *record)
             if wait > 0:
                 deferred_id = self.next_id
                 if self.journal is not None:
-                    self.journal.defer_held(held.id, deferred_id, now + wait)
+                    self.journal.defer_held(held.id, deferred_id, now + wait,
+                                            record)
                 self.next_id += 1
                 self._forget(held)
                 self._set_aside(deferred_id, held.queue, message, now + wait,
                                 True)
                 continue
             if self.journal is not None:
-                self.journal.unreserve(held.id, held.queue, True)
+                self.journal.unreserve(held.id, held.queue, True, record)
             self._forget(held)
             self._count(held.queue, "returned")
             self._add(held.queue, [message], True)
@@ -1775,35 +1789,40 @@ def _literal_prefix(pattern):
 # server was down is ready at start; a dead letter's record (deliveries,
 # when, why) is part of its row.
 #
-# Schema (user_version 2; a version 1 file gains the new columns and table
-# at start): queued(queue, position, message, deliveries, tries, died, why),
-# ordered by position within a queue, the last three set for dead letters
-# only; held(id, queue, message, deliveries); deferred(id, queue, message,
-# deliveries, due, head); settings(name, value) with next_id.
+# Schema (user_version 3; an older file is upgraded at start, a version at
+# a time): queued(queue, position, message, deliveries, tries, died, why),
+# ordered by position within a queue; held(id, queue, message, deliveries,
+# tries, died, why); deferred(id, queue, message, deliveries, due, head,
+# tries, died, why); settings(name, value) with next_id. tries, died and
+# why are a dead letter's record, empty for other messages (a dead letter
+# counts its deliveries in tries).
 
 _STORE_ID = 0x62657573          # "beus", PRAGMA application_id
-_STORE_VERSION = 2              # PRAGMA user_version
-_DEFERRED_SCHEMA = """
-CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
-                       message BLOB NOT NULL, deliveries INTEGER NOT NULL,
-                       due REAL NOT NULL, head INTEGER NOT NULL);
-"""
+_STORE_VERSION = 3              # PRAGMA user_version
+_RECORD_COLUMNS = "tries INTEGER, died REAL, why TEXT"
 _INSERT_QUEUED = "INSERT INTO queued VALUES (?, ?, ?, ?, ?, ?, ?)"
 _STORE_SCHEMA = """
 CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
                      message BLOB NOT NULL, deliveries INTEGER NOT NULL,
-                     tries INTEGER, died REAL, why TEXT,
-                     PRIMARY KEY (queue, position)) WITHOUT ROWID;
+                     %(record)s, PRIMARY KEY (queue, position)) WITHOUT ROWID;
 CREATE TABLE held (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
-                   message BLOB NOT NULL, deliveries INTEGER NOT NULL);
+                   message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                   %(record)s);
 CREATE TABLE settings (name TEXT PRIMARY KEY, value);
-""" + _DEFERRED_SCHEMA
-# What version 2 added to a version 1 store.
-_STORE_UPGRADE = """
-ALTER TABLE queued ADD COLUMN tries INTEGER;
-ALTER TABLE queued ADD COLUMN died REAL;
-ALTER TABLE queued ADD COLUMN why TEXT;
-""" + _DEFERRED_SCHEMA
+CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
+                       message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                       due REAL NOT NULL, head INTEGER NOT NULL, %(record)s);
+""" % {"record": _RECORD_COLUMNS}
+# What each version adds to the one before: {version: its script}.
+_STORE_UPGRADES = {
+    2: "".join("ALTER TABLE queued ADD COLUMN %s;" % column for column
+               in _RECORD_COLUMNS.split(", ")) + """
+CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
+                       message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                       due REAL NOT NULL, head INTEGER NOT NULL);""",
+    3: "".join("ALTER TABLE %s ADD COLUMN %s;" % (table, column)
+               for table in ("held", "deferred")
+               for column in _RECORD_COLUMNS.split(", "))}
 FSYNC_POLICIES = ("always", "everysec", "no")
 
 
@@ -1888,10 +1907,12 @@ class Store:
                                    check_same_thread=False, timeout=0)
         try:
             if exists:
-                if _first(db, "PRAGMA user_version")[0] == 1:
-                    db.executescript("BEGIN;" + _STORE_UPGRADE
-                                     + "PRAGMA user_version = %d; COMMIT;"
-                                     % _STORE_VERSION)
+                version = _first(db, "PRAGMA user_version")[0]
+                if version < _STORE_VERSION and version + 1 in _STORE_UPGRADES:
+                    db.executescript("BEGIN;" + "".join(
+                        _STORE_UPGRADES[number] for number
+                        in range(version + 1, _STORE_VERSION + 1))
+                        + "PRAGMA user_version = %d; COMMIT;" % _STORE_VERSION)
                 _check_store(db, self.path)
             else:
                 db.executescript(_STORE_SCHEMA)
@@ -1934,11 +1955,14 @@ class Store:
     def _load(self, queues):
         db = self._db
         db.execute("BEGIN")
-        for row in db.execute("SELECT id, queue, message, deliveries FROM "
-                              "held ORDER BY id DESC").fetchall():
-            _check_row(self.path, "held", row, (int, bytes, bytes, int))
-            held_id, name, message, count = row
+        for row in db.execute("SELECT id, queue, message, deliveries, tries, "
+                              "died, why FROM held ORDER BY id DESC").fetchall():
+            held_id, name, message, count, _, died, why = row
+            _check_row(self.path, "held", row, (int, bytes) + (
+                _QUEUED_TYPES if why is None else _DEAD_LETTER_TYPES)[2:])
             record = (None, None, None)
+            if why is not None:     # a dead letter, its deliveries counted on
+                record = (count, died, why)
             if queues.is_dead(name, count):
                 record = (count, time.time(), "held when the server stopped")
                 name, count, edge = dead_letters(name), 0, "max(position) + 1"
@@ -1957,11 +1981,15 @@ class Store:
             raise BeussError("cannot use %s: it is damaged (next_id is %r)"
                              % (self.path, queues.next_id))
         for row in db.execute("SELECT id, queue, message, deliveries, due, "
-                              "head FROM deferred").fetchall():
-            _check_row(self.path, "deferred", row,
-                       (int, bytes, bytes, int, float, int))
-            deferred_id, queue, message, count, due, head = row
-            if count:
+                              "head, tries, died, why FROM deferred").fetchall():
+            _check_row(self.path, "deferred", row, (int, bytes, bytes, int,
+                       float, int) + (_QUEUED_TYPES if row[-1] is None
+                                      else _DEAD_LETTER_TYPES)[4:])
+            deferred_id, queue, message, count, due, head, tries, died, why \
+                = row
+            if why is not None:
+                message = dead_letter(message, tries, died, why)
+            elif count:
                 message = Returned(message)
                 message.deliveries = count
             queues._set_aside(deferred_id, queue, message, due, bool(head))
@@ -1982,11 +2010,11 @@ class Store:
                     queues._add(name, messages, False)
                 name, messages = queue, []
                 positions = self._positions[name] = collections.deque()
-            if count:
+            if why is not None:
+                message = dead_letter(message, tries, died, why)
+            elif count:
                 message = Returned(message)
                 message.deliveries = count
-            elif why is not None:
-                message = dead_letter(message, tries, died, why)
             messages.append(message)
             positions.append(position)
         if messages:
@@ -2145,8 +2173,8 @@ class Store:
     def reserve(self, name, held_id, count):
         position = self._positions[name][0]
         self._run([
-            ("INSERT INTO held SELECT ?, queue, message, ? FROM queued "
-             "WHERE queue = ? AND position = ?",
+            ("INSERT INTO held SELECT ?, queue, message, ?, tries, died, why "
+             "FROM queued WHERE queue = ? AND position = ?",
              (int(held_id), count, _blob(name), position)),
             ("DELETE FROM queued WHERE queue = ? AND position = ?",
              (_blob(name), position)),
@@ -2162,7 +2190,8 @@ class Store:
 
     def unreserve(self, held_id, name, to_head, record=(None, None, None)):
         """A held message back at the head of name, or (a dead letter,
-        with its record) at its tail with no deliveries counted."""
+        with its record) at its tail with no deliveries counted; record is
+        the dead letter's (tries, died, why), if it is one."""
         new = self._edge(name, to_head)
         self._run([
             ("INSERT INTO queued SELECT ?, ?, message, %s, ?, ?, ? FROM held "
@@ -2173,17 +2202,20 @@ class Store:
 
     def defer(self, ids, name, messages, due):
         self._run([
-            ("INSERT INTO deferred VALUES (?, ?, ?, 0, ?, 0)",
+            ("INSERT INTO deferred (id, queue, message, deliveries, due, head) "
+             "VALUES (?, ?, ?, 0, ?, 0)",
              [(deferred_id, name, message, due)
               for deferred_id, message in zip(ids, messages)]),
             ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
              (ids[-1] + 1,))])
 
-    def defer_held(self, held_id, deferred_id, due):
-        """A held message set aside, to go back to the head when due."""
+    def defer_held(self, held_id, deferred_id, due, record=(None, None, None)):
+        """A held message set aside, to go back to the head when due
+        (record: as unreserve's)."""
         self._run([
             ("INSERT INTO deferred SELECT ?, queue, message, deliveries, ?, "
-             "1 FROM held WHERE id = ?", (deferred_id, due, int(held_id))),
+             "1, ?, ?, ? FROM held WHERE id = ?",
+             (deferred_id, due) + tuple(record) + (int(held_id),)),
             ("DELETE FROM held WHERE id = ?", (int(held_id),)),
             ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
              (deferred_id + 1,))])
@@ -2191,9 +2223,8 @@ class Store:
     def undefer(self, deferred_id, name, head):
         new = self._edge(name, head)
         self._run([
-            ("INSERT INTO queued (queue, position, message, deliveries) "
-             "SELECT queue, ?, message, deliveries FROM deferred WHERE id = ?",
-             (new, deferred_id)),
+            ("INSERT INTO queued SELECT queue, ?, message, deliveries, tries, "
+             "died, why FROM deferred WHERE id = ?", (new, deferred_id)),
             ("DELETE FROM deferred WHERE id = ?", (deferred_id,))])
         self._place(name, new, head)
 
@@ -2476,9 +2507,10 @@ _DEAD_LETTER_TYPES = (bytes, float, bytes, int, int, float, str)
 
 _STORE_COLUMNS = {"queued": ["queue", "position", "message", "deliveries",
                              "tries", "died", "why"],
-                  "held": ["id", "queue", "message", "deliveries"],
+                  "held": ["id", "queue", "message", "deliveries", "tries",
+                           "died", "why"],
                   "deferred": ["id", "queue", "message", "deliveries", "due",
-                               "head"],
+                               "head", "tries", "died", "why"],
                   "settings": ["name", "value"]}
 
 

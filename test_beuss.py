@@ -821,7 +821,23 @@ class ReserveQueuesTest(unittest.TestCase):
                              [] if _ == 0 else [b"q.dead"])
         self.assertNotIn(b"q", queues)
         self.assertEqual(queues.peek(b"q.dead", 0, -1), [b"m"])
-        self.assertEqual(beuss.deliveries(queues.index(b"q.dead", 0)), 0)
+        # A dead letter counts on the deliveries it died after.
+        self.assertEqual(beuss.deliveries(queues.index(b"q.dead", 0)), 2)
+
+    def test_a_dead_letter_reserved_and_given_back_keeps_its_record_and_count(self):
+        queues = beuss.Queues(max_deliveries=2, retry_delay=5)
+        queues.push(b"q", [b"m"])
+        for _ in range(2):
+            queues.give_back([queues.reserve(b"q", 1)], why="boom", delay=0, now=7)
+        held = queues.reserve(b"q.dead", 1)
+        self.assertEqual(held.deliveries, 3)
+        queues.give_back([held], now=8)                  # waits, then the head
+        queues.release_due(now=100)
+        self.assertEqual(queues.dead_records(b"q.dead"), [(b"m", 3, 7, "boom")])
+        held = queues.reserve(b"q.dead", 1)
+        self.assertEqual(held.deliveries, 4)
+        queues.give_back([held], failed=False)           # at once
+        self.assertEqual(queues.dead_records(b"q.dead"), [(b"m", 4, 7, "boom")])
 
     def test_a_dead_letter_that_fails_again_stays_in_its_dead_queue(self):
         queues = beuss.Queues(max_deliveries=2)
@@ -1035,7 +1051,24 @@ class StoreTest(unittest.TestCase):
         store, queues = self.open(max_deliveries=2)
         self.addCleanup(store.close)
         self.assertEqual(self.snapshot(queues), [(b"q", [(b"n", 1)]),
-                                                 (b"q.dead", [(b"m", 0)])])
+                                                 (b"q.dead", [(b"m", 2)])])
+
+    def test_a_dead_letter_keeps_its_record_held_set_aside_and_after_restarts(self):
+        store, queues = self.open(max_deliveries=1)
+        queues.push(b"q", [b"m"])
+        queues.give_back([queues.reserve(b"q", 1)], why="boom", now=7)
+        queues.give_back([queues.reserve(b"q.dead", 1)], delay=30)    # set aside
+        store.commit()
+        store.close()
+        store, queues = self.open(max_deliveries=1)
+        queues.release_due(now=time.time() + 60)
+        self.assertEqual(queues.dead_records(b"q.dead"), [(b"m", 2, 7, "boom")])
+        self.assertEqual(queues.reserve(b"q.dead", 1).deliveries, 3)
+        store.commit()
+        store.close()                       # as if killed while it was held
+        store, queues = self.open(max_deliveries=1)
+        self.addCleanup(store.close)
+        self.assertEqual(queues.dead_records(b"q.dead"), [(b"m", 3, 7, "boom")])
 
     def test_a_second_store_on_one_file_is_refused(self):
         store, queues = self.open()
@@ -1072,7 +1105,7 @@ class StoreTest(unittest.TestCase):
         damages = [
             "UPDATE queued SET message = 'text'",
             "UPDATE queued SET deliveries = 'many'",
-            "INSERT INTO held VALUES (5, 'q', x'00', 1)",
+            "INSERT INTO held (id, queue, message, deliveries) VALUES (5, 'q', x'00', 1)",
             "UPDATE settings SET value = 'x' WHERE name = 'next_id'",
             "ALTER TABLE queued RENAME COLUMN deliveries TO count",
             "UPDATE deferred SET due = 'soon'",
@@ -1082,12 +1115,15 @@ class StoreTest(unittest.TestCase):
             "UPDATE queued SET why = 'boom', died = 1.5",
             "UPDATE queued SET why = 'boom', tries = 1",
             "UPDATE queued SET why = x'00', tries = 1, died = 1.5",
+            "UPDATE deferred SET why = 'boom'",
+            "INSERT INTO held VALUES (5, x'71', x'00', 1, NULL, NULL, 'boom')",
         ]
         for damage in damages:
             shutil.copy(self.path, self.path + ".good")
             db = sqlite3.connect(self.path)
             db.execute("INSERT OR REPLACE INTO settings VALUES ('next_id', 2)")
-            db.execute("INSERT INTO deferred VALUES (1, x'71', x'00', 0, 1.5, 0)")
+            db.execute("INSERT INTO deferred (id, queue, message, deliveries, due, head) "
+                       "VALUES (1, x'71', x'00', 0, 1.5, 0)")
             db.commit()
             db.close()
             store, queues = self.open()     # whole before the damage
@@ -4467,6 +4503,46 @@ class DeferredDurabilityTest(unittest.TestCase):
         self.assertEqual(queues.dead_records(b"q.dead")[0][::3], (b"old", "upgraded"))
         self.assertEqual(queues.deferred_count(), 1)
         self.assertGreater(queues.next_id, 7)
+
+
+    def test_a_version_2_store_is_upgraded_in_place(self):
+        import sqlite3
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "old.db")
+        db = sqlite3.connect(path)
+        db.executescript("""
+            CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
+                                 message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                                 tries INTEGER, died REAL, why TEXT,
+                                 PRIMARY KEY (queue, position)) WITHOUT ROWID;
+            CREATE TABLE held (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
+                               message BLOB NOT NULL, deliveries INTEGER NOT NULL);
+            CREATE TABLE settings (name TEXT PRIMARY KEY, value);
+            CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
+                                   message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                                   due REAL NOT NULL, head INTEGER NOT NULL);
+            PRAGMA application_id = %d; PRAGMA user_version = 2;
+            INSERT INTO queued VALUES (x'712e64656164', 1.0, x'6f6c64', 0, 3, 5.0, 'no');
+            INSERT INTO held VALUES (4, x'71', x'68', 1);
+            INSERT INTO deferred VALUES (5, x'71', x'64', 2, 1.0, 1);
+            INSERT INTO settings VALUES ('next_id', 7);""" % beuss._STORE_ID)
+        db.close()
+        store, queues = beuss.Store(path), beuss.Queues(max_deliveries=5)
+        store.load(queues)
+        queues.journal = store
+        self.assertEqual(queues.dead_records(b"q.dead"), [(b"old", 3, 5.0, "no")])
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"h"])
+        queues.release_due()
+        self.assertEqual([(bytes(m), beuss.deliveries(m)) for m in queues.peek(b"q", 0, -1)],
+                         [(b"d", 2), (b"h", 1)])
+        queues.give_back([queues.reserve(b"q.dead", "c")], delay=60)
+        store.commit()
+        store.close()
+        store, queues = beuss.Store(path), beuss.Queues()
+        store.load(queues)
+        self.addCleanup(store.close)
+        self.assertEqual(queues.deferred_count(), 1)
 
 
 class FullDiskTest(unittest.TestCase):
