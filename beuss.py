@@ -1885,10 +1885,23 @@ class Store:
         self._sync_files = []       # the helper's descriptors, closed last
         self._stop_sync = threading.Event()
         self._retry_at = 0.0        # when a failing store tries again
+        self._degraded = False      # opened with no room for SQLite's index
+        self._file_lock = None      # the file's own lock (_lock_file_itself)
         _check_writable(path)
-        self._locks = [_lock_store(path)]
+        self._lock = _lock_store(path)
         try:
-            self._db = self._open()
+            try:
+                self._db = self._open()
+            except sqlite3.OperationalError as exc:
+                if not os.path.exists(path) or not os.path.getsize(path):
+                    raise
+                # A full disk leaves no room for the index SQLite shares
+                # beside the file: read it alone (exclusive locking keeps
+                # that index in memory), refuse writes with MISCONF, and
+                # open it as usual once a commit gets through (_reopen).
+                self._db = self._open(exclusive=True)
+                self._degraded = True
+                self._start_failing(exc)
         except sqlite3.Error as exc:
             self._unlock()
             raise BeussError("cannot use %s: %s" % (path, _store_reason(exc)))
@@ -1896,7 +1909,7 @@ class Store:
             self._unlock()
             raise
 
-    def _open(self):
+    def _open(self, exclusive=False):
         exists = os.path.exists(self.path)
         if exists and os.path.getsize(self.path) == 0:
             raise BeussError("cannot use %s: the file is empty, not a beuss "
@@ -1906,6 +1919,8 @@ class Store:
         db = self._sqlite3.connect(self.path, isolation_level=None,
                                    check_same_thread=False, timeout=0)
         try:
+            if exclusive:
+                db.execute("PRAGMA locking_mode = EXCLUSIVE")
             if exists:
                 version = _first(db, "PRAGMA user_version")[0]
                 if version < _STORE_VERSION and version + 1 in _STORE_UPGRADES:
@@ -1921,16 +1936,35 @@ class Store:
             _first(db, "PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = %s" % (
                 "FULL" if self.fsync == "always" else "OFF"))
-            _lock_file_itself(self._locks, self.path)
+            self._file_lock = _lock_file_itself(self.path)
         except BaseException:
             db.close()
             raise
         return db
 
+    def _reopen(self):
+        """After a start on a full disk, try to open the file as usual
+        (which needs room for SQLite's index), so that other programs may
+        read it while the server runs; whether that worked. Closing
+        SQLite's descriptor drops the file's own lock: it is taken again,
+        through a new descriptor."""
+        self._db.close()
+        if self._file_lock is not None:
+            os.close(self._file_lock)
+            self._file_lock = None
+        try:
+            self._db = self._open()
+        except (self._sqlite3.Error, BeussError):
+            self._db = self._open(exclusive=True)
+            return False
+        self._degraded = False
+        return True
+
     def _unlock(self):
-        for fd in self._locks:
-            os.close(fd)
-        self._locks = []
+        for fd in (self._file_lock, self._lock):
+            if fd is not None:
+                os.close(fd)
+        self._file_lock = self._lock = None
 
     def load(self, queues):
         """Fill queues (empty, with no journal) from the file: held
@@ -1953,8 +1987,13 @@ class Store:
             self._sync_thread.start()
 
     def _load(self, queues):
+        # One transaction: held messages are put back first (statements
+        # kept, in case the disk is full and the commit at the end fails:
+        # then they are the backlog a later commit writes), then it all is
+        # read, as it would be once they are written.
         db = self._db
         db.execute("BEGIN")
+        fixes, edges = [], {}       # queue -> [lowest, highest] position
         for row in db.execute("SELECT id, queue, message, deliveries, tries, "
                               "died, why FROM held ORDER BY id DESC").fetchall():
             held_id, name, message, count, _, died, why = row
@@ -1963,18 +2002,27 @@ class Store:
             record = (None, None, None)
             if why is not None:     # a dead letter, its deliveries counted on
                 record = (count, died, why)
-            if queues.is_dead(name, count):
+            head = not queues.is_dead(name, count)
+            if not head:
                 record = (count, time.time(), "held when the server stopped")
-                name, count, edge = dead_letters(name), 0, "max(position) + 1"
+                name, count = dead_letters(name), 0
+            if name not in edges:
+                edges[name] = list(_first(db, "SELECT min(position), "
+                                   "max(position) FROM queued WHERE queue = ?",
+                                   (name,)))
+            edge = edges[name]
+            if edge[0] is None:
+                position = edge[0] = edge[1] = 0.0
+            elif head:
+                position = edge[0] = edge[0] - 1
             else:
-                edge = "min(position) - 1"
-            position = _first(db, "SELECT %s FROM queued WHERE queue = ?"
-                              % edge, (name,))[0]
-            db.execute(_INSERT_QUEUED, (name, 0.0 if position is None
-                                        else position, message, count)
-                       + record)
-        db.execute("DELETE FROM held")
-        db.execute("COMMIT")
+                position = edge[1] = edge[1] + 1
+            fixes.append((_INSERT_QUEUED, (name, position, message, count)
+                          + record))
+        if fixes:
+            fixes.append(("DELETE FROM held", ()))
+        for statement in fixes:
+            self._execute(statement)
         row = _first(db, "SELECT value FROM settings WHERE name = 'next_id'")
         queues.next_id = row[0] if row else 1
         if queues.next_id.__class__ is not int:
@@ -2020,6 +2068,11 @@ class Store:
         if messages:
             queues._add(name, messages, False)
         queues.ready.clear()
+        try:
+            db.execute("COMMIT")
+        except self._sqlite3.OperationalError as exc:
+            self._backlog = fixes
+            self._start_failing(exc)
 
     # What the queues call, before each change ----------------------------
 
@@ -2363,6 +2416,8 @@ class Store:
             if clock < self._retry_at and not now:
                 return False
             self._retry_at = clock + 1.0
+            if self._degraded and not self._reopen():
+                return False
         self._flush()
         try:
             if self.failing is not None:
@@ -2456,16 +2511,17 @@ def _lock_store(path):
 _STORE_LOCK_BYTE = 0x40000000 + 512
 
 
-def _lock_file_itself(locks, path):
+def _lock_file_itself(path):
     """Where POSIX record locks exist, also lock a byte of the file itself,
     so that a second server given a hard link (another name, the same file)
     is refused too. Such locks do not stop this process's own SQLite, and
     last until its last descriptor of the file closes, at the stop. (On
-    Windows locks are mandatory and would stop SQLite's reads.)"""
+    Windows locks are mandatory and would stop SQLite's reads.) Returns
+    the descriptor that holds the lock, or None."""
     try:
         import fcntl
     except ImportError:
-        return
+        return None
     fd = os.open(path, os.O_RDWR)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _STORE_LOCK_BYTE)
@@ -2473,7 +2529,7 @@ def _lock_file_itself(locks, path):
         os.close(fd)
         raise BeussError("cannot use %s: another beuss server is using it "
                          "(under another name)" % path)
-    locks.append(fd)
+    return fd
 
 
 def _check_writable(path):
