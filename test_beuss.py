@@ -2357,6 +2357,17 @@ class MaxMemoryTest(ServerCase):
         sock.recv(1000)
         self.exchange(requests(["RPUSH", "q", message]), b":10\r\n", sock)
 
+    def test_one_command_may_cross_the_bound_as_in_redis_then_none_goes_on(self):
+        # Redis's rule: the bound is checked before a command, so the one
+        # that crosses it goes through whole, DEFER and RPUSH of many alike.
+        sock = self.connect()
+        self.exchange(requests(["RPUSH", "q"] + ["m" * 100] * 9), b":9\r\n", sock)
+        self.exchange(requests(["DEFER", "later", "60"] + ["m" * 100] * 50), b":50\r\n", sock)
+        self.assertGreater(self.server.queues.size, 5 * self.server.max_memory)
+        oom = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+        self.exchange(requests(["DEFER", "later", "60", "x"]), oom, sock)
+        self.exchange(requests(["RPUSH", "q"] + ["x"] * 3), oom, sock)
+
     def test_the_default_is_half_the_machine(self):
         if not hasattr(os, "sysconf"):
             self.skipTest("no sysconf here")
