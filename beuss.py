@@ -103,8 +103,8 @@ HTTP_MAX_REQUEST = 8192         # bytes of an HTTP request line and headers
 HTTP_TIMEOUT = 10.0             # seconds an HTTP client may take nothing
 HTTP_MAX_EXCHANGE = 60.0        # seconds an HTTP exchange may last
 SNAPSHOT_INTERVAL = 1.0         # the status page's numbers are this fresh
-STATUS_SLICE = 250              # queues a snapshot looks at in one pass
-BODY_SLICE = 64 * 1024          # bytes of an HTTP answer made in one pass
+STATUS_SLICE = 200              # queues a snapshot looks at in one pass
+BODY_SLICE = 32 * 1024          # bytes of an HTTP answer made in one pass
 PAGE_QUEUES = 100               # queues the status page shows
 JSON_PAGE = 1000                # queues a page of /status.json holds
 ACCEPT_RETRY = 0.1                      # after running out of descriptors
@@ -2636,7 +2636,8 @@ class _Conn:
                  "backlogged",
                  "null_bulk", "null_array", "guarded", "multi", "multi_failed", "multi_size",
                  "in_exec", "watch", "subscribed", "over_soft_limit",
-                 "created", "active", "command", "held")
+                 "created", "active", "command", "held", "pushed",
+                 "library")
 
     def __init__(self, sock, conn_id, peer, max_message):
         self.sock = sock
@@ -2672,6 +2673,8 @@ class _Conn:
         self.created = self.active = time.monotonic()
         self.command = b"NULL"      # the last command, as CLIENT LIST shows
         self.held = False           # replies wait for the store (_commit)
+        self.pushed = None          # messages it published to itself
+        self.library = [b"", b""]   # CLIENT SETINFO LIB-NAME, LIB-VER
 
 
 class _Connections:
@@ -3287,7 +3290,9 @@ class Server(_Connections):
             # The Redis whose replies beuss gives, for tools that check.
             ("redis_version", REDIS_VERSION),
             ("python_version", "%d.%d.%d" % sys.version_info[:3]),
-            ("os", sys.platform), ("process_id", os.getpid()),
+            ("os", sys.platform),
+            ("arch_bits", 64 if sys.maxsize > 2 ** 32 else 32),
+            ("process_id", os.getpid()),
             ("tcp_port", self.address[1]),
             ("uptime_in_seconds", int(time.time() - self.started))])
         section("Clients", [
@@ -3375,15 +3380,17 @@ class Server(_Connections):
         return None
 
     def _do_chores(self):
-        # A slice of each; a chore that fails costs itself, never the bus.
-        for chore in list(self._chores):
-            try:
-                done = chore.step()
-            except Exception as exc:
-                _warn("dropped a chore after an internal error: %r" % exc)
-                done = True
-            if done:
-                self._chores.remove(chore)
+        # One slice of one chore a pass, each in turn, so that a pass costs
+        # one slice however many chores wait; a chore that fails costs
+        # itself, never the bus.
+        chore = self._chores.pop(0)
+        try:
+            done = chore.step()
+        except Exception as exc:
+            _warn("dropped a chore after an internal error: %r" % exc)
+            done = True
+        if not done:
+            self._chores.append(chore)
         if self.queues.ready:
             self._serve_waiters()
 
@@ -3761,7 +3768,8 @@ class Server(_Connections):
                        for command, args in commands]
         finally:
             conn.in_exec = False
-        return b"*%d\r\n" % len(replies) + b"".join(replies)
+        return b"*%d\r\n" % len(replies) + b"".join(replies) \
+            + self.pushed_to_self(conn)
 
     def watch(self, conn, names):
         if conn.watch is None:
@@ -3820,16 +3828,37 @@ class Server(_Connections):
                     channels.unsubscribe(conn, name, True)
             self._update_guard(conn)
 
-    def publish_shard(self, channel, message):
+    # A message published to its own publisher goes after the reply of the
+    # command that published it, and after the whole EXEC reply in a
+    # transaction: Redis 7.2's order (7.0 sent it first, or inside EXEC's
+    # array, where a RESP2 client would read it as a reply).
+
+    def _deliver(self, conn, frame, publisher):
+        if conn is publisher:
+            if conn.pushed is None:
+                conn.pushed = []
+            conn.pushed.append(frame)
+            return
+        self._reply(conn, frame)
+        self._check_subscriber_backlog(conn)
+
+    def pushed_to_self(self, conn):
+        """The messages conn published to itself, to follow the reply of
+        the command (or, inside EXEC, of the transaction)."""
+        if conn.pushed is None or conn.in_exec:
+            return b""
+        pushed, conn.pushed = conn.pushed, None
+        return b"".join(pushed)
+
+    def publish_shard(self, channel, message, publisher=None):
         """SPUBLISH: to the subscribers of a sharded channel."""
         receivers = self.shard_channels.receivers(channel)
         for conn, _ in receivers:
-            self._reply(conn, _encode_push(conn, [b"smessage", channel,
-                                                  message]))
-            self._check_subscriber_backlog(conn)
+            self._deliver(conn, _encode_push(conn, [b"smessage", channel,
+                                                    message]), publisher)
         return len(receivers)
 
-    def publish(self, channel, message):
+    def publish(self, channel, message, publisher=None):
         """Send message to every subscriber of channel and every matching
         pattern now; return how many got it."""
         receivers = self.channels.receivers(channel)
@@ -3839,8 +3868,7 @@ class Server(_Connections):
             else:
                 frame = _encode_push(conn, [b"pmessage", pattern, channel,
                                             message])
-            self._reply(conn, frame)
-            self._check_subscriber_backlog(conn)
+            self._deliver(conn, frame, publisher)
         self.published_total += 1
         if channel in self.published or self.channels.subscribers(channel):
             self.published[channel] = self.published.get(channel, 0) + 1
@@ -3881,19 +3909,31 @@ class Server(_Connections):
             "d" if conn.watch is not None and conn.watch.changed else "") + (
             "c" if conn.closing else "")
         now = time.monotonic()
+        # Redis 7.2's fields (and 7.4's watch=), in its order; where beuss
+        # has no such thing (its own reply buffer, argv memory) the value
+        # Redis gives for none.
+        pending = conn.reader.pending()
+        multi_size = conn.multi_size if conn.multi is not None else 0
         return ("id=%d addr=%s laddr=%s fd=%d name=%s age=%d idle=%d "
-                "flags=%s db=0 sub=%d psub=%d multi=%d qbuf=%d obl=0 oll=%d "
-                "omem=%d events=r%s cmd=%s user=default resp=%d" % (
+                "flags=%s db=0 sub=%d psub=%d ssub=%d multi=%d watch=%d "
+                "qbuf=%d qbuf-free=0 argv-mem=0 multi-mem=%d rbs=0 rbp=0 "
+                "obl=0 oll=%d omem=%d tot-mem=%d events=r%s cmd=%s "
+                "user=default redir=-1 resp=%d lib-name=%s lib-ver=%s" % (
                     conn.id, _address_text(conn.peer), _address_text(
                         _local_address(conn.sock)), conn.sock.fileno(),
                     conn.name.decode("utf-8", "replace"),
                     now - conn.created, now - conn.active, flags or "N",
                     len(channels), len(patterns),
+                    self.shard_channels.count(conn),
                     -1 if conn.multi is None else len(conn.multi),
-                    conn.reader.pending(), len(conn.out), conn.out_size,
+                    len(conn.watch.names) if conn.watch is not None else 0,
+                    pending, multi_size, len(conn.out), conn.out_size,
+                    pending + multi_size + conn.out_size,
                     "w" if conn.writing else "",
                     conn.command.decode("utf-8", "replace"),
-                    3 if conn.resp3 else 2))
+                    3 if conn.resp3 else 2,
+                    conn.library[0].decode("ascii"),
+                    conn.library[1].decode("ascii")))
 
     def kill(self, conn, killer):
         """CLIENT KILL: close conn now, or, when it killed itself, once its
@@ -4572,9 +4612,14 @@ def cmd_unwatch(server, conn, args):
 # ## Commands: pub/sub ########################################################
 
 def cmd_subscribe(server, conn, args):
-    # SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE
-    return server.subscribe(conn, args[1:], args[0][0] in b"pP",
-                            args[0].lower() == b"ssubscribe")
+    # SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE. Inside EXEC a client expects one
+    # reply a command: Redis lets SUBSCRIBE and PSUBSCRIBE through there,
+    # not SSUBSCRIBE (src/pubsub.c, since 7.0).
+    shard = args[0].lower() == b"ssubscribe"
+    if shard and conn.in_exec:
+        raise ReplyError("ERR SSUBSCRIBE isn't allowed for a DENY BLOCKING "
+                         "client")
+    return server.subscribe(conn, args[1:], args[0][0] in b"pP", shard)
 
 
 def cmd_unsubscribe(server, conn, args):
@@ -4583,11 +4628,13 @@ def cmd_unsubscribe(server, conn, args):
 
 
 def cmd_publish(server, conn, args):
-    return encode_int(server.publish(args[1], args[2]))
+    return encode_int(server.publish(args[1], args[2], conn)) \
+        + server.pushed_to_self(conn)
 
 
 def cmd_spublish(server, conn, args):
-    return encode_int(server.publish_shard(args[1], args[2]))
+    return encode_int(server.publish_shard(args[1], args[2], conn)) \
+        + server.pushed_to_self(conn)
 
 
 def cmd_pubsub(server, conn, args):
@@ -4736,7 +4783,10 @@ def cmd_client(server, conn, args):
     if attribute not in (b"LIB-NAME", b"LIB-VER"):
         raise ReplyError("ERR Unrecognized option '%s'"
                          % args[2].decode("utf-8", "replace"))
-    _client_name(args[3])          # checked as Redis checks it, not kept
+    if any(c < 33 or c > 126 for c in args[3]):
+        raise ReplyError("ERR %s cannot contain spaces, newlines or special "
+                         "characters." % args[2].decode("utf-8", "replace"))
+    conn.library[attribute == b"LIB-VER"] = args[3]
     return OK
 
 
@@ -5471,35 +5521,38 @@ class _Snapshot:
         self.rows, self.channels = [], []
         self.done = False
         self.bodies = {}            # what was asked -> _Body
-        self._at = 0
+        self._at = self._channel_at = 0
 
     def step(self):
-        """One slice; True once the snapshot is whole."""
+        """One slice: queues, then channels, then the order; True once
+        the snapshot is whole."""
         server, clock = self.server, time.monotonic()
-        queues, budget = server.queues, STATUS_SLICE
-        names = self.names
-        while self._at < len(names) and budget > 0:
-            row = _queue_row(queues, names[self._at], clock)
-            self._at += 1
-            # Summing a queue's bytes is a pass over its messages.
-            budget -= 1 + row.ready // 10000
-            if row.ready or row.held or row.deferred or row.waiting:
-                self.rows.append(row)
-        if self._at < len(names):
+        if self._at < len(self.names):
+            queues, budget = server.queues, STATUS_SLICE
+            while self._at < len(self.names) and budget > 0:
+                row = _queue_row(queues, self.names[self._at], clock)
+                self._at += 1
+                # Summing a queue's bytes is a pass over its messages.
+                budget -= 1 + row.ready // 10000
+                if row.ready or row.held or row.deferred or row.waiting:
+                    self.rows.append((_importance(row), row))
             return False
-        at = self._at - len(names)
-        for channel in self.channel_names[at:at + STATUS_SLICE]:
-            subscribers = server.channels.subscribers(channel)
-            if subscribers:
-                self.channels.append({
-                    "name": _name_text(channel), "subscribers": subscribers,
-                    "published_per_second": round(
-                        server.published.get(channel, 0) / max(min(
-                            clock - server._started_clock, HISTORY), 1), 2)})
-        self._at += STATUS_SLICE
-        if at + STATUS_SLICE < len(self.channel_names):
+        if self._channel_at < len(self.channel_names):
+            for channel in self.channel_names[
+                    self._channel_at:self._channel_at + STATUS_SLICE]:
+                subscribers = server.channels.subscribers(channel)
+                if subscribers:
+                    self.channels.append({
+                        "name": _name_text(channel),
+                        "subscribers": subscribers,
+                        "published_per_second": round(
+                            server.published.get(channel, 0) / max(min(
+                                clock - server._started_clock, HISTORY), 1),
+                            2)})
+            self._channel_at += STATUS_SLICE
             return False
-        self.rows.sort(key=_importance)
+        self.rows.sort()
+        self.rows = [row for _, row in self.rows]
         self.channels.sort(key=lambda channel: channel["name"])
         self.done = True
         return True
@@ -5558,7 +5611,7 @@ class _Body:
         for piece in self.pieces:
             made.append(piece)
             size += len(piece)
-            if size >= BODY_SLICE:
+            if size >= BODY_SLICE or len(made) >= 16:
                 self._keep(made)
                 return False
         self._keep(made)
@@ -5826,8 +5879,11 @@ def _metrics_pieces(snapshot):
         yield metric("beuss_store_last_commit_timestamp_seconds", "gauge",
                      "When the store last committed.",
                      [("", server["last_commit"])])
-    labels = ['{queue="%s"}' % _metric_label(_name_text(row.name))
-              for row in snapshot.rows]
+    labels = []
+    for at in range(0, len(snapshot.rows), 500):
+        labels.extend('{queue="%s"}' % _metric_label(_name_text(row.name))
+                      for row in snapshot.rows[at:at + 500])
+        yield ""
     for field, name, kind, help in _QUEUE_METRICS:
         yield metric(name, kind, help, [])
         index = _QueueRow._fields.index(field)

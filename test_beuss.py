@@ -15,6 +15,7 @@ import io
 import os
 import platform
 import random
+import re
 import selectors
 import shutil
 import signal
@@ -1549,6 +1550,27 @@ class ConnectionCommandsTest(ServerCase):
                 self.assertEqual(sock.recv(10), b"+PONG\r\n")
 
 
+class ClientSetinfoTest(ServerCase):
+    """CLIENT SETINFO as Redis 7.2 answers it (src/networking.c), and what
+    CLIENT LIST then shows; the Redis of the differential tests is older."""
+
+    def test_setinfo_keeps_the_library_and_refuses_what_redis_refuses(self):
+        sock = self.exchange(requests(
+            ["CLIENT", "SETINFO", "LIB-NAME", "a b"], ["CLIENT", "SETINFO", "lib-ver", "1\n"],
+            ["CLIENT", "SETINFO", "NAME", "x"], ["CLIENT", "SETINFO", "LIB-NAME", "beuss"],
+            ["CLIENT", "SETINFO", "lib-ver", "7.1"]),
+            b"-ERR LIB-NAME cannot contain spaces, newlines or special characters.\r\n"
+            b"-ERR lib-ver cannot contain spaces, newlines or special characters.\r\n"
+            b"-ERR Unrecognized option 'NAME'\r\n+OK\r\n+OK\r\n")
+        self.exchange(requests(["MULTI"], ["RPUSH", "q", "x"]), b"+OK\r\n+QUEUED\r\n", sock)
+        info, = [line for line in self.client().call("CLIENT", "LIST").decode().split("\n")
+                 if "lib-name=beuss" in line]
+        info += "\n"
+        self.assertIn(" lib-name=beuss lib-ver=7.1\n", info)
+        self.assertIn(" multi=1 watch=0 ", info)
+        self.assertRegex(info, r" multi-mem=[1-9]\d* ")
+
+
 class TransactionTest(ServerCase):
 
     def test_waiters_are_served_after_exec_not_inside_it(self):
@@ -3037,7 +3059,10 @@ class StatusPageTest(ServerCase):
         client = self.client()
         client.pipeline([["RPUSH", "q%d" % number, "m"] for number in range(600)])
         snapshot = beuss._Snapshot(self.server)
-        self.assertEqual([snapshot.step() for _ in range(3)], [False, False, True])
+        steps = 1
+        while not snapshot.step():
+            steps += 1
+        self.assertEqual(steps, 600 // beuss.STATUS_SLICE + 1)
         self.assertEqual(len(snapshot.rows), 600)
         body = beuss._Body(snapshot, 200, "text/plain",
                            beuss._metrics_pieces(snapshot))
@@ -4976,6 +5001,11 @@ DIFFERENTIAL_SCRIPT = [
     ["EXEC"], ["EXEC", "x"], ["BLMPOP", "-1", "0", "k", "LEFT"],
     ["CLIENT", "KILL", "TYPE", "nope"], ["SUBSCRIBE", "c"], ["EXEC"],
     ["RESET"],
+    # SSUBSCRIBE inside EXEC is refused (SUBSCRIBE is not), in RESP2 and
+    # RESP3, and the connection stays a normal one.
+    ["MULTI"], ["SSUBSCRIBE", "s"], ["EXEC"], ["PING"], ["MULTI"],
+    ["SUNSUBSCRIBE", "s"], ["EXEC"], ["HELLO", "3"], ["MULTI"],
+    ["SSUBSCRIBE", "s", "t"], ["SUBSCRIBE", "c"], ["EXEC"], ["PING"], ["RESET"],
     ["QUIT"],
 ]
 SERVER_DESCRIBING = {b"HELLO"}      # replies that describe the server itself
@@ -5006,9 +5036,105 @@ class DifferentialTest(ServerCase):
         redis = RedisServer(self)
         try:
             theirs = run(redis.port, *args)
+            with beuss.Client(port=redis.port, timeout=TIMEOUT) as client:
+                self.redis_version = tuple(
+                    map(int, client.info()["redis_version"].split(".")))
         finally:
             redis.stop()
         return theirs, run(self.port, *args)
+
+    def test_messages_published_to_oneself_follow_the_reply_as_in_redis_7_2(self):
+        # Where Redis 7.0 and 7.2 differ, beuss gives 7.2's order: the
+        # message after PUBLISH's reply, and after EXEC's whole reply.
+        steps = [["MULTI"], ["SUBSCRIBE", "a"], ["PUBLISH", "a", "m"], ["EXEC"],
+                 ["UNSUBSCRIBE"], ["HELLO", "3"], ["SUBSCRIBE", "a"],
+                 ["PUBLISH", "a", "n"], ["MULTI"], ["PUBLISH", "a", "o"],
+                 ["PING"], ["EXEC"], ["RESET"]]
+
+        def run(port):
+            replies = self.raw_replies(port, [(requests(*steps), 16)])
+            return [b"(hello)" if reply.startswith(b"%") else reply for reply in replies]
+        theirs, ours = self.on_both(run)
+        message = b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nm\r\n"
+        push = b">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\n"
+        exec_2 = b"*2\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n:1\r\n"
+        exec_3 = b"*2\r\n:1\r\n+PONG\r\n"
+        expected = [b"+OK\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n", exec_2, message,
+                    b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n", b"(hello)",
+                    b">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n", b":1\r\n",
+                    push + b"n\r\n", b"+OK\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n",
+                    exec_3, push + b"o\r\n", b"+RESET\r\n"]
+        self.assertEqual(ours, expected)
+        if self.redis_version >= (7, 2):
+            self.assertEqual(theirs, expected)
+        else:
+            # 7.0: the same bytes, but each message where it put it.
+            messages = [message, push + b"n\r\n", push + b"o\r\n"]
+            for stream in (theirs, ours):
+                for frame in messages:
+                    self.assertEqual(b"".join(stream).count(frame), 1, frame)
+            without = [b"".join(stream).replace(messages[0], b"").replace(
+                messages[1], b"").replace(messages[2], b"") for stream in (theirs, ours)]
+            self.assertEqual(without[0], without[1])
+
+    def test_client_list_and_info_carry_the_fields_redis_gives(self):
+        def run(port):
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                client.call("CLIENT", "SETNAME", "tester")
+                client.call("WATCH", "q")
+                line = client.call("CLIENT", "INFO").decode()
+                return ([field.partition("=")[0] for field in line.split()],
+                        dict(field.partition("=")[::2] for field in line.split()),
+                        client.info()["arch_bits"])
+        (their_names, theirs, their_bits), (our_names, ours, our_bits) = self.on_both(run)
+        self.assertEqual(our_bits, their_bits)
+        # Every field Redis gives, in its order (beuss also has 7.4's watch=).
+        self.assertEqual([name for name in our_names if name in their_names], their_names)
+        for name in ("name", "db", "sub", "psub", "ssub", "multi", "watch", "obl",
+                     "oll", "omem", "events", "cmd", "user", "redir", "resp",
+                     "lib-name", "lib-ver", "flags"):
+            if name in theirs:
+                self.assertEqual(ours[name], theirs[name], name)
+
+    def test_a_seeded_random_mix_matches_redis_byte_for_byte(self):
+        rng = random.Random(27)
+        words = [
+            ["RPUSH", "q1", "a"], ["RPUSH", "q2", "b", "c"], ["LPUSH", "q1", "z"],
+            ["LPOP", "q1"], ["LPOP", "q2", "2"], ["RPOP", "q1"], ["LLEN", "q1"],
+            ["LRANGE", "q1", "0", "-1"], ["LINDEX", "q2", "0"], ["LREM", "q1", "0", "a"],
+            ["LTRIM", "q2", "0", "1"], ["LMOVE", "q1", "q2", "LEFT", "RIGHT"],
+            ["BLPOP", "q1", "q2", "0.01"], ["DEL", "q1"], ["EXISTS", "q1", "q2"],
+            ["TYPE", "q2"], ["MULTI"], ["EXEC"], ["DISCARD"], ["WATCH", "q1"],
+            # One channel of each kind: Redis unsubscribes from all in the
+            # order of a hash with a seed of its own each start.
+            ["UNWATCH"], ["SUBSCRIBE", "c1"], ["SUBSCRIBE", "c1", "c1"],
+            ["UNSUBSCRIBE", "c1"], ["UNSUBSCRIBE"], ["PSUBSCRIBE", "c*"],
+            ["PUNSUBSCRIBE"], ["SSUBSCRIBE", "s1"], ["SUNSUBSCRIBE"],
+            ["SUNSUBSCRIBE", "s1"], ["PUBLISH", "p1", "m"], ["SPUBLISH", "p1", "m"],
+            ["PUBSUB", "NUMSUB", "c1"], ["PUBSUB", "CHANNELS"], ["PUBSUB", "NUMPAT"],
+            ["PING"], ["PING", "x"], ["ECHO", "e"], ["CLIENT", "SETNAME", "n"],
+            ["CLIENT", "GETNAME"], ["HELLO", "2"], ["HELLO", "3"], ["RESET"], ["NOSUCH"], ["LPOP"]]
+        steps = [rng.choice(words) for _ in range(3000)] + [["RESET"], ["ECHO", "the end"]]
+        end = b"$7\r\nthe end\r\n"
+
+        def run(port):
+            with socket.create_connection(("127.0.0.1", port), TIMEOUT) as sock:
+                sock.settimeout(TIMEOUT)
+                recorder = Recorder(sock)
+                reader = beuss.ReplyReader(recorder)
+                sock.sendall(requests(*steps))
+                replies = []
+                while not replies or replies[-1] != end:
+                    begin = recorder.consumed(reader)
+                    reader.read()
+                    reply = recorder.data[begin:recorder.consumed(reader)]
+                    # HELLO's reply describes the server.
+                    replies.append(b"(hello)" if b"proto" in reply else reply)
+                return replies
+        theirs, ours = self.on_both(run)
+        for at, (mine, expected) in enumerate(zip(ours, theirs)):
+            self.assertEqual(mine, expected, "reply %d" % at)
+        self.assertEqual(len(ours), len(theirs))
 
     def raw_replies(self, port, writes):
         """Send each (bytes, reply count) in turn; return the exact bytes of
@@ -5148,6 +5274,11 @@ class DifferentialTest(ServerCase):
 
     def test_pubsub_and_watch_scenario_matches_redis(self):
         theirs, ours = self.on_both(self.run_pubsub_scenario)
+        if self.redis_version < (7, 2):
+            # What c published to itself follows PUBLISH's reply in 7.2.
+            theirs["c"] = re.sub(rb"(>3\r\n\$7\r\nmessage\r\n\$4\r\nnews\r\n"
+                                 rb"\$13\r\nto myself too\r\n)(:\d+\r\n)",
+                                 rb"\2\1", theirs["c"])
         self.assertEqual(ours, theirs)
         self.assertIn(b"to myself too", ours["c"])
         self.assertIn(b"*-1\r\n", ours["w"])
@@ -6214,6 +6345,7 @@ def benchmark(requests_count=200000, clients=50, rounds=5):
         bench.start_up()
         bench.footprint()
         bench.wake_up()
+        bench.patterns()
         bench.scripts_on_redis()
     finally:
         bench.close()
@@ -6436,6 +6568,37 @@ class Bench:
             process.wait()
 
 
+    def patterns(self, count=10000, publishes=2000):
+        """What a PUBLISH costs with count patterns on one subscriber: each
+        with a prefix of its own (news.N.*), and each starting with a star
+        (*.N), which no prefix can rule out."""
+        ports, processes = self.start()
+        for label, pattern in (("news.%d.*", b"news.%d.*"), ("*.%d", b"*.%d")):
+            costs = collections.defaultdict(list)
+            for _ in range(self.rounds):
+                for name, port in zip(("beuss", "redis"), ports):
+                    with socket.create_connection(("127.0.0.1", port), 60) as listener, \
+                            socket.create_connection(("127.0.0.1", port), 60) as sender:
+                        listener.sendall(requests(["PSUBSCRIBE"] + [
+                            pattern % n for n in range(count)]))
+                        replies = beuss.ReplyReader(listener)
+                        for _ in range(count):
+                            replies.read()
+                        batch = requests(*[["PUBLISH", b"nobody.listens", b"x"]]
+                                         * publishes)
+                        started = time.perf_counter()
+                        sender.sendall(batch)
+                        replies = beuss.ReplyReader(sender)
+                        for _ in range(publishes):
+                            replies.read()
+                        costs[name].append(1e6 * (time.perf_counter() - started)
+                                           / publishes)
+            self.row("PUBLISH, %d patterns like %s" % (count, label),
+                     costs["beuss"], costs["redis"], "microseconds")
+        for process in processes:
+            process.terminate()
+            process.wait()
+
     def scripts_on_redis(self, count=5000, clients=50):
         """What at least once costs on a Redis: rows whose two columns are
         both Redis's, the client's scripts beside plain LPOP. One Python
@@ -6489,6 +6652,155 @@ def _rss(pid):
 def _read_reply(sock):
     """Read one reply; nothing follows it on that socket."""
     beuss.ReplyReader(sock).read()
+
+
+# ## Watching never stops the bus (not a test): python test_beuss.py --bench --watching
+#
+# A server holding 10,000 queues with 15 minutes of history each, read by 4
+# processes fetching /metrics in a loop, 4 fetching / and 50 connections that
+# ask for / and never read; then, with --data, a REDRIVE of 1,000,000 dead
+# letters and 1,000,000 deferred messages falling due together. A client's
+# PING is timed every 5 ms throughout: its worst and its 99th percentile, and
+# the server's memory, against the bars (PING under 250 ms at worst and 20 ms
+# at p99, under 100 MB of growth).
+
+_WATCHED_SERVER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import beuss
+server = beuss.Server(("127.0.0.1", int(sys.argv[2])), http=("127.0.0.1",
+                      int(sys.argv[3])), max_memory=0)
+clock = time.monotonic()
+for number in range(int(sys.argv[4])):
+    name = b"queue-%05d" % number
+    server.queues.push(name, [b"m" * 100] * (1 + number % 5))
+    server.queues.counts[name].history = [
+        (clock - 900 + 10 * i, i % 7, 10 * i, 9 * i) for i in range(90)]
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+_SCRAPER = """
+import sys, urllib.request
+while True:
+    urllib.request.urlopen(sys.argv[1], timeout=60).read()
+"""
+
+_NON_READERS = """
+import socket, sys, time
+port, sockets = int(sys.argv[1]), []
+while True:
+    sockets = [sock for sock in sockets if sock.fileno() >= 0]
+    while len(sockets) < 50:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        sockets.append(sock)
+    time.sleep(0.5)
+    for sock in list(sockets):
+        sock.setblocking(False)
+        try:
+            if sock.recv(1, socket.MSG_PEEK) == b"":
+                sock.close()        # closed by the server: open another
+        except BlockingIOError:
+            pass
+"""
+
+
+def _time_pings(port, until, seconds=None, pid=None):
+    """PING every 5 ms until until() is true (or for seconds): the
+    latencies in ms, and the largest RSS seen of pid (MB)."""
+    latencies, peak, started = [], 0.0, time.monotonic()
+    sampled = asked_until = 0.0
+    with socket.create_connection(("127.0.0.1", port), 60) as sock:
+        while True:
+            now = time.monotonic()
+            if seconds is not None and now - started >= seconds:
+                break
+            if seconds is None and now - asked_until > 0.2:
+                asked_until = now
+                if until():
+                    break
+            asked = time.perf_counter()
+            sock.sendall(b"PING\r\n")
+            if sock.recv(100) != b"+PONG\r\n":
+                raise AssertionError("no PONG")
+            latencies.append(1000 * (time.perf_counter() - asked))
+            if pid is not None and time.monotonic() - sampled > 0.5:
+                sampled = time.monotonic()
+                peak = max(peak, _rss(pid))
+            time.sleep(0.005)
+    return sorted(latencies), peak
+
+
+def _report(label, latencies, growth=None):
+    p99 = latencies[int(len(latencies) * 0.99)]
+    print("%-58s PING worst %7.1f ms (bar 250), p99 %6.1f ms (bar 20)%s" % (
+        label, latencies[-1], p99, "" if growth is None else
+        ", memory +%.0f MB (bar 100)" % growth))
+
+
+def watching(queue_count=10000, seconds=20, messages=1000000):
+    folder = tempfile.mkdtemp()
+    processes = []
+    try:
+        port, http = free_port(), free_port()
+        server = subprocess.Popen([sys.executable, "-c", _WATCHED_SERVER, HERE,
+                                   str(port), str(http), str(queue_count)],
+                                  stdout=subprocess.PIPE)
+        processes.append(server)
+        server.stdout.readline()            # its queues are made
+        quiet, _ = _time_pings(port, None, 3)
+        before = _rss(server.pid)
+        for path in ["/metrics"] * 4 + ["/"] * 4:
+            processes.insert(0, subprocess.Popen(
+                [sys.executable, "-c", _SCRAPER, "http://127.0.0.1:%d%s" % (http, path)],
+                stderr=subprocess.DEVNULL))
+        processes.insert(0, subprocess.Popen([sys.executable, "-c", _NON_READERS,
+                                              str(http)], stderr=subprocess.DEVNULL))
+        latencies, peak = _time_pings(port, None, seconds, server.pid)
+        print("python %s, %d queues with 15 minutes of history" % (
+            platform.python_version(), queue_count))
+        _report("alone", quiet)
+        _report("4 x /metrics, 4 x /, 50 that never read, %d s" % seconds,
+                latencies, peak - before)
+        for process in processes:
+            process.kill()
+            process.wait()
+        processes = []
+        port = free_port()
+        server = subprocess.Popen([sys.executable, BEUSS, "--port", str(port),
+                                   "--data", os.path.join(folder, "b.db"),
+                                   "--max-memory", "0"], stderr=subprocess.DEVNULL)
+        processes.append(server)
+        wait_for_port(port)
+        batch = [b"m" * 100] * 10000
+        with beuss.Client(port=port, timeout=600) as client:
+            for _ in range(messages // len(batch)):
+                client.call("RPUSH", "q.dead", *batch)
+            done = []
+            redrive = threading.Thread(target=lambda: done.append(
+                beuss.Client(port=port, timeout=600).call("REDRIVE", "q")))
+            started = time.monotonic()
+            redrive.start()
+            latencies, _ = _time_pings(port, lambda: done)
+            redrive.join()
+            _report("REDRIVE of %d dead letters, --data (%.1f s)" % (
+                done[0], time.monotonic() - started), latencies)
+            client.call("DEL", "q")
+            due = time.time() + 5 + messages / 20000
+            for _ in range(messages // len(batch)):
+                client.call("DEFER", "q", "%.3f" % (due - time.time()), *batch)
+            while time.time() < due - 1:
+                time.sleep(0.1)
+            latencies, _ = _time_pings(port, lambda: client.len("q") == messages)
+            _report("%d deferred messages falling due together, --data" % messages,
+                    latencies)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        shutil.rmtree(folder)
 
 
 # ## Instruction counts (not a test): python test_beuss.py --bench --instructions
@@ -6570,5 +6882,7 @@ if __name__ == "__main__":
         benchmark()
     elif sys.argv[1:] == ["--bench", "--instructions"]:
         instructions()
+    elif sys.argv[1:] == ["--bench", "--watching"]:
+        watching()
     else:
         unittest.main()
