@@ -2950,12 +2950,27 @@ def _tls_context(cert, key):
         if key is None:
             raise BeussError("the TLS certificate %s holds no private key: "
                              "give its key with --tls-key" % cert)
+        if _pem_holds(cert, b"PRIVATE KEY-----") and _pem_holds(
+                key, b"-----BEGIN CERTIFICATE"):
+            raise BeussError("the TLS certificate and key are the wrong way "
+                             "round: %s holds a private key (give it to "
+                             "--tls-key) and %s a certificate (--tls-cert)"
+                             % (cert, key))
         raise BeussError("cannot use the TLS certificate %s with the key %s: "
                          "%s" % (cert, key, exc.reason or exc))
     except (OSError, ValueError) as exc:
         raise BeussError("cannot use the TLS certificate %s: %s"
                          % (cert, _reason(exc)))
     return context
+
+
+def _pem_holds(path, marker):
+    """Whether the PEM file at path holds marker in its first 64 KiB."""
+    try:
+        with open(path, "rb") as pem:
+            return marker in pem.read(65536)
+    except OSError:
+        return False
 
 
 def _next_slice(out):
@@ -5267,36 +5282,45 @@ class _BadValue(ValueError):
     """A parser's refusal that says what a good value is."""
 
 
+def _whole_in(value, low, high, what):
+    """A whole number from low to high (None: no bound), or _BadValue
+    saying which numbers are."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        raise _BadValue("%r is not %s: a whole number from %d%s" % (
+            value, what, low, " to %d" % high if high is not None else " up"))
+    return number
+
+
 def _port(value):
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError(value)
-    return port
+    return _whole_in(value, 0, 65535, "a port")
 
 
 def _positive(value):
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
+    return _whole_in(value, 1, None, "a count")
 
 
 def _whole(value):
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
+    return _whole_in(value, 0, None, "a count")
+
+
+_SIZE_UNITS = {"k": 1000, "kb": 1024, "m": 1000 ** 2, "mb": 1024 ** 2,
+               "g": 1000 ** 3, "gb": 1024 ** 3, "t": 1000 ** 4,
+               "tb": 1024 ** 4}
 
 
 def _bytes(value):
-    """A size in bytes: 1000, 10k (1000s), 10kb (1024s), 512mb, 2gb."""
+    """A size in bytes: 1000, 10k (1000s), 10kb (1024s), 512mb, 2gb, 1tb."""
     text = value.strip().lower()
-    units = {"k": 1000, "kb": 1024, "m": 1000 ** 2, "mb": 1024 ** 2,
-             "g": 1000 ** 3, "gb": 1024 ** 3}
-    number = text.rstrip("kmgb")
-    unit = units.get(text[len(number):], 1 if number == text else None)
+    number = text.rstrip("kmgtb")
+    unit = _SIZE_UNITS.get(text[len(number):], 1 if number == text else None)
     if unit is None or not number.isdigit():
-        raise ValueError(value)
+        raise _BadValue("%r is not a size: bytes, or a number with k, kb, "
+                        "m, mb, g, gb, t or tb (1000s, or 1024s with b)"
+                        % value)
     return int(number) * unit
 
 
@@ -5308,19 +5332,28 @@ def _message_size(value):
     return size
 
 
-_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _duration(value):
-    """Seconds: 30, 0.5, 500ms, 30s, 5m, 2h."""
+    """Seconds: 30, 0.5, or times with units, summed: 500ms, 30s, 5m, 2h,
+    1d, 1h30m."""
     text = value.strip().lower()
-    number = text.rstrip("hms")
-    unit = _TIME_UNITS.get(text[len(number):], 1 if number == text else None)
-    if unit is None:
-        raise ValueError(value)
-    seconds = float(number) * unit
-    if not 0 <= seconds < 1e9:
-        raise ValueError(value)
+    try:
+        seconds = float(text)
+    except ValueError:
+        import re               # only for units: it costs a start 2 ms
+        parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)", text)
+        seconds = float("nan")
+        if parts and "".join(number + unit for number, unit in parts) == text:
+            seconds = sum(float(number) * _TIME_UNITS[unit]
+                          for number, unit in parts)
+    if seconds != seconds or seconds < 0:
+        raise _BadValue("%r is not a time: seconds, or 500ms, 30s, 5m, 2h, "
+                        "1d, 1h30m" % value)
+    if seconds > MAX_DELAY:
+        raise _BadValue("%r is too long: at most %d seconds (about 31 "
+                        "years)" % (value, MAX_DELAY))
     return seconds
 
 
@@ -5347,13 +5380,21 @@ def _http_address(value):
     return host or None, _port(port)
 
 
+_SELECTORS = ("epoll", "kqueue", "devpoll", "poll", "select")
+
+
 def _selector(value):
     """A selectors class by its short name: epoll, kqueue, devpoll, poll
     or select, those the system has."""
-    selector = getattr(selectors, value.capitalize() + "Selector", None)
-    if value != value.lower() or selector is None:
-        raise ValueError(value)
-    return selector
+    here = [name for name in _SELECTORS
+            if hasattr(selectors, name.capitalize() + "Selector")]
+    if value not in _SELECTORS:
+        raise _BadValue("%r is not a selector: %s" % (value, ", ".join(
+            _SELECTORS)))
+    if value not in here:
+        raise _BadValue("%s is not available on this system, which has %s"
+                        % (value, ", ".join(here)))
+    return getattr(selectors, value.capitalize() + "Selector")
 
 
 SETTINGS = [Setting(*row) for row in (
@@ -7073,9 +7114,7 @@ def _raise(reply):
 def _seconds_setting(value):
     """A client's time setting: a number, or text as _duration reads it."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not 0 <= value < 1e9:
-            raise ValueError(value)
-        return float(value)
+        return _duration(repr(float(value)))
     return _duration(value)
 
 
@@ -7393,7 +7432,10 @@ class _Parser:
                 name, value = arg[:2], arg[2:]
             argument = self._options.get(name)
             if argument is None:
-                self.error("unrecognized argument %s" % arg)
+                import difflib
+                close = difflib.get_close_matches(name, self._options, 1, 0.7)
+                self.error("unrecognized argument %s%s" % (arg, (
+                    "; did you mean %s?" % close[0]) if close else ""))
             if argument.action != "store":
                 if value is not None:
                     self.error("%s takes no value" % name)
@@ -7533,15 +7575,6 @@ def _queue(name):
     return os.fsencode(name)
 
 
-def _seconds(text):
-    """A number of seconds, or a time with its unit: 500ms, 30s, 5m, 2h."""
-    try:
-        return _duration(text)
-    except ValueError:
-        raise ValueError("%r is not a number of seconds (or a time such as "
-                         "500ms, 30s, 5m, 2h)" % text)
-
-
 def _count(text):
     if not text.isdigit():
         raise ValueError("%r is not a count (a whole number, 0 or more)"
@@ -7665,7 +7698,7 @@ def run_serve(options):
 
 def _put_arguments(parser):
     parser.add_argument("queue", help="the queue's name")
-    parser.add_argument("-d", "--delay", type=_seconds, metavar="TIME",
+    parser.add_argument("-d", "--delay", type=_duration, metavar="TIME",
                         help="the message joins the queue once TIME has "
                         "passed (seconds, or 500ms, 30s, 5m, 2h)")
     _add_message_source(parser)
@@ -7734,7 +7767,7 @@ def _get_arguments(parser):
     parser.add_argument("queue", help="the queue's name")
     parser.add_argument("file", nargs="?", default="-",
                         help="where to write the message (- or none: stdout)")
-    parser.add_argument("-w", "--wait", type=_seconds, metavar="SECONDS",
+    parser.add_argument("-w", "--wait", type=_duration, metavar="SECONDS",
                         help="wait up to SECONDS for a message (0: for ever)")
     _add_script_settings(parser)
     _add_address(parser)
@@ -7879,7 +7912,7 @@ def _add_handling(parser):
                         "BEUSS_CHANNEL)")
     parser.add_argument("-C", "--count", type=_count, metavar="N",
                         help="stop after N messages")
-    parser.add_argument("-W", "--timeout", type=_seconds, metavar="SECONDS",
+    parser.add_argument("-W", "--timeout", type=_duration, metavar="SECONDS",
                         help="stop when no message came for SECONDS")
     _add_separator(parser)
     _add_address(parser)
@@ -8168,7 +8201,7 @@ _SPARKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
 
 
 def _top_arguments(parser):
-    parser.add_argument("-i", "--interval", type=_seconds, default=1.0,
+    parser.add_argument("-i", "--interval", type=_duration, default=1.0,
                         metavar="SECONDS", help="refresh every SECONDS (1)")
     _add_address(parser)
 

@@ -2530,7 +2530,10 @@ class TlsTest(ServerCase):
         for cert, key, words in (
                 (self.cert, missing_key, "cannot read the TLS key %s: no such file" % missing_key),
                 (missing_key, None, "cannot read the TLS certificate %s: no such file" % missing_key),
-                (self.cert, None, "holds no private key: give its key with --tls-key")):
+                (self.cert, None, "holds no private key: give its key with --tls-key"),
+                (self.server_options["tls_key"], self.cert, "the TLS certificate and "
+                 "key are the wrong way round: %s holds a private key" % (
+                     self.server_options["tls_key"]))):
             with self.assertRaises(beuss.BeussError) as caught:
                 beuss.Server(("127.0.0.1", 0), tls_cert=cert, tls_key=key)
             self.assertIn(words, str(caught.exception))
@@ -3673,7 +3676,8 @@ class CommandLineTest(ServerCase):
             status = beuss.main(list(argv) + (["--port", str(self.port)] if argv
                                               and argv[0].upper() not in
                                               ("--HELP", "--VERSION")
-                                              and "--help" not in argv else []))
+                                              and "--help" not in argv
+                                              and "--port" not in argv else []))
         return status, out.getvalue(), err.getvalue()
 
     def test_put_from_argument_and_stdin_then_get(self):
@@ -3821,12 +3825,51 @@ class CommandLineTest(ServerCase):
                       % (1 + beuss.MESSAGE_COST), out)
         self.assertIn("q: 1 message, 1 B, 0 waiting, 0 held", out)
 
-    def test_setting_errors_name_the_flag_as_typed(self):
-        for flag, value in (("--max-message-size", "ten"), ("--max-clients", "0"),
-                            ("--max-memory", "1tb")):
+    def test_setting_errors_name_the_flag_as_typed_and_what_it_takes(self):
+        for flag, value, says in (
+                ("--max-message-size", "ten", "'ten' is not a size: bytes, or a number "
+                 "with k, kb, m, mb, g, gb, t or tb (1000s, or 1024s with b)"),
+                ("--max-clients", "0", "'0' is not a count: a whole number from 1 up"),
+                ("--max-memory", "1pb", "'1pb' is not a size"),
+                ("--port", "99999", "'99999' is not a port: a whole number from 0 to 65535"),
+                ("--port", "65536", "'65536' is not a port: a whole number from 0 to 65535"),
+                ("--lease", "1e10", "'1e10' is too long: at most 1000000000 seconds"),
+                ("--lease", "1000000001", "'1000000001' is too long"),
+                ("--retry-delay", "1h30", "'1h30' is not a time: seconds, or 500ms, 30s, "
+                 "5m, 2h, 1d, 1h30m"),
+                ("--selector", "nope", "'nope' is not a selector: epoll, kqueue, devpoll, "
+                 "poll, select")):
             status, _, err = self.run_main("SERVE", flag, value)
-            self.assertEqual((status, err), (2, "beuss: %s: %r is not a valid "
-                                             "value\n" % (flag, value)))
+            self.assertEqual(status, 2, err)
+            self.assertTrue(err.startswith("beuss: %s: %s" % (flag, says)), err)
+            self.assertEqual(len(err.splitlines()), 1)
+        missing = [name for name in beuss._SELECTORS
+                   if not hasattr(selectors, name.capitalize() + "Selector")]
+        status, _, err = self.run_main("SERVE", "--selector", missing[0])
+        self.assertEqual((status, err), (2, "beuss: --selector: %s is not available on "
+                                         "this system, which has %s\n" % (
+                                             missing[0], ", ".join(
+                                                 name for name in beuss._SELECTORS
+                                                 if name not in missing))))
+
+    def test_times_and_sizes_take_units_and_sums_up_to_their_limits(self):
+        self.assertEqual([beuss._duration(text) for text in (
+            "30", "0.5", "500ms", "30s", "5m", "2h", "1d", "1h30m", "1d2h3m4s5ms",
+            "1000000000")], [30, 0.5, 0.5, 30, 300, 7200, 86400, 5400, 93784.005, 1e9])
+        for text in ("1h30", "h", "", "-1", "nan", "1x", "30s5"):
+            with self.assertRaises(ValueError, msg=text):
+                beuss._duration(text)
+        self.assertEqual(beuss._bytes("1tb"), 1024 ** 4)
+        self.assertEqual(beuss._bytes("2t"), 2 * 1000 ** 4)
+        self.assertEqual(beuss._port("65535"), 65535)
+
+    def test_an_unknown_option_gets_the_one_it_is_close_to(self):
+        status, _, err = self.run_main("PUT", "q", "x", "--lnes")
+        self.assertEqual((status, err), (2, "beuss: PUT: unrecognized argument --lnes; "
+                                         "did you mean --lines? (try PUT --help)\n"))
+        status, _, err = self.run_main("PUT", "q", "x", "--zzzzzz")
+        self.assertEqual((status, err), (2, "beuss: PUT: unrecognized argument --zzzzzz "
+                                         "(try PUT --help)\n"))
 
     def test_pub_says_when_nobody_listens(self):
         self.assertEqual(self.run_main("PUB", "news", "hi"), (
@@ -4334,7 +4377,8 @@ time.sleep(60)
                                       b"is from 1 to 536870912 bytes\n")
         done = self.beuss("--port", "nope", check=False)
         self.assertEqual(done.returncode, 2)
-        self.assertEqual(done.stderr, b"beuss: --port: 'nope' is not a valid value\n")
+        self.assertEqual(done.stderr, b"beuss: --port: 'nope' is not a port: a whole number "
+                         b"from 0 to 65535\n")
 
     def test_a_one_shot_command_imports_only_what_it_needs(self):
         # Start-up is most of a one-shot command's time: no argparse (with
