@@ -6840,7 +6840,9 @@ class Client(_Routing, _Scripts):
                     _warn("%s; trying again until it is back" % exc)
                     delay = RECONNECT_FIRST
                 if time.monotonic() + delay >= deadline:
-                    return                  # idle for longer than allowed
+                    # Idle for as long as allowed, the server away: that is
+                    # its failure, not an empty queue.
+                    raise ConnectionFailed("%s; gave up waiting" % exc)
                 time.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
@@ -7268,7 +7270,8 @@ usage: python beuss.py [VERB] [options]
   SERVE               serve the queues (the verb when none is given)
   PUT <queue> [msg]   put msg, or all of stdin, as one message
   GET <queue> [file]  take one message; write it to file, or to stdout
-  ON <queue>          take messages as they come; write each to stdout
+  ON <queue>          take messages as they come; write each to stdout,
+                      a line each (-s '' for the bytes alone)
   PEEK <queue> [N]    write the first N messages (1) without taking them;
                       with --why, why the messages of <queue>.dead died
   REDRIVE <queue> [N] move the dead letters of <queue> back to it
@@ -7919,9 +7922,11 @@ def _add_handling(parser):
 
 
 def _add_separator(parser):
-    parser.add_argument("-s", "--separator", default="", metavar="TEXT",
+    parser.add_argument("-s", "--separator", default="\\n", metavar="TEXT",
                         help="write TEXT after each message (\\n, \\t, \\0 "
-                        "and \\\\ are understood); nothing by default")
+                        "and \\\\ are understood); a line end by default, "
+                        "so that `| head -1` takes one; '' for the bytes "
+                        "alone, back to back")
 
 
 def run_on(options):
@@ -8008,7 +8013,45 @@ def _handler(options, after_failure):
             _write_stdout(head + message + separator)
         except HandlerFailed as exc:
             raise HandlerFailed("%s; %s" % (exc, after_failure))
+        if deliveries is not None:
+            _await_reader()
     return handle
+
+
+_stdout_is_pipe = None
+
+
+def _await_reader():
+    """When stdout is a pipe, wait until its reader has read what the pipe
+    holds: a message ON writes counts as written once read, so `ON q |
+    head -1` takes one message, never a second that sat unread in the
+    pipe. BrokenPipeError when the reader went away first. Elsewhere (a
+    file, a terminal, or a system without FIONREAD) at once."""
+    global _stdout_is_pipe
+    import stat
+    try:
+        fd = sys.stdout.fileno()
+        if _stdout_is_pipe is None:
+            _stdout_is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        if not _stdout_is_pipe:
+            return
+        import fcntl
+        import struct
+        import termios
+        pause = 0.0005
+        while struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD,
+                                             b"\0\0\0\0"))[0]:
+            if _reader_gone():
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        else:
+            return
+    except (ImportError, OSError, ValueError, AttributeError):
+        _stdout_is_pipe = False     # no way to tell here
+        return
+    _silence_stdout()
+    raise BrokenPipeError("the reader went away before reading the message")
 
 
 def _communicate(process, message, renew):

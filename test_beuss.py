@@ -17,6 +17,7 @@ import platform
 import random
 import re
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -3756,16 +3757,21 @@ class CommandLineTest(ServerCase):
         status, out, err = self.run_main("ON", "q", "-W", "0.1")
         self.assertEqual((status, out), (1, b""))
         beuss.put("q", "x", port=self.port)
-        self.assertEqual(self.run_main("ON", "q", "--timeout", "0.1")[:2], (0, b"x"))
+        self.assertEqual(self.run_main("ON", "q", "--timeout", "0.1")[:2], (0, b"x\n"))
+        beuss.put("q", "y", port=self.port)
+        beuss.put("q", "z", port=self.port)
+        self.assertEqual(self.run_main("ON", "q", "-W", "0.1", "-s", "")[:2], (0, b"yz"))
 
-    def test_on_timeout_holds_while_the_server_is_away(self):
-        started = time.monotonic()
-        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
-            status = beuss.main(["ON", "q", "-W", "0.5", "--port", str(free_port())])
-        self.assertEqual(status, 1)
-        self.assertLess(time.monotonic() - started, 5)
-        self.assertIn("cannot reach the server", err.getvalue())
-        self.assertIn("no message on queue q within 0.5 seconds", err.getvalue())
+    def test_a_consumer_that_never_reached_the_server_exits_3(self):
+        for verb in (["ON", "q", "-W", "0.5"], ["SUB", "c", "-W", "0.5"],
+                     ["GET", "q", "--wait", "0.5"]):
+            started = time.monotonic()
+            with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+                status = beuss.main(verb + ["--port", str(free_port())])
+            self.assertEqual(status, 3, verb)
+            self.assertLess(time.monotonic() - started, 5)
+            self.assertIn("cannot reach the server", err.getvalue())
+            self.assertNotIn("no message", err.getvalue())
 
     def test_len_list_ping_stats(self):
         self.client().put_many("jobs", ["a", "bb"])
@@ -3806,8 +3812,9 @@ class CommandLineTest(ServerCase):
 
     def test_peek_and_del(self):
         self.client().put_many("q", ["a", "b", "c"])
-        self.assertEqual(self.run_main("PEEK", "q"), (0, b"a", ""))
-        self.assertEqual(self.run_main("PEEK", "q", "2", "-s", "\\n")[1], b"a\nb\n")
+        self.assertEqual(self.run_main("PEEK", "q"), (0, b"a\n", ""))
+        self.assertEqual(self.run_main("PEEK", "q", "2", "-s", "")[1], b"ab")
+        self.assertEqual(self.run_main("PEEK", "q", "2", "-s", "\\0")[1], b"a\0b\0")
         self.assertEqual(self.client().len("q"), 3)
         self.assertEqual(self.run_main("DEL", "q", "other"), (0, b"1\n", ""))
         self.assertEqual(self.run_main("PEEK", "q"), (1, b"", "beuss: queue q is empty\n"))
@@ -4054,6 +4061,21 @@ class SubprocessTest(ServerCase):
             self.assertEqual(done.returncode, 0, done.stderr)
         return done
 
+    def test_on_into_head_takes_exactly_one_message_a_line(self):
+        if not POSIX:
+            self.skipTest("a shell pipeline")
+        self.beuss("PUT", "hq", "--lines", stdin=b"one\ntwo\nthree\nfour\n")
+        # The pipe's reader stays a moment after head ends: a message the pipe
+        # took meanwhile is unread all the same.
+        command = "%s %s ON hq | (head -1; sleep 0.3)" % (shlex.quote(sys.executable),
+                                                          shlex.quote(BEUSS))
+        environment = dict(os.environ, BPORT=str(self.port))
+        for expected in (b"one\n", b"two\n", b"three\n"):
+            done = subprocess.run(["sh", "-c", command], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=environment, timeout=20)
+            self.assertEqual((done.stdout, done.stderr), (expected, b""))
+        self.assertEqual(self.client().call("LRANGE", "hq", 0, -1), [b"four"])
+
     CONSUMER = """
 import sys, time, beuss
 client = beuss.Client(port=int(sys.argv[1]))
@@ -4217,7 +4239,7 @@ time.sleep(60)
             self.beuss("GET", "jobs", target)
             with open(target, "rb") as f:
                 self.assertEqual(f.read(), b"my-message-content\n")
-        self.assertEqual(self.beuss("ON", "jobs", "--count", "1").stdout, b"second")
+        self.assertEqual(self.beuss("ON", "jobs", "--count", "1").stdout, b"second\n")
         done = self.beuss("GET", "jobs", check=False)
         self.assertEqual((done.returncode, done.stderr), (1, b"beuss: queue jobs is empty\n"))
         done = self.beuss("FROB", check=False)
