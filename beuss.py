@@ -1349,17 +1349,19 @@ class Queues:
         self._count(held.queue, "acknowledged")
 
     def give_back(self, helds, delay=None, why=None, failed=True,
-                  now=None):
+                  now=None, undelivered=False):
         """Put held messages back, in the order they were queued. One at
         its last delivery goes to the tail of its dead letters, recording
         why (or that it failed too often); another goes back to the head of
         its queue after delay seconds, or when delay is None at once if it
         did not fail (its consumer went away) and else after the retry
-        schedule's wait. Returns the queues that dead letters went to."""
+        schedule's wait. undelivered: the consumer could not even start on
+        them, so they go back at once, this delivery not counted. Returns
+        the queues that dead letters went to."""
         now = time.time() if now is None else now
         dead = []
         for held in sorted(helds, key=lambda held: -int(held.id)):
-            if self.is_dead(held.queue, held.deliveries):
+            if not undelivered and self.is_dead(held.queue, held.deliveries):
                 target = dead_letters(held.queue)
                 record = (held.deliveries, now, why or "failed %d deliveries"
                           % held.deliveries)
@@ -1376,14 +1378,15 @@ class Queues:
             self._count(held.queue, "given_back")
             if why == "lease expired":
                 self._count(held.queue, "expired")
-            wait = delay if delay is not None else (
+            wait = 0 if undelivered else delay if delay is not None else (
                 self.retry_wait(held.deliveries) if failed else 0)
+            count = held.deliveries - 1 if undelivered else held.deliveries
             record = (None, None, None)
             if held.died is None:
                 message = Returned(held.message)
-                message.deliveries = held.deliveries
+                message.deliveries = count
             else:                   # a dead letter keeps its record
-                record = (held.deliveries,) + held.died
+                record = (count,) + held.died
                 message = dead_letter(held.message, *record)
             if wait > 0:
                 deferred_id = self.next_id
@@ -1396,10 +1399,12 @@ class Queues:
                                 True)
                 continue
             if self.journal is not None:
-                self.journal.unreserve(held.id, held.queue, True, record)
+                self.journal.unreserve(held.id, held.queue, True, record,
+                                       count)
             self._forget(held)
             self._count(held.queue, "returned")
-            self._add(held.queue, [message], True)
+            self._add(held.queue, [message] if count or record[0] is not None
+                      else [bytes(message)], True)
         return dead
 
     def retry_wait(self, count):
@@ -2241,14 +2246,18 @@ class Store:
     def ack(self, held_id):
         self._add(("ack",), [(int(held_id),)])
 
-    def unreserve(self, held_id, name, to_head, record=(None, None, None)):
-        """A held message back at the head of name, or (a dead letter,
-        with its record) at its tail with no deliveries counted; record is
-        the dead letter's (tries, died, why), if it is one."""
+    def unreserve(self, held_id, name, to_head, record=(None, None, None),
+                  deliveries=None):
+        """A held message back at the head of name, its deliveries counted
+        (or as many as given), or (a dead letter, with its record) at its
+        tail with no deliveries counted; record is the dead letter's
+        (tries, died, why), if it is one."""
         new = self._edge(name, to_head)
+        count = "0" if not to_head else "deliveries" if deliveries is None \
+            else "%d" % deliveries
         self._run([
             ("INSERT INTO queued SELECT ?, ?, message, %s, ?, ?, ? FROM held "
-             "WHERE id = ?" % ("deliveries" if to_head else "0"),
+             "WHERE id = ?" % count,
              (name, new) + tuple(record) + (int(held_id),)),
             ("DELETE FROM held WHERE id = ?", (int(held_id),))])
         self._place(name, new, to_head)
@@ -3979,13 +3988,15 @@ class Server(_Connections):
         if self.lease:
             held.deadline = time.monotonic() + self.lease
 
-    def give_back(self, helds, delay=None, why=None, failed=True):
+    def give_back(self, helds, delay=None, why=None, failed=True,
+                  undelivered=False):
         """NACK, a close or a lease that ran out: the messages go back to
         their queues, at once or after a wait, or to their dead letters
         (see Queues.give_back)."""
         for held in helds:
             held.deadline = None
-        self.queues.give_back(helds, delay, why, failed)
+        self.queues.give_back(helds, delay, why, failed,
+                              undelivered=undelivered)
 
     def _expire_leases(self):
         now = time.monotonic()
@@ -4507,8 +4518,10 @@ def cmd_ack(server, conn, args):
 
 
 def cmd_nack(server, conn, args):
-    # NACK id [id ...] [DELAY seconds] [REASON text]
-    ids, delay, why, i = [], None, None, 1
+    # NACK id [id ...] [DELAY seconds] [REASON text] | [UNDELIVERED]: the
+    # last for a consumer that could not start on the messages (its command
+    # cannot be found): back at once, the delivery not counted.
+    ids, delay, why, undelivered, i = [], None, None, False, 1
     while i < len(args):
         word = args[i].upper()
         if word in (b"DELAY", b"REASON") and i + 1 < len(args):
@@ -4517,16 +4530,22 @@ def cmd_nack(server, conn, args):
             else:
                 why = args[i + 1].decode("utf-8", "replace")[:MAX_REASON]
             i += 2
+        elif word == b"UNDELIVERED":
+            undelivered = True
+            i += 1
         elif word in (b"DELAY", b"REASON") or delay is not None \
-                or why is not None:
+                or why is not None or undelivered:
             raise ReplyError(ERR_SYNTAX)
         else:
             ids.append(args[i])
             i += 1
     if not ids:
         raise _wrong_arity(b"nack")
+    if undelivered and (delay is not None or why is not None):
+        raise ReplyError("ERR UNDELIVERED gives messages back at once, as "
+                         "they were: no DELAY or REASON with it")
     helds = _held(server, conn, [b"nack"] + ids)
-    server.give_back(helds, delay, why)
+    server.give_back(helds, delay, why, undelivered=undelivered)
     return encode_int(len(helds))
 
 
@@ -5096,7 +5115,7 @@ rpoplpush|cmd_rpoplpush|3|write,denyoom|1,2,1|list|1.2.0|Move the tail message o
 brpoplpush|cmd_brpoplpush|4|write,denyoom,noscript,blocking|1,2,1|list|2.2.0|Move the tail message of a queue to the head of another, or wait for one|source destination timeout
 reserve|cmd_reserve|-3|write,blocking|1,-2,1|list|beuss|Hold the head message of the first non-empty queue until ACK, or wait for one|key... timeout
 ack|cmd_ack|-2|write,fast|0,0,0|list|beuss|Remove held messages for good|id...
-nack|cmd_nack|-2|write,fast|0,0,0|list|beuss|Give held messages back: at the head of their queues, after a delay (the retry schedule's unless given), or to their dead letters|id... [DELAY delay] [REASON reason]
+nack|cmd_nack|-2|write,fast|0,0,0|list|beuss|Give held messages back: at the head of their queues, after a delay (the retry schedule's unless given), or to their dead letters; UNDELIVERED: at once, the delivery not counted|id... [DELAY delay] [REASON reason] [UNDELIVERED]
 touch|cmd_touch|-2|fast|0,0,0|list|beuss|Renew the lease of held messages|id...
 defer|cmd_defer|-4|write,denyoom|1,1,1|list|beuss|Add messages to the tail of a queue once a delay has passed|key delay element...
 redrive|cmd_redrive|-2|write|1,1,1|list|beuss|Move dead letters back to the tail of their queue, as new messages|key [count]
@@ -6544,17 +6563,24 @@ end
 return count
 """,
     # ARGV: delay (-1: the schedule), reason, max deliveries, first and
-    # longest retry wait, tokens. Last to first, so that the messages given
-    # back at once keep their order at the head.
+    # longest retry wait, undelivered (1: back at once, the delivery not
+    # counted), tokens. Last to first, so that the messages given back at
+    # once keep their order at the head.
     "nack": """
 local delay, reason, max, first, longest = tonumber(ARGV[1]), ARGV[2],
   tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local undelivered = ARGV[6] == '1'
 local count = 0
-for i = #ARGV, 6, -1 do
+for i = #ARGV, 7, -1 do
   local id = holding(ARGV[i])
   if id then
     redis.call('ZREM', held, id)
-    fail(id, delay, reason, max, first, longest)
+    if undelivered then
+      redis.call('HINCRBY', deliveries, id, -1)
+      redis.call('LPUSH', again, id)
+    else
+      fail(id, delay, reason, max, first, longest)
+    end
     count = count + 1
   end
 end
@@ -6762,6 +6788,16 @@ class Client(_Routing, _Scripts):
         return [DeadRecord(*record) for record in self._own(
             b"WHY", [queue], lambda: self._scripted_why(queue))]
 
+    def serves_reserve(self):
+        """Whether the server is a beuss (RESERVE is its own), not a Redis
+        on which the scripts stand in; asked once, without taking anything."""
+        if self.reserving is None:
+            if self.call(b"COMMAND", b"INFO", b"RESERVE")[0] is not None:
+                self.reserving = "RESERVE"
+            else:
+                self._choose_scripts()
+        return self.reserving == "RESERVE"
+
     def _own(self, command, args, scripted):
         """Run one of beuss's own commands; against a server without them
         (a Redis), scripted() does the same in Lua."""
@@ -6933,18 +6969,21 @@ class Client(_Routing, _Scripts):
             return self._by_queue("ack", ids)
         return self.call(b"ACK", *ids)
 
-    def nack(self, *ids, delay=None, reason=None):
+    def nack(self, *ids, delay=None, reason=None, undelivered=False):
         """Give held messages back: after delay seconds, or the server's
         retry schedule when delay is None (0: at once); reason is what
-        their dead-letter record says if they die. How many were held."""
+        their dead-letter record says if they die. undelivered: back at
+        once, this delivery not counted (the consumer could not start on
+        them). How many were held."""
         reason = None if reason is None else _arg(reason)[:MAX_REASON]
         if _scripted_ids(ids):
             if delay is not None:
                 delay = _number_text(delay)
                 _delay(delay)       # refused as the server refuses it
             return self._by_queue("nack", ids, -1 if delay is None else delay,
-                                  reason or b"", *self._retry_arguments())
-        options = []
+                                  reason or b"", *self._retry_arguments()
+                                  + [1 if undelivered else 0])
+        options = [b"UNDELIVERED"] if undelivered else []
         if delay is not None:
             options += [b"DELAY", _number_text(delay)]
         if reason is not None:
@@ -7162,18 +7201,20 @@ class Message:
         lease's length from now. Whether it was still held."""
         return self.id is None or self.client.touch(self.id) == 1
 
-    def nack(self, delay=None, reason=None):
+    def nack(self, delay=None, reason=None, undelivered=False):
         """Give the message back, after delay seconds or the server's retry
-        schedule; reason goes into its dead-letter record if it dies. A
-        failure to give it back is said on stderr, since the server gives
-        back what a closed connection held anyway."""
+        schedule; reason goes into its dead-letter record if it dies;
+        undelivered: at once, this delivery not counted. A failure to give
+        it back is said on stderr, since the server gives back what a
+        closed connection held anyway."""
         if delay is not None:
             _delay(_number_text(delay))     # a bad delay is the caller's
         if self.id is None:
             self.client.put_back(self.queue, self.data)
             return True
         try:
-            return self.client.nack(self.id, delay=delay, reason=reason) == 1
+            return self.client.nack(self.id, delay=delay, reason=reason,
+                                    undelivered=undelivered) == 1
         except BeussError as exc:
             _warn("could not give back message %s: %s; the server does once "
                   "the connection closes" % (self.id.decode(), exc))
@@ -7326,6 +7367,16 @@ class CommandFailed(HandlerFailed):
     reason = ""
 
 
+class CommandUnusable(HandlerFailed):
+    """The --exec command could not be run at all (the shell's status 126,
+    or 127: not found), and will not run for the next message either: ON
+    gives the message back as it was and stops with that status."""
+
+    def __init__(self, text, status):
+        HandlerFailed.__init__(self, text)
+        self.status = status
+
+
 def main(argv=None):
     """Run the command line; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -7355,7 +7406,7 @@ def main(argv=None):
         return EXIT_USAGE
     except HandlerFailed as exc:
         _warn(str(exc))
-        return EXIT_HANDLER
+        return getattr(exc, "status", EXIT_HANDLER)
     except StartFailed as exc:
         _warn(str(exc))
         return EXIT_START
@@ -7560,6 +7611,26 @@ def _add_script_settings(parser):
                             dest=name, help="on a Redis: " + text)
 
 
+def _consumer(options):
+    """GET's and ON's client. The lease and the retry schedule given on the
+    command line are the consumer's on a Redis only: on a beuss they are
+    the server's, and given here they would be ignored, so they are
+    refused."""
+    client = _client(options)
+    given = [name for name in _SCRIPT_SETTINGS
+             if getattr(options, name, None) is not None]
+    try:
+        if given and client.serves_reserve():
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError("%s is the server's setting here: start the "
+                             "server with it (python beuss.py %s %s)" % (
+                                 flag, flag, getattr(options, given[0])))
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 def _token(options):
     """--token, else the first line of --token-file, else None (BTOKEN)."""
     if options.token_file is None:
@@ -7714,6 +7785,10 @@ def _add_message_source(parser):
     parser.add_argument("-l", "--lines", action="store_true",
                         help="each line of stdin is a message of its own")
     parser.add_argument("-f", "--file", help="send the contents of FILE")
+    parser.add_argument("--empty", action="store_true",
+                        help="an empty stdin or FILE is an empty message "
+                        "(else it is refused: a failed command before the "
+                        "pipe puts nothing)")
     _add_address(parser)
 
 
@@ -7741,27 +7816,46 @@ def _messages(options, verb):
     if options.message is not None and (options.file or options.lines):
         raise UsageError("%s takes a message, --file or stdin, not two" % verb)
     if options.message is not None:
-        data = os.fsencode(options.message)
-    elif options.file:
+        return [os.fsencode(options.message)]
+    # Read no more than one message can be (the protocol's limit), and say
+    # so before reading a file that is larger.
+    most = None if options.lines else MAX_BULK_LENGTH + 1
+    if options.file:
+        source = "the file %s" % options.file
         try:
-            with open(options.file, "rb") as source:
-                data = source.read()
+            if most and os.path.getsize(options.file) >= most:
+                raise UsageError(_too_large(source))
+            with open(options.file, "rb") as reader:
+                data = reader.read(most)
         except OSError as exc:
             raise UsageError("cannot read %s: %s" % (options.file, _reason(exc)))
     else:
+        source = "stdin"
         if sys.stdin is None:
             raise UsageError("%s needs a message: an argument, --file or "
                              "stdin" % verb)
         if sys.stdin.isatty():
             _warn("reading the message from the terminal; end it with "
                   "Ctrl-D (Ctrl-Z Enter on Windows)")
-        data = sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(most) if most else sys.stdin.buffer.read()
+    if most and len(data) >= most:
+        raise UsageError(_too_large(source))
+    if not data and not options.empty:
+        raise UsageError("%s is empty: nothing to %s (--empty %s an empty "
+                         "message)" % (source, verb.lower(), "puts" if verb ==
+                                       "PUT" else "publishes"))
     if not options.lines:
         return [data]
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def _too_large(source):
+    return ("%s is larger than a message can be: 512 MiB (%d bytes) is the "
+            "limit of the protocol, whatever the server's --max-message-size"
+            % (source, MAX_BULK_LENGTH))
 
 
 # GET ------------------------------------------------------------------------
@@ -7778,7 +7872,7 @@ def _get_arguments(parser):
 
 def run_get(options):
     queue = _queue(options.queue)
-    with _client(options) as client:
+    with _consumer(options) as client:
         if options.file == "-":
             if sys.stdout is None:          # started with stdout closed
                 raise HandlerFailed("cannot write the message: stdout is "
@@ -7935,7 +8029,7 @@ def run_on(options):
                       "delay, or to %s.dead after its last delivery"
                       % (options.queue, options.queue))
     handled = 0
-    with _client(options) as client:
+    with _consumer(options) as client:
         messages = client.reservations(queue, options.timeout, slices=True)
         renew = None                # a long --exec keeps its lease
         if client.lease:
@@ -7953,6 +8047,11 @@ def run_on(options):
                 continue
             try:
                 handle(message.data, None, message.deliveries, renew)
+            except CommandUnusable as exc:
+                message.nack(undelivered=True)
+                raise CommandUnusable("%s; the message is back at the head "
+                                      "of %s as it was, and ON stops" % (
+                                          exc, options.queue), exc.status)
             except CommandFailed as exc:
                 message.nack(reason=exc.reason)
                 if client.reserving == "pops":
@@ -7996,6 +8095,14 @@ def _handler(options, after_failure):
                 sys.stderr, "buffer") else sys.stderr.write(
                     stderr.decode("utf-8", "replace"))
             sys.stderr.flush()
+            if process.returncode in (126, 127):
+                raise CommandUnusable("%r could not be run (exit status %d: "
+                                      "the shell %s)" % (
+                                          options.command, process.returncode,
+                                          "found no such command"
+                                          if process.returncode == 127 else
+                                          "could not run it"),
+                                      process.returncode)
             if process.returncode != 0:
                 exc = CommandFailed("%r exited with status %d; %s" % (
                     options.command, process.returncode, after_failure))

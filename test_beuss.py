@@ -3870,6 +3870,71 @@ class CommandLineTest(ServerCase):
         self.assertEqual(beuss._bytes("2t"), 2 * 1000 ** 4)
         self.assertEqual(beuss._port("65535"), 65535)
 
+    def test_put_refuses_an_empty_stdin_or_file_unless_asked(self):
+        refused = "beuss: stdin is empty: nothing to put (--empty puts an empty message)\n"
+        self.assertEqual(self.run_main("PUT", "e", stdin=b""), (2, b"", refused))
+        self.assertEqual(self.run_main("PUT", "e", "--lines", stdin=b""), (2, b"", refused))
+        self.assertEqual(self.run_main("PUB", "c", stdin=b"")[0], 2)
+        empty = os.path.join(tempfile.mkdtemp(), "empty")
+        self.addCleanup(shutil.rmtree, os.path.dirname(empty))
+        open(empty, "wb").close()
+        status, _, err = self.run_main("PUT", "e", "-f", empty)
+        self.assertEqual((status, err), (2, "beuss: the file %s is empty: nothing to put "
+                                         "(--empty puts an empty message)\n" % empty))
+        self.assertFalse(self.client().call("EXISTS", "e"))
+        self.assertEqual(self.run_main("PUT", "e", "--empty", stdin=b"")[0], 0)
+        self.assertEqual(self.run_main("PUT", "e", "")[0], 0)       # an argument may be
+        self.assertEqual(self.client().call("LRANGE", "e", 0, -1), [b"", b""])
+
+    def test_put_knows_the_protocol_limit_before_reading(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "big.bin")
+        with open(path, "wb") as big:
+            big.truncate(beuss.MAX_BULK_LENGTH + 1)         # sparse: nothing read
+        status, _, err = self.run_main("PUT", "q", "-f", path)
+        self.assertEqual((status, err), (2, "beuss: the file %s is larger than a message "
+                                         "can be: 512 MiB (536870912 bytes) is the limit "
+                                         "of the protocol, whatever the server's "
+                                         "--max-message-size\n" % path))
+        with mock.patch.object(beuss, "MAX_BULK_LENGTH", 10):
+            with open(path, "wb") as at_limit:
+                at_limit.write(b"0123456789")
+            self.assertEqual(self.run_main("PUT", "q", "-f", path)[0], 0)
+            self.assertEqual(self.run_main("PUT", "q", stdin=b"0123456789")[0], 0)
+            status, _, err = self.run_main("PUT", "q", stdin=b"0123456789x")
+            self.assertEqual(status, 2)
+            self.assertIn("stdin is larger than a message can be", err)
+        self.assertEqual(self.client().len("q"), 2)
+
+    def test_the_servers_settings_are_refused_to_a_consumer_of_beuss(self):
+        self.client().put("q", "kept")
+        for verb in (["ON", "q", "--max-deliveries", "2"], ["GET", "q", "--lease", "5"],
+                     ["ON", "q", "--retry-delay", "0.1"]):
+            flag, value = verb[2:]
+            self.assertEqual(self.run_main(*verb), (2, b"", (
+                "beuss: %s is the server's setting here: start the server with it "
+                "(python beuss.py %s %s)\n" % (flag, flag, value))))
+        self.assertEqual(self.client().call("LRANGE", "q", 0, -1), [b"kept"])
+
+    def test_a_command_that_cannot_run_stops_on_and_counts_no_delivery(self):
+        if not POSIX:
+            self.skipTest("the shell's 126 and 127 are POSIX's")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        not_executable = os.path.join(folder, "script")
+        with open(not_executable, "w") as script:
+            script.write("echo hi\n")
+        self.client().put_many("q", ["m", "n"])
+        for command, status in (("nosuch-beuss-command", 127), (not_executable, 126)):
+            got, out, err = self.run_main("ON", "q", "--exec", command)
+            self.assertEqual(got, status, err)
+            self.assertIn("%r could not be run (exit status %d" % (command, status), err)
+            self.assertIn("the message is back at the head of q as it was, and ON stops",
+                          err)
+        message = self.client().reserve("q")
+        self.assertEqual((message.data, message.deliveries), (b"m", 1))
+
     def test_an_unknown_option_gets_the_one_it_is_close_to(self):
         status, _, err = self.run_main("PUT", "q", "x", "--lnes")
         self.assertEqual((status, err), (2, "beuss: PUT: unrecognized argument --lnes; "
@@ -4911,6 +4976,19 @@ class FuzzTest(unittest.TestCase):
         self.assertIsNone(server.poll())
 
 
+class ReplyErrorLike:
+    """Equal to a ReplyError whose text starts so."""
+
+    def __init__(self, start):
+        self.start = start
+
+    def __eq__(self, other):
+        return isinstance(other, beuss.ReplyError) and str(other).startswith(self.start)
+
+    def __repr__(self):
+        return "ReplyError(%r...)" % self.start
+
+
 class RedisServer:
     """A real redis-server on a free loopback port, for comparison."""
 
@@ -5847,6 +5925,27 @@ class ClientAgainstRedisTest(unittest.TestCase):
             _, due = client.call("ZRANGE", beuss._companion(b"jobs", b"deferred"),
                                     0, -1, "WITHSCORES")
             self.assertAlmostEqual(float(due) - now, 1234567, delta=2)
+
+    def test_a_message_given_back_undelivered_keeps_its_count_on_both_engines(self):
+        redis = RedisServer(self)
+        self.addCleanup(redis.stop)
+        with beuss.Server(("127.0.0.1", 0)) as server:
+            for port in (server.address[1], redis.port):
+                with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                    client.put_many("u", ["a", "b"])
+                    first = client.reserve("u")
+                    self.assertTrue(first.nack(delay=0))
+                    again = client.reserve("u")
+                    self.assertEqual((again.data, again.deliveries), (b"a", 2))
+                    self.assertTrue(again.nack(undelivered=True))
+                    last = client.reserve("u")
+                    self.assertEqual((last.data, last.deliveries), (b"a", 2), port)
+            with beuss.Client(port=server.address[1], timeout=TIMEOUT) as client:
+                self.assertEqual(client.pipeline(
+                    [["NACK", "1", "DELAY", "1", "UNDELIVERED"],
+                     ["NACK", "1", "UNDELIVERED", "x"]]),
+                    [ReplyErrorLike("ERR UNDELIVERED gives messages back at once"),
+                     ReplyErrorLike("ERR syntax error")])
 
     def test_without_lua_reserve_falls_back_to_plain_pops_said_once(self):
         redis = RedisServer(self, "--rename-command", "EVAL", "",
