@@ -3599,6 +3599,18 @@ class Server(_Connections):
     def _unknown(self, conn, args):
         """The reply to a command beuss does not know; None when the
         connection was closed instead."""
+        if args[0].lower() in (b"get", b"head") and len(args) == 3 \
+                and args[2].startswith(b"HTTP/"):
+            # A browser or curl on the bus's port: one plain answer that
+            # says where the status page is, then the close.
+            conn.closing = True
+            return ("HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; "
+                    "charset=utf-8\r\nConnection: close\r\n\r\nThis is the "
+                    "port of beuss's bus, for Redis clients, not a web page. "
+                    "%s\n" % ("The status page is at http://%s/." % (
+                        _address_text(self.http)) if self.http else
+                        "The status page is off: start the server with --http "
+                        "PORT.")).encode()
         if args[0].lower() in (b"post", b"host:"):
             # A web page made a browser send this: close at once.
             self._complain("closed a connection from %s that spoke HTTP: a "
@@ -5716,9 +5728,16 @@ class _HttpConn:
             return
         self.data += chunk
         end = self.data.find(b"\r\n\r\n")
-        if end < 0 and len(self.data) <= HTTP_MAX_REQUEST:
+        if self.data[:1] in (b"*", b"$") or (
+                b"\r\n" in self.data and b" HTTP/" not in self.data.split(
+                    b"\r\n", 1)[0]):
+            # A client of the bus on the page's port: say so at once.
+            answer = _http_reply(400, "text/plain", (
+                "This is the port of beuss's status page; clients of the bus "
+                "connect to port %d.\n" % self.server.port).encode())
+        elif end < 0 and len(self.data) <= HTTP_MAX_REQUEST:
             return
-        if end < 0 or end > HTTP_MAX_REQUEST:
+        elif end < 0 or end > HTTP_MAX_REQUEST:
             answer = _http_reply(431, "text/plain", b"request too large\n")
         else:
             try:
@@ -6209,8 +6228,13 @@ class _Link:
                 self.client.tls and not isinstance(exc, socket.timeout) else ""
             raise ConnectionFailed("lost the server at %s:%d: %s%s"
                                    % (self.host, self.port, _reason(exc), hint))
-        except (ProtocolError, ValueError):
+        except (ProtocolError, ValueError) as exc:
             self.close()
+            if "'HTTP/" in str(exc):
+                raise ProtocolError(
+                    "the server at %s:%d answers in HTTP: that is a web "
+                    "server's port (a beuss status page's?), not the bus's"
+                    % (self.host, self.port))
             raise ProtocolError("the server at %s:%d does not answer in the "
                                 "Redis protocol" % (self.host, self.port))
         except BaseException:

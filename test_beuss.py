@@ -3096,6 +3096,26 @@ class StatusPageTest(ServerCase):
             self.assertGreater(time.monotonic() - started, 0.4)
         self.assertGreater(len(sock.recv(65536)), 0)     # it had begun
 
+    def test_each_port_tells_a_client_of_the_other_where_to_go(self):
+        sock = self.connect()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = self.receive(sock, 10000)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 400 Bad Request\r\n"), answer)
+        self.assertTrue(answer.endswith(b"The status page is at http://127.0.0.1:%d/.\n"
+                                        % self.server.http[1]), answer)
+        started, err = time.monotonic(), io.StringIO()
+        with mock.patch.object(sys, "stderr", err):
+            status = beuss.main(["PUT", "q", "x", "--port", str(self.server.http[1])])
+        self.assertEqual((status, err.getvalue()), (3, (
+            "beuss: the server at 127.0.0.1:%d answers in HTTP: that is a web server's "
+            "port (a beuss status page's?), not the bus's\n" % self.server.http[1])))
+        self.assertLess(time.monotonic() - started, 2)
+        with beuss.Server(("127.0.0.1", 0)) as bare:
+            with socket.create_connection(bare.address, TIMEOUT) as sock:
+                sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+                self.assertIn(b"The status page is off: start the server with --http PORT.",
+                              self.receive(sock, 10000))
+
     def test_the_numbers_behind_the_page(self):
         client = self.client()
         client.put_many("q", ["a", "b", "c", "d"])
