@@ -1794,16 +1794,17 @@ def _literal_prefix(pattern):
 # server was down is ready at start; a dead letter's record (deliveries,
 # when, why) is part of its row.
 #
-# Schema (user_version 3; an older file is upgraded at start, a version at
+# Schema (user_version 4; an older file is upgraded at start, a version at
 # a time): queued(queue, position, message, deliveries, tries, died, why),
 # ordered by position within a queue; held(id, queue, message, deliveries,
 # tries, died, why); deferred(id, queue, message, deliveries, due, head,
 # tries, died, why); settings(name, value) with next_id. tries, died and
 # why are a dead letter's record, empty for other messages (a dead letter
-# counts its deliveries in tries).
+# counts its deliveries in tries). A queue's name is TEXT where it is UTF-8
+# (so `WHERE queue = 'jobs'` finds it), a BLOB where it is not.
 
 _STORE_ID = 0x62657573          # "beus", PRAGMA application_id
-_STORE_VERSION = 3              # PRAGMA user_version
+_STORE_VERSION = 4              # PRAGMA user_version
 _RECORD_COLUMNS = "tries INTEGER, died REAL, why TEXT"
 _INSERT_QUEUED = "INSERT INTO queued VALUES (?, ?, ?, ?, ?, ?, ?)"
 _STORE_SCHEMA = """
@@ -1827,7 +1828,38 @@ CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
                        due REAL NOT NULL, head INTEGER NOT NULL);""",
     3: "".join("ALTER TABLE %s ADD COLUMN %s;" % (table, column)
                for table in ("held", "deferred")
-               for column in _RECORD_COLUMNS.split(", "))}
+               for column in _RECORD_COLUMNS.split(", ")),
+    4: lambda db: _names_as_text(db)}
+
+
+def _upgrade(db, version):
+    """Bring a store from version to _STORE_VERSION, in one transaction."""
+    db.execute("BEGIN")
+    try:
+        for number in range(version + 1, _STORE_VERSION + 1):
+            step = _STORE_UPGRADES[number]
+            if callable(step):
+                step(db)
+                continue
+            for statement in step.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        db.execute("PRAGMA user_version = %d" % _STORE_VERSION)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _names_as_text(db):
+    """Version 4: every queue name that is UTF-8 becomes TEXT."""
+    for table in ("queued", "held", "deferred"):
+        for name, in db.execute("SELECT DISTINCT queue FROM %s WHERE "
+                                "typeof(queue) = 'blob'" % table).fetchall():
+            key = _name_key(name)
+            if key.__class__ is str:
+                db.execute("UPDATE %s SET queue = ? WHERE queue = ?" % table,
+                           (key, name))
 FSYNC_POLICIES = ("always", "everysec", "no")
 
 
@@ -1848,6 +1880,20 @@ def _blob(data):
     return bytearray(data)
 
 
+def _name_key(name):
+    """A queue's name as the store keeps it: TEXT when it is UTF-8, so that
+    plain SQL finds it (WHERE queue = 'jobs'), else a BLOB."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        return bytearray(name)
+
+
+def _name_of(key):
+    """A queue's name (bytes) from the store's TEXT or BLOB."""
+    return key.encode("utf-8") if key.__class__ is str else key
+
+
 def _run_statements(key, items):
     """The statements that write a run of like changes (Store._add): one,
     or for many pushes one a hundred rows and one for the rest."""
@@ -1865,7 +1911,7 @@ def _run_statements(key, items):
         return [("DELETE FROM held WHERE id = ?", items)]
     # Pops: the run's last position bounds what it took from that end.
     return [("DELETE FROM queued WHERE queue = ? AND position %s ?" % (
-        "<=" if key[2] else ">="), (_blob(key[1]), items[-1]))]
+        "<=" if key[2] else ">="), (_name_key(key[1]), items[-1]))]
 
 
 class Store:
@@ -1929,10 +1975,7 @@ class Store:
             if exists:
                 version = _first(db, "PRAGMA user_version")[0]
                 if version < _STORE_VERSION and version + 1 in _STORE_UPGRADES:
-                    db.executescript("BEGIN;" + "".join(
-                        _STORE_UPGRADES[number] for number
-                        in range(version + 1, _STORE_VERSION + 1))
-                        + "PRAGMA user_version = %d; COMMIT;" % _STORE_VERSION)
+                    _upgrade(db, version)
                 _check_store(db, self.path)
             else:
                 db.executescript(_STORE_SCHEMA)
@@ -2002,6 +2045,8 @@ class Store:
         for row in db.execute("SELECT id, queue, message, deliveries, tries, "
                               "died, why FROM held ORDER BY id DESC").fetchall():
             held_id, name, message, count, _, died, why = row
+            row = (held_id, _name_of(name)) + row[2:]
+            name = row[1]
             _check_row(self.path, "held", row, (int, bytes) + (
                 _QUEUED_TYPES if why is None else _DEAD_LETTER_TYPES)[2:])
             record = (None, None, None)
@@ -2014,7 +2059,7 @@ class Store:
             if name not in edges:
                 edges[name] = list(_first(db, "SELECT min(position), "
                                    "max(position) FROM queued WHERE queue = ?",
-                                   (name,)))
+                                   (_name_key(name),)))
             edge = edges[name]
             if edge[0] is None:
                 position = edge[0] = edge[1] = 0.0
@@ -2022,8 +2067,8 @@ class Store:
                 position = edge[0] = edge[0] - 1
             else:
                 position = edge[1] = edge[1] + 1
-            fixes.append((_INSERT_QUEUED, (name, position, message, count)
-                          + record))
+            fixes.append((_INSERT_QUEUED, (_name_key(name), position, message,
+                                           count) + record))
         if fixes:
             fixes.append(("DELETE FROM held", ()))
         for statement in fixes:
@@ -2035,6 +2080,7 @@ class Store:
                              % (self.path, queues.next_id))
         for row in db.execute("SELECT id, queue, message, deliveries, due, "
                               "head, tries, died, why FROM deferred").fetchall():
+            row = row[:1] + (_name_of(row[1]),) + row[2:]
             _check_row(self.path, "deferred", row, (int, bytes, bytes, int,
                        float, int) + (_QUEUED_TYPES if row[-1] is None
                                       else _DEAD_LETTER_TYPES)[4:])
@@ -2052,6 +2098,9 @@ class Store:
                 "SELECT queue, position, message, deliveries, tries, died, "
                 "why FROM queued ORDER BY queue, position"):
             queue, position, message, count, tries, died, why = row
+            if queue.__class__ is str:
+                queue = queue.encode("utf-8")
+                row = (queue,) + row[1:]
             if message.__class__ is not bytes or count.__class__ is not int \
                     or queue.__class__ is not bytes \
                     or position.__class__ is not float or why is not None \
@@ -2089,15 +2138,15 @@ class Store:
         else:
             edge = positions[-1] if positions else 0.0
             new = [edge + i + 1 for i in range(len(messages))]
+        key = _name_key(name)
         if any(message.__class__ is DeadLetter for message in messages):
             self._add(("push", name, True), [
-                (name, position, message, deliveries(message))
+                (key, position, message, deliveries(message))
                 + dead_record(message)
                 for position, message in zip(new, messages)])
         else:
-            blob = _blob(name)
             self._add(("push", name, False), [
-                (blob, position, _blob(message), deliveries(message))
+                (key, position, _blob(message), deliveries(message))
                 for position, message in zip(new, messages)])
         if positions is None:
             positions = self._positions[name] = collections.deque()
@@ -2131,9 +2180,9 @@ class Store:
             ("INSERT INTO queued (queue, position, message, deliveries) "
              "SELECT ?, ?, message, %s FROM queued WHERE queue = ? AND "
              "position = ?" % ("0" if fresh else "deliveries"),
-             (target, new, source, old)),
+             (_name_key(target), new, _name_key(source), old)),
             ("DELETE FROM queued WHERE queue = ? AND position = ?",
-             (source, old))])
+             (_name_key(source), old))])
         positions.popleft() if from_left else positions.pop()
         if not positions:
             del self._positions[source]
@@ -2143,7 +2192,7 @@ class Store:
     def set(self, name, index, message):
         self._run([("UPDATE queued SET message = ?, deliveries = 0 WHERE "
                     "queue = ? AND position = ?",
-                    (message, name, self._positions[name][index]))])
+                    (message, _name_key(name), self._positions[name][index]))])
 
     def insert(self, name, index, message, queue):
         positions = self._positions[name]
@@ -2151,8 +2200,8 @@ class Store:
         after = positions[index] if index < len(positions) else before + 2
         middle = (before + after) / 2
         if before < middle < after:
-            self._run([(_INSERT_QUEUED, (name, middle, message, 0, None,
-                                         None, None))])
+            self._run([(_INSERT_QUEUED, (_name_key(name), middle, message, 0,
+                                         None, None, None))])
             positions.insert(index, middle)
             return
         # No room left between the two neighbours: number a stretch of the
@@ -2173,14 +2222,15 @@ class Store:
             width *= 2
         old = list(itertools.islice(queue, low, high))
         moved = old[:index - low] + [message] + old[index - low:]
+        key = _name_key(name)
         statements = [(_INSERT_QUEUED,
-                       [(name, position, item, deliveries(item))
+                       [(key, position, item, deliveries(item))
                         + dead_record(item)
                         for position, item in zip(new, moved)])]
         if high > low:
             statements.insert(0, (
                 "DELETE FROM queued WHERE queue = ? AND position >= ? AND "
-                "position <= ?", (name, positions[low], positions[high - 1])))
+                "position <= ?", (key, positions[low], positions[high - 1])))
         self._run(statements)
         positions.rotate(-low)
         for _ in range(high - low):
@@ -2191,9 +2241,9 @@ class Store:
     def remove(self, name, indexes):
         """LREM: the messages at these indexes (in order) go."""
         positions = self._positions[name]
-        gone = set(indexes)
-        removed = [(name, positions[i]) for i in indexes] if len(
-            indexes) < 8 else [(name, position) for i, position
+        gone, key = set(indexes), _name_key(name)
+        removed = [(key, positions[i]) for i in indexes] if len(
+            indexes) < 8 else [(key, position) for i, position
                                in enumerate(positions) if i in gone]
         self._run([("DELETE FROM queued WHERE queue = ? AND position = ?",
                     removed)])
@@ -2206,14 +2256,14 @@ class Store:
 
     def trim(self, name, head, tail):
         """LTRIM: head messages go from the head, tail from the tail."""
-        positions = self._positions[name]
+        positions, key = self._positions[name], _name_key(name)
         statements = []
         if head:
             statements.append(("DELETE FROM queued WHERE queue = ? AND "
-                               "position <= ?", (name, positions[head - 1])))
+                               "position <= ?", (key, positions[head - 1])))
         if tail:
             statements.append(("DELETE FROM queued WHERE queue = ? AND "
-                               "position >= ?", (name, positions[-tail])))
+                               "position >= ?", (key, positions[-tail])))
         self._run(statements)
         for _ in range(head):
             positions.popleft()
@@ -2221,7 +2271,7 @@ class Store:
             positions.pop()
 
     def delete(self, name):
-        self._run([("DELETE FROM queued WHERE queue = ?", (name,))])
+        self._run([("DELETE FROM queued WHERE queue = ?", (_name_key(name),))])
         del self._positions[name]
 
     def clear(self):
@@ -2233,9 +2283,9 @@ class Store:
         self._run([
             ("INSERT INTO held SELECT ?, queue, message, ?, tries, died, why "
              "FROM queued WHERE queue = ? AND position = ?",
-             (int(held_id), count, _blob(name), position)),
+             (int(held_id), count, _name_key(name), position)),
             ("DELETE FROM queued WHERE queue = ? AND position = ?",
-             (_blob(name), position)),
+             (_name_key(name), position)),
             ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
              (int(held_id) + 1,))])
         positions = self._positions[name]
@@ -2258,7 +2308,7 @@ class Store:
         self._run([
             ("INSERT INTO queued SELECT ?, ?, message, %s, ?, ?, ? FROM held "
              "WHERE id = ?" % count,
-             (name, new) + tuple(record) + (int(held_id),)),
+             (_name_key(name), new) + tuple(record) + (int(held_id),)),
             ("DELETE FROM held WHERE id = ?", (int(held_id),))])
         self._place(name, new, to_head)
 
@@ -2266,7 +2316,7 @@ class Store:
         self._run([
             ("INSERT INTO deferred (id, queue, message, deliveries, due, head) "
              "VALUES (?, ?, ?, 0, ?, 0)",
-             [(deferred_id, name, message, due)
+             [(deferred_id, _name_key(name), message, due)
               for deferred_id, message in zip(ids, messages)]),
             ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
              (ids[-1] + 1,))])

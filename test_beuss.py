@@ -1107,7 +1107,8 @@ class StoreTest(unittest.TestCase):
         damages = [
             "UPDATE queued SET message = 'text'",
             "UPDATE queued SET deliveries = 'many'",
-            "INSERT INTO held (id, queue, message, deliveries) VALUES (5, 'q', x'00', 1)",
+            "INSERT INTO held (id, queue, message, deliveries) VALUES (5, 7, x'00', 1)",
+            "UPDATE queued SET queue = 1.5",
             "UPDATE settings SET value = 'x' WHERE name = 'next_id'",
             "ALTER TABLE queued RENAME COLUMN deliveries TO count",
             "UPDATE deferred SET due = 'soon'",
@@ -4693,6 +4694,57 @@ class DeferredDurabilityTest(unittest.TestCase):
         self.assertGreater(queues.next_id, 7)
 
 
+    def test_stores_of_every_earlier_version_keep_utf8_names_as_text(self):
+        import sqlite3
+        record = ", tries INTEGER, died REAL, why TEXT"
+        schemas = {1: ("", "", None), 2: (record, "", ""), 3: (record, record, record)}
+        for version, (queued, held, deferred) in schemas.items():
+            folder = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, folder)
+            path = os.path.join(folder, "v%d.db" % version)
+            db = sqlite3.connect(path)
+            db.executescript("""
+                CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
+                                     message BLOB NOT NULL, deliveries INTEGER NOT NULL%s,
+                                     PRIMARY KEY (queue, position)) WITHOUT ROWID;
+                CREATE TABLE held (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
+                                   message BLOB NOT NULL, deliveries INTEGER NOT NULL%s);
+                CREATE TABLE settings (name TEXT PRIMARY KEY, value);
+                PRAGMA application_id = %d; PRAGMA user_version = %d;
+                INSERT INTO queued (queue, position, message, deliveries)
+                    VALUES (x'6a6f6273', 1.0, x'61', 0), (x'ff', 1.0, x'62', 0);
+                INSERT INTO held (id, queue, message, deliveries)
+                    VALUES (3, x'6a6f6273', x'68', 1);
+                INSERT INTO settings VALUES ('next_id', 7);""" % (
+                    queued, held, beuss._STORE_ID, version))
+            if deferred is not None:
+                db.executescript("""
+                    CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
+                        message BLOB NOT NULL, deliveries INTEGER NOT NULL,
+                        due REAL NOT NULL, head INTEGER NOT NULL%s);
+                    INSERT INTO deferred (id, queue, message, deliveries, due, head)
+                        VALUES (5, x'6a6f6273', x'64', 0, 1.0, 0);""" % deferred)
+            db.close()
+            store, queues = beuss.Store(path), beuss.Queues()
+            store.load(queues)
+            queues.journal = store
+            queues.release_due()
+            queues.push(b"jobs", [b"new"])
+            store.commit()
+            store.close()
+            db = sqlite3.connect(path)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 4)
+            self.assertEqual(b"".join(row[0] for row in db.execute(
+                "SELECT message FROM queued WHERE queue = 'jobs' ORDER BY position")),
+                b"ha" + (b"d" if deferred is not None else b"") + b"new")
+            self.assertEqual(db.execute("SELECT typeof(queue) FROM queued WHERE "
+                                        "message = x'62'").fetchone()[0], "blob")
+            db.close()
+            store, queues = beuss.Store(path), beuss.Queues()
+            store.load(queues)
+            store.close()
+            self.assertEqual(sorted(queues.names()), [b"jobs", b"\xff"], version)
+
     def test_a_version_2_store_is_upgraded_in_place(self):
         import sqlite3
         folder = tempfile.mkdtemp()
@@ -5879,6 +5931,37 @@ class ReadmeTest(ServerCase):
                          b"b'\\x00 any bytes'\nNone\n")
         out = self.run_snippet([redis_python(self), "-c"], redis_py_snippet)
         self.assertEqual(out, b"(b'jobs', b'hello')\n[1, b'a']\n")
+
+    def test_the_store_schema_and_queries_hold_for_a_real_file(self):
+        import sqlite3
+        block, = self.snippets("sql")
+        statements = [statement.strip() for statement in
+                      "\n".join(line.split("--")[0] for line in block.splitlines()).split(";")
+                      if statement.strip()]
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "beuss.db")
+        with beuss.Server(("127.0.0.1", 0), data=path, max_deliveries=1) as server:
+            with beuss.Client(port=server.address[1], timeout=TIMEOUT) as client:
+                client.put_many("jobs", ["a", "b", "c"])
+                client.reserve("jobs").nack(reason="boom")
+                client.put("later", "x", delay=3600)
+        documented = sqlite3.connect(":memory:")
+        real = sqlite3.connect(path)
+        for statement in statements:
+            if statement.startswith("CREATE"):
+                documented.execute(statement)
+        for table in ("queued", "held", "deferred", "settings"):
+            self.assertEqual([row[1] for row in documented.execute("PRAGMA table_info(%s)" % table)],
+                             [row[1] for row in real.execute("PRAGMA table_info(%s)" % table)])
+        answers = [real.execute(statement).fetchall() for statement in statements
+                   if statement.startswith("SELECT")]
+        real.close()
+        self.assertEqual(answers[0], [("jobs", 2), ("jobs.dead", 1)])
+        (died, tries, why), = answers[1]
+        self.assertEqual((tries, why), (1, "boom"))
+        self.assertTrue(died.startswith(time.strftime("%Y-", time.gmtime())))
+        self.assertEqual([queue for queue, _ in answers[2]], ["later"])
 
     def test_node_snippet_runs_as_a_commonjs_file_and_exits(self):
         node = need_tool(self, "node")
