@@ -6436,13 +6436,13 @@ class _Scripts:
                 break
         return moved
 
-    def _scripted_why(self, queue):
+    def _scripted_why(self, queue, start=0, stop=-1):
         queue = _arg(queue)
         if not queue.endswith(b".dead"):
             return [(message, None, None, None) for message in self.call(
-                b"LRANGE", queue, 0, -1)]
+                b"LRANGE", queue, start, stop)]
         messages, records = self.pipeline([
-            [b"LRANGE", _companion(queue[:-len(b".dead")], part), 0, -1]
+            [b"LRANGE", _companion(queue[:-len(b".dead")], part), start, stop]
             for part in (b"dead", b"why")])
         parsed = []                     # [deliveries, died, why] each
         for record in records[:len(messages)]:
@@ -6683,6 +6683,16 @@ for i = 2, #ARGV do
 end
 return redis.call('ZCARD', deferred)
 """,
+    # ARGV: messages, then as many records ("tries died why"), for a move.
+    # Returns how many dead letters there are now.
+    "put_dead": """
+local half = #ARGV / 2
+for i = 1, half do
+  redis.call('RPUSH', dead, ARGV[i])
+  redis.call('RPUSH', why, ARGV[half + i])
+end
+return redis.call('LLEN', dead)
+""",
     # ARGV: how many dead letters to move back to the tail, as new.
     "redrive": """
 local moved = 0
@@ -6855,12 +6865,31 @@ class Client(_Routing, _Scripts):
         return self._own(b"REDRIVE", [queue] + ([] if count is None else [
             count]), lambda: self._scripted_redrive(queue, count))
 
-    def why(self, queue):
+    def why(self, queue, start=0, stop=-1):
         """The messages of a dead-letter queue ("jobs.dead") with why they
-        died: a DeadRecord (.message, .deliveries, .died, .why) each;
-        .why is None for a message put there by hand."""
+        died, from start to stop as LRANGE counts them: a DeadRecord
+        (.message, .deliveries, .died, .why) each; .why is None for a
+        message put there by hand."""
         return [DeadRecord(*record) for record in self._own(
-            b"WHY", [queue], lambda: self._scripted_why(queue))]
+            b"WHY", [queue, start, stop], lambda: self._scripted_why(
+                queue, start, stop))]
+
+    def put_dead(self, queue, records):
+        """Add dead letters (DeadRecords, as why() gives them) to the tail
+        of queue's: on Redis or a cluster with their records, into the
+        queue's companion lists, as if they had died there; on a beuss as
+        plain messages of "<queue>.dead" (RPUSH carries no record). For a
+        move from one to the other; returns how many there are now."""
+        if not records:
+            return 0
+        if self.serves_reserve() or self.reserving == "pops":
+            return self.call(b"RPUSH", _arg(queue) + b".dead",
+                             *[record.message for record in records])
+        why = [b"%d %.3f %s" % (record.deliveries or 0, record.died or 0.0, (
+            record.why or "(put there by hand)").encode("utf-8"))
+            for record in records]
+        return self._script("put_dead", queue, *([
+            record.message for record in records] + why))
 
     def serves_reserve(self):
         """Whether the server is a beuss (RESERVE is its own), not a Redis

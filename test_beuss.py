@@ -6292,7 +6292,7 @@ class OutgrowTest(unittest.TestCase):
                             client.publish("news", "hello")
                             time.sleep(0.05)
                     self.assertEqual(subscriber.communicate(timeout=TIMEOUT)[0],
-                                     b"hello")
+                                     b"hello\n")
                 finally:
                     subscriber.kill()
                     subscriber.wait(TIMEOUT)
@@ -6420,8 +6420,10 @@ time.sleep(60)
                 thief = threading.Thread(target=steal)
                 thief.start()
                 try:
+                    # On a beuss the lease is the server's, given at its
+                    # start; the command line gives it on a Redis.
                     self.cli(port, "ON", queue, "--exec", slow, "-C", "1",
-                             "--lease", "0.6")
+                             *([] if target == "beuss" else ["--lease", "0.6"]))
                 finally:
                     thief.join(TIMEOUT)
                 self.assertEqual(stolen, [None])
@@ -6488,11 +6490,14 @@ time.sleep(60)
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         data = os.path.join(folder, "queues.db")
-        old = BeussProcess({}, "--data", data)
+        old = BeussProcess({}, "--data", data, "--max-deliveries", "1")
         try:
             with beuss.Client(port=old.port, timeout=TIMEOUT) as client:
                 client.put_many("moved-a", ["a%d" % i for i in range(2500)])
                 client.put_many("moved-b", ["b1", "b2"])
+                client.put_many("moved-c", ["c1", "c2"])
+                for reason in ("bad", "worse"):
+                    client.reserve("moved-c").nack(reason=reason)
         finally:
             old.stop()
         old = BeussProcess({}, "--data", data)      # the file, served alone
@@ -6503,8 +6508,13 @@ time.sleep(60)
             stdout=subprocess.PIPE, timeout=60, cwd=HERE)
         self.assertEqual(done.returncode, 0)
         self.assertEqual(sorted(done.stdout.decode().splitlines()),
-                         ["moved moved-a", "moved moved-b"])
+                         ["moved moved-a", "moved moved-b", "moved moved-c.dead"])
         client = self.client(cluster)
+        self.assertEqual([(record.message, record.deliveries, record.why)
+                          for record in client.why("moved-c.dead")],
+                         [(b"c1", 1, "bad"), (b"c2", 1, "worse")])
+        self.assertEqual(client.redrive("moved-c"), 2)
+        self.assertEqual(client.call("LRANGE", "moved-c", 0, -1), [b"c1", b"c2"])
         self.assertEqual(client.call("LRANGE", "moved-a", 0, -1),
                          [b"a%d" % i for i in range(2500)])
         self.assertEqual(client.call("LRANGE", "moved-b", 0, -1), [b"b1", b"b2"])
