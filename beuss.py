@@ -7441,7 +7441,8 @@ BRETRYMAXDELAY.
 Exit status: 0 done, 1 the queue was empty or the wait ran out, 2 usage
 error, 3 the server could not be reached or refused the request, 4 a
 message could not be written out or handled (it is back in its queue),
-5 the server could not start, 130 interrupted.
+5 the server could not start, 126 or 127 ON's --exec command could not be
+run (the message is back as it was), 130 interrupted.
 """ % _wrap(", ".join(setting.env for setting in SETTINGS), 72)
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_SERVER, EXIT_HANDLER = 0, 1, 2, 3, 4
@@ -7526,7 +7527,7 @@ def main(argv=None):
 
 
 # Options that take no value: a verb may follow one directly.
-_SWITCHES = {"-l", "--lines", "--no-protected-mode", "--channel", "--why",
+_SWITCHES = {"-l", "--lines", "--no-protected-mode", "--channel", "--why", "--empty",
              "--tls", "-h", "--help"}
 
 

@@ -3328,8 +3328,8 @@ class RepliesTest(ServerCase):
         with mock.patch.object(sys, "stderr", io.StringIO()):
             self.assertEqual(beuss.main(["--port", str(self.port), "PUT", "q", "x"]), 0)
             self.assertEqual(beuss.main(["--port=%d" % self.port, "put", "q", "y"]), 0)
-            self.assertEqual(beuss.main(["--lines", "--port", str(self.port), "PUT", "q",
-                                         "--file", os.devnull]), 0)
+            self.assertEqual(beuss.main(["--lines", "--empty", "--port", str(self.port),
+                                         "PUT", "q", "--file", os.devnull]), 0)
         self.assertEqual(self.client().call(b"LRANGE", b"q", 0, -1), [b"x", b"y"])
         self.assertEqual(beuss._verb_position(["--port", "7000"]), None)
         self.assertEqual(beuss._verb_position(["--host", "0.0.0.0", "--port", "1"]), None)
@@ -4081,8 +4081,9 @@ class CommandLineTest(ServerCase):
                     mock.patch.object(sys, "stderr", io.StringIO()) as err:
                 status = beuss.main(["LEN", "q", "--port", str(port)])
         self.assertEqual(status, 3)
-        self.assertEqual(err.getvalue(), "beuss: the server at 127.0.0.1:%d does not "
-                         "answer in the Redis protocol\n" % port)
+        self.assertEqual(err.getvalue(), "beuss: the server at 127.0.0.1:%d answers "
+                         "in HTTP: that is a web server's port (a beuss status "
+                         "page's?), not the bus's\n" % port)
 
     def test_message_too_large_exits_3(self):
         status, _, err = self.run_main("PUT", "q", stdin=b"x" * 10241)
@@ -4146,6 +4147,19 @@ class SubprocessTest(ServerCase):
         if check:
             self.assertEqual(done.returncode, 0, done.stderr)
         return done
+
+    def test_surprises_are_said_as_typed(self):
+        done = self.beuss("PUT", "e", check=False)              # < /dev/null
+        self.assertEqual((done.returncode, done.stderr), (2, (
+            b"beuss: stdin is empty: nothing to put (--empty puts an empty message)\n")))
+        done = self.beuss("PUT", "e", "x", "--lnes", check=False)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn(b"did you mean --lines?", done.stderr)
+        if POSIX:
+            self.beuss("PUT", "e", "kept")
+            done = self.beuss("ON", "e", "--exec", "nosuch-beuss-command", check=False)
+            self.assertEqual(done.returncode, 127)
+            self.assertEqual(self.client().call("LRANGE", "e", 0, -1), [b"kept"])
 
     def test_on_into_head_takes_exactly_one_message_a_line(self):
         if not POSIX:
