@@ -1284,7 +1284,13 @@ class Queues:
         self._changed(name)     # as Redis, even when nothing went
 
     def delete(self, name):
+        """DEL: the queue and the messages set aside for it go for good;
+        whether it held ready ones (what DEL counts, as Redis counts keys).
+        Held messages stay with their owners: acknowledged, they are gone;
+        given back, they start the queue again."""
         queue = self._queues.get(name)
+        if self.deferred_by.get(name):
+            self._drop_deferred(name)
         if queue is None:
             return False
         if self.journal is not None:
@@ -1296,8 +1302,10 @@ class Queues:
         return True
 
     def clear(self):
-        """FLUSHALL: every queue goes; held messages stay with their
-        owners, who may still acknowledge them."""
+        """FLUSHALL: every queue goes, and every message set aside; held
+        messages stay with their owners, as DEL leaves them."""
+        if self._deferred:
+            self._drop_deferred(None)
         if self.journal is not None:
             self.journal.clear()
         for name, queue in self._queues.items():
@@ -1502,8 +1510,26 @@ class Queues:
     # A message set aside (DEFER, or a retry that waits) is in no queue
     # until it is due: then it joins the tail (DEFER) or the head (a retry)
     # of its queue, which wakes its waiters as a push does. It counts in
-    # size meanwhile; DEL and FLUSHALL, which empty queues, leave it be, as
-    # they leave held messages.
+    # size meanwhile; DEL and FLUSHALL drop it with its queue.
+
+    def _drop_deferred(self, name):
+        """Drop the messages set aside for name (None: for every queue):
+        one pass over all that are set aside, which only DEL and FLUSHALL
+        of a queue that has some pay."""
+        if self.journal is not None:
+            self.journal.drop_deferred(name)
+        kept = []
+        for entry in self._deferred:
+            if name is None or entry[2] == name:
+                self.size -= len(entry[3]) + MESSAGE_COST
+            else:
+                kept.append(entry)
+        heapq.heapify(kept)
+        self._deferred = kept
+        if name is None:
+            self.deferred_by.clear()
+        else:
+            del self.deferred_by[name]
 
     def defer(self, name, messages, seconds, now=None):
         """DEFER: messages that join the tail of name in seconds. Returns
@@ -2277,6 +2303,14 @@ class Store:
     def clear(self):
         self._run([("DELETE FROM queued", ())])
         self._positions.clear()
+
+    def drop_deferred(self, name):
+        """The messages set aside for name (None: for every queue) go."""
+        if name is None:
+            self._run([("DELETE FROM deferred", ())])
+        else:
+            self._run([("DELETE FROM deferred WHERE queue = ?",
+                        (_name_key(name),))])
 
     def reserve(self, name, held_id, count):
         position = self._positions[name][0]
@@ -6683,6 +6717,23 @@ for i = 2, #ARGV do
 end
 return redis.call('ZCARD', deferred)
 """,
+    # DEL of a queue: its messages, those ready again and those set aside
+    # (held ones stay with their consumers). Returns 1 if it held ready
+    # messages, as DEL counts.
+    "delete": """
+local ready = redis.call('LLEN', queue) + redis.call('LLEN', again)
+for _, id in ipairs(redis.call('LRANGE', again, 0, -1)) do
+  redis.call('HDEL', messages, id)
+  redis.call('HDEL', deliveries, id)
+end
+for _, id in ipairs(redis.call('ZRANGE', deferred, 0, -1)) do
+  redis.call('HDEL', messages, id)
+  redis.call('HDEL', deliveries, id)
+end
+redis.call('DEL', queue, again, deferred)
+if ready > 0 then return 1 end
+return 0
+""",
     # ARGV: messages, then as many records ("tries died why"), for a move.
     # Returns how many dead letters there are now.
     "put_dead": """
@@ -7160,12 +7211,25 @@ class Client(_Routing, _Scripts):
         return self.call(b"LLEN", queue)
 
     def delete(self, *queues):
-        """Delete queues and their messages; how many of them existed."""
-        replies = self.pipeline([(b"DEL", queue) for queue in queues])
-        for reply in replies:
-            if isinstance(reply, ReplyError):
-                raise reply
-        return sum(replies)
+        """Delete queues for good: their messages, those set aside for
+        later, and of "<queue>.dead" the records too (held messages stay
+        with their consumers); how many of them held ready messages."""
+        if self.serves_reserve() or self.reserving == "pops":
+            replies = self.pipeline([(b"DEL", queue) for queue in queues])
+            for reply in replies:
+                if isinstance(reply, ReplyError):
+                    raise reply
+            return sum(replies)
+        deleted = 0
+        for queue in queues:
+            queue = _arg(queue)
+            if queue.endswith(b".dead"):        # the dead letters and why
+                deleted += self.call(b"DEL", _companion(
+                    queue[:-len(b".dead")], b"dead"), _companion(
+                        queue[:-len(b".dead")], b"why")) > 0
+            else:
+                deleted += self._script("delete", queue)
+        return deleted
 
     def queues(self):
         """{name: length} of every queue that holds messages ready to be

@@ -712,6 +712,22 @@ class RetryQueuesTest(unittest.TestCase):
         self.assertEqual(queues.peek(b"q", 4, -1), [b"sooner4"] + [b"later%d" % i for i in range(3)])
         self.assertEqual(queues.deferred_count(), 2)
 
+    def test_del_and_flushall_drop_what_is_set_aside_for_good(self):
+        queues = beuss.Queues()
+        queues.defer(b"dq", [b"later"], 3, now=0)
+        queues.defer(b"other", [b"kept", b"too"], 3, now=0)
+        queues.push(b"q", [b"ready"])
+        queues.defer(b"q", [b"later"], 1, now=0)
+        self.assertFalse(queues.delete(b"dq"))          # DEL counts ready ones
+        self.assertTrue(queues.delete(b"q"))
+        queues.release_due(now=10)
+        self.assertEqual(queues.names(), [b"other"])
+        self.assertEqual(queues.size, 2 * beuss.MESSAGE_COST + 7)
+        queues.defer(b"x", [b"y"], 3, now=0)
+        queues.clear()
+        queues.release_due(now=10)
+        self.assertEqual((queues.names(), queues.deferred_count(), queues.size), ([], 0, 0))
+
     def test_deliveries_are_told_from_what_entered_left_and_remains(self):
         queues = beuss.Queues(retry_delay=1)
         queues.push(b"q", [b"a", b"b", b"c", b"d", b"e", b"f"])
@@ -1054,6 +1070,22 @@ class StoreTest(unittest.TestCase):
         self.addCleanup(store.close)
         self.assertEqual(self.snapshot(queues), [(b"q", [(b"n", 1)]),
                                                  (b"q.dead", [(b"m", 2)])])
+
+    def test_a_deleted_queue_leaves_nothing_set_aside_in_the_file(self):
+        store, queues = self.open()
+        queues.defer(b"dq", [b"later"], 3600)
+        queues.defer(b"q", [b"kept"], 3600)
+        queues.delete(b"dq")
+        store.commit()
+        store.close()
+        store, queues = self.open()
+        self.assertEqual((queues.deferred_count(), dict(queues.deferred_by)), (1, {b"q": 1}))
+        queues.clear()
+        store.commit()
+        store.close()
+        store, queues = self.open()
+        self.addCleanup(store.close)
+        self.assertEqual(queues.deferred_count(), 0)
 
     def test_a_dead_letter_keeps_its_record_held_set_aside_and_after_restarts(self):
         store, queues = self.open(max_deliveries=1)
@@ -6410,6 +6442,26 @@ time.sleep(60)
                 self.assertFalse(first.nack(delay=0))
                 self.assertTrue(second.touch())
                 self.assertTrue(second.ack())
+                self.assertIsNone(client.reserve(queue))
+
+    def test_del_empties_a_queue_for_good_on_every_engine(self):
+        for target, port in self.targets():
+            with self.subTest(target=target):
+                queue = "gone-" + target
+                client = self.client(port)
+                client.put(queue, "poison")
+                while not client.why(queue + ".dead"):
+                    client.reserve(queue, wait=1).nack(reason="dead")
+                client.put_many(queue, ["a", "b", "c"])
+                client.put(queue, "later", delay=0.3)
+                client.reserve(queue).nack(delay=0.3)           # set aside too
+                client.reserve(queue).nack(delay=0)             # ready again
+                self.assertEqual(self.cli(port, "DEL", queue)[0], b"1\n")
+                self.assertTrue(client.why(queue + ".dead"))
+                self.assertEqual(self.cli(port, "DEL", queue + ".dead")[0], b"1\n")
+                time.sleep(0.5)
+                self.assertEqual(client.why(queue + ".dead"), [])
+                self.assertIsNone(client.queue_counts().get(queue))
                 self.assertIsNone(client.reserve(queue))
 
     def test_on_keeps_the_lease_of_a_command_that_outlasts_it(self):
