@@ -72,6 +72,7 @@ DEFAULT_RETRY_DELAY = 1.0       # seconds a first failure waits; doubles
 DEFAULT_RETRY_MAX_DELAY = 300.0  # the longest wait between two deliveries
 DEFAULT_SCRIPT_LEASE = 60.0     # a lease on Redis, where no connection is
                                 # watched: a dead consumer's messages return
+DEFAULT_STOP_TIMEOUT = 30.0     # a stopping consumer's time to finish
 # selectors.SelectSelector, what Windows gets, cannot watch more than 512
 # sockets; keep room for the listener and the wake-up pair.
 DEFAULT_MAX_CLIENTS = 500 if sys.platform == "win32" else 10000
@@ -7052,20 +7053,34 @@ class Client(_Routing, _Scripts):
         count messages, or until none came for `idle` seconds. A message is
         acknowledged once handler returns; if handler raises, the message
         goes back to the head of the queue and the exception goes on up.
-        Returns how many messages were handled."""
+        In the main thread, the first SIGTERM or Ctrl-C ends it cleanly: at
+        once while it waits, else once the handler returned and its message
+        is acknowledged; a second gives the message back and raises Stopped
+        (a SystemExit of 143 or 130). Returns how many were handled."""
         handled = 0
         if count == 0:
             return handled
-        for message in self.reservations(queue, idle, reconnect):
-            try:
-                handler(message.data)
-            except BaseException as exc:
-                message.nack(reason=_failure(exc))
+        try:
+            with _Stopper() as stopper:
+                for message in self.reservations(queue, idle, reconnect):
+                    stopper.busy = True
+                    try:
+                        handler(message.data)
+                    except Stopped:
+                        message.nack(delay=0)
+                        raise
+                    except BaseException as exc:
+                        message.nack(reason=_failure(exc))
+                        raise
+                    _acknowledge(message, reconnect)
+                    stopper.busy = False
+                    handled += 1
+                    if count is not None and handled >= count \
+                            or stopper.asked:
+                        break
+        except Stopped as exc:
+            if exc.status:
                 raise
-            _acknowledge(message, reconnect)
-            handled += 1
-            if count is not None and handled >= count:
-                break
         return handled
 
     # Reserving -----------------------------------------------------------
@@ -7455,7 +7470,8 @@ def get(queue, wait=None, **conn):
 
 
 def on(queue, handler, **conn):
-    """Call handler(message) for each message of queue, for ever."""
+    """Call handler(message) for each message of queue, for ever, or until
+    SIGTERM or Ctrl-C, which lets the message in hand finish first."""
     with Client(**conn) as client:
         return client.on(queue, handler)
 
@@ -7535,6 +7551,61 @@ class CommandFailed(HandlerFailed):
     reason = ""
 
 
+class Stopped(SystemExit):
+    """A consumer was told to stop (SIGTERM, Ctrl-C) while it waited, or
+    told twice, or its message outlasted --stop-timeout: .status is 0 when
+    nothing was in hand, else 128 + the signal (130, 143). Left uncaught,
+    it ends the program quietly with that status."""
+
+    def __init__(self, status):
+        SystemExit.__init__(self, status)
+        self.status = status
+
+
+class _Stopper:
+    """A consumer's clean stop, as `docker stop`, systemd and Kubernetes
+    expect it: the first SIGTERM or Ctrl-C stops one that waits at once,
+    and lets one that holds a message finish it (up to stop_timeout
+    seconds), acknowledge it and stop; a second gives the message back and
+    stops at once. Only the main thread can take signals: elsewhere this
+    does nothing."""
+
+    def __init__(self, stop_timeout=DEFAULT_STOP_TIMEOUT):
+        self.stop_timeout = stop_timeout
+        self.asked = None           # the signal that asked, or None
+        self.deadline = None        # when the message in hand is given up
+        self.busy = False           # a message is in hand
+        self._before = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._before[signum] = signal.signal(signum, self._signal)
+        return self
+
+    def __exit__(self, *exc_info):
+        import signal
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
+
+    def _signal(self, signum, frame):
+        if self.asked is not None:
+            raise Stopped(128 + signum)         # the second: at once
+        self.asked = signum
+        if not self.busy:
+            raise Stopped(0)                    # waiting: nothing in hand
+        self.deadline = time.monotonic() + self.stop_timeout
+        _warn("stopping once the message in hand is done (within %s; "
+              "again to stop at once)" % _plural(self.stop_timeout, "second"))
+
+    def check(self):
+        """While a message is in hand: give up if the stop waited enough."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise Stopped(128 + self.asked)
+
+
 class CommandUnusable(HandlerFailed):
     """The --exec command could not be run at all (the shell's status 126,
     or 127: not found), and will not run for the next message either: ON
@@ -7575,6 +7646,8 @@ def main(argv=None):
     except HandlerFailed as exc:
         _warn(str(exc))
         return getattr(exc, "status", EXIT_HANDLER)
+    except Stopped as exc:
+        return exc.status
     except StartFailed as exc:
         _warn(str(exc))
         return EXIT_START
@@ -8179,6 +8252,12 @@ def _add_handling(parser):
                         help="stop after N messages")
     parser.add_argument("-W", "--timeout", type=_duration, metavar="SECONDS",
                         help="stop when no message came for SECONDS")
+    parser.add_argument("--stop-timeout", type=_duration, metavar="SECONDS",
+                        default=DEFAULT_STOP_TIMEOUT,
+                        help="after SIGTERM or Ctrl-C, the time the message "
+                        "in hand has to finish before it is given back "
+                        "(%gs; a second signal gives it back at once)"
+                        % DEFAULT_STOP_TIMEOUT)
     _add_separator(parser)
     _add_address(parser)
 
@@ -8197,12 +8276,13 @@ def run_on(options):
                       "delay, or to %s.dead after its last delivery"
                       % (options.queue, options.queue))
     handled = 0
-    with _consumer(options) as client:
+    with _consumer(options) as client, _Stopper(options.stop_timeout) \
+            as options.stopper:
         messages = client.reservations(queue, options.timeout, slices=True)
         renew = None                # a long --exec keeps its lease
         if client.lease:
             renew = (lambda: message.touch(), client.lease / 3)
-        while options.count != handled:
+        while options.count != handled and options.stopper.asked is None:
             message = next(messages, StopIteration)
             if message is StopIteration:
                 break
@@ -8213,6 +8293,7 @@ def run_on(options):
                     _silence_stdout()
                     return EXIT_OK
                 continue
+            options.stopper.busy = True
             try:
                 handle(message.data, None, message.deliveries, renew)
             except CommandUnusable as exc:
@@ -8227,11 +8308,13 @@ def run_on(options):
                 _warn(str(exc))
                 continue
             except BaseException:
-                # Ctrl-C, a closed pipe, stdout that cannot be written: none
-                # is the message's fault, so it goes back at once.
+                # A second stop, a closed pipe, stdout that cannot be
+                # written: none is the message's fault, so it goes back at
+                # once.
                 message.nack(delay=0)
                 raise
             _acknowledge(message, True)
+            options.stopper.busy = False
             handled += 1
     if options.timeout is not None and not handled and options.count != 0:
         return _empty(options.queue, options.timeout)
@@ -8255,10 +8338,14 @@ def _handler(options, after_failure):
             if deliveries is not None:
                 env["BEUSS_DELIVERIES"] = str(deliveries)
             # Its stderr passes through, and its last line says why.
+            # In a session of its own, so that a Ctrl-C meant for ON (its
+            # clean stop) does not end the command in the middle.
             process = subprocess.Popen(options.command, shell=True, env=env,
                                        stdin=subprocess.PIPE,
-                                       stderr=subprocess.PIPE)
-            stderr = _communicate(process, message, renew)
+                                       stderr=subprocess.PIPE,
+                                       start_new_session=os.name == "posix")
+            stderr = _communicate(process, message, renew,
+                                  getattr(options, "stopper", None))
             sys.stderr.buffer.write(stderr) if hasattr(
                 sys.stderr, "buffer") else sys.stderr.write(
                     stderr.decode("utf-8", "replace"))
@@ -8329,19 +8416,28 @@ def _await_reader():
     raise BrokenPipeError("the reader went away before reading the message")
 
 
-def _communicate(process, message, renew):
+def _communicate(process, message, renew, stopper=None):
     """Give process message on its stdin and wait for it to end; return
     its stderr. renew: (a function, seconds) to call it every so often
-    meanwhile (a lease kept while a long command works)."""
+    meanwhile (a lease kept while a long command works); stopper: a
+    _Stopper whose deadline may end the wait."""
     import subprocess
+    every = renew[1] if renew else None
+    if stopper is not None:
+        every = min(every or 0.2, 0.2)
+    renewed = time.monotonic()
     try:
         data = message
         while True:
             try:
-                return process.communicate(data, renew and renew[1])[1]
+                return process.communicate(data, every)[1]
             except subprocess.TimeoutExpired:
                 data = None         # what is left of it is still fed
-                renew[0]()
+                if stopper is not None:
+                    stopper.check()
+                if renew and time.monotonic() - renewed >= renew[1]:
+                    renewed = time.monotonic()
+                    renew[0]()
     except BaseException:
         process.kill()
         process.wait()
@@ -8653,13 +8749,16 @@ def run_sub(options):
     channels = [_queue(name) for name in options.channels]
     handle = _handler(options, "it is not published again")
     handled = 0
-    with _client(options) as client:
+    with _client(options) as client, _Stopper(options.stop_timeout) \
+            as options.stopper:
         if options.count != 0:
             for channel, message in client.subscribe(
                     *channels, idle=options.timeout):
+                options.stopper.busy = True
                 handle(message, channel)
+                options.stopper.busy = False
                 handled += 1
-                if handled == options.count:
+                if handled == options.count or options.stopper.asked:
                     break
     if options.timeout is not None and not handled and options.count != 0:
         _warn("no message on %s within %s" % (" ".join(options.channels),

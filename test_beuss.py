@@ -4125,6 +4125,44 @@ class CommandLineTest(ServerCase):
                               "--max-message-size (or BMAXMESSAGESIZE)\n")
 
 
+class CleanStopTest(ServerCase):
+    """beuss.on() under SIGTERM, in this process: the message in hand is
+    finished and acknowledged, the next one is not taken."""
+
+    def test_on_finishes_the_message_in_hand_then_returns(self):
+        if not POSIX:
+            self.skipTest("SIGTERM to oneself is POSIX's")
+        client = self.client()
+        client.put_many("jobs", ["a", "b"])
+        seen = []
+
+        def handler(message):
+            if not seen:
+                os.kill(os.getpid(), signal.SIGTERM)
+            seen.append(message)
+        before = signal.getsignal(signal.SIGTERM)
+        with mock.patch.object(sys, "stderr", io.StringIO()):
+            self.assertEqual(beuss.on("jobs", handler, port=self.port), 1)
+        self.assertEqual(seen, [b"a"])
+        self.assertEqual(client.call("LRANGE", "jobs", 0, -1), [b"b"])
+        self.assertEqual(self.server.queues.held_count(), 0)
+        self.assertIs(signal.getsignal(signal.SIGTERM), before)
+
+    def test_a_second_signal_gives_the_message_back_and_exits_143(self):
+        if not POSIX:
+            self.skipTest("SIGTERM to oneself is POSIX's")
+        self.client().put("jobs", "a")
+
+        def handler(message):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        with mock.patch.object(sys, "stderr", io.StringIO()), \
+                self.assertRaises(SystemExit) as caught:
+            beuss.on("jobs", handler, port=self.port)
+        self.assertEqual(caught.exception.code, 143)
+        self.assertEqual(self.client().reserve("jobs").deliveries, 2)
+
+
 class DeadLetterCommandLineTest(ServerCase):
 
     server_options = {"max_deliveries": 3, "retry_delay": 0}
@@ -4179,6 +4217,45 @@ class SubprocessTest(ServerCase):
         if check:
             self.assertEqual(done.returncode, 0, done.stderr)
         return done
+
+    def test_sigterm_stops_a_consumer_cleanly_and_a_second_at_once(self):
+        if not POSIX:
+            self.skipTest("SIGTERM to a process is POSIX's")
+        environment = dict(os.environ, BPORT=str(self.port))
+        client = self.client()
+
+        def on(*signals, extra=()):
+            """ON --exec of a 1 s command, the signals sent 0.4 s apart once
+            it holds the message: (status, stdout, stderr)."""
+            process = subprocess.Popen(
+                [sys.executable, BEUSS, "ON", "jobs", "--exec", "sleep 1; echo done"]
+                + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=environment)
+            self.wait_until(lambda: self.server.queues.held_count() == 1)
+            for signum in signals:
+                time.sleep(0.4)
+                process.send_signal(signum)
+            out, err = process.communicate(timeout=TIMEOUT)
+            return process.returncode, out, err
+
+        client.put("jobs", "one")
+        status, out, err = on(signal.SIGTERM)
+        self.assertEqual((status, out), (0, b"done\n"), err)   # ran once, acknowledged
+        self.assertEqual((client.len("jobs"), self.server.queues.held_count()), (0, 0))
+        client.put("jobs", "two")
+        status, out, _ = on(signal.SIGTERM, signal.SIGTERM)
+        self.assertEqual((status, out), (143, b""))             # given back at once
+        status, out, _ = on(signal.SIGTERM, extra=["--stop-timeout", "0.2"])
+        self.assertEqual((status, out), (143, b""))             # it took too long
+        message = client.reserve("jobs")
+        self.assertEqual((message.data, message.deliveries), (b"two", 3))
+        message.ack()
+        waiting = subprocess.Popen([sys.executable, BEUSS, "ON", "jobs"], env=environment,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.wait_until(lambda: self.server.queues.waiting == 1)
+        waiting.send_signal(signal.SIGTERM)
+        self.assertEqual(waiting.communicate(timeout=TIMEOUT), (b"", b""))
+        self.assertEqual(waiting.returncode, 0)
 
     def test_surprises_are_said_as_typed(self):
         done = self.beuss("PUT", "e", check=False)              # < /dev/null
