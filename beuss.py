@@ -8623,11 +8623,13 @@ def _top_arguments(parser):
 def run_top(options):
     """The queues, refreshed until Ctrl-C or q on a terminal; one snapshot
     when stdout is not one."""
+    import shutil
     live = sys.stdout is not None and sys.stdout.isatty()
     depths = {}                         # queue -> recent depths, for sparks
     with _client(options) as client, _KeyPress() as keys:
         while True:
-            text = _top_text(client, depths)
+            width = shutil.get_terminal_size((80, 24)).columns
+            text = _top_text(client, depths, width)
             if not live:
                 sys.stdout.write(text)
                 return EXIT_OK
@@ -8637,17 +8639,31 @@ def run_top(options):
                 return EXIT_OK
 
 
-def _top_text(client, depths):
+# TOP's columns after the queue's name: (title, width, its value in a row),
+# shown while they fit, the depth's sparkline last with what is left.
+_TOP_NAME = 20
+_TOP_COLUMNS = [
+    ("ready", 8, lambda row: row["messages"]),
+    ("held", 6, lambda row: row.get("held", "-")),
+    ("deferred", 8, lambda row: row.get("deferred", "-")),
+    ("dead", 6, lambda row: row["dead"]),
+    ("waiting", 7, lambda row: row.get("waiters", "-")),
+    ("in/s", 8, lambda row: row.get("in_per_sec", "-")),
+    ("out/s", 8, lambda row: row.get("out_per_sec", "-")),
+    ("oldest", 7, lambda row: _age_text(int(row["oldest_age"]))
+     if "oldest_age" in row else "-")]
+
+
+def _top_text(client, depths, width=80):
+    """TOP's screen, width columns wide: columns drop from the right, and a
+    long queue name is cut with an ellipsis."""
     info = client.info()
-    lines = ["%s on %s:%d: %s clients, %s waiting, %s of memory" % (
+    title = "%s on %s:%d: %s clients, %s waiting, %s of memory" % (
         "beuss " + info["beuss_version"] if "beuss_version" in info
         else "redis " + info.get("redis_version", "?"), client.host,
         client.port, info.get("connected_clients", "?"),
         info.get("blocked_clients", "?"),
-        _size_text(int(info.get("used_memory", 0)))), ""]
-    lines.append("%-24s %8s %6s %8s %6s %7s %8s %8s %7s  %s" % (
-        "queue", "ready", "held", "deferred", "dead", "waiting", "in/s",
-        "out/s", "oldest", "depth"))
+        _size_text(int(info.get("used_memory", 0))))
     rows = {}
     for field, value in info.items():
         if field.startswith("queue_"):
@@ -8656,22 +8672,39 @@ def _top_text(client, depths):
         rows = {name: {"messages": ready, "held": held, "deferred": deferred}
                 for name, (ready, held, deferred)
                 in client.queue_counts().items()}
-    for name in sorted(rows, key=lambda name: -int(rows[name]["messages"])):
+    # Dead letters show in their queue's row, not as a row of their own.
+    for name in [name for name in rows if name.endswith(".dead")]:
+        rows.setdefault(name[:-len(".dead")], {"messages": "0"})
+    for name, row in rows.items():
+        on_redis = os.fsdecode(_companion(os.fsencode(name), b"dead"))
+        row["dead"] = rows.get(name + ".dead", rows.get(on_redis, {})).get(
+            "messages", 0)
+    shown, used = [], _TOP_NAME
+    for column in _TOP_COLUMNS:
+        if used + 1 + column[1] > width:
+            break
+        shown.append(column)
+        used += 1 + column[1]
+    sparks = min(width - used - 2, 30)
+
+    def line(name, cells, spark=""):
+        text = ("%-*s" % (_TOP_NAME, name if len(name) <= _TOP_NAME
+                          else name[:_TOP_NAME - 1] + "\u2026"))
+        for (_, size, _), cell in zip(shown, cells):
+            text += " %*s" % (size, cell)
+        return (text + ("  " + spark if sparks >= 5 and spark else "")).rstrip()
+    lines = [title[:width], "", line("queue", [column[0] for column in shown],
+                                     "depth" if sparks >= 5 else "")]
+    for name in sorted((name for name in rows if not name.endswith(".dead")),
+                       key=lambda name: -int(rows[name]["messages"])):
         row = rows[name]
         history = depths.setdefault(name, collections.deque(maxlen=30))
         history.append(int(row["messages"]))
         top = max(history) or 1
-        sparks = "".join(_SPARKS[min(depth * 8 // (top + 1), 7)]
-                         for depth in history)
-        on_redis = os.fsdecode(_companion(os.fsencode(name), b"dead"))
-        dead = rows.get(name + ".dead", rows.get(on_redis, {})).get(
-            "messages", 0)
-        lines.append("%-24s %8s %6s %8s %6s %7s %8s %8s %7s  %s" % (
-            name[:24], row["messages"], row.get("held", "-"),
-            row.get("deferred", "-"), dead, row.get("waiters", "-"),
-            row.get("in_per_sec", "-"), row.get("out_per_sec", "-"),
-            _age_text(int(row["oldest_age"])) if "oldest_age" in row else "-",
-            sparks))
+        spark = "".join(_SPARKS[min(depth * 8 // (top + 1), 7)]
+                        for depth in list(history)[-sparks:]) if sparks > 0 \
+            else ""
+        lines.append(line(name, [column[2](row) for column in shown], spark))
     if not rows:
         lines.append("(no queues)")
     return "\n".join(lines) + "\n"

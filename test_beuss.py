@@ -3170,6 +3170,54 @@ class StatusPageTest(ServerCase):
         self.assertRegex(lines[3], r"^jobs +2 +0 +0 +0 +0 ")
 
 
+class TopTest(ServerCase):
+    """TOP as a person sees it, in a real pseudo-terminal."""
+
+    def screen(self, columns, rows=24):
+        """What TOP shows in a terminal of that size, after its first
+        refresh: its lines, escape sequences taken out."""
+        import fcntl
+        import pty
+        import termios
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        process = subprocess.Popen([sys.executable, BEUSS, "TOP", "--port", str(self.port)],
+                                   stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        os.close(slave)
+        data, deadline = b"", time.monotonic() + TIMEOUT
+        try:
+            while b"q quits" not in data:
+                self.assertLess(time.monotonic(), deadline, data)
+                data += os.read(master, 65536)
+            os.write(master, b"q")
+            self.assertEqual(process.wait(TIMEOUT), 0)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            os.close(master)
+        text = data.decode("utf-8").replace("\x1b[H\x1b[2J", "")
+        return text.replace("\r\n", "\n").split("\n")
+
+    def test_top_fits_80_columns_and_shows_everything_at_120(self):
+        if not POSIX:
+            self.skipTest("a pseudo-terminal is POSIX's")
+        client = self.client()
+        client.put_many("a-queue-with-a-name-longer-than-its-column", ["m"] * 3)
+        client.put("jobs", "m")
+        client.call("RPUSH", "jobs.dead", "d1", "d2")
+        narrow = self.screen(80)
+        self.assertLessEqual(max(map(len, narrow)), 80, narrow)
+        self.assertIn("a-queue-with-a-name\u2026", "\n".join(narrow))
+        jobs, = [line for line in narrow if line.startswith("jobs ")]
+        self.assertEqual(jobs.split()[:5], ["jobs", "1", "0", "0", "2"])  # dead: 2
+        self.assertFalse([line for line in narrow if line.startswith("jobs.dead")])
+        self.assertNotIn("depth", narrow[2])
+        wide = self.screen(120)
+        self.assertLessEqual(max(map(len, wide)), 120, wide)
+        self.assertTrue(wide[2].split()[-2:] == ["oldest", "depth"], wide[2])
+
+
 class StatusPageGuardTest(unittest.TestCase):
     """The token and protected mode apply to the page as to RESP."""
 
