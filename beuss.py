@@ -97,6 +97,7 @@ MAX_DELAY = 10 ** 9             # seconds a message may be set aside (31 years)
 REDIS_VERSION = "7.0.15"        # the Redis whose behaviour beuss follows
 MAX_REASON = 1000               # characters of why a message failed, kept
 SAMPLE_INTERVAL = 10            # seconds between samples of each queue
+MINUTE_SAMPLES = 7              # a minute of them, and one before
 HISTORY = 900                   # seconds of samples kept (15 minutes)
 MAX_MARKS = 512                 # arrival marks a queue keeps
 MAX_COUNTED = 10000             # queues whose counts are kept
@@ -3200,6 +3201,17 @@ def _drain(sock):
 # begin_transaction, subscribe, publish, block, reserved, ...), never its
 # private state.
 
+def _rate(samples, now, count, span=60):
+    """Per second over the last span seconds: samples are (time, count),
+    oldest first, one each SAMPLE_INTERVAL; count is the count now."""
+    then = (now, count)
+    for sample in reversed(samples):
+        if sample[0] < now - span - SAMPLE_INTERVAL / 2:
+            break
+        then = sample
+    return (count - then[1]) / max(now - then[0], 1)
+
+
 class _Errand:
     """A chore done for one client, who waits for its reply."""
 
@@ -3315,6 +3327,7 @@ class Server(_Connections):
         self._sample_at = 0.0           # the next sample of the queues
         self._started_clock = time.monotonic()
         self.published = {}             # channel -> messages published
+        self.published_samples = {}     # channel -> [(time, published)]
         self.published_total = 0
         self.published_history = collections.deque(
             maxlen=HISTORY // SAMPLE_INTERVAL)  # (time, published_total)
@@ -3441,8 +3454,6 @@ class Server(_Connections):
         """The status page's numbers that are not per queue or channel."""
         import platform
         queues, store, clock = self.queues, self.store, time.monotonic()
-        then = self.published_history[0] if self.published_history else (
-            clock, self.published_total)
         return {
             "version": __version__, "host": self.host, "port": self.port,
             "python": "%d.%d.%d" % sys.version_info[:3],
@@ -3462,8 +3473,8 @@ class Server(_Connections):
             "last_commit": store.last_commit if store else None,
             "tls": self._tls is not None, "token": self.token is not None,
             "published": self.published_total,
-            "published_per_second": round((self.published_total - then[1])
-                                          / max(clock - then[0], 1), 2)}
+            "published_per_second": round(_rate(
+                self.published_history, clock, self.published_total), 2)}
 
     def status(self):
         """What /status.json shows, made at once, with every queue and its
@@ -3601,6 +3612,10 @@ class Server(_Connections):
             self.published = {channel: count for channel, count
                               in self.published.items()
                               if self.channels.subscribers(channel)}
+            self.published_samples = {
+                channel: (self.published_samples.get(channel, [])
+                          + [(now, count)])[-MINUTE_SAMPLES:]
+                for channel, count in self.published.items()}
             self.published_history.append((now, self.published_total))
         for conn in [conn for conn in self._http_conns
                      if now - conn.active > HTTP_TIMEOUT
@@ -5673,7 +5688,13 @@ class _Snapshot:
         self.server = server
         self.made = time.monotonic()
         self.head = server.status_head()
-        self.names = server.queues.active_names()
+        # Dead letters count once: in their queue's row, never in a row of
+        # their own, so a sum over the rows of any column counts each
+        # message once.
+        names = dict.fromkeys(
+            name[:-len(b".dead")] if name.endswith(b".dead") else name
+            for name in server.queues.active_names())
+        self.names = list(names)
         self.channel_names = list(server.published)
         self.rows, self.channels = [], []
         self.done = False
@@ -5691,7 +5712,8 @@ class _Snapshot:
                 self._at += 1
                 # Summing a queue's bytes is a pass over its messages.
                 budget -= 1 + row.ready // 10000
-                if row.ready or row.held or row.deferred or row.waiting:
+                if row.ready or row.held or row.deferred or row.waiting \
+                        or row.dead:
                     self.rows.append((_importance(row), row))
             return False
         if self._channel_at < len(self.channel_names):
@@ -5702,10 +5724,9 @@ class _Snapshot:
                     self.channels.append({
                         "name": _name_text(channel),
                         "subscribers": subscribers,
-                        "published_per_second": round(
-                            server.published.get(channel, 0) / max(min(
-                                clock - server._started_clock, HISTORY), 1),
-                            2)})
+                        "published_per_second": round(_rate(
+                            server.published_samples.get(channel, ()), clock,
+                            server.published.get(channel, 0)), 2)})
             self._channel_at += STATUS_SLICE
             return False
         self.rows.sort()
@@ -6092,10 +6113,16 @@ def _json_pieces(snapshot, asked):
 def _chart(history, width=160, height=36):
     """An SVG of a queue's depth (filled) and its in and out rates (lines)
     over the last HISTORY seconds: history is [[seconds ago, depth, in,
-    out], ...], oldest first."""
+    out], ...], oldest first. Its peaks are written on it, and every chart
+    shares the time axis written under it (-15 min, -5 min, now)."""
+    axis = ('<text x="0" y="%d">-15 min</text><text x="%.0f" y="%d" '
+            'text-anchor="middle">-5 min</text><text x="%d" y="%d" '
+            'text-anchor="end">now</text>' % (
+                height + 10, width * 2 / 3, height + 10, width, height + 10))
+    frame = ('<svg class="chart" width="%d" height="%d" viewBox="0 0 %d %d" '
+             'role="img">' % (width, height + 12, width, height + 12))
     if len(history) < 2:
-        return '<svg class="chart" width="%d" height="%d"></svg>' % (
-            width, height)
+        return frame + axis + "</svg>"
     top = max(max(sample[1] for sample in history), 1)
     fast = max(max(max(sample[2], sample[3]) for sample in history), 0.001)
 
@@ -6106,14 +6133,15 @@ def _chart(history, width=160, height=36):
         return " ".join("%.1f,%.1f" % (x(sample), height - 1 - sample[index]
                                        / scale * (height - 4))
                         for sample in history)
-    return ('<svg class="chart" width="%d" height="%d" viewBox="0 0 %d %d" '
-            'role="img"><title>depth up to %d, rates up to %.1f/s</title>'
+    return (frame + '<title>depth up to %d, rates up to %.1f/s</title>'
             '<polygon points="%.1f,%d %s %.1f,%d" fill="#cfe3f7"/>'
             '<polyline points="%s" fill="none" stroke="#2a7d2a"/>'
-            '<polyline points="%s" fill="none" stroke="#b35900"/></svg>' % (
-                width, height, width, height, top, fast, x(history[0]),
-                height, points(1, top), x(history[-1]), height,
-                points(2, fast), points(3, fast)))
+            '<polyline points="%s" fill="none" stroke="#b35900"/>'
+            '<text x="2" y="9">%s</text><text x="%d" y="9" '
+            'text-anchor="end">%.1f/s</text>%s</svg>' % (
+                top, fast, x(history[0]), height, points(1, top),
+                x(history[-1]), height, points(2, fast), points(3, fast),
+                "{:,}".format(top), width - 2, fast, axis))
 
 
 def _page_pieces(snapshot, asked):
@@ -6159,6 +6187,7 @@ th { font-weight: 600; background: #f4f4f4; }
 .bad { color: #fff; background: #c0392b; font-weight: 600; }
 .key { color: #555; font-size: .9em; }
 .key i { display: inline-block; width: 1.5em; height: .3em; margin: 0 .3em .2em; }
+.chart text { font-size: 9px; fill: #555; }
 </style></head><body>
 <h1>beuss %(version)s on %(host)s</h1>
 <div class="server">Python %(python)s (%(implementation)s), up %(uptime)s;
@@ -6194,9 +6223,10 @@ memory %(memory)s; %(connections)d connections of %(max_connections)d;
             channel["published_per_second"])
         for channel in snapshot.channels[:PAGE_QUEUES])
     yield """</table></div>
-<p class="key"><i style="background:#cfe3f7"></i>depth
-<i style="background:#2a7d2a"></i>in <i style="background:#b35900"></i>out;
-rates over the last minute; %s.</p>
+<p class="key"><i style="background:#cfe3f7"></i>depth, its peak at the
+left <i style="background:#2a7d2a"></i>in <i style="background:#b35900"></i>out,
+their peak at the right; rates over the last minute; dead letters in their
+queue's row; %s.</p>
 <div class="scroll"><table id="channels">
 <tr><th>channel</th><th>subscribers</th><th>published/s</th></tr>
 %s

@@ -3149,6 +3149,38 @@ class StatusPageTest(ServerCase):
                 self.assertIn(b"The status page is off: start the server with --http PORT.",
                               self.receive(sock, 10000))
 
+    def test_dead_letters_count_once_in_their_queues_row(self):
+        client = self.client()
+        client.put("emails", "ready")
+        client.call("RPUSH", "emails.dead", "d1", "d2")
+        client.call("RPUSH", "gone.dead", "d3")             # its queue is empty
+        metrics = self.get("/metrics")[1].decode()
+        self.assertIn('beuss_queue_dead_messages{queue="emails"} 2\n', metrics)
+        self.assertIn('beuss_queue_dead_messages{queue="gone"} 1\n', metrics)
+        self.assertNotIn('.dead"}', metrics)
+        page = self.get("/")[1].decode()
+        self.assertIn("<td>gone</td><td>0</td>", page)
+        self.assertNotIn("<td>emails.dead</td>", page)
+
+    def test_rates_are_over_the_last_minute_and_charts_say_their_scale(self):
+        self.assertEqual(beuss._rate([(t, t) for t in range(0, 900, 10)], 890, 890), 1.0)
+        self.assertEqual(beuss._rate([], 5, 3), 0.0)
+        with self.client() as subscriber:
+            subscriber.pipeline([["SUBSCRIBE", "news"]])
+            self.wait_until(lambda: self.server.channels.subscribers(b"news"))
+            clock = time.monotonic()
+            self.server.published[b"news"] = 900       # 15 minutes at 1 a second,
+            self.server.published_samples[b"news"] = [  # the last minute at 2
+                (clock - 70, 770), (clock - 60, 780), (clock - 30, 840)]
+            self.server.published[b"news"] = 900
+            channel, = self.server.status()["channels"]
+        self.assertEqual(channel["published_per_second"], 2.0)
+        chart = beuss._chart([[900 - 10 * i, 1477 if i == 40 else 2, 1, 0.5]
+                              for i in range(90)])
+        for label in (">1,477</text>", ">-15 min</text>", ">-5 min</text>", ">now</text>",
+                      ">1.0/s</text>"):
+            self.assertIn(label, chart)
+
     def test_the_numbers_behind_the_page(self):
         client = self.client()
         client.put_many("q", ["a", "b", "c", "d"])
