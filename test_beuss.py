@@ -4591,10 +4591,17 @@ time.sleep(60)
         self.assertLess(time.monotonic() - started, TIMEOUT)
         self.wait_until(lambda: self.server.queues.waiting == 0)
 
-    def test_sigint_exits_130_quietly(self):
+    def test_sigint_stops_a_waiting_consumer_quietly_and_a_get_with_130(self):
         if not POSIX:
             self.skipTest("SIGINT to a child needs POSIX")
         child = subprocess.Popen([sys.executable, BEUSS, "ON", "q"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=dict(os.environ, BPORT=str(self.port)))
+        self.wait_until(lambda: self.server.queues.waiting == 1)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=TIMEOUT)
+        self.assertEqual((child.returncode, err), (0, b""))     # a clean stop
+        child = subprocess.Popen([sys.executable, BEUSS, "GET", "q", "--wait", "0"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  env=dict(os.environ, BPORT=str(self.port)))
         self.wait_until(lambda: self.server.queues.waiting == 1)
