@@ -876,7 +876,7 @@ class Held:
     """A reserved message: out of its queue, held by its owner."""
 
     __slots__ = ("id", "queue", "message", "deliveries", "owner", "deadline",
-                 "died")
+                 "died", "since")
 
     def __init__(self, held_id, queue, message, deliveries, owner):
         self.id = held_id           # bytes, unique for the life of the data
@@ -886,6 +886,7 @@ class Held:
         self.owner = owner
         self.deadline = None        # when the lease runs out (the server's)
         self.died = None            # a dead letter's (when, why) it died
+        self.since = time.monotonic()
 
 
 class Returned(bytes):
@@ -996,7 +997,11 @@ class Queues:
         self._watches = {}          # name -> {Watch: None}
         self._held = {}             # id -> Held
         self._held_by = {}          # owner -> {id: Held}
-        self.held_in = {}           # queue -> how many of its messages are held
+        # Who holds what, by queue, for the consumers the status page shows:
+        # queue -> {id: Held}, oldest first (ids grow), and queue -> {owner:
+        # how many of its messages that owner holds}.
+        self.holds = {}
+        self.holders = {}
         self.max_deliveries = max_deliveries    # 0: no limit
         self.retry_delay = retry_delay  # a first failure waits this long
         self.retry_max_delay = retry_max_delay  # and a later one at most
@@ -1036,7 +1041,7 @@ class Queues:
         """Every queue with messages, waiters, held or deferred messages."""
         names = dict.fromkeys(self._queues)
         names.update(dict.fromkeys(self._waiters))
-        names.update(dict.fromkeys(self.held_in))
+        names.update(dict.fromkeys(self.holds))
         names.update(dict.fromkeys(self.deferred_by))
         return list(names)
 
@@ -1044,8 +1049,17 @@ class Queues:
         """(messages, bytes, waiters, held, deferred) of one queue; the
         bytes are summed, so this costs a pass over its messages."""
         return (self.length(name), sum(map(len, self._queues.get(name, ()))),
-                len(self._waiters.get(name, ())), self.held_in.get(name, 0),
+                len(self._waiters.get(name, ())), len(self.holds.get(name, ())),
                 self.deferred_by.get(name, 0))
+
+    def consumers(self, name, now):
+        """(busy, oldest): how many consumers hold messages of name, and
+        how long the oldest of those has been held (seconds, 0: none)."""
+        holds = self.holds.get(name)
+        if not holds:
+            return 0, 0
+        return len(self.holders[name]), max(now - next(iter(
+            holds.values())).since, 0)
 
     def queue_sizes(self):
         """(name, messages, bytes, waiters, held, deferred) for each queue
@@ -1336,7 +1350,9 @@ class Queues:
         if message.__class__ is DeadLetter:
             held.died = message.died, message.why
         self._held_by.setdefault(owner, {})[held_id] = held
-        self.held_in[name] = self.held_in.get(name, 0) + 1
+        self.holds.setdefault(name, {})[held_id] = held
+        holders = self.holders.setdefault(name, {})
+        holders[owner] = holders.get(owner, 0) + 1
         return held
 
     def held(self, held_id, owner):
@@ -1439,11 +1455,18 @@ class Queues:
         del mine[held.id]
         if not mine:
             del self._held_by[held.owner]
-        left = self.held_in[held.queue] - 1
+        holds = self.holds[held.queue]
+        del holds[held.id]
+        if not holds:
+            del self.holds[held.queue]
+        holders = self.holders[held.queue]
+        left = holders[held.owner] - 1
         if left:
-            self.held_in[held.queue] = left
+            holders[held.owner] = left
         else:
-            del self.held_in[held.queue]
+            del holders[held.owner]
+            if not holders:
+                del self.holders[held.queue]
 
     # Counting ------------------------------------------------------------
     #
@@ -1493,7 +1516,7 @@ class Queues:
         queues empty and idle for HISTORY seconds."""
         for name, counts in list(self.counts.items()):
             depth = self.length(name)
-            busy = depth or name in self.held_in or name in self.deferred_by \
+            busy = depth or name in self.holds or name in self.deferred_by \
                 or name in self._waiters
             if busy or counts.pushed != counts.sampled_pushed:
                 counts.active = now
@@ -3436,10 +3459,12 @@ class Server(_Connections):
 
         def rates(name):
             counts = queues.counts.get(name)
-            return ",in_per_sec=%.2f,out_per_sec=%.2f,oldest_age=%d" % (
-                (counts.rates(clock, queues.length(name)) if counts
-                 else (0.0, 0.0))
-                + (queues.oldest_age(name, clock),))
+            return (",in_per_sec=%.2f,out_per_sec=%.2f,oldest_age=%d,busy=%d,"
+                    "held_age=%d" % (
+                        (counts.rates(clock, queues.length(name)) if counts
+                         else (0.0, 0.0))
+                        + (queues.oldest_age(name, clock),)
+                        + queues.consumers(name, clock)))
         section("Queues", [("queues", len(queues)),
                            ("messages", queues.message_count()),
                            ("held", queues.held_count()),
@@ -4054,7 +4079,8 @@ class Server(_Connections):
                 "flags=%s db=0 sub=%d psub=%d ssub=%d multi=%d watch=%d "
                 "qbuf=%d qbuf-free=0 argv-mem=0 multi-mem=%d rbs=0 rbp=0 "
                 "obl=0 oll=%d omem=%d tot-mem=%d events=r%s cmd=%s "
-                "user=default redir=-1 resp=%d lib-name=%s lib-ver=%s" % (
+                "user=default redir=-1 resp=%d lib-name=%s lib-ver=%s "
+                "held=%d waits=%s" % (
                     conn.id, _address_text(conn.peer), _address_text(
                         _local_address(conn.sock)), conn.sock.fileno(),
                     conn.name.decode("utf-8", "replace"),
@@ -4069,7 +4095,12 @@ class Server(_Connections):
                     conn.command.decode("utf-8", "replace"),
                     3 if conn.resp3 else 2,
                     conn.library[0].decode("ascii"),
-                    conn.library[1].decode("ascii")))
+                    conn.library[1].decode("ascii"),
+                    len(self.queues.held_by(conn)), ",".join(
+                        _name_text(name).replace("%", "%25").replace(
+                            ",", "%2C").replace(" ", "%20")
+                        for name in conn.waiter.names)
+                    if conn.waiter is not None else ""))
 
     def kill(self, conn, killer):
         """CLIENT KILL: close conn now, or, when it killed itself, once its
@@ -5654,18 +5685,20 @@ def _setting_text(value):
 #   Prometheus needs. Names are escaped wherever they go.
 
 _QueueRow = collections.namedtuple("_QueueRow", (
-    "name ready bytes held deferred dead waiting in_per_second "
-    "out_per_second oldest_age_seconds pushed delivered acknowledged "
-    "given_back dead_lettered leases_expired"))
+    "name ready bytes held deferred dead waiting busy oldest_hold_seconds "
+    "in_per_second out_per_second oldest_age_seconds pushed delivered "
+    "acknowledged given_back dead_lettered leases_expired"))
 
 
 def _queue_row(queues, name, clock):
     ready, size, waiting, held, deferred = queues.sizes(name)
     counts = queues.counts.get(name)
     rates = counts.rates(clock, ready) if counts else (0.0, 0.0)
+    busy, oldest_hold = queues.consumers(name, clock)
     return _QueueRow(
         name, ready, size, held, deferred, queues.length(dead_letters(name)),
-        waiting, round(rates[0], 2), round(rates[1], 2),
+        waiting, busy, round(oldest_hold), round(rates[0], 2),
+        round(rates[1], 2),
         round(queues.oldest_age(name, clock)),
         counts.pushed if counts else 0,
         counts.delivered(ready) if counts else 0,
@@ -6017,8 +6050,8 @@ _QUEUE_METRICS = [
      "Messages set aside until they are due."),
     ("dead", "beuss_queue_dead_messages", "gauge",
      "Messages in the queue's dead letters."),
-    ("waiting", "beuss_queue_consumers", "gauge",
-     "Clients blocked waiting on the queue."),
+    ("oldest_hold_seconds", "beuss_queue_oldest_hold_age_seconds", "gauge",
+     "How long the message held longest has been held."),
     ("oldest_age_seconds", "beuss_queue_oldest_message_age_seconds", "gauge",
      "How long the oldest ready message has waited."),
     ("pushed", "beuss_queue_pushed_total", "counter",
@@ -6075,6 +6108,14 @@ def _metrics_pieces(snapshot):
         for at in range(0, len(labels), 500):
             yield "".join("%s%s %r\n" % (name, label, row[index]) for label, row
                           in zip(labels[at:at + 500], snapshot.rows[at:at + 500]))
+    yield metric("beuss_queue_consumers", "gauge", "Consumers of the queue: "
+                 "busy (holding a message of it) or waiting (blocked on it).",
+                 [])
+    for at in range(0, len(labels), 250):
+        yield "".join('beuss_queue_consumers%s,state="%s"} %d\n' % (
+            label[:-1], state, getattr(row, state)) for label, row
+            in zip(labels[at:at + 250], snapshot.rows[at:at + 250])
+            for state in ("busy", "waiting"))
     yield metric("beuss_channel_subscribers", "gauge",
                  "Subscribers of a channel.",
                  [('{channel="%s"}' % _metric_label(channel["name"]),
@@ -6195,8 +6236,8 @@ memory %(memory)s; %(connections)d connections of %(max_connections)d;
 %(store)s; TLS %(tls)s, token %(token)s.</div>
 <div class="scroll"><table id="queues">
 <tr><th>queue</th><th>ready</th><th>held</th><th>deferred</th><th>dead</th>
-<th>waiting</th><th>in/s</th><th>out/s</th><th>oldest</th>
-<th>last 15 min</th></tr>
+<th title="busy: holding a message; waiting: blocked for one">consumers</th>
+<th>in/s</th><th>out/s</th><th>oldest</th><th>last 15 min</th></tr>
 """ % dict(host=escape("%s:%s" % (server["host"], server["port"])),
            version=escape(server["version"]), python=server["python"],
            implementation=server["implementation"],
@@ -6208,11 +6249,14 @@ memory %(memory)s; %(connections)d connections of %(max_connections)d;
     queues, clock = snapshot.server.queues, time.monotonic()
     for row in shown:
         yield ("<tr><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td%s>%d</td>"
-               "<td>%d</td><td>%.1f</td><td>%.1f</td><td>%s</td><td>%s</td>"
+               "<td>%s</td><td>%.1f</td><td>%.1f</td><td>%s</td><td>%s</td>"
                "</tr>\n" % (
                    escape(_name_text(row.name)), row.ready, row.held,
                    row.deferred, ' class="bad"' if row.dead else "", row.dead,
-                   row.waiting, row.in_per_second, row.out_per_second,
+                   "%d busy%s, %d waiting" % (
+                       row.busy, " (%s)" % _age_text(row.oldest_hold_seconds)
+                       if row.busy else "", row.waiting),
+                   row.in_per_second, row.out_per_second,
                    _age_text(row.oldest_age_seconds),
                    _chart(_history(queues, row.name, clock))))
     if not shown:
@@ -6325,6 +6369,9 @@ class _Link:
             if isinstance(reply, ReplyError):
                 self.close()
                 raise reply
+        if client.name is not None:
+            # What CLIENT LIST and the status page call this consumer.
+            self.talk([[b"CLIENT", b"SETNAME", client.name]], 1)
 
     def talk(self, commands, replies, wait=0.0):
         """Send commands (lists of bytes), then read that many replies."""
@@ -6867,6 +6914,7 @@ class Client(_Routing, _Scripts):
         # How messages are reserved: "RESERVE" (a beuss), "scripts" (Lua on
         # a Redis), "pops" (a Redis without Lua); None: not known yet.
         self.reserving = None
+        self.name = None            # CLIENT SETNAME's, given by call_me()
         self._home = _Link(self, self.host, self.port)
         self._nodes = {(self.host, self.port): self._home}
         self._slots = None          # a cluster's slot -> its primary's address
@@ -6972,6 +7020,19 @@ class Client(_Routing, _Scripts):
             for record in records]
         return self._script("put_dead", queue, *([
             record.message for record in records] + why))
+
+    def call_me(self, role, detail=None):
+        """Name the connections to the server, as CLIENT LIST and the
+        status page show them: role (ON, GET, on), this host and process,
+        and detail (ON's command) after a colon, e.g. ON@pi:1234:handle.
+        Only the characters Redis allows in a name are kept."""
+        text = "%s@%s:%d" % (role, socket.gethostname(), os.getpid()) + (
+            ":" + detail if detail else "")
+        self.name = "".join(c if "!" <= c <= "~" else "_"
+                            for c in text)[:100].encode("ascii", "replace")
+        for link in self._nodes.values():
+            if link.sock is not None:
+                link.talk([[b"CLIENT", b"SETNAME", self.name]], 1)
 
     def serves_reserve(self):
         """Whether the server is a beuss (RESERVE is its own), not a Redis
@@ -7090,6 +7151,8 @@ class Client(_Routing, _Scripts):
         handled = 0
         if count == 0:
             return handled
+        if self.name is None:
+            self.call_me("on")
         try:
             with _Stopper() as stopper:
                 for message in self.reservations(queue, idle, reconnect):
@@ -7343,17 +7406,23 @@ def _info_fields(text):
     return fields
 
 
+def _queue_lines(info):
+    """{queue: {field: text}} of the queue_<name> lines of a beuss
+    server's INFO (messages, bytes, waiters, held, deferred, in_per_sec,
+    out_per_sec, oldest_age, busy, held_age); {} from Redis."""
+    return {field[6:]: dict(part.split("=") for part in value.split(","))
+            for field, value in info.items() if field.startswith("queue_")}
+
+
 def _aside_counts(info):
     """{queue: (held, deferred)} from a beuss server's INFO ({} from
     Redis), for the queues that have any."""
     counts = {}
-    for field, value in info.items():
-        if field.startswith("queue_"):
-            sizes = dict(part.split("=") for part in value.split(","))
-            held, deferred = (int(sizes.get(key, 0))
-                              for key in ("held", "deferred"))
-            if held or deferred:
-                counts[field[6:]] = (held, deferred)
+    for name, sizes in _queue_lines(info).items():
+        held, deferred = (int(sizes.get(key, 0)) for key in ("held",
+                                                                "deferred"))
+        if held or deferred:
+            counts[name] = (held, deferred)
     return counts
 
 
@@ -7882,12 +7951,15 @@ def _add_script_settings(parser):
                             dest=name, help="on a Redis: " + text)
 
 
-def _consumer(options):
-    """GET's and ON's client. The lease and the retry schedule given on the
-    command line are the consumer's on a Redis only: on a beuss they are
-    the server's, and given here they would be ignored, so they are
-    refused."""
+def _consumer(options, verb):
+    """GET's and ON's client, named for CLIENT LIST. The lease and the
+    retry schedule given on the command line are the consumer's on a Redis
+    only: on a beuss they are the server's, and given here they would be
+    ignored, so they are refused."""
     client = _client(options)
+    command = getattr(options, "command", None)
+    client.call_me(verb, os.path.basename(command.split()[0])
+                   if command and command.split() else None)
     given = [name for name in _SCRIPT_SETTINGS
              if getattr(options, name, None) is not None]
     try:
@@ -8143,7 +8215,7 @@ def _get_arguments(parser):
 
 def run_get(options):
     queue = _queue(options.queue)
-    with _consumer(options) as client:
+    with _consumer(options, "GET") as client:
         if options.file == "-":
             if sys.stdout is None:          # started with stdout closed
                 raise HandlerFailed("cannot write the message: stdout is "
@@ -8306,7 +8378,7 @@ def run_on(options):
                       "delay, or to %s.dead after its last delivery"
                       % (options.queue, options.queue))
     handled = 0
-    with _consumer(options) as client, _Stopper(options.stop_timeout) \
+    with _consumer(options, "ON") as client, _Stopper(options.stop_timeout) \
             as options.stopper:
         messages = client.reservations(queue, options.timeout, slices=True)
         renew = None                # a long --exec keeps its lease
@@ -8504,11 +8576,16 @@ def run_len(options):
 def run_list(options):
     with _client(options) as client:
         counts = client.queue_counts()
+        lines = _queue_lines(client.info()) if counts else {}
     if not counts:
         _warn("no queues: every queue is empty")
     for name, (length, held, deferred) in sorted(counts.items()):
+        line = lines.get(name, {})
         notes = ([_plural(held, "held", "held")] if held else []) + (
-            [_plural(deferred, "deferred", "deferred")] if deferred else [])
+            [_plural(deferred, "deferred", "deferred")] if deferred else []) + (
+            ["%s busy" % line["busy"]] if int(line.get("busy", 0)) else []) + (
+            ["%s waiting" % line["waiters"]] if int(line.get("waiters", 0))
+            else [])
         print("%s %d%s" % (name, length, " (%s)" % ", ".join(notes)
                            if notes else ""))
     return EXIT_OK
@@ -8621,17 +8698,17 @@ def run_stats(options):
                                               "message"),
                   _size_text(int(info.get("used_memory", 0))),
                   info.get("held"), info.get("deferred", 0)))
-        for field, value in sorted(info.items()):
-            if field.startswith("queue_"):
-                sizes = dict(part.split("=") for part in value.split(","))
-                print("  %s: %s, %s, %s waiting, %s held, %s deferred, "
-                      "%s in/s, %s out/s" % (
-                          field[6:], _plural(int(sizes["messages"]),
-                                             "message"),
-                          _size_text(int(sizes["bytes"])), sizes["waiters"],
-                          sizes["held"], sizes.get("deferred", 0),
-                          sizes.get("in_per_sec", "0"),
-                          sizes.get("out_per_sec", "0")))
+        for name, sizes in sorted(_queue_lines(info).items()):
+            print("  %s: %s, %s, %s waiting, %s held, %s deferred, "
+                  "%s in/s, %s out/s; consumers: %s busy%s, %s waiting" % (
+                      name, _plural(int(sizes["messages"]), "message"),
+                      _size_text(int(sizes["bytes"])), sizes["waiters"],
+                      sizes["held"], sizes.get("deferred", 0),
+                      sizes.get("in_per_sec", "0"),
+                      sizes.get("out_per_sec", "0"), sizes.get("busy", "?"),
+                      " (the oldest hold %s)" % _age_text(int(sizes[
+                          "held_age"])) if int(sizes.get("held_age", 0))
+                      else "", sizes["waiters"]))
     else:
         for name, (ready, held, deferred) in sorted(counts.items()):
             print("  %s: %d ready, %d held, %d deferred" % (
@@ -8677,7 +8754,8 @@ _TOP_COLUMNS = [
     ("held", 6, lambda row: row.get("held", "-")),
     ("deferred", 8, lambda row: row.get("deferred", "-")),
     ("dead", 6, lambda row: row["dead"]),
-    ("waiting", 7, lambda row: row.get("waiters", "-")),
+    ("busy/wait", 9, lambda row: "%s/%s" % (row.get("busy", "-"),
+                                            row.get("waiters", "-"))),
     ("in/s", 8, lambda row: row.get("in_per_sec", "-")),
     ("out/s", 8, lambda row: row.get("out_per_sec", "-")),
     ("oldest", 7, lambda row: _age_text(int(row["oldest_age"]))
@@ -8694,10 +8772,7 @@ def _top_text(client, depths, width=80):
         client.port, info.get("connected_clients", "?"),
         info.get("blocked_clients", "?"),
         _size_text(int(info.get("used_memory", 0))))
-    rows = {}
-    for field, value in info.items():
-        if field.startswith("queue_"):
-            rows[field[6:]] = dict(part.split("=") for part in value.split(","))
+    rows = _queue_lines(info)
     if not rows:                        # Redis: counts, no rates
         rows = {name: {"messages": ready, "held": held, "deferred": deferred}
                 for name, (ready, held, deferred)

@@ -1600,7 +1600,7 @@ class ClientSetinfoTest(ServerCase):
         info, = [line for line in self.client().call("CLIENT", "LIST").decode().split("\n")
                  if "lib-name=beuss" in line]
         info += "\n"
-        self.assertIn(" lib-name=beuss lib-ver=7.1\n", info)
+        self.assertIn(" lib-name=beuss lib-ver=7.1 held=0 waits=\n", info)
         self.assertIn(" multi=1 watch=0 ", info)
         self.assertRegex(info, r" multi-mem=[1-9]\d* ")
 
@@ -3149,6 +3149,36 @@ class StatusPageTest(ServerCase):
                 self.assertIn(b"The status page is off: start the server with --http PORT.",
                               self.receive(sock, 10000))
 
+    def test_consumers_are_seen_busy_and_waiting_everywhere(self):
+        client = self.client()
+        client.put_many("q", ["a", "b", "c"])
+        holder, other = self.client(), self.client()
+        holder.call_me("worker")
+        holder.reserve("q")
+        holder.reserve("q")
+        other.reserve("q")
+        waiter = self.connect()
+        waiter.sendall(requests(["CLIENT", "SETNAME", "idle-one"], ["RESERVE", "q", "0"]))
+        self.expect(waiter, b"+OK\r\n")
+        self.wait_blocked(1)
+        queue, = self.server.status()["queues"]
+        self.assertEqual((queue["busy"], queue["waiting"], queue["held"]), (2, 1, 3))
+        self.assertGreaterEqual(queue["oldest_hold_seconds"], 0)
+        metrics = self.get("/metrics")[1].decode()
+        self.assertIn('beuss_queue_consumers{queue="q",state="busy"} 2\n', metrics)
+        self.assertIn('beuss_queue_consumers{queue="q",state="waiting"} 1\n', metrics)
+        self.assertIn('beuss_queue_oldest_hold_age_seconds{queue="q"} ', metrics)
+        self.assertIn("2 busy (0s), 1 waiting", self.get("/")[1].decode())
+        self.assertIn(",busy=2,held_age=", client.info()["queue_q"])
+        listing = client.call("CLIENT", "LIST").decode()
+        self.assertRegex(listing, r"name=worker@[^ ]+:%d .* held=2 waits=\n" % os.getpid())
+        self.assertRegex(listing, r"name=idle-one .* held=0 waits=q\n")
+        status, out, _ = CommandLineTest.run_main(self, "STATS")
+        self.assertRegex(out.decode(), r"consumers: 2 busy( \(the oldest hold \d+s\))?, "
+                         r"1 waiting\n")
+        status, out, _ = CommandLineTest.run_main(self, "LIST")
+        self.assertEqual(out, b"q 0 (3 held, 2 busy, 1 waiting)\n")
+
     def test_dead_letters_count_once_in_their_queues_row(self):
         client = self.client()
         client.put("emails", "ready")
@@ -3199,7 +3229,7 @@ class StatusPageTest(ServerCase):
             self.assertEqual(beuss.main(["TOP", "--port", str(self.port)]), 0)
         lines = out.getvalue().splitlines()
         self.assertIn("ready", lines[2])
-        self.assertRegex(lines[3], r"^jobs +2 +0 +0 +0 +0 ")
+        self.assertRegex(lines[3], r"^jobs +2 +0 +0 +0 +0/0 ")
 
 
 class TopTest(ServerCase):
@@ -3346,7 +3376,8 @@ class BrowserAndPrometheusTest(ServerCase):
         import urllib.request
         promtool = need_tool(self, "promtool")
         prometheus = need_tool(self, "prometheus")
-        self.client().put_many("jobs", ["a", "b", "c"])
+        self.client().put_many("jobs", ["a", "b", "c", "d"])
+        self.client().reserve("jobs")                    # a busy consumer too
         metrics = urllib.request.urlopen("http://%s:%d/metrics" % self.server.http,
                                          timeout=TIMEOUT).read()
         checked = subprocess.run([promtool, "check", "metrics"], input=metrics,
@@ -4336,6 +4367,19 @@ class SubprocessTest(ServerCase):
         waiting.send_signal(signal.SIGTERM)
         self.assertEqual(waiting.communicate(timeout=TIMEOUT), (b"", b""))
         self.assertEqual(waiting.returncode, 0)
+
+    def test_on_names_its_connection_for_client_list(self):
+        process = subprocess.Popen([sys.executable, BEUSS, "ON", "named", "--exec", "cat -"],
+                                   env=dict(os.environ, BPORT=str(self.port)),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self.wait_blocked(1)
+            listing = self.client().call("CLIENT", "LIST").decode()
+        finally:
+            process.terminate()
+            process.wait(TIMEOUT)
+        self.assertRegex(listing, r"name=ON@[^ ]+:%d:cat .* held=0 waits=named\n"
+                         % process.pid)
 
     def test_surprises_are_said_as_typed(self):
         done = self.beuss("PUT", "e", check=False)              # < /dev/null
