@@ -1002,6 +1002,8 @@ class Queues:
         # how many of its messages that owner holds}.
         self.holds = {}
         self.holders = {}
+        # PAUSE: queues that take messages but deliver none until RESUME.
+        self.paused = set()
         self.max_deliveries = max_deliveries    # 0: no limit
         self.retry_delay = retry_delay  # a first failure waits this long
         self.retry_max_delay = retry_max_delay  # and a later one at most
@@ -1042,6 +1044,7 @@ class Queues:
         names = dict.fromkeys(self._queues)
         names.update(dict.fromkeys(self._waiters))
         names.update(dict.fromkeys(self.holds))
+        names.update(dict.fromkeys(self.paused))
         names.update(dict.fromkeys(self.deferred_by))
         return list(names)
 
@@ -1165,7 +1168,7 @@ class Queues:
         """Take the message at the head (or the tail), or None when there is
         none: pop() without its list, for the commands that take one."""
         queue = self._queues.get(name)
-        if not queue:
+        if not queue or self.paused and name in self.paused:
             return None
         if self.journal is not None:
             self.journal.pop(name, 1, left)
@@ -1180,7 +1183,7 @@ class Queues:
     def pop(self, name, left=True, count=1):
         """Take up to count messages from the head (or the tail)."""
         queue = self._queues.get(name)
-        if not queue or count < 1:
+        if not queue or count < 1 or self.paused and name in self.paused:
             return []               # nothing taken: nothing changed
         count = min(count, len(queue))
         if self.journal is not None:
@@ -1201,9 +1204,11 @@ class Queues:
     def move(self, source, target, from_left=True, to_left=True,
              fresh=False):
         """Take one message from source and push it onto target; return it,
-        or None when source is empty. A dead letter leaves its record
-        behind; fresh, the message also starts with no deliveries."""
-        if not self._queues.get(source):
+        or None when source is empty (or paused: LMOVE delivers; REDRIVE,
+        fresh, does not). A dead letter leaves its record behind; fresh,
+        the message also starts with no deliveries."""
+        if not self._queues.get(source) or (
+                not fresh and self.paused and source in self.paused):
             return None
         if self.journal is not None:
             self.journal.move(source, target, from_left, to_left, fresh)
@@ -1336,7 +1341,7 @@ class Queues:
         """Take the head of name and hold it for owner: a Held, or None
         when the queue is empty."""
         queue = self._queues.get(name)
-        if not queue:
+        if not queue or self.paused and name in self.paused:
             return None
         held_id = b"%d" % self.next_id
         count = deliveries(queue[0]) + 1
@@ -1621,6 +1626,28 @@ class Queues:
             moved += 1
         return moved
 
+    # Pausing -------------------------------------------------------------
+    #
+    # A paused queue takes messages as usual and delivers none: its pops
+    # find it empty (LLEN and LRANGE still see what it holds), its waiters
+    # wait, and its retries and deferred messages rejoin it. RESUME serves
+    # its waiters again, oldest first. DEL and FLUSHALL leave the pause be:
+    # it is the queue's setting, not a message.
+
+    def pause(self, name, paused=True):
+        """PAUSE (or RESUME, paused False); whether that changed it."""
+        if (name in self.paused) == paused:
+            return False
+        if self.journal is not None:
+            self.journal.pause(name, paused)
+        if paused:
+            self.paused.add(name)
+        else:
+            self.paused.discard(name)
+            if name in self._waiters and name in self._queues:
+                self.ready[name] = None
+        return True
+
     # Watching ------------------------------------------------------------
 
     def watch(self, watch, name):
@@ -1673,7 +1700,7 @@ class Queues:
             name = next(iter(self.ready))
             del self.ready[name]
             line = self._waiters.get(name)
-            while line and name in self._queues:
+            while line and name in self._queues and name not in self.paused:
                 waiter = line[0]
                 try:
                     message = waiter.take(self, name)
@@ -1845,18 +1872,20 @@ def _literal_prefix(pattern):
 # server was down is ready at start; a dead letter's record (deliveries,
 # when, why) is part of its row.
 #
-# Schema (user_version 4; an older file is upgraded at start, a version at
+# Schema (user_version 5; an older file is upgraded at start, a version at
 # a time): queued(queue, position, message, deliveries, tries, died, why),
 # ordered by position within a queue; held(id, queue, message, deliveries,
 # tries, died, why); deferred(id, queue, message, deliveries, due, head,
-# tries, died, why); settings(name, value) with next_id. tries, died and
+# tries, died, why); settings(name, value) with next_id; paused(queue),
+# the queues PAUSE stopped. tries, died and
 # why are a dead letter's record, empty for other messages (a dead letter
 # counts its deliveries in tries). A queue's name is TEXT where it is UTF-8
 # (so `WHERE queue = 'jobs'` finds it), a BLOB where it is not.
 
 _STORE_ID = 0x62657573          # "beus", PRAGMA application_id
-_STORE_VERSION = 4              # PRAGMA user_version
+_STORE_VERSION = 5              # PRAGMA user_version
 _RECORD_COLUMNS = "tries INTEGER, died REAL, why TEXT"
+_PAUSED_SCHEMA = "CREATE TABLE paused (queue PRIMARY KEY) WITHOUT ROWID;"
 _INSERT_QUEUED = "INSERT INTO queued VALUES (?, ?, ?, ?, ?, ?, ?)"
 _STORE_SCHEMA = """
 CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
@@ -1869,7 +1898,7 @@ CREATE TABLE settings (name TEXT PRIMARY KEY, value);
 CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
                        message BLOB NOT NULL, deliveries INTEGER NOT NULL,
                        due REAL NOT NULL, head INTEGER NOT NULL, %(record)s);
-""" % {"record": _RECORD_COLUMNS}
+%(paused)s""" % {"record": _RECORD_COLUMNS, "paused": _PAUSED_SCHEMA}
 # What each version adds to the one before: {version: its script}.
 _STORE_UPGRADES = {
     2: "".join("ALTER TABLE queued ADD COLUMN %s;" % column for column
@@ -1880,7 +1909,8 @@ CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
     3: "".join("ALTER TABLE %s ADD COLUMN %s;" % (table, column)
                for table in ("held", "deferred")
                for column in _RECORD_COLUMNS.split(", ")),
-    4: lambda db: _names_as_text(db)}
+    4: lambda db: _names_as_text(db),
+    5: _PAUSED_SCHEMA}
 
 
 def _upgrade(db, version):
@@ -2124,6 +2154,9 @@ class Store:
             fixes.append(("DELETE FROM held", ()))
         for statement in fixes:
             self._execute(statement)
+        for row in db.execute("SELECT queue FROM paused").fetchall():
+            _check_row(self.path, "paused", (_name_of(row[0]),), (bytes,))
+            queues.paused.add(_name_of(row[0]))
         row = _first(db, "SELECT value FROM settings WHERE name = 'next_id'")
         queues.next_id = row[0] if row else 1
         if queues.next_id.__class__ is not int:
@@ -2328,6 +2361,10 @@ class Store:
     def clear(self):
         self._run([("DELETE FROM queued", ())])
         self._positions.clear()
+
+    def pause(self, name, paused):
+        self._run([("INSERT OR IGNORE INTO paused VALUES (?)" if paused else
+                    "DELETE FROM paused WHERE queue = ?", (_name_key(name),))])
 
     def drop_deferred(self, name):
         """The messages set aside for name (None: for every queue) go."""
@@ -2685,7 +2722,7 @@ _STORE_COLUMNS = {"queued": ["queue", "position", "message", "deliveries",
                            "died", "why"],
                   "deferred": ["id", "queue", "message", "deliveries", "due",
                                "head", "tries", "died", "why"],
-                  "settings": ["name", "value"]}
+                  "settings": ["name", "value"], "paused": ["queue"]}
 
 
 def _check_store(db, path):
@@ -2698,8 +2735,7 @@ def _check_store(db, path):
     except sqlite3.DatabaseError as exc:
         raise BeussError("cannot use %s: it is not a beuss store (%s)"
                          % (path, exc))
-    if application != _STORE_ID or not {"queued", "held", "deferred",
-                                        "settings"} <= tables:
+    if application != _STORE_ID or not set(_STORE_COLUMNS) <= tables:
         raise BeussError("cannot use %s: it is another program's SQLite "
                          "database, not a beuss store" % path)
     for table, columns in _STORE_COLUMNS.items():
@@ -3460,11 +3496,12 @@ class Server(_Connections):
         def rates(name):
             counts = queues.counts.get(name)
             return (",in_per_sec=%.2f,out_per_sec=%.2f,oldest_age=%d,busy=%d,"
-                    "held_age=%d" % (
+                    "held_age=%d,paused=%d" % (
                         (counts.rates(clock, queues.length(name)) if counts
                          else (0.0, 0.0))
                         + (queues.oldest_age(name, clock),)
-                        + queues.consumers(name, clock)))
+                        + queues.consumers(name, clock)
+                        + (name in queues.paused,)))
         section("Queues", [("queues", len(queues)),
                            ("messages", queues.message_count()),
                            ("held", queues.held_count()),
@@ -4721,6 +4758,13 @@ def cmd_redrive(server, conn, args):
     return server.wait_for(conn, step)
 
 
+def cmd_pause(server, conn, args):
+    # PAUSE q [q ...], RESUME q [q ...]: how many changed.
+    paused = args[0].lower() == b"pause"
+    return encode_int(sum(server.queues.pause(name, paused) for name in
+                          dict.fromkeys(args[1:])))
+
+
 def cmd_why(server, conn, args):
     if len(args) not in (2, 4):
         raise ReplyError(ERR_SYNTAX)
@@ -5263,6 +5307,8 @@ touch|cmd_touch|-2|fast|0,0,0|list|beuss|Renew the lease of held messages|id...
 defer|cmd_defer|-4|write,denyoom|1,1,1|list|beuss|Add messages to the tail of a queue once a delay has passed|key delay element...
 redrive|cmd_redrive|-2|write|1,1,1|list|beuss|Move dead letters back to the tail of their queue, as new messages|key [count]
 why|cmd_why|-2|readonly|1,1,1|list|beuss|Why the messages of a dead-letter queue died: deliveries, when, why|key [start stop]
+pause|cmd_pause|-2|write,fast|1,-1,1|list|beuss|Stop delivering from queues, which still take messages; how many were not paused|key...
+resume|cmd_pause|-2|write,fast|1,-1,1|list|beuss|Deliver from paused queues again, their waiters first; how many were paused|key...
 llen|cmd_llen|2|readonly,fast|1,1,1|list|1.0.0|The number of messages in a queue|key
 lrange|cmd_lrange|4|readonly|1,1,1|list|1.0.0|Messages of a queue, without taking them|key start stop
 lindex|cmd_lindex|3|readonly|1,1,1|list|1.0.0|The message at an index of a queue|key index
@@ -5685,9 +5731,9 @@ def _setting_text(value):
 #   Prometheus needs. Names are escaped wherever they go.
 
 _QueueRow = collections.namedtuple("_QueueRow", (
-    "name ready bytes held deferred dead waiting busy oldest_hold_seconds "
-    "in_per_second out_per_second oldest_age_seconds pushed delivered "
-    "acknowledged given_back dead_lettered leases_expired"))
+    "name paused ready bytes held deferred dead waiting busy "
+    "oldest_hold_seconds in_per_second out_per_second oldest_age_seconds "
+    "pushed delivered acknowledged given_back dead_lettered leases_expired"))
 
 
 def _queue_row(queues, name, clock):
@@ -5696,7 +5742,8 @@ def _queue_row(queues, name, clock):
     rates = counts.rates(clock, ready) if counts else (0.0, 0.0)
     busy, oldest_hold = queues.consumers(name, clock)
     return _QueueRow(
-        name, ready, size, held, deferred, queues.length(dead_letters(name)),
+        name, int(name in queues.paused), ready, size, held, deferred,
+        queues.length(dead_letters(name)),
         waiting, busy, round(oldest_hold), round(rates[0], 2),
         round(rates[1], 2),
         round(queues.oldest_age(name, clock)),
@@ -5746,7 +5793,7 @@ class _Snapshot:
                 # Summing a queue's bytes is a pass over its messages.
                 budget -= 1 + row.ready // 10000
                 if row.ready or row.held or row.deferred or row.waiting \
-                        or row.dead:
+                        or row.dead or row.paused:
                     self.rows.append((_importance(row), row))
             return False
         if self._channel_at < len(self.channel_names):
@@ -6042,6 +6089,8 @@ def _metric_label(text):
 
 _QUEUE_METRICS = [
     # (row field, metric name, type, help)
+    ("paused", "beuss_queue_paused", "gauge",
+     "1 while PAUSE keeps the queue from delivering."),
     ("ready", "beuss_queue_ready_messages", "gauge",
      "Messages ready in the queue."),
     ("held", "beuss_queue_held_messages", "gauge",
@@ -6229,6 +6278,7 @@ th { font-weight: 600; background: #f4f4f4; }
 .key { color: #555; font-size: .9em; }
 .key i { display: inline-block; width: 1.5em; height: .3em; margin: 0 .3em .2em; }
 .chart text { font-size: 9px; fill: #555; }
+.paused { color: #fff; background: #7f8c8d; font-size: .8em; padding: 0 .3em; }
 </style></head><body>
 <h1>beuss %(version)s on %(host)s</h1>
 <div class="server">Python %(python)s (%(implementation)s), up %(uptime)s;
@@ -6251,7 +6301,9 @@ memory %(memory)s; %(connections)d connections of %(max_connections)d;
         yield ("<tr><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td%s>%d</td>"
                "<td>%s</td><td>%.1f</td><td>%.1f</td><td>%s</td><td>%s</td>"
                "</tr>\n" % (
-                   escape(_name_text(row.name)), row.ready, row.held,
+                   escape(_name_text(row.name)) + (
+                       ' <b class="paused">paused</b>' if row.paused else ""),
+                   row.ready, row.held,
                    row.deferred, ' class="bad"' if row.dead else "", row.dead,
                    "%d busy%s, %d waiting" % (
                        row.busy, " (%s)" % _age_text(row.oldest_hold_seconds)
@@ -6616,9 +6668,10 @@ def _command_keys(command):
 # waiting ids with when they are ready (a sorted set), each id's message
 # and deliveries (hashes), ids ready again after a failure (a list, taken
 # before the queue), dead letters and, in step with them, why each died
-# (lists), and the last id given.
+# (lists), the last id given, and a flag that PAUSE sets (the reserve
+# script delivers nothing while it is there).
 COMPANIONS = (b"held", b"deferred", b"messages", b"deliveries", b"again",
-              b"dead", b"why", b"ids")
+              b"dead", b"why", b"ids", b"paused")
 
 
 def _script_keys(queue):
@@ -6658,9 +6711,9 @@ _LUA_START = """
 if redis.replicate_commands then redis.replicate_commands() end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local queue, held, deferred, messages, deliveries, again, dead, why, ids =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8],
-  KEYS[9]
+local queue, held, deferred, messages, deliveries, again, dead, why, ids,
+  paused = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7],
+  KEYS[8], KEYS[9], KEYS[10]
 local function fail(id, delay, reason, max, first, longest)
   local tries = tonumber(redis.call('HGET', deliveries, id) or '0')
   if max > 0 and tries >= max then
@@ -6717,6 +6770,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', deferred, '-inf', now,
     redis.call('HDEL', messages, id)
   end
 end
+if redis.call('EXISTS', paused) == 1 then return nil end
 local id, message, count = redis.call('LPOP', again)
 if id then
   message = redis.call('HGET', messages, id)
@@ -7033,6 +7087,38 @@ class Client(_Routing, _Scripts):
         for link in self._nodes.values():
             if link.sock is not None:
                 link.talk([[b"CLIENT", b"SETNAME", self.name]], 1)
+
+    def pause(self, *queues, paused=True):
+        """PAUSE (RESUME: paused False) queues: they take messages and
+        deliver none until resumed; how many changed. On Redis the flag
+        is a companion key the scripts respect (plain pops do not)."""
+        command = b"PAUSE" if paused else b"RESUME"
+        return self._own(command, list(queues), lambda: sum(
+            reply in ("OK", 1) for reply in self.pipeline([
+                [b"SET", _companion(queue, b"paused"), b"1", b"NX"] if paused
+                else [b"DEL", _companion(queue, b"paused")]
+                for queue in queues])))
+
+    def paused_queues(self):
+        """The names of the paused queues (over every primary)."""
+        info = self.info()
+        if "beuss_version" in info:
+            return sorted(name for name, line in _queue_lines(info).items()
+                          if line.get("paused") == "1")
+        found = set()
+        for link in self._primaries():
+            cursor = b"0"
+            while True:
+                cursor, batch = _raise(link.talk([[
+                    b"SCAN", cursor, b"MATCH", b"*:paused", b"COUNT", b"1000"]],
+                    1)[0])
+                for name in batch:
+                    queue, part = _companion_of(name)
+                    if part == b"paused":
+                        found.add(queue.decode("utf-8", "surrogateescape"))
+                if cursor == b"0":
+                    break
+        return sorted(found)
 
     def serves_reserve(self):
         """Whether the server is a beuss (RESERVE is its own), not a Redis
@@ -7598,6 +7684,8 @@ usage: python beuss.py [VERB] [options]
   PEEK <queue> [N]    write the first N messages (1) without taking them;
                       with --why, why the messages of <queue>.dead died
   REDRIVE <queue> [N] move the dead letters of <queue> back to it
+  PAUSE <queue>...    stop delivering from queues (they still take
+                      messages); RESUME <queue>... delivers again
   DEL <queue>...      delete queues and their messages
   LEN <queue>         how many messages the queue holds
   LIST                every queue that holds messages, with its length
@@ -8577,6 +8665,9 @@ def run_list(options):
     with _client(options) as client:
         counts = client.queue_counts()
         lines = _queue_lines(client.info()) if counts else {}
+        paused = client.paused_queues()
+        for name in paused:
+            counts.setdefault(name, (0, 0, 0))
     if not counts:
         _warn("no queues: every queue is empty")
     for name, (length, held, deferred) in sorted(counts.items()):
@@ -8585,7 +8676,7 @@ def run_list(options):
             [_plural(deferred, "deferred", "deferred")] if deferred else []) + (
             ["%s busy" % line["busy"]] if int(line.get("busy", 0)) else []) + (
             ["%s waiting" % line["waiters"]] if int(line.get("waiters", 0))
-            else [])
+            else []) + (["paused"] if name in paused else [])
         print("%s %d%s" % (name, length, " (%s)" % ", ".join(notes)
                            if notes else ""))
     return EXIT_OK
@@ -8633,6 +8724,21 @@ def _print_why(options, queue):
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.died)),
             _plural(record.deliveries, "delivery", "deliveries"),
             record.why, start))
+    return EXIT_OK
+
+
+def _pause_arguments(parser):
+    parser.add_argument("queue", nargs="+", help="the queues' names")
+    _add_address(parser)
+
+
+def run_pause(options, paused=True):
+    queues = [_queue(name) for name in options.queue]
+    with _client(options) as client:
+        changed = client.pause(*queues, paused=paused)
+    _warn("%s %s%s" % ("paused" if paused else "resumed", " ".join(
+        options.queue), "" if changed == len(queues) else " (%d of them "
+        "already were)" % (len(queues) - changed)))
     return EXIT_OK
 
 
@@ -8699,9 +8805,10 @@ def run_stats(options):
                   _size_text(int(info.get("used_memory", 0))),
                   info.get("held"), info.get("deferred", 0)))
         for name, sizes in sorted(_queue_lines(info).items()):
-            print("  %s: %s, %s, %s waiting, %s held, %s deferred, "
+            print("  %s%s: %s, %s, %s waiting, %s held, %s deferred, "
                   "%s in/s, %s out/s; consumers: %s busy%s, %s waiting" % (
-                      name, _plural(int(sizes["messages"]), "message"),
+                      name, " (paused)" if sizes.get("paused") == "1" else "",
+                      _plural(int(sizes["messages"]), "message"),
                       _size_text(int(sizes["bytes"])), sizes["waiters"],
                       sizes["held"], sizes.get("deferred", 0),
                       sizes.get("in_per_sec", "0"),
@@ -8793,6 +8900,8 @@ def _top_text(client, depths, width=80):
     sparks = min(width - used - 2, 30)
 
     def line(name, cells, spark=""):
+        if rows.get(name, {}).get("paused") == "1":
+            name = "\u2016" + name         # paused: a pause sign first
         text = ("%-*s" % (_TOP_NAME, name if len(name) <= _TOP_NAME
                           else name[:_TOP_NAME - 1] + "\u2026"))
         for (_, size, _), cell in zip(shown, cells):
@@ -9063,6 +9172,10 @@ VERBS = {
             "print how many there were."),
     "REDRIVE": (run_redrive, _redrive_arguments, "Move the dead letters of "
                 "a queue back to it as new messages; print how many."),
+    "PAUSE": (run_pause, _pause_arguments, "Stop delivering from queues: "
+              "they still take messages, consumers wait."),
+    "RESUME": (lambda options: run_pause(options, False), _pause_arguments,
+               "Deliver from paused queues again."),
     "PUB": (run_pub, _pub_arguments, "Publish a message to the subscribers "
             "of a channel; nothing keeps it for later."),
     "SUB": (run_sub, _sub_arguments, "Print the messages published on "

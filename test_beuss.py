@@ -1087,6 +1087,18 @@ class StoreTest(unittest.TestCase):
         self.addCleanup(store.close)
         self.assertEqual(queues.deferred_count(), 0)
 
+    def test_a_pause_outlives_a_restart(self):
+        store, queues = self.open()
+        queues.pause(b"q")
+        queues.pause(b"\xff")
+        queues.pause(b"gone")
+        queues.pause(b"gone", False)
+        store.commit()
+        store.close()
+        store, queues = self.open()
+        self.addCleanup(store.close)
+        self.assertEqual(queues.paused, {b"q", b"\xff"})
+
     def test_a_dead_letter_keeps_its_record_held_set_aside_and_after_restarts(self):
         store, queues = self.open(max_deliveries=1)
         queues.push(b"q", [b"m"])
@@ -1718,6 +1730,40 @@ class ReserveTest(ServerCase):
         holder.close()
 
 
+class PauseTest(ServerCase):
+    """PAUSE: a queue that takes messages and delivers none until RESUME."""
+
+    def test_a_paused_queue_takes_and_keeps_and_its_waiters_wait_in_order(self):
+        sock = self.exchange(requests(["PAUSE", "q", "q"], ["PAUSE", "q"], ["RPUSH", "q", "a", "b"],
+                                      ["LPOP", "q"], ["RPOP", "q"], ["LMPOP", "1", "q", "LEFT"],
+                                      ["LMOVE", "q", "r", "LEFT", "LEFT"], ["RESERVE", "q", "0.01"],
+                                      ["LLEN", "q"], ["LRANGE", "q", "0", "-1"]),
+                             b":1\r\n:0\r\n:2\r\n$-1\r\n$-1\r\n*-1\r\n$-1\r\n*-1\r\n"
+                             b":2\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n")
+        first, second = self.connect(), self.connect()
+        first.sendall(requests(["BLPOP", "q", "0"]))
+        self.wait_blocked(1)
+        second.sendall(requests(["RESERVE", "q", "0"]))
+        self.wait_blocked(2)
+        self.assert_quiet(first)
+        self.exchange(requests(["RESUME", "q", "other"]), b":1\r\n", sock)
+        self.expect(first, b"*2\r\n$1\r\nq\r\n$1\r\na\r\n")
+        self.assertTrue(self.receive(second, 20).startswith(b"*4\r\n$1\r\nq\r\n"))
+        self.assertEqual(self.server.queues.held_count(), 1)
+
+    def test_pause_is_on_the_page_in_list_and_metrics(self):
+        self.client().put("jobs", "m")
+        self.client().pause("jobs", "idle")
+        self.assertEqual(self.client().paused_queues(), ["idle", "jobs"])
+        status, out, err = CommandLineTest.run_main(self, "LIST")
+        self.assertEqual(out, b"idle 0 (paused)\njobs 1 (paused)\n")
+        rows = {row["name"]: row["paused"] for row in self.server.status()["queues"]}
+        self.assertEqual(rows, {"jobs": 1, "idle": 1})
+        self.assertEqual(CommandLineTest.run_main(self, "RESUME", "jobs", "nope")[2],
+                         "beuss: resumed jobs nope (1 of them already were)\n")
+        self.assertEqual(self.client().get("jobs"), b"m")
+
+
 class LongWorkTest(ServerCase):
     """Work that grows with a queue is done MOVE_SLICE messages a pass:
     other clients are served meanwhile."""
@@ -2033,7 +2079,7 @@ class CommandFlagsTest(unittest.TestCase):
         "lmove": "LMOVE q r LEFT RIGHT", "blmove": "BLMOVE q r LEFT RIGHT 0.01",
         "rpoplpush": "RPOPLPUSH q r", "brpoplpush": "BRPOPLPUSH q r 0.01",
         "reserve": "RESERVE q 0.01", "ack": "ACK 1", "nack": "NACK 1",
-        "touch": "TOUCH 1", "defer": "DEFER q 10 m", "redrive": "REDRIVE q",
+        "touch": "TOUCH 1", "defer": "DEFER q 10 m", "redrive": "REDRIVE q", "pause": "PAUSE q", "resume": "RESUME q",
         "why": "WHY q.dead", "llen": "LLEN q", "lrange": "LRANGE q 0 -1",
         "lindex": "LINDEX q 0", "lpos": "LPOS q m", "lset": "LSET q 0 m",
         "linsert": "LINSERT q BEFORE m n", "ltrim": "LTRIM q 0 -1",
@@ -3378,6 +3424,7 @@ class BrowserAndPrometheusTest(ServerCase):
         prometheus = need_tool(self, "prometheus")
         self.client().put_many("jobs", ["a", "b", "c", "d"])
         self.client().reserve("jobs")                    # a busy consumer too
+        self.client().pause("jobs", "stopped")
         metrics = urllib.request.urlopen("http://%s:%d/metrics" % self.server.http,
                                          timeout=TIMEOUT).read()
         checked = subprocess.run([promtool, "check", "metrics"], input=metrics,
@@ -4987,7 +5034,8 @@ class DeferredDurabilityTest(unittest.TestCase):
             store.commit()
             store.close()
             db = sqlite3.connect(path)
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 4)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0],
+                             beuss._STORE_VERSION)
             self.assertEqual(b"".join(row[0] for row in db.execute(
                 "SELECT message FROM queued WHERE queue = 'jobs' ORDER BY position")),
                 b"ha" + (b"d" if deferred is not None else b"") + b"new")
@@ -6203,7 +6251,7 @@ class ReadmeTest(ServerCase):
         for statement in statements:
             if statement.startswith("CREATE"):
                 documented.execute(statement)
-        for table in ("queued", "held", "deferred", "settings"):
+        for table in beuss._STORE_COLUMNS:
             self.assertEqual([row[1] for row in documented.execute("PRAGMA table_info(%s)" % table)],
                              [row[1] for row in real.execute("PRAGMA table_info(%s)" % table)])
         answers = [real.execute(statement).fetchall() for statement in statements
@@ -6671,6 +6719,20 @@ time.sleep(60)
                 self.assertEqual(client.why(queue + ".dead"), [])
                 self.assertIsNone(client.queue_counts().get(queue))
                 self.assertIsNone(client.reserve(queue))
+
+    def test_pause_holds_deliveries_on_every_engine(self):
+        for target, port in self.targets():
+            with self.subTest(target=target):
+                queue = "paused-" + target
+                client = self.client(port)
+                self.cli(port, "PAUSE", queue)
+                client.put(queue, "kept")
+                self.assertIsNone(client.reserve(queue))
+                self.assertEqual(client.queue_counts()[queue][0], 1)
+                self.assertIn(queue, client.paused_queues())
+                self.assertEqual(self.cli(port, "GET", queue, status=1)[0], b"")
+                self.cli(port, "RESUME", queue)
+                self.assertEqual(client.reserve(queue, wait=1).data, b"kept")
 
     def test_on_keeps_the_lease_of_a_command_that_outlasts_it(self):
         # --lease 0.6 s (beuss's own: 1 s) and a command of 1.5 s: ON
