@@ -3382,6 +3382,9 @@ class Server(_Connections):
         # which returns True once the work is done.
         self._chores = []
         self._snapshot = None           # the status page's latest numbers
+        self.nonces = collections.deque(maxlen=600)   # the pages' last ones
+        self.outcomes = {}              # the page's actions: id -> what
+        self.next_outcome = 1
         self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
         self._sample_at = 0.0           # the next sample of the queues
         self._started_clock = time.monotonic()
@@ -5780,6 +5783,10 @@ class _Snapshot:
         self.done = False
         self.bodies = {}            # what was asked -> _Body
         self._at = self._channel_at = 0
+        # The forms of pages made from it carry this, so that an action
+        # comes from this server's own page.
+        self.nonce = os.urandom(12).hex()
+        server.nonces.append(self.nonce)
 
     def step(self):
         """One slice: queues, then channels, then the order; True once
@@ -5923,17 +5930,25 @@ class _HttpConn:
                 "connect to port %d.\n" % self.server.port).encode())
         elif end < 0 and len(self.data) <= HTTP_MAX_REQUEST:
             return
-        elif end < 0 or end > HTTP_MAX_REQUEST:
+        elif end < 0 or len(self.data) > HTTP_MAX_REQUEST:
             answer = _http_reply(431, "text/plain", b"request too large\n")
         else:
+            # A form's body follows its head (a POST from the page).
+            length = _http_length(self.data[:end])
+            if len(self.data) < end + 4 + length:
+                return
             try:
-                answer = _http_answer(self.server, self.data[:end])
+                answer = _http_answer(self.server, self.data[:end],
+                                      self.data[end + 4:end + 4 + length], self)
             except Exception as exc:
                 _warn("internal error answering HTTP: %r" % exc)
                 answer = _http_reply(500, "text/plain", b"internal error\n")
+        if answer is None:          # a chore answers (an action)
+            self.out = collections.deque()
+            self.watch(0)
+            return
         if answer.__class__ is bytes:
-            self.out = collections.deque([answer])
-            self._send()
+            self.reply(answer)
             return
         body, head_only = answer
         self.out = collections.deque()
@@ -5942,6 +5957,13 @@ class _HttpConn:
             self.answer(body, head_only)
         else:
             body.readers.append((self, head_only))
+
+    def reply(self, answer):
+        """Send a whole answer (bytes) and close."""
+        if self.sock.fileno() < 0:
+            return                  # closed meanwhile
+        self.out = collections.deque([answer])
+        self._send()
 
     def answer(self, body, head_only):
         """Send a body that is made (a chore calls this when it is)."""
@@ -5992,7 +6014,8 @@ class _HttpConn:
             self.sock.close()
 
 
-_HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized",
+_HTTP_REASONS = {200: "OK", 303: "See Other", 400: "Bad Request",
+                 401: "Unauthorized", 403: "Forbidden",
                  404: "Not Found", 405: "Method Not Allowed",
                  431: "Request Header Fields Too Large",
                  500: "Internal Server Error", 503: "Service Unavailable"}
@@ -6017,14 +6040,27 @@ _HTTP_KINDS = {"/": "text/html; charset=utf-8",
                "/status.json": "application/json"}
 
 
-def _http_answer(server, request):
+def _http_length(head):
+    """The Content-Length a request's head gives (0 when none)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            value = value.strip()
+            return int(value) if value.isdigit() else HTTP_MAX_REQUEST
+    return 0
+
+
+def _http_answer(server, request, body=b"", conn=None):
     """The whole reply to a request (its line and headers) as bytes, or
-    (a _Body, head only) for the answers made from a snapshot."""
+    (a _Body, head only) for the answers made from a snapshot, or None
+    when a chore answers (a page action)."""
     lines = request.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         return _http_reply(405, "text/plain", b"not an HTTP request\n")
     method, (target, _, query) = parts[0], parts[1].partition("?")
+    if method == "POST" and target == "/action":
+        return _page_action(server, lines[1:], body, conn)
     if method not in ("GET", "HEAD"):
         return _http_reply(405, "text/plain", b"GET or HEAD only\n",
                            extra="Allow: GET, HEAD\r\n")
@@ -6058,6 +6094,95 @@ def _http_answer(server, request):
                                             pieces)
         server.add_chore(body)
     return body, head
+
+
+# The page's actions (redrive, empty, pause, resume) are plain forms that
+# POST to /action. The token guards them as it guards the page, and so that
+# no other site's page can make a browser post them, each must carry the
+# nonce of a page this server made in the last ten minutes, and an Origin
+# (or else a Referer) that is the page's own address. Each is said on
+# stderr with who asked, and answered once its change is committed, with a
+# redirect to the page, which says what changed.
+
+_ACTIONS = ("redrive", "empty", "empty-dead", "pause", "resume")
+
+
+def _page_action(server, headers, body, conn):
+    from urllib.parse import parse_qs, urlsplit
+    fields = {name.lower(): value.strip() for name, _, value
+              in (header.partition(":") for header in headers)}
+    if server.token is not None and not _http_authorized(server, headers):
+        return _http_reply(401, "text/plain", b"the token is needed\n",
+                           extra='WWW-Authenticate: Basic realm="beuss"\r\n')
+    origin = fields.get("origin") or fields.get("referer", "")
+    form = {name: values[-1] for name, values in parse_qs(
+        body.decode("latin-1"), keep_blank_values=True).items()}
+    if not origin or urlsplit(origin).netloc != fields.get("host") \
+            or form.get("nonce") not in server.nonces:
+        return _http_reply(403, "text/plain", b"an action must come from "
+                           b"this server's own page\n")
+    if form.get("action") not in _ACTIONS or not form.get("queue"):
+        return _http_reply(400, "text/plain", ("an action is one of %s, on "
+                           "a queue\n" % ", ".join(_ACTIONS)).encode())
+    try:
+        peer = _address_text(conn.sock.getpeername())
+    except OSError:
+        peer = "?"
+    server.add_chore(_PageAction(server, conn, form["action"], os.fsencode(
+        form["queue"]), peer))
+    return None
+
+
+class _PageAction:
+    """One action of the page, done as a chore: a redrive MOVE_SLICE a
+    pass; then, a pass later (its change committed), the answer."""
+
+    def __init__(self, server, conn, action, name, peer):
+        self.server, self.conn, self.action = server, conn, action
+        self.name, self.peer = name, peer
+        self.moved, self.done = 0, None
+
+    def step(self):
+        server, queues, name = self.server, self.server.queues, self.name
+        text = _name_text(name)
+        if self.done is None:
+            try:
+                if self.action == "redrive":
+                    moved = queues.redrive(name, MOVE_SLICE)
+                    self.moved += moved
+                    if moved == MOVE_SLICE:
+                        return False
+                    self.done = "redrove %s of %s" % (_plural(
+                        self.moved, "message"), text)
+                elif self.action.startswith("empty"):
+                    target = dead_letters(name) if self.action == \
+                        "empty-dead" else name
+                    count = queues.length(target)
+                    queues.delete(target)
+                    self.done = "emptied %s (%s)" % (_name_text(target),
+                                                     _plural(count, "message"))
+                else:
+                    queues.pause(name, self.action == "pause")
+                    self.done = "%sd %s" % (self.action, text)
+            except StoreError as exc:
+                self.conn.reply(_http_reply(503, "text/plain", (
+                    "the store cannot be written: %s\n" % exc).encode()))
+                return True
+            _warn("status page: %s, asked by %s" % (self.done, self.peer))
+            return False            # the answer once it is committed
+        store = server.store
+        if store is not None and store.failing is not None:
+            self.conn.reply(_http_reply(503, "text/plain", (
+                "%s, but the store cannot be written (%s): it waits for "
+                "it\n" % (self.done, store.failing)).encode()))
+            return True
+        server.outcomes[server.next_outcome] = self.done
+        while len(server.outcomes) > 100:
+            del server.outcomes[next(iter(server.outcomes))]
+        self.conn.reply(_http_reply(303, "text/plain", b"", extra=(
+            "Location: /?done=%d\r\n" % server.next_outcome)))
+        server.next_outcome += 1
+        return True
 
 
 def _http_authorized(server, headers):
@@ -6234,6 +6359,20 @@ def _chart(history, width=160, height=36):
                 "{:,}".format(top), width - 2, fast, axis))
 
 
+def _actions(row, nonce):
+    """A queue row's buttons: one form that POSTs to /action."""
+    from html import escape
+    buttons = [("resume" if row.paused else "pause"), "empty"] + (
+        ["redrive", "empty-dead"] if row.dead else [])
+    return ('<td class="act"><form method="post" action="/action">'
+            '<input type="hidden" name="queue" value="%s"><input type="hidden"'
+            ' name="nonce" value="%s">%s</form></td>' % (
+                escape(_name_text(row.name)), nonce, " ".join(
+                    '<button name="action" value="%s">%s</button>' % (
+                        action, action.replace("-", " "))
+                    for action in buttons)))
+
+
 def _page_pieces(snapshot, asked):
     """The page: the server, then a row and a chart for each queue shown."""
     from html import escape
@@ -6279,15 +6418,18 @@ th { font-weight: 600; background: #f4f4f4; }
 .key i { display: inline-block; width: 1.5em; height: .3em; margin: 0 .3em .2em; }
 .chart text { font-size: 9px; fill: #555; }
 .paused { color: #fff; background: #7f8c8d; font-size: .8em; padding: 0 .3em; }
+.act form { margin: 0; }
+.act button { font-size: .8em; }
+.done { background: #e8f5e9; border-left: 4px solid #2a7d2a; padding: .4em .8em; }
 </style></head><body>
-<h1>beuss %(version)s on %(host)s</h1>
+<h1>beuss %(version)s on %(host)s</h1>%(done)s
 <div class="server">Python %(python)s (%(implementation)s), up %(uptime)s;
 memory %(memory)s; %(connections)d connections of %(max_connections)d;
 %(store)s; TLS %(tls)s, token %(token)s.</div>
 <div class="scroll"><table id="queues">
 <tr><th>queue</th><th>ready</th><th>held</th><th>deferred</th><th>dead</th>
 <th title="busy: holding a message; waiting: blocked for one">consumers</th>
-<th>in/s</th><th>out/s</th><th>oldest</th><th>last 15 min</th></tr>
+<th>in/s</th><th>out/s</th><th>oldest</th><th>last 15 min</th><th></th></tr>
 """ % dict(host=escape("%s:%s" % (server["host"], server["port"])),
            version=escape(server["version"]), python=server["python"],
            implementation=server["implementation"],
@@ -6295,12 +6437,15 @@ memory %(memory)s; %(connections)d connections of %(max_connections)d;
            connections=server["connections"],
            max_connections=server["max_connections"], store=store,
            tls="on" if server["tls"] else "off",
-           token="on" if server["token"] else "off")
+           token="on" if server["token"] else "off", done=(
+               '\n<p class="done">%s</p>' % escape(snapshot.server.outcomes[
+                   int(asked["done"])]) if asked.get("done", "").isdigit()
+               and int(asked["done"]) in snapshot.server.outcomes else ""))
     queues, clock = snapshot.server.queues, time.monotonic()
     for row in shown:
         yield ("<tr><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td%s>%d</td>"
                "<td>%s</td><td>%.1f</td><td>%.1f</td><td>%s</td><td>%s</td>"
-               "</tr>\n" % (
+               "%s</tr>\n" % (
                    escape(_name_text(row.name)) + (
                        ' <b class="paused">paused</b>' if row.paused else ""),
                    row.ready, row.held,
@@ -6310,9 +6455,10 @@ memory %(memory)s; %(connections)d connections of %(max_connections)d;
                        if row.busy else "", row.waiting),
                    row.in_per_second, row.out_per_second,
                    _age_text(row.oldest_age_seconds),
-                   _chart(_history(queues, row.name, clock))))
+                   _chart(_history(queues, row.name, clock)),
+                   _actions(row, snapshot.nonce)))
     if not shown:
-        yield '<tr><td colspan="10">no queues</td></tr>\n'
+        yield '<tr><td colspan="11">no queues</td></tr>\n'
     channels = "".join(
         "<tr><td>%s</td><td>%d</td><td>%.1f</td></tr>" % (
             escape(channel["name"]), channel["subscribers"],

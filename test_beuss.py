@@ -3225,6 +3225,57 @@ class StatusPageTest(ServerCase):
         status, out, _ = CommandLineTest.run_main(self, "LIST")
         self.assertEqual(out, b"q 0 (3 held, 2 busy, 1 waiting)\n")
 
+    def post(self, fields, headers=None, server=None):
+        import http.client
+        from urllib.parse import urlencode
+        server = server or self.server
+        connection = http.client.HTTPConnection(*server.http, timeout=TIMEOUT)
+        try:
+            connection.request("POST", "/action", body=urlencode(fields), headers=dict(
+                {"Content-Type": "application/x-www-form-urlencoded"}, **(headers or {})))
+            response = connection.getresponse()
+            return response.status, response.read(), dict(response.getheaders())
+        finally:
+            connection.close()
+
+    def nonce(self, page=None):
+        return re.search(r'name="nonce" value="([0-9a-f]+)"', page or
+                         self.get("/")[1].decode()).group(1)
+
+    def test_the_page_acts_only_for_its_own_page(self):
+        client = self.client()
+        client.put_many("jobs", ["a"])
+        client.call("RPUSH", "jobs.dead", "d1", "d2", "d3")
+        page = self.get("/")[1].decode()
+        self.assertIn('<button name="action" value="redrive">redrive</button>', page)
+        own = "http://%s:%d" % self.server.http
+        fields = {"action": "redrive", "queue": "jobs", "nonce": self.nonce(page)}
+        for headers, changed in (({}, "no Origin"), ({"Origin": "http://evil.example"}, "a foreign Origin"),
+                                 ({"Referer": "http://evil.example/"}, "a foreign Referer")):
+            self.assertEqual(self.post(fields, headers)[0], 403, changed)
+        self.assertEqual(self.post(dict(fields, nonce="00" * 12), {"Origin": own})[0], 403)
+        self.assertEqual(self.post(dict(fields, action="explode"), {"Origin": own})[0], 400)
+        self.assertEqual(client.len("jobs"), 1)
+        with mock.patch.object(sys, "stderr", io.StringIO()) as err:
+            status, _, headers = self.post(fields, {"Origin": own})
+            self.assertEqual(status, 303)
+            self.assertIn("redrove 3 messages of jobs, asked by 127.0.0.1:", err.getvalue())
+            self.assertEqual(client.call("LRANGE", "jobs", 0, -1), [b"a", b"d1", b"d2", b"d3"])
+            self.assertIn('<p class="done">redrove 3 messages of jobs</p>',
+                          self.get(headers["Location"])[1].decode())
+            for action, check in (("pause", lambda: self.server.queues.paused == {b"jobs"}),
+                                  ("resume", lambda: not self.server.queues.paused),
+                                  ("empty", lambda: not client.call("EXISTS", "jobs"))):
+                status, _, _ = self.post(dict(fields, action=action),
+                                         {"Referer": own + "/?queue=jobs"})
+                self.assertEqual(status, 303, action)
+                self.assertTrue(check(), action)
+            client.call("RPUSH", "jobs.dead", "d4")
+            self.assertEqual(self.post(dict(fields, action="empty-dead"), {"Origin": own})[0],
+                             303)
+            self.assertFalse(client.call("EXISTS", "jobs.dead"))
+        self.assertEqual(len(err.getvalue().splitlines()), 5)
+
     def test_dead_letters_count_once_in_their_queues_row(self):
         client = self.client()
         client.put("emails", "ready")
@@ -3344,6 +3395,15 @@ class StatusPageGuardTest(unittest.TestCase):
                                  headers={"Authorization": "Basic " + basic})[0], 200)
             self.assertEqual(get(self, "/healthz", server=server)[0], 200)
 
+    def test_the_token_guards_the_pages_actions(self):
+        with beuss.Server(("127.0.0.1", 0), token="s3cret",
+                          **server_options(http=("127.0.0.1", 0))) as server:
+            status, _, _ = StatusPageTest.post(self, {"action": "pause", "queue": "q"},
+                                               {"Origin": "http://%s:%d" % server.http},
+                                               server=server)
+            self.assertEqual(status, 401)
+            self.assertEqual(server.queues.paused, set())
+
     def test_protected_mode_covers_the_page_address(self):
         with self.assertRaises(beuss.BeussError) as caught:
             beuss.Server(("127.0.0.1", 0), http=("0.0.0.0", 0))
@@ -3416,6 +3476,18 @@ class BrowserAndPrometheusTest(ServerCase):
         picture = os.path.join(folder, "page.png")
         self.chromium("--window-size=900,500", "--screenshot=" + picture)
         self.assertGreater(len(png_colours(picture)), 4)   # not a blank page
+
+    def test_the_browser_shows_the_forms_and_their_nonce_acts(self):
+        self.client().call("RPUSH", "jobs.dead", "d1")
+        dom = self.chromium("--dump-dom").stdout.decode()
+        self.assertIn('<form method="post" action="/action">', dom)
+        own = {"Origin": "http://%s:%d" % self.server.http}
+        fields = {"action": "redrive", "queue": "jobs",
+                  "nonce": StatusPageTest.nonce(self, dom)}
+        with mock.patch.object(sys, "stderr", io.StringIO()):
+            self.assertEqual(StatusPageTest.post(self, fields, {})[0], 403)
+            self.assertEqual(StatusPageTest.post(self, fields, own)[0], 303)
+        self.assertEqual(self.client().call("LRANGE", "jobs", 0, -1), [b"d1"])
 
     def test_promtool_accepts_the_metrics_and_prometheus_scrapes_them(self):
         import json
