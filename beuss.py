@@ -1064,6 +1064,12 @@ class Queues:
         return len(self.holders[name]), max(now - next(iter(
             holds.values())).since, 0)
 
+    def owners(self, name):
+        """(those holding messages of name, those waiting on it, in line):
+        the opaque owners, the server's connections."""
+        return list(self.holders.get(name, ())), [
+            waiter.owner for waiter in self._waiters.get(name, ())]
+
     def queue_sizes(self):
         """(name, messages, bytes, waiters, held, deferred) for each queue
         with messages, waiters, held or deferred messages."""
@@ -5736,7 +5742,18 @@ def _setting_text(value):
 _QueueRow = collections.namedtuple("_QueueRow", (
     "name paused ready bytes held deferred dead waiting busy "
     "oldest_hold_seconds in_per_second out_per_second oldest_age_seconds "
-    "pushed delivered acknowledged given_back dead_lettered leases_expired"))
+    "pushed delivered acknowledged given_back dead_lettered leases_expired "
+    "consumers"))
+
+
+def _consumer_names(queues, name, most=5):
+    """The names (CLIENT SETNAME) of a queue's consumers, busy ones first,
+    at most `most` of each kind; "?" for one that gave none."""
+    busy, waiting = queues.owners(name)
+    return [(conn.name.decode("ascii", "replace") or "?", "busy")
+            for conn in busy[:most]] + [
+        (conn.name.decode("ascii", "replace") or "?", "waiting")
+        for conn in waiting[:most]]
 
 
 def _queue_row(queues, name, clock):
@@ -5755,7 +5772,8 @@ def _queue_row(queues, name, clock):
         counts.acknowledged if counts else 0,
         counts.given_back if counts else 0,
         counts.dead_lettered if counts else 0,
-        counts.expired if counts else 0)
+        counts.expired if counts else 0,
+        _consumer_names(queues, name) if busy or waiting else [])
 
 
 def _importance(row):
@@ -6419,6 +6437,7 @@ th { font-weight: 600; background: #f4f4f4; }
 .chart text { font-size: 9px; fill: #555; }
 .paused { color: #fff; background: #7f8c8d; font-size: .8em; padding: 0 .3em; }
 .act form { margin: 0; }
+.who { color: #555; font-size: .75em; white-space: normal; max-width: 16em; }
 .act button { font-size: .8em; }
 .done { background: #e8f5e9; border-left: 4px solid #2a7d2a; padding: .4em .8em; }
 </style></head><body>
@@ -6450,9 +6469,12 @@ memory %(memory)s; %(connections)d connections of %(max_connections)d;
                        ' <b class="paused">paused</b>' if row.paused else ""),
                    row.ready, row.held,
                    row.deferred, ' class="bad"' if row.dead else "", row.dead,
-                   "%d busy%s, %d waiting" % (
+                   '%d busy%s, %d waiting%s' % (
                        row.busy, " (%s)" % _age_text(row.oldest_hold_seconds)
-                       if row.busy else "", row.waiting),
+                       if row.busy else "", row.waiting,
+                       '<div class="who">%s</div>' % escape(", ".join(
+                           "%s %s" % pair for pair in row.consumers))
+                       if row.consumers else ""),
                    row.in_per_second, row.out_per_second,
                    _age_text(row.oldest_age_seconds),
                    _chart(_history(queues, row.name, clock)),
@@ -7334,9 +7356,23 @@ class Client(_Routing, _Scripts):
     def listen(self, queue, idle=None, reconnect=True):
         """Yield the messages of queue as they come, for ever, or until no
         message came for `idle` seconds. If the server goes away, wait for
-        it to come back (saying so on stderr) unless reconnect is False."""
-        return self._keep_waiting(lambda deadline: self._wait_one(
-            queue, deadline), idle, reconnect)
+        it to come back (saying so on stderr) unless reconnect is False.
+        In the main thread the first SIGTERM or Ctrl-C ends it cleanly: at
+        once while it waits, else once the caller asks for the next
+        message; a second raises Stopped (a SystemExit)."""
+        with _Stopper() as stopper:
+            try:
+                for message in self._keep_waiting(
+                        lambda deadline: self._wait_one(queue, deadline),
+                        idle, reconnect):
+                    stopper.busy = True
+                    yield message
+                    stopper.busy = False
+                    if stopper.asked:
+                        return
+            except Stopped as exc:
+                if exc.status:
+                    raise
 
     def _keep_waiting(self, wait_one, idle, reconnect, slices=False):
         # Yield what wait_one(deadline) returns (None: nothing within a

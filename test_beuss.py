@@ -3214,7 +3214,10 @@ class StatusPageTest(ServerCase):
         self.assertIn('beuss_queue_consumers{queue="q",state="busy"} 2\n', metrics)
         self.assertIn('beuss_queue_consumers{queue="q",state="waiting"} 1\n', metrics)
         self.assertIn('beuss_queue_oldest_hold_age_seconds{queue="q"} ', metrics)
-        self.assertIn("2 busy (0s), 1 waiting", self.get("/")[1].decode())
+        page = self.get("/")[1].decode()
+        self.assertIn("2 busy (0s), 1 waiting", page)
+        self.assertRegex(page, r'<div class="who">worker@[^ ]+ busy, \? busy, idle-one waiting</div>')
+        self.assertEqual(list(queue["consumers"][2]), ["idle-one", "waiting"])
         self.assertIn(",busy=2,held_age=", client.info()["queue_q"])
         listing = client.call("CLIENT", "LIST").decode()
         self.assertRegex(listing, r"name=worker@[^ ]+:%d .* held=2 waits=\n" % os.getpid())
@@ -4377,6 +4380,18 @@ class CleanStopTest(ServerCase):
         self.assertEqual(client.call("LRANGE", "jobs", 0, -1), [b"b"])
         self.assertEqual(self.server.queues.held_count(), 0)
         self.assertIs(signal.getsignal(signal.SIGTERM), before)
+
+    def test_listen_ends_after_the_message_in_hand(self):
+        if not POSIX:
+            self.skipTest("SIGTERM to oneself is POSIX's")
+        self.client().put_many("jobs", ["a", "b"])
+        seen = []
+        with mock.patch.object(sys, "stderr", io.StringIO()):
+            for message in self.client().listen("jobs"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                seen.append(message)
+        self.assertEqual(seen, [b"a"])
+        self.assertEqual(self.client().call("LRANGE", "jobs", 0, -1), [b"b"])
 
     def test_a_second_signal_gives_the_message_back_and_exits_143(self):
         if not POSIX:
