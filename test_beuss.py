@@ -1572,7 +1572,7 @@ class ConnectionCommandsTest(ServerCase):
         info = beuss.ReplyReader(sock).read().decode()
         for line in ("beuss_version:" + beuss.__version__, "connected_clients:2",
                      "blocked_clients:0", "used_memory:%d" % (5 + 2 * beuss.MESSAGE_COST), "queues:1",
-                     "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0,held=0,deferred=0,in_per_sec=0.00,out_per_sec=0.00,oldest_age=0", "held:0",
+                     "messages:2", "queue_jobs:messages=2,bytes=5,waiters=0,held=0,deferred=0,in_per_sec=0.00,out_per_sec=0.00,oldest_age=0,busy=0,held_age=0,paused=0", "held:0",
                      "tcp_port:%d" % self.port, "process_id:%d" % os.getpid(),
                      "python_version:%d.%d.%d" % sys.version_info[:3],
                      "uptime_in_seconds:0"):
