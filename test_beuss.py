@@ -4470,15 +4470,15 @@ class SubprocessTest(ServerCase):
         client = self.client()
 
         def on(*signals, extra=()):
-            """ON --exec of a 1 s command, the signals sent 0.4 s apart once
-            it holds the message: (status, stdout, stderr)."""
+            """ON --exec of a 0.6 s command, the signals sent 0.2 s apart
+            once it holds the message: (status, stdout, stderr)."""
             process = subprocess.Popen(
-                [sys.executable, BEUSS, "ON", "jobs", "--exec", "sleep 1; echo done"]
+                [sys.executable, BEUSS, "ON", "jobs", "--exec", "sleep 0.6; echo done"]
                 + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=environment)
             self.wait_until(lambda: self.server.queues.held_count() == 1)
             for signum in signals:
-                time.sleep(0.4)
+                time.sleep(0.2)
                 process.send_signal(signum)
             out, err = process.communicate(timeout=TIMEOUT)
             return process.returncode, out, err
@@ -4490,7 +4490,7 @@ class SubprocessTest(ServerCase):
         client.put("jobs", "two")
         status, out, _ = on(signal.SIGTERM, signal.SIGTERM)
         self.assertEqual((status, out), (143, b""))             # given back at once
-        status, out, _ = on(signal.SIGTERM, extra=["--stop-timeout", "0.2"])
+        status, out, _ = on(signal.SIGTERM, extra=["--stop-timeout", "0.1"])
         self.assertEqual((status, out), (143, b""))             # it took too long
         message = client.reserve("jobs")
         self.assertEqual((message.data, message.deliveries), (b"two", 3))
@@ -4534,14 +4534,14 @@ class SubprocessTest(ServerCase):
         self.beuss("PUT", "hq", "--lines", stdin=b"one\ntwo\nthree\nfour\n")
         # The pipe's reader stays a moment after head ends: a message the pipe
         # took meanwhile is unread all the same.
-        command = "%s %s ON hq | (head -1; sleep 0.3)" % (shlex.quote(sys.executable),
+        command = "%s %s ON hq | (head -1; sleep 0.2)" % (shlex.quote(sys.executable),
                                                           shlex.quote(BEUSS))
         environment = dict(os.environ, BPORT=str(self.port))
-        for expected in (b"one\n", b"two\n", b"three\n"):
+        for expected in (b"one\n", b"two\n"):
             done = subprocess.run(["sh", "-c", command], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=environment, timeout=20)
             self.assertEqual((done.stdout, done.stderr), (expected, b""))
-        self.assertEqual(self.client().call("LRANGE", "hq", 0, -1), [b"four"])
+        self.assertEqual(self.client().call("LRANGE", "hq", 0, -1), [b"three", b"four"])
 
     CONSUMER = """
 import sys, time, beuss
