@@ -5048,13 +5048,19 @@ class DeferredDurabilityTest(unittest.TestCase):
             server.kill()
             server.wait()
 
-    def test_a_version_1_store_is_upgraded_in_place(self):
+    def old_store(self, script):
+        """A store file as an earlier version wrote it: its path."""
         import sqlite3
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         path = os.path.join(folder, "old.db")
         db = sqlite3.connect(path)
-        db.executescript("""
+        db.executescript(script)
+        db.close()
+        return path
+
+    def test_a_version_1_store_is_upgraded_in_place(self):
+        path = self.old_store("""
             CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
                                  message BLOB NOT NULL, deliveries INTEGER NOT NULL,
                                  PRIMARY KEY (queue, position)) WITHOUT ROWID;
@@ -5064,7 +5070,6 @@ class DeferredDurabilityTest(unittest.TestCase):
             PRAGMA application_id = %d; PRAGMA user_version = 1;
             INSERT INTO queued VALUES (x'71', 1.0, x'6f6c64', 0);
             INSERT INTO settings VALUES ('next_id', 7);""" % beuss._STORE_ID)
-        db.close()
         store = beuss.Store(path)
         queues = beuss.Queues(max_deliveries=1)
         store.load(queues)
@@ -5135,12 +5140,7 @@ class DeferredDurabilityTest(unittest.TestCase):
             self.assertEqual(sorted(queues.names()), [b"jobs", b"\xff"], version)
 
     def test_a_version_2_store_is_upgraded_in_place(self):
-        import sqlite3
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        path = os.path.join(folder, "old.db")
-        db = sqlite3.connect(path)
-        db.executescript("""
+        path = self.old_store("""
             CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
                                  message BLOB NOT NULL, deliveries INTEGER NOT NULL,
                                  tries INTEGER, died REAL, why TEXT,
@@ -5156,7 +5156,6 @@ class DeferredDurabilityTest(unittest.TestCase):
             INSERT INTO held VALUES (4, x'71', x'68', 1);
             INSERT INTO deferred VALUES (5, x'71', x'64', 2, 1.0, 1);
             INSERT INTO settings VALUES ('next_id', 7);""" % beuss._STORE_ID)
-        db.close()
         store, queues = beuss.Store(path), beuss.Queues(max_deliveries=5)
         store.load(queues)
         queues.journal = store
