@@ -835,7 +835,20 @@ def glob_matcher(pattern):
 # its .dead queue, its count growing). A message that comes back keeps its
 # count of deliveries; LLEN counts ready messages only. So a message is
 # always in exactly one place: ready in one queue, held by one live client,
-# or set aside until it is due (DEFER puts messages there too).
+# or set aside until it is due (DEFER puts messages there too):
+#
+#     RPUSH, LPUSH ──► ready ──── RESERVE ───► held ──── ACK ───► gone
+#                     ▲  ▲  ▲                    │
+#                     │  │  └── at once ─────────┤ its consumer went away,
+#                     │  │                       │ NACK ... UNDELIVERED
+#     DEFER ──► set aside ◄──── after a wait ────┤ NACK, the lease ran out
+#                                                │ (or NACK DELAY)
+#                  <queue>.dead ◄────────────────┘ the last delivery
+#
+# DEL and FLUSHALL drop what is ready and set aside; held messages stay
+# with their owners (acknowledged, gone; given back, they start the queue
+# again). A paused queue (PAUSE) takes and sets aside as usual and
+# delivers none until RESUME.
 #
 # With a store, each change is first handed to the journal, which writes it
 # or raises StoreError; memory changes only after the journal took it.
