@@ -837,13 +837,14 @@ def glob_matcher(pattern):
 # always in exactly one place: ready in one queue, held by one live client,
 # or set aside until it is due (DEFER puts messages there too):
 #
-#     RPUSH, LPUSH ──► ready ──── RESERVE ───► held ──── ACK ───► gone
-#                     ▲  ▲  ▲                    │
-#                     │  │  └── at once ─────────┤ its consumer went away,
-#                     │  │                       │ NACK ... UNDELIVERED
-#     DEFER ──► set aside ◄──── after a wait ────┤ NACK, the lease ran out
-#                                                │ (or NACK DELAY)
-#                  <queue>.dead ◄────────────────┘ the last delivery
+#                           RESERVE                  ACK
+#     RPUSH ──► ready ────────────────────► held ───────────► gone
+#                ▲ ▲                          │
+#                │ └────── at once ───────────┤ its consumer went away,
+#                │ when due                   │ NACK ... UNDELIVERED
+#     DEFER ──► set aside ◄── after a wait ───┤ NACK, the lease ran out
+#                                             │
+#                          <queue>.dead ◄─────┘ at its last delivery
 #
 # DEL and FLUSHALL drop what is ready and set aside; held messages stay
 # with their owners (acknowledged, gone; given back, they start the queue
