@@ -10,6 +10,7 @@
                                           --count, --timeout, --separator)
     python beuss.py PEEK jobs [N] | DEL jobs... | LEN jobs | LIST
     python beuss.py PEEK jobs.dead --why | REDRIVE jobs   (dead letters)
+    python beuss.py PAUSE jobs | RESUME jobs   (stop, restart deliveries)
     python beuss.py PUB news [message]    publish to a channel's subscribers
     python beuss.py SUB news 'sport.*'    print what is published (--exec,
                                           --count, --timeout, --channel)
@@ -40,6 +41,25 @@ and is not read while 1 MiB of its replies wait unsent; a subscriber that
 does not read is closed at 32 MiB of unsent messages, or 8 MiB for 60
 seconds. Beyond loopback the server needs --token (or --no-protected-mode);
 --tls-cert and --tls-key serve TLS.
+
+The file, top to bottom (`grep '^# ## '` lists it):
+
+    Constants, Errors     defaults, limits, reply texts; who is at fault
+    Helpers               small functions every part uses
+    Protocol              RESP on bytes: RequestReader, ReplyReader
+    Patterns              glob matching as Redis's stringmatchlen
+    Queues                messages, waiters, holders, pauses (no sockets)
+    Channels              pub/sub subscriptions (no sockets)
+    Store                 the queues in SQLite, and what is durable when
+    Connections           sockets, reading, writing, TLS, one close path
+    Server                the loop, one pass at a time, and its services
+    Commands              a small function a command, by family
+    The command table     a row a command: arity, flags, docs
+    Settings              a row a setting: flag, environment, default
+    The status page       the page, /metrics, /status.json, its actions
+    Links                 the client's connections, a cluster's slots, Lua
+    Client                Client, put, get, on: beuss, Redis or a cluster
+    Command line          main(): SERVE, PUT, GET, ON and the other verbs
 
 Standard library only, CPython 3.7 or newer. MIT licence.
 """
@@ -194,6 +214,70 @@ def _warn(text):
     """Say something to the person at the terminal: one line on stderr."""
     sys.stderr.write("beuss: %s\n" % text)
     sys.stderr.flush()
+
+
+# ## Helpers: what every part uses ###########################################
+
+
+def _reason(exc):
+    if isinstance(exc, socket.timeout):
+        return "no answer in time"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _number_text(seconds):
+    """Seconds as text that reads back exactly (a float's shortest form,
+    without a trailing ".0"): a delay sent to a script or shown by CONFIG
+    GET is the one given, 1234567 never 1.23457e+06."""
+    text = repr(float(seconds))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _size_text(number):
+    """Bytes for people: 812 B, 13.4 KB, 1.0 MB (1024s)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if number < 1024 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (number, unit)
+        number /= 1024.0
+
+
+def _age_text(seconds):
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm %02ds" % (seconds // 60, seconds % 60)
+    return "%dh %02dm" % (seconds // 3600, seconds // 60 % 60)
+
+
+def _plural(number, word, words=None):
+    return "%g %s" % (number, word if number == 1 else words or word + "s")
+
+
+def _same_token(given, token):
+    # In constant time; hmac pulls in OpenSSL, so only a server with a
+    # token imports it.
+    import hmac
+    return hmac.compare_digest(given, token)
+
+
+def _name_text(name):
+    """A queue or channel name for people: UTF-8, other bytes as \\xNN."""
+    return name.decode("utf-8", "backslashreplace")
+
+
+def _arg(value):
+    """A command argument as bytes: str as UTF-8, numbers in decimal."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value).encode()
+    raise TypeError("a message or queue name is bytes or str, not %s"
+                    % type(value).__name__)
 
 
 # ## Protocol: pure functions on bytes, shared by server and client ###########
@@ -669,7 +753,7 @@ class ReplyReader:
         raise ProtocolError("unexpected reply %r" % line[:40])
 
 
-# ## Queues: messages, waiters, holders and channels, without sockets #########
+# ## Patterns: glob matching, as Redis's stringmatchlen ########################
 #
 # Names are matched against glob patterns (KEYS, SCAN MATCH, CONFIG GET,
 # PSUBSCRIBE) as Redis's stringmatchlen matches them. The pattern is cut
@@ -805,6 +889,8 @@ def glob_matcher(pattern):
         return True
     return match
 
+
+# ## Queues: messages, waiters and holders, without sockets ####################
 
 # A queue is a deque of messages (bytes) under a name (bytes). It exists
 # while it holds a message: the pop that empties it removes it, as Redis
@@ -1731,6 +1817,8 @@ class Queues:
                 line = self._waiters.get(name)
         return served
 
+
+# ## Channels: who is subscribed to what, without sockets ######################
 
 # Pub/sub channels are not queues: a published message goes at once to
 # every client subscribed to its channel, then to every client whose
@@ -3252,7 +3340,7 @@ def _drain(sock):
         pass
 
 
-# ## The loop: read, run, serve waiters, expire, commit, flush ################
+# ## Server: the loop (read, run, serve waiters, chores, commit, flush) ########
 
 # One pass of the loop, in Server.serve_forever:
 #
@@ -3268,13 +3356,18 @@ def _drain(sock):
 #    to their waiters, oldest first (_serve_waiters): a waiter's reply is
 #    its own take() and reply(), set by the command that blocked.
 # 3. Waits whose timeout passed are answered with a null; leases that ran
-#    out give their messages back (or to <queue>.dead).
-# 4. Clients that used their share, or were unblocked with requests
+#    out give their messages back (or to <queue>.dead); messages set aside
+#    whose time came rejoin their queues, MOVE_SLICE a pass.
+# 4. One slice of one chore: work too long for a pass (the status page's
+#    snapshot and answers, a large REDRIVE, a page action), done a slice a
+#    pass, each in turn; while any waits, select() does not.
+# 5. Clients that used their share, or were unblocked with requests
 #    waiting behind, run again.
-# 5. The store commits the pass's changes (_commit): replies that report a
+# 6. The store commits the pass's changes (_commit): replies that report a
 #    change go out only once it is durable, and wait while it cannot be.
-# 6. Replies are flushed (_flush_dirty), and once a second housekeeping
-#    drops stalled handshakes, slow subscribers and stale lease entries.
+# 7. Replies are flushed (_flush_dirty), and once a second housekeeping
+#    drops stalled handshakes, slow subscribers, stale lease entries and
+#    HTTP clients that take nothing, and samples the queues for the page.
 #
 # Commands reach the server through its public methods (authenticate,
 # begin_transaction, subscribe, publish, block, reserved, ...), never its
@@ -4319,13 +4412,6 @@ def _internal_error(args, exc):
         args[0].lower().decode("utf-8", "replace"), exc))
 
 
-def _same_token(given, token):
-    # In constant time; hmac pulls in OpenSSL, so only a server with a
-    # token imports it.
-    import hmac
-    return hmac.compare_digest(given, token)
-
-
 def half_the_memory():
     """Half of the machine's memory, where the system tells it; else 0."""
     try:
@@ -4342,14 +4428,6 @@ def _encode_push(conn, items):
 def _encode_reserved(held):
     return b"*4\r\n" + encode_bulk(held.queue) + encode_bulk(held.id) \
         + encode_bulk(held.message) + encode_int(held.deliveries)
-
-
-def _number_text(seconds):
-    """Seconds as text that reads back exactly (a float's shortest form,
-    without a trailing ".0"): a delay sent to a script or shown by CONFIG
-    GET is the one given, 1234567 never 1.23457e+06."""
-    text = repr(float(seconds))
-    return text[:-2] if text.endswith(".0") else text
 
 
 def _encode_mpop(name, messages):
@@ -6235,11 +6313,6 @@ def _http_authorized(server, headers):
     return False
 
 
-def _name_text(name):
-    """A queue or channel name for people: UTF-8, other bytes as \\xNN."""
-    return name.decode("utf-8", "backslashreplace")
-
-
 def _metric_label(text):
     return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
@@ -6511,23 +6584,6 @@ queue's row; %s.</p>
 </table></div>
 </body></html>
 """ % (left_out, channels or '<tr><td colspan="3">no subscribers</td></tr>')
-
-
-def _age_text(seconds):
-    seconds = int(seconds)
-    if seconds < 60:
-        return "%ds" % seconds
-    if seconds < 3600:
-        return "%dm %02ds" % (seconds // 60, seconds % 60)
-    return "%dh %02dm" % (seconds // 3600, seconds // 60 % 60)
-
-
-def _size_text(number):
-    """Bytes for people: 812 B, 13.4 KB, 1.0 MB (1024s)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if number < 1024 or unit == "GB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (number, unit)
-        number /= 1024.0
 
 
 # ## Links: a server, a cluster's slots, and Lua in place of RESERVE #######
@@ -7092,20 +7148,6 @@ DEFAULT_TIMEOUT = 10.0          # seconds to connect, or to wait for a reply
 BLOCK_SLICE = 1.0               # a long wait is cut in slices so Ctrl-C works
 RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
 PUT_MANY_BATCH = 1000           # messages a RPUSH in put_many
-
-
-def _arg(value):
-    """A command argument as bytes: str as UTF-8, numbers in decimal."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(value).encode()
-    raise TypeError("a message or queue name is bytes or str, not %s"
-                    % type(value).__name__)
 
 
 class Client(_Routing, _Scripts):
@@ -7828,12 +7870,6 @@ def _host_bytes(host):
         return host.encode("ascii")
     except UnicodeError:
         return host
-
-
-def _reason(exc):
-    if isinstance(exc, socket.timeout):
-        return "no answer in time"
-    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def put(queue, message, delay=None, **conn):
@@ -8598,10 +8634,6 @@ def _empty(queue, wait):
     _warn("queue %s is empty" % queue if not wait else
           "no message on queue %s within %s" % (queue, _plural(wait, "second")))
     return EXIT_EMPTY
-
-
-def _plural(number, word, words=None):
-    return "%g %s" % (number, word if number == 1 else words or word + "s")
 
 
 def _write_stdout(data):
