@@ -1828,12 +1828,15 @@ class Queues:
 # channels and patterns in the order it subscribed, for UNSUBSCRIBE with no
 # argument.
 #
-# Patterns are grouped by their literal prefix (what comes before the first
-# *, ? [ or \): a channel can only match the patterns whose prefix starts
-# it, so a PUBLISH looks up each prefix length in use and runs only the
-# matchers found there, in the order the patterns were first subscribed.
-# Ten thousand patterns with distinct prefixes cost a PUBLISH a handful of
-# look-ups, not ten thousand matchers.
+# Patterns are grouped by the bytes a channel must hold to match them: their
+# literal start (what comes before the first *, ? or class), or for those
+# that start with a wildcard their literal end, or else the longest literal
+# run within (*17*). A PUBLISH looks up, for each length in use, the start,
+# the end and every stretch of its channel, and runs only the matchers found
+# there (and those of patterns with no literal at all, as *), in the order
+# the patterns were first subscribed. Ten thousand patterns like news.17.*,
+# *.17 or *17* cost a PUBLISH a few dozen look-ups, not ten thousand
+# matchers.
 
 class Channels:
     """Who is subscribed to which channel and pattern."""
@@ -1842,8 +1845,8 @@ class Channels:
         self._channels = {}         # channel -> {owner: None}
         self._patterns = {}         # pattern -> (matcher, {owner: None}, order)
         self._owners = {}           # owner -> ({channel: None}, {pattern: None})
-        self._by_prefix = {}        # literal prefix -> {pattern: None}
-        self._prefix_lengths = collections.Counter()  # length -> prefixes
+        self._groups = {}           # _pattern_key() -> {pattern: None}
+        self._lengths = collections.Counter()   # (side, length) -> groups
         self._made = 0              # patterns made, for their order
 
     def subscriptions(self, owner):
@@ -1867,11 +1870,11 @@ class Channels:
                 self._made += 1
                 entry = self._patterns[channel] = (glob_matcher(channel), {},
                                                    self._made)
-                prefix = _literal_prefix(channel)
-                group = self._by_prefix.get(prefix)
+                key = _pattern_key(channel)
+                group = self._groups.get(key)
                 if group is None:
-                    group = self._by_prefix[prefix] = {}
-                    self._prefix_lengths[len(prefix)] += 1
+                    group = self._groups[key] = {}
+                    self._lengths[key[0], len(key[1])] += 1
                 group[channel] = None
             entry[1][owner] = None
         else:
@@ -1892,14 +1895,15 @@ class Channels:
         if not owners:
             del table[channel]
             if pattern:
-                prefix = _literal_prefix(channel)
-                group = self._by_prefix[prefix]
+                key = _pattern_key(channel)
+                group = self._groups[key]
                 del group[channel]
                 if not group:
-                    del self._by_prefix[prefix]
-                    self._prefix_lengths[len(prefix)] -= 1
-                    if not self._prefix_lengths[len(prefix)]:
-                        del self._prefix_lengths[len(prefix)]
+                    del self._groups[key]
+                    length = key[0], len(key[1])
+                    self._lengths[length] -= 1
+                    if not self._lengths[length]:
+                        del self._lengths[length]
         return True
 
     def receivers(self, channel):
@@ -1909,12 +1913,21 @@ class Channels:
         found = [(owner, None) for owner in self._channels.get(channel, ())]
         if not self._patterns:
             return found
-        candidates = []
-        for length in self._prefix_lengths:
-            if length <= len(channel):
-                group = self._by_prefix.get(channel[:length])
-                if group:
-                    candidates.extend(group)
+        candidates, size, groups = [], len(channel), self._groups
+        for side, length in self._lengths:
+            if length > size:
+                continue
+            if side == "within":        # each place the run could be
+                for at in range(size - length + 1 if length else 1):
+                    group = groups.get((side, channel[at:at + length]))
+                    if group:
+                        candidates.extend(group)
+                continue
+            group = groups.get((side, channel[:length] if side == "start"
+                                else channel[size - length:]))
+            if group:
+                candidates.extend(group)
+        candidates = list(dict.fromkeys(candidates))
         patterns = self._patterns
         if len(candidates) > 1:
             candidates.sort(key=lambda pattern: patterns[pattern][2])
@@ -1936,12 +1949,24 @@ class Channels:
         return len(self._patterns)
 
 
-def _literal_prefix(pattern):
-    """The bytes a glob pattern starts with before its first wildcard."""
-    for at, byte in enumerate(pattern):
-        if byte in b"*?[\\":
-            return pattern[:at]
-    return pattern
+def _pattern_key(pattern):
+    """The group of a glob pattern: ("start", the bytes it must start
+    with), or when there are none ("end", those it must end with), or else
+    ("within", the longest run of bytes it must hold somewhere), b"" for a
+    pattern with none (as *), which every channel tries. Read from its
+    tokens, so classes and escapes are understood."""
+    runs, run = [], bytearray()
+    for token in compile_glob(pattern) + [None]:
+        if not token or token & (token - 1):        # a star, a set, none
+            runs.append(bytes(run))
+            run = bytearray()
+        else:
+            run.append(token.bit_length() - 1)
+    if runs[0]:
+        return "start", runs[0]
+    if runs[-1]:
+        return "end", runs[-1]
+    return "within", max(runs, key=len)
 
 
 # ## Store: the queues on disk, in SQLite #####################################

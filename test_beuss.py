@@ -1267,7 +1267,7 @@ class ChannelsTest(unittest.TestCase):
         self.assertEqual(channels.pattern_count(), 0)
         self.assertEqual(channels.count("one"), 0)
         self.assertEqual(channels._owners, {})
-        self.assertEqual((channels._by_prefix, channels._prefix_lengths), ({}, {}))
+        self.assertEqual((channels._groups, channels._lengths), ({}, {}))
 
     def test_patterns_grouped_by_prefix_match_as_each_matcher_alone_does(self):
         rng = random.Random(31)
@@ -1285,7 +1285,7 @@ class ChannelsTest(unittest.TestCase):
             self.assertEqual(channels.receivers(channel), expected, channel)
         for number, pattern in enumerate(patterns):
             channels.unsubscribe(number % 3, pattern, pattern=True)
-        self.assertEqual((channels._by_prefix, channels._prefix_lengths), ({}, {}))
+        self.assertEqual((channels._groups, channels._lengths), ({}, {}))
 
 
 # ## Server, over raw sockets #################################################
@@ -7269,10 +7269,11 @@ class Bench:
 
     def patterns(self, count=10000, publishes=2000):
         """What a PUBLISH costs with count patterns on one subscriber: each
-        with a prefix of its own (news.N.*), and each starting with a star
-        (*.N), which no prefix can rule out."""
+        with a start of its own (news.N.*), an end of its own (*.N), and
+        neither (*N*), which every PUBLISH must try."""
         ports, processes = self.start()
-        for label, pattern in (("news.%d.*", b"news.%d.*"), ("*.%d", b"*.%d")):
+        for label, pattern in (("news.%d.*", b"news.%d.*"), ("*.%d", b"*.%d"),
+                               ("*%d*", b"*%d*")):
             costs = collections.defaultdict(list)
             for _ in range(self.rounds):
                 for name, port in zip(("beuss", "redis"), ports):
