@@ -4798,15 +4798,43 @@ def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
 # TOUCH renews the lease. A client acts on the messages it holds only.
 
 def cmd_reserve(server, conn, args):
+    # RESERVE q [q ...] timeout [COUNT n]: with COUNT, up to n messages of
+    # the first queue that has any, as an array of what RESERVE gives one.
+    count = None
+    if len(args) >= 5 and args[-2].upper() == b"COUNT":
+        count = parse_integer(args[-1])
+        if count is None or count < 1:
+            raise ReplyError("ERR count should be greater than 0")
+        args = args[:-2]
     names = list(dict.fromkeys(args[1:-1]))
     timeout = _timeout(args[-1])
+    if count is None:
+        for name in names:
+            held = server.queues.reserve(name, conn)
+            if held is not None:
+                return server.reserved(held)
+        waiter = Waiter(names, lambda queues, name: queues.reserve(name, conn),
+                        lambda name, held: server.reserved(held))
+        return server.block(conn, waiter, timeout, conn.null_array)
+
+    def take(queues, name):
+        helds = []
+        while len(helds) < count:
+            held = queues.reserve(name, conn)
+            if held is None:
+                break
+            helds.append(held)
+        return helds
+
+    def reply(name, helds):
+        return b"*%d\r\n" % len(helds) + b"".join(map(server.reserved,
+                                                       helds))
     for name in names:
-        held = server.queues.reserve(name, conn)
-        if held is not None:
-            return server.reserved(held)
-    waiter = Waiter(names, lambda queues, name: queues.reserve(name, conn),
-                    lambda name, held: server.reserved(held))
-    return server.block(conn, waiter, timeout, conn.null_array)
+        helds = take(server.queues, name)
+        if helds:
+            return reply(name, helds)
+    return server.block(conn, Waiter(names, take, reply), timeout,
+                        conn.null_array)
 
 
 def _held(server, conn, args):
@@ -5426,7 +5454,7 @@ lmove|cmd_lmove|5|write,denyoom|1,2,1|list|6.2.0|Move a message from one queue t
 blmove|cmd_blmove|6|write,denyoom,noscript,blocking|1,2,1|list|6.2.0|Move a message from one queue to another, or wait for one|source destination LEFT|RIGHT LEFT|RIGHT timeout
 rpoplpush|cmd_rpoplpush|3|write,denyoom|1,2,1|list|1.2.0|Move the tail message of a queue to the head of another|source destination
 brpoplpush|cmd_brpoplpush|4|write,denyoom,noscript,blocking|1,2,1|list|2.2.0|Move the tail message of a queue to the head of another, or wait for one|source destination timeout
-reserve|cmd_reserve|-3|write,blocking|1,-2,1|list|beuss|Hold the head message of the first non-empty queue until ACK, or wait for one|key... timeout
+reserve|cmd_reserve|-3|write,blocking|1,-2,1|list|beuss|Hold the head message of the first non-empty queue until ACK, or wait for one; COUNT: up to count of them|key... timeout [COUNT count]
 ack|cmd_ack|-2|write,fast|0,0,0|list|beuss|Remove held messages for good|id...
 nack|cmd_nack|-2|write,fast|0,0,0|list|beuss|Give held messages back: at the head of their queues, after a delay (the retry schedule's unless given), or to their dead letters; UNDELIVERED: at once, the delivery not counted|id... [DELAY delay] [REASON reason] [UNDELIVERED]
 touch|cmd_touch|-2|fast|0,0,0|list|beuss|Renew the lease of held messages|id...
@@ -6832,19 +6860,20 @@ class _Scripts:
         return sum(self._script(name, queue, *(list(args) + numbers))
                    for queue, numbers in by_queue.items())
 
-    def _scripted_reserve(self, queue, deadline):
+    def _scripted_reserve(self, queue, deadline, count=1):
         # deadline None: one try; else tries for at most a slice.
         pause, end = SCRIPT_POLL_FIRST, None if deadline is None else min(
             deadline, time.monotonic() + BLOCK_SLICE)
         while True:
             reply = self._script("reserve", queue, _number_text(self.lease),
-                                 *self._retry_arguments())
+                                 *self._retry_arguments() + [count])
             if reply is not None:
-                return Message(self, queue, b"%s/%d@%s" % (
-                    reply[0], reply[2], _arg(queue)), reply[1], reply[2])
+                return [Message(self, queue, b"%s/%d@%s" % (
+                    reply[at], reply[at + 2], _arg(queue)), reply[at + 1],
+                    reply[at + 2]) for at in range(0, len(reply), 3)]
             left = 0 if end is None else end - time.monotonic()
             if left <= 0:
-                return None
+                return []
             time.sleep(min(pause, left))
             pause = min(pause * 2, SCRIPT_POLL_MAX)
 
@@ -6918,6 +6947,9 @@ def _command_keys(command):
     if name in (b"EVAL", b"EVALSHA"):
         return command[3:3 + int(command[2])]
     if name in _KEYS_BUT_LAST:
+        if name == b"RESERVE" and len(command) >= 5 and \
+                command[-2].upper() == b"COUNT":
+            return command[1:-3]            # RESERVE ... timeout COUNT n
         return command[1:-1]
     if name in _ALL_KEYS:
         return command[1:]
@@ -7033,21 +7065,28 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', deferred, '-inf', now,
     redis.call('HDEL', messages, id)
   end
 end
-if redis.call('EXISTS', paused) == 1 then return nil end
-local id, message, count = redis.call('LPOP', again)
-if id then
-  message = redis.call('HGET', messages, id)
-  count = redis.call('HINCRBY', deliveries, id, 1)
-else
-  message = redis.call('LPOP', queue)
-  if not message then return false end
-  id = string.format('%012d', redis.call('INCR', ids))
-  redis.call('HSET', messages, id, message)
-  redis.call('HSET', deliveries, id, 1)
-  count = 1
+if redis.call('EXISTS', paused) == 1 then return false end
+local taken = {}
+for _ = 1, tonumber(ARGV[5] or '1') do
+  local id, message, count = redis.call('LPOP', again)
+  if id then
+    message = redis.call('HGET', messages, id)
+    count = redis.call('HINCRBY', deliveries, id, 1)
+  else
+    message = redis.call('LPOP', queue)
+    if not message then break end
+    id = string.format('%012d', redis.call('INCR', ids))
+    redis.call('HSET', messages, id, message)
+    redis.call('HSET', deliveries, id, 1)
+    count = 1
+  end
+  redis.call('ZADD', held, leased(lease), id)
+  taken[#taken + 1] = id
+  taken[#taken + 1] = message
+  taken[#taken + 1] = count
 end
-redis.call('ZADD', held, leased(lease), id)
-return {id, message, count}
+if #taken == 0 then return false end
+return taken
 """,
     # ARGV: tokens ("<id>/<delivery>": one delivery's, so that a consumer
     # whose lease ran out cannot act on the next one's). Returns how many
@@ -7488,11 +7527,14 @@ class Client(_Routing, _Scripts):
             elif slices:
                 yield None
 
-    def on(self, queue, handler, count=None, idle=None, reconnect=True):
+    def on(self, queue, handler, count=None, idle=None, reconnect=True,
+           batch=None):
         """Call handler(message) for each message of queue, for ever, or for
         count messages, or until none came for `idle` seconds. A message is
         acknowledged once handler returns; if handler raises, the message
         goes back to the head of the queue and the exception goes on up.
+        With batch, handler gets a list of up to batch messages, taken and
+        acknowledged together (count then counts batches).
         In the main thread, the first SIGTERM or Ctrl-C ends it cleanly: at
         once while it waits, else once the handler returned and its message
         is acknowledged; a second gives the message back and raises Stopped
@@ -7504,17 +7546,21 @@ class Client(_Routing, _Scripts):
             self.call_me("on")
         try:
             with _Stopper() as stopper:
-                for message in self.reservations(queue, idle, reconnect):
+                for messages in self._keep_waiting(
+                        lambda deadline: self._reserve_some(
+                            queue, deadline, batch) or None,
+                        idle, reconnect):
                     stopper.busy = True
                     try:
-                        handler(message.data)
+                        handler([message.data for message in messages]
+                                if batch else messages[0].data)
                     except Stopped:
-                        message.nack(delay=0)
+                        _give_back(messages, delay=0)
                         raise
                     except BaseException as exc:
-                        message.nack(reason=_failure(exc))
+                        _give_back(messages, reason=_failure(exc))
                         raise
-                    _acknowledge(message, reconnect)
+                    _acknowledge(messages, reconnect)
                     stopper.busy = False
                     handled += 1
                     if count is not None and handled >= count \
@@ -7527,51 +7573,68 @@ class Client(_Routing, _Scripts):
 
     # Reserving -----------------------------------------------------------
 
-    def reserve(self, queue, wait=None):
+    def reserve(self, queue, wait=None, count=None):
         """Take the head message of queue and hold it until .ack(): a
         Message, or None when the queue is empty (with wait, wait that many
-        seconds for one; 0: for ever). If this connection closes before the
-        ack, the server puts the message back at the head of its queue.
-        Against a Redis, Lua scripts hold it under a lease instead; where
-        there is no Lua either, it is a plain pop, said once on stderr."""
+        seconds for one; 0: for ever). With count, up to count messages at
+        once, in one round trip: a list of Messages, [] for none (ack()
+        takes their ids at once). If this connection closes before the ack,
+        the server puts the message back at the head of its queue. Against
+        a Redis, Lua scripts hold it under a lease instead; where there is
+        no Lua either, it is a plain pop, said once on stderr."""
         deadline = None if wait is None else (
             time.monotonic() + wait if wait else FOREVER)
         while True:
-            message = self._reserve_one(queue, deadline)
-            if message is not None or deadline is None or \
-                    time.monotonic() >= deadline:
-                return message
+            messages = self._reserve_some(queue, deadline, count)
+            if messages or deadline is None or time.monotonic() >= deadline:
+                if count is None:
+                    return messages[0] if messages else None
+                return messages
 
-    def reservations(self, queue, idle=None, reconnect=True, slices=False):
+    def reservations(self, queue, idle=None, reconnect=True, slices=False,
+                     batch=None):
         """Yield a reserved Message of queue as each comes, as listen()
-        yields messages, through server restarts; with slices, also None
-        after each second or so with none, so the caller may look around."""
+        yields messages, through server restarts (with batch, a list of up
+        to batch Messages taken at once); with slices, also None after
+        each second or so with none, so the caller may look around."""
+        if batch:
+            return self._keep_waiting(lambda deadline: self._reserve_some(
+                queue, deadline, batch) or None, idle, reconnect, slices)
         return self._keep_waiting(lambda deadline: self._reserve_one(
             queue, deadline), idle, reconnect, slices)
 
     def _reserve_one(self, queue, deadline):
         # One RESERVE of at most a slice (deadline None: not waiting).
+        messages = self._reserve_some(queue, deadline, None)
+        return messages[0] if messages else None
+
+    def _reserve_some(self, queue, deadline, count):
+        # Up to count messages (None: one, with RESERVE's plain form), in
+        # at most a slice (deadline None: not waiting); a list.
         if self.reserving == "scripts":
-            return self._scripted_reserve(queue, deadline)
+            return self._scripted_reserve(queue, deadline, count or 1)
         if self.reserving == "pops":
             data = self.get(queue) if deadline is None else \
                 self._wait_one(queue, deadline)
-            return None if data is None else Message(self, queue, None, data)
+            found = [] if data is None else [data]
+            if found and count and count > 1:
+                found += self.call(b"LPOP", queue, count - 1) or []
+            return [Message(self, queue, None, data) for data in found]
         seconds = 0.001 if deadline is None else min(
             BLOCK_SLICE, max(deadline - time.monotonic(), 0.001))
         try:
-            reply = self.call(b"RESERVE", queue, "%.3f" % seconds,
-                              wait=seconds)
+            reply = self.call(b"RESERVE", queue, "%.3f" % seconds, *(
+                [b"COUNT", count] if count else []), wait=seconds)
         except ReplyError as exc:
             if self.reserving or "unknown command" not in str(exc):
                 raise
             self._choose_scripts()
-            return self._reserve_one(queue, deadline)
+            return self._reserve_some(queue, deadline, count)
         self.reserving = "RESERVE"
         if reply is None:
-            return None
-        return Message(self, reply[0], reply[1], reply[2],
-                       reply[3] if len(reply) > 3 else 1)
+            return []
+        return [Message(self, one[0], one[1], one[2], one[3])
+                for one in (reply if count else [reply])]
 
     def ack(self, *ids):
         """Remove held messages for good; how many were still held (by
@@ -7871,16 +7934,27 @@ def _failure(exc):
     return (type(exc).__name__ + (": " + text[-1] if text else ""))[:MAX_REASON]
 
 
-def _acknowledge(message, reconnect):
-    # If the server went away after the handler ran, it gives the message
-    # back and it is delivered again: at least once, never lost.
+def _acknowledge(messages, reconnect):
+    # If the server went away after the handler ran, it gives the messages
+    # back and they are delivered again: at least once, never lost.
+    ids = [message.id for message in messages if message.id is not None]
+    if not ids:
+        return                      # plain pops: nothing to acknowledge
     try:
-        message.ack()
+        messages[0].client.ack(*ids)
     except ConnectionFailed as exc:
         if not reconnect:
             raise
-        _warn("%s; message %s was handled but will be delivered again"
-              % (exc, message.id.decode()))
+        _warn("%s; %s handled but will be delivered again" % (
+            exc, "message %s was" % ids[0].decode() if len(ids) == 1 else
+            "%d messages were" % len(ids)))
+
+
+def _give_back(messages, **how):
+    """nack() each of a batch, from the last, so that those that go back
+    at once keep their order at the head."""
+    for message in reversed(messages):
+        message.nack(**how)
 
 
 def _is_pattern(name):
@@ -8681,6 +8755,10 @@ def _write_stdout(data):
 
 def _on_arguments(parser):
     parser.add_argument("queue", help="the queue's name")
+    parser.add_argument("-b", "--batch", type=_count, metavar="N",
+                        help="take up to N messages at once, in one round "
+                        "trip, and acknowledge them together; --exec gets "
+                        "them all on its stdin, each ended by the separator")
     _add_script_settings(parser)
     _add_handling(parser)
 
@@ -8719,33 +8797,49 @@ def run_on(options):
                       "delay, or to %s.dead after its last delivery"
                       % (options.queue, options.queue))
     handled = 0
+    separator = _unescape(options.separator)
     with _consumer(options, "ON") as client, _Stopper(options.stop_timeout) \
             as options.stopper:
-        messages = client.reservations(queue, options.timeout, slices=True)
+        batches = client.reservations(queue, options.timeout, slices=True,
+                                      batch=options.batch or 1)
         renew = None                # a long --exec keeps its lease
         if client.lease:
-            renew = (lambda: message.touch(), client.lease / 3)
+            renew = (lambda: [message.touch() for message in messages],
+                     client.lease / 3)
         while options.count != handled and options.stopper.asked is None:
-            message = next(messages, StopIteration)
-            if message is StopIteration:
+            messages = next(batches, StopIteration)
+            if messages is StopIteration:
                 break
-            if message is None:
+            if messages is None:
                 # While it waits, ON notices a reader that went away (`|
                 # head`), rather than wait for a message to write.
                 if options.command is None and _reader_gone():
                     _silence_stdout()
                     return EXIT_OK
                 continue
+            if options.count is not None:   # no more than --count asks
+                _give_back(messages[options.count - handled:], delay=0)
+                messages = messages[:options.count - handled]
             options.stopper.busy = True
             try:
-                handle(message.data, None, message.deliveries, renew)
+                # A batch goes to --exec at once, each message ended by the
+                # separator; alone, a message goes as it is.
+                data = messages[0].data
+                if options.batch:
+                    data = separator.join(message.data for message in messages)
+                    if options.command:     # stdout ends each with it anyway
+                        data += separator
+                handle(data, None, messages[0].deliveries, renew)
             except CommandUnusable as exc:
-                message.nack(undelivered=True)
-                raise CommandUnusable("%s; the message is back at the head "
-                                      "of %s as it was, and ON stops" % (
-                                          exc, options.queue), exc.status)
+                _give_back(messages, undelivered=True)
+                raise CommandUnusable("%s; %s back at the head of %s as it "
+                                      "was, and ON stops" % (
+                                          exc, "the message is" if len(
+                                              messages) == 1 else "the "
+                                          "messages are", options.queue),
+                                      exc.status)
             except CommandFailed as exc:
-                message.nack(reason=exc.reason)
+                _give_back(messages, reason=exc.reason)
                 if client.reserving == "pops":
                     raise           # plain pops: no count of tries to stop
                 _warn(str(exc))
@@ -8754,11 +8848,11 @@ def run_on(options):
                 # A second stop, a closed pipe, stdout that cannot be
                 # written: none is the message's fault, so it goes back at
                 # once.
-                message.nack(delay=0)
+                _give_back(messages, delay=0)
                 raise
-            _acknowledge(message, True)
+            _acknowledge(messages, True)
             options.stopper.busy = False
-            handled += 1
+            handled += len(messages)
     if options.timeout is not None and not handled and options.count != 0:
         return _empty(options.queue, options.timeout)
     return EXIT_OK

@@ -1800,6 +1800,50 @@ class LongWorkTest(ServerCase):
                          [b"m%d" % i for i in range(1, 50)])
 
 
+class BatchTest(ServerCase):
+    """RESERVE ... COUNT n: up to n messages held in one reply."""
+
+    def test_reserve_count_holds_up_to_n_and_waits_for_the_first(self):
+        sock = self.exchange(requests(["RPUSH", "q", "a", "b", "c"],
+                                      ["RESERVE", "none", "q", "0", "COUNT", "2"]),
+                             b":3\r\n*2\r\n*4\r\n$1\r\nq\r\n$1\r\n1\r\n$1\r\na\r\n:1\r\n"
+                             b"*4\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\nb\r\n:1\r\n")
+        self.exchange(requests(["RESERVE", "q", "0", "COUNT", "5"], ["ACK", "1", "2", "3"],
+                               ["RESERVE", "q", "0.01", "COUNT", "5"],
+                               ["RESERVE", "q", "0", "COUNT", "0"],
+                               ["RESERVE", "q", "0", "COUNT", "x"]),
+                      b"*1\r\n*4\r\n$1\r\nq\r\n$1\r\n3\r\n$1\r\nc\r\n:1\r\n:3\r\n*-1\r\n"
+                      b"-ERR count should be greater than 0\r\n"
+                      b"-ERR count should be greater than 0\r\n", sock)
+        waiter = self.connect()
+        waiter.sendall(requests(["RESERVE", "q", "0", "COUNT", "3"]))
+        self.wait_blocked(1)
+        self.exchange(requests(["RPUSH", "q", "d", "e", "f", "g"]), b":4\r\n", sock)
+        self.expect(waiter, b"*3\r\n" + b"".join(
+            b"*4\r\n$1\r\nq\r\n$1\r\n%d\r\n$1\r\n%s\r\n:1\r\n" % (number, message)
+            for number, message in ((4, b"d"), (5, b"e"), (6, b"f"))))
+        self.assertEqual(self.server.queues.held_count(), 3)
+        self.exchange(requests(["MULTI"], ["RESERVE", "q", "0", "COUNT", "9"], ["EXEC"]),
+                      b"+OK\r\n+QUEUED\r\n*1\r\n*1\r\n*4\r\n$1\r\nq\r\n$1\r\n7\r\n"
+                      b"$1\r\ng\r\n:1\r\n", sock)
+
+    def test_on_takes_and_acknowledges_batches(self):
+        client = self.client()
+        client.put_many("jobs", ["m%d" % i for i in range(7)])
+        seen = []
+        self.assertEqual(client.on("jobs", seen.append, batch=3, idle=0.2), 3)
+        self.assertEqual(seen, [[b"m0", b"m1", b"m2"], [b"m3", b"m4", b"m5"], [b"m6"]])
+        self.assertEqual(self.server.queues.held_count(), 0)
+        client.put_many("jobs", ["x", "y"])
+
+        def fail(batch):
+            raise ValueError("no")
+        with self.assertRaises(ValueError):
+            client.on("jobs", fail, batch=5)
+        self.assertEqual(client.call("LRANGE", "jobs", 0, -1), [])   # waiting a retry
+        self.assertEqual(self.server.queues.deferred_count(), 2)
+
+
 class LeaseTest(ServerCase):
 
     server_options = {"lease": 0.3, "max_deliveries": 3, "retry_delay": 0}
@@ -6819,6 +6863,30 @@ time.sleep(60)
                 self.assertEqual(self.cli(port, "GET", queue, status=1)[0], b"")
                 self.cli(port, "RESUME", queue)
                 self.assertEqual(client.reserve(queue, wait=1).data, b"kept")
+
+    def test_batches_on_every_engine(self):
+        for target, port in self.targets():
+            with self.subTest(target=target):
+                queue = "batch-" + target
+                client = self.client(port)
+                client.put_many(queue, ["m%d" % i for i in range(5)])
+                taken = client.reserve(queue, count=3)
+                self.assertEqual([m.data for m in taken], [b"m0", b"m1", b"m2"])
+                self.assertEqual(client.ack(*[m.id for m in taken]), 3)
+                self.assertEqual([m.data for m in client.reserve(queue, count=9)],
+                                 [b"m3", b"m4"])
+                self.assertEqual(client.reserve(queue, count=2), [])
+                client.put_many(queue, ["a", "b", "c"])
+                folder = tempfile.mkdtemp()
+                self.addCleanup(shutil.rmtree, folder)
+                got = os.path.join(folder, "got")
+                self.cli(port, "ON", queue, "--batch", "2", "-C", "3", "--exec",
+                         "%s -c \"import sys; open(sys.argv[1], 'ab').write("
+                         "sys.stdin.buffer.read() + b'|')\" %s" % (
+                             sys.executable, got))
+                with open(got, "rb") as result:
+                    self.assertEqual(result.read(), b"a\nb\n|c\n|")
+                self.assertIsNone(client.reserve(queue))
 
     def test_on_keeps_the_lease_of_a_command_that_outlasts_it(self):
         # --lease 0.6 s (beuss's own: 1 s) and a command of 1.5 s: ON
