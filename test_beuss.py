@@ -7113,6 +7113,7 @@ def benchmark(requests_count=200000, clients=50, rounds=5):
         bench.footprint()
         bench.wake_up()
         bench.patterns()
+        bench.batches()
         bench.scripts_on_redis()
     finally:
         bench.close()
@@ -7363,6 +7364,32 @@ class Bench:
                                            / publishes)
             self.row("PUBLISH, %d patterns like %s" % (count, label),
                      costs["beuss"], costs["redis"], "microseconds")
+        for process in processes:
+            process.terminate()
+            process.wait()
+
+    def batches(self, size=100):
+        """size messages reserved and acknowledged one at a time, against
+        one RESERVE ... COUNT size and one ACK of their ids (the Lua
+        scripts on Redis): milliseconds each way, on both servers."""
+        ports, processes = self.start()
+        times = collections.defaultdict(list)
+        for _ in range(self.rounds):
+            for name, port in zip(("beuss", "redis"), ports):
+                with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                    for way in ("single", "batch"):
+                        client.put_many("batches", [b"m" * 100] * size)
+                        started = time.perf_counter()
+                        if way == "single":
+                            for _ in range(size):
+                                client.reserve("batches").ack()
+                        else:
+                            client.ack(*[message.id for message in
+                                         client.reserve("batches", count=size)])
+                        times[name, way].append(1000 * (time.perf_counter() - started))
+        for name in ("beuss", "redis"):
+            self.row("%s: %d reserve+ack singly / as a batch" % (name, size),
+                     times[name, "single"], times[name, "batch"], "ms; ratio: x faster")
         for process in processes:
             process.terminate()
             process.wait()
