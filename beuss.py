@@ -6271,7 +6271,7 @@ _ACTIONS = ("redrive", "empty", "empty-dead", "pause", "resume")
 
 
 def _page_action(server, headers, body, conn):
-    from urllib.parse import parse_qs, urlsplit
+    from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
     fields = {name.lower(): value.strip() for name, _, value
               in (header.partition(":") for header in headers)}
     if server.token is not None and not _http_authorized(server, headers):
@@ -6291,8 +6291,9 @@ def _page_action(server, headers, body, conn):
         peer = _address_text(conn.sock.getpeername())
     except OSError:
         peer = "?"
-    server.add_chore(_PageAction(server, conn, form["action"], os.fsencode(
-        form["queue"]), peer))
+    # The form gives the name %-encoded, so that any bytes come back whole.
+    server.add_chore(_PageAction(server, conn, form["action"],
+                                 unquote_to_bytes(form["queue"]), peer))
     return None
 
 
@@ -6520,12 +6521,13 @@ def _chart(history, width=160, height=36):
 def _actions(row, nonce):
     """A queue row's buttons: one form that POSTs to /action."""
     from html import escape
+    from urllib.parse import quote_from_bytes
     buttons = [("resume" if row.paused else "pause"), "empty"] + (
         ["redrive", "empty-dead"] if row.dead else [])
     return ('<td class="act"><form method="post" action="/action">'
             '<input type="hidden" name="queue" value="%s"><input type="hidden"'
             ' name="nonce" value="%s">%s</form></td>' % (
-                escape(_name_text(row.name)), nonce, " ".join(
+                quote_from_bytes(row.name, safe=""), nonce, " ".join(
                     '<button name="action" value="%s">%s</button>' % (
                         action, action.replace("-", " "))
                     for action in buttons)))

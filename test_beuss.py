@@ -3321,7 +3321,15 @@ class StatusPageTest(ServerCase):
             self.assertEqual(self.post(dict(fields, action="empty-dead"), {"Origin": own})[0],
                              303)
             self.assertFalse(client.call("EXISTS", "jobs.dead"))
-        self.assertEqual(len(err.getvalue().splitlines()), 5)
+            client.call("RPUSH", b"\xff odd", "m")       # any bytes come back whole
+            with mock.patch.object(beuss, "SNAPSHOT_INTERVAL", 0):
+                page = self.get("/")[1].decode()
+            name = re.search(r'name="queue" value="(%FF[^"]*)"', page).group(1)
+            self.assertEqual(name, "%FF%20odd")
+            self.assertEqual(self.post(dict(fields, queue=name, action="pause"),
+                                       {"Origin": own})[0], 303)
+            self.assertEqual(self.server.queues.paused, {b"\xff odd"})
+        self.assertEqual(len(err.getvalue().splitlines()), 6)
 
     def test_dead_letters_count_once_in_their_queues_row(self):
         client = self.client()
