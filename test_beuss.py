@@ -7477,8 +7477,8 @@ clock = time.monotonic()
 for number in range(int(sys.argv[4])):
     name = b"queue-%05d" % number
     server.queues.push(name, [b"m" * 100] * (1 + number % 5))
-    server.queues.counts[name].history = [
-        (clock - 900 + 10 * i, i % 7, 10 * i, 9 * i) for i in range(90)]
+    server.queues.counts[name].history.extend(sum((
+        (clock - 900 + 10 * i, i % 7, 10 * i, 9 * i) for i in range(90)), ()))
 print("ready", flush=True)
 server.serve_forever()
 """
