@@ -1769,15 +1769,27 @@ class LongWorkTest(ServerCase):
     other clients are served meanwhile."""
 
     def test_a_large_redrive_answers_when_done_and_others_go_on_meanwhile(self):
-        self.client().pipeline([["RPUSH", "q.dead"] + ["m%d" % i for i in range(j, j + 1000)]
-                                for j in range(0, 20000, 1000)])
-        with mock.patch.object(beuss, "MOVE_SLICE", 1):
+        self.client().call("RPUSH", "q.dead", *["m%d" % i for i in range(300)])
+        slices = []
+        real = beuss.Queues.redrive
+
+        def slow_slice(queues, name, count=None):
+            # Each slice takes a while, so that however fast the
+            # interpreter the redrive outlasts a PING's round trip.
+            slices.append(count)
+            time.sleep(0.005)
+            return real(queues, name, count)
+        with mock.patch.object(beuss, "MOVE_SLICE", 1), \
+                mock.patch.object(beuss.Queues, "redrive", slow_slice):
             redrive = self.connect()
             redrive.sendall(requests(["REDRIVE", "q"], ["LLEN", "q"]))
-            self.wait_until(lambda: self.server._chores)
+            self.wait_until(lambda: slices)
             self.exchange(b"PING\r\n", b"+PONG\r\n")
-            self.assertTrue(self.server._chores, "the redrive was over already")
-            self.expect(redrive, b":20000\r\n:20000\r\n")
+            import select
+            self.assertEqual(select.select([redrive], [], [], 0)[0], [],
+                             "the redrive answered before the PING")
+            self.expect(redrive, b":300\r\n:300\r\n")
+        self.assertEqual(slices, [1] * 300)
         self.exchange(requests(["LRANGE", "q", "0", "1"], ["EXISTS", "q.dead"]),
                       b"*2\r\n$2\r\nm0\r\n$2\r\nm1\r\n:0\r\n")
 
