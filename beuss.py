@@ -4799,11 +4799,89 @@ def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
     return server.block(conn, waiter, timeout, conn.null_bulk)
 
 
-# ## Commands: reserve and acknowledge ########################################
+# ## Commands: beuss's own, for both engines ################################
 
-# beuss's own, named so as not to clash with Redis: RESERVE holds a message
-# under an id until ACK removes it, NACK or the lease gives it back, and
-# TOUCH renews the lease. A client acts on the messages it holds only.
+# RESERVE holds a message under an id until ACK removes it, NACK or the
+# lease gives it back, and TOUCH renews the lease (a client acts on the
+# messages it holds only); DEFER, REDRIVE, WHY, PAUSE and RESUME follow the
+# life cycle drawn in Queues. The names do not clash with Redis's.
+#
+# Each is declared once for both engines, here: its row in the command
+# table, the function the server runs, and beside it the Lua script that
+# the client runs in its place on a Redis, a Valkey or a Redis Cluster
+# (_LUA; _UNSCRIPTED says why a command needs none). Adding one is a row, a
+# function, a script and a step in the life-cycle table of the tests, which
+# runs every engine through the same steps.
+#
+# On Redis the ready messages stay a plain list under the queue's name,
+# which any Redis client may RPUSH to; the rest lives in companion keys of
+# the queue's slot, "{jobs}:held" and the like for a queue "jobs" (see
+# _script_keys). Time is the server's (TIME), so consumers' clocks need not
+# agree. A lease that ran out is noticed by the next reserve on its queue,
+# a hundred at most a call. No script can block: a consumer waiting for a
+# message polls, 5 ms longer after each empty try, 0.1 s at most.
+
+# A queue's companion keys on Redis, in the order the scripts take them
+# after the queue itself: held ids with their lease's end (a sorted set),
+# waiting ids with when they are ready (a sorted set), each id's message
+# and deliveries (hashes), ids ready again after a failure (a list, taken
+# before the queue), dead letters and, in step with them, why each died
+# (lists), the last id given, and a flag that PAUSE sets (the reserve
+# script delivers nothing while it is there).
+COMPANIONS = (b"held", b"deferred", b"messages", b"deliveries", b"again",
+              b"dead", b"why", b"ids", b"paused")
+
+# Every script starts so: the server's clock, the keys by name (the queue,
+# then COMPANIONS), and what a failure does: to the dead letters after the
+# last delivery, else back to the head after delay, or after the retry
+# schedule's wait (Queues.retry_wait's) when delay is negative.
+_LUA_START = """
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function fail(id, delay, reason, max, first, longest)
+  local tries = tonumber(redis.call('HGET', deliveries, id) or '0')
+  if max > 0 and tries >= max then
+    if reason == '' then reason = 'failed ' .. tries .. ' deliveries' end
+    redis.call('RPUSH', dead, redis.call('HGET', messages, id))
+    redis.call('RPUSH', why, tries .. ' ' .. string.format('%.3f', now) ..
+      ' ' .. reason)
+    redis.call('HDEL', messages, id)
+    redis.call('HDEL', deliveries, id)
+  else
+    if delay < 0 then
+      delay = 0
+      if first > 0 then delay = first * 2 ^ math.min(tries - 1, 64) end
+      if longest > 0 and delay > longest then delay = longest end
+    end
+    if delay > 0 then
+      redis.call('ZADD', deferred, now + delay, id)
+    else
+      redis.call('LPUSH', again, id)
+    end
+  end
+end
+local function leased(lease)
+  if lease > 0 then return now + lease end
+  return 'inf'
+end
+local function holding(token)
+  local id, count = string.match(token, '^(%d+)/(%d+)$')
+  if id and redis.call('ZSCORE', held, id) and
+      redis.call('HGET', deliveries, id) == count then
+    return id
+  end
+end
+"""
+
+_LUA = {}                       # command -> its script's body
+# beuss's own commands that need no script on Redis, and what does instead.
+_UNSCRIPTED = {
+    "why": "LRANGE of the dead letters and of their records",
+    "pause": "SET NX of the queue's paused companion, read by reserve",
+    "resume": "DEL of the queue's paused companion",
+}
+
 
 def cmd_reserve(server, conn, args):
     # RESERVE q [q ...] timeout [COUNT n]: with COUNT, up to n messages of
@@ -4845,6 +4923,51 @@ def cmd_reserve(server, conn, args):
                         conn.null_array)
 
 
+# ARGV: lease, max deliveries, first retry wait, longest retry wait.
+# Returns {id, message, deliveries}, or nil when none is ready.
+_LUA["reserve"] = """
+local lease, max, first, longest = tonumber(ARGV[1]), tonumber(ARGV[2]),
+  tonumber(ARGV[3]), tonumber(ARGV[4])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', held, '-inf', now,
+                               'LIMIT', 0, 100)) do
+  redis.call('ZREM', held, id)
+  fail(id, -1, 'lease expired', max, first, longest)
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', deferred, '-inf', now,
+                               'LIMIT', 0, 100)) do
+  redis.call('ZREM', deferred, id)
+  if redis.call('HEXISTS', deliveries, id) == 1 then
+    redis.call('RPUSH', again, id)
+  else
+    redis.call('RPUSH', queue, redis.call('HGET', messages, id))
+    redis.call('HDEL', messages, id)
+  end
+end
+if redis.call('EXISTS', paused) == 1 then return false end
+local taken = {}
+for _ = 1, tonumber(ARGV[5] or '1') do
+  local id, message, count = redis.call('LPOP', again)
+  if id then
+    message = redis.call('HGET', messages, id)
+    count = redis.call('HINCRBY', deliveries, id, 1)
+  else
+    message = redis.call('LPOP', queue)
+    if not message then break end
+    id = string.format('%012d', redis.call('INCR', ids))
+    redis.call('HSET', messages, id, message)
+    redis.call('HSET', deliveries, id, 1)
+    count = 1
+  end
+  redis.call('ZADD', held, leased(lease), id)
+  taken[#taken + 1] = id
+  taken[#taken + 1] = message
+  taken[#taken + 1] = count
+end
+if #taken == 0 then return false end
+return taken
+"""
+
+
 def _held(server, conn, args):
     """The messages conn holds among the ids it named, each once."""
     found = (server.queues.held(held_id, conn)
@@ -4857,6 +4980,24 @@ def cmd_ack(server, conn, args):
     for held in helds:
         server.queues.ack(held)
     return encode_int(len(helds))
+
+
+# ARGV: tokens ("<id>/<delivery>": one delivery's, so that a consumer
+# whose lease ran out cannot act on the next one's). Returns how many
+# were held.
+_LUA["ack"] = """
+local count = 0
+for i = 1, #ARGV do
+  local id = holding(ARGV[i])
+  if id then
+    redis.call('ZREM', held, id)
+    redis.call('HDEL', messages, id)
+    redis.call('HDEL', deliveries, id)
+    count = count + 1
+  end
+end
+return count
+"""
 
 
 def cmd_nack(server, conn, args):
@@ -4891,9 +5032,48 @@ def cmd_nack(server, conn, args):
     return encode_int(len(helds))
 
 
+# ARGV: delay (-1: the schedule), reason, max deliveries, first and
+# longest retry wait, undelivered (1: back at once, the delivery not
+# counted), tokens. Last to first, so that the messages given back at
+# once keep their order at the head.
+_LUA["nack"] = """
+local delay, reason, max, first, longest = tonumber(ARGV[1]), ARGV[2],
+  tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local undelivered = ARGV[6] == '1'
+local count = 0
+for i = #ARGV, 7, -1 do
+  local id = holding(ARGV[i])
+  if id then
+    redis.call('ZREM', held, id)
+    if undelivered then
+      redis.call('HINCRBY', deliveries, id, -1)
+      redis.call('LPUSH', again, id)
+    else
+      fail(id, delay, reason, max, first, longest)
+    end
+    count = count + 1
+  end
+end
+return count
+"""
+
+
 def cmd_defer(server, conn, args):
     seconds = _delay(args[2])
     return encode_int(server.queues.defer(args[1], args[3:], seconds))
+
+
+# ARGV: delay, messages. Returns how many of the queue's messages wait.
+# Ids are zero-padded: waiting ids due at once sort in the order given.
+_LUA["defer"] = """
+local due = now + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local id = string.format('%012d', redis.call('INCR', ids))
+  redis.call('HSET', messages, id, ARGV[i])
+  redis.call('ZADD', deferred, due, id)
+end
+return redis.call('ZCARD', deferred)
+"""
 
 
 def cmd_redrive(server, conn, args):
@@ -4918,6 +5098,32 @@ def cmd_redrive(server, conn, args):
         return encode_int(progress[0]) if (
             not moved or progress[0] >= count) else None
     return server.wait_for(conn, step)
+
+
+# ARGV: how many dead letters to move back to the tail, as new.
+_LUA["redrive"] = """
+local moved = 0
+while moved < tonumber(ARGV[1]) do
+  local message = redis.call('LPOP', dead)
+  if not message then break end
+  redis.call('LPOP', why)
+  redis.call('RPUSH', queue, message)
+  moved = moved + 1
+end
+return moved
+"""
+
+
+# ARGV: messages, then as many records ("tries died why"), for a move.
+# Returns how many dead letters there are now.
+_LUA["put_dead"] = """
+local half = #ARGV / 2
+for i = 1, half do
+  redis.call('RPUSH', dead, ARGV[i])
+  redis.call('RPUSH', why, ARGV[half + i])
+end
+return redis.call('LLEN', dead)
+"""
 
 
 def cmd_pause(server, conn, args):
@@ -4956,6 +5162,40 @@ def cmd_touch(server, conn, args):
     for held in helds:
         server.touch(held)
     return encode_int(len(helds))
+
+
+# ARGV: lease, tokens. Returns how many were held.
+_LUA["touch"] = """
+local lease, count = tonumber(ARGV[1]), 0
+for i = 2, #ARGV do
+  local id = holding(ARGV[i])
+  if id then
+    redis.call('ZADD', held, leased(lease), id)
+    count = count + 1
+  end
+end
+return count
+"""
+
+
+# DEL is Redis's, but on Redis a queue's companions go with it. DEL of a
+# queue: its messages, those ready again and those set aside
+# (held ones stay with their consumers). Returns 1 if it held ready
+# messages, as DEL counts.
+_LUA["del"] = """
+local ready = redis.call('LLEN', queue) + redis.call('LLEN', again)
+for _, id in ipairs(redis.call('LRANGE', again, 0, -1)) do
+  redis.call('HDEL', messages, id)
+  redis.call('HDEL', deliveries, id)
+end
+for _, id in ipairs(redis.call('ZRANGE', deferred, 0, -1)) do
+  redis.call('HDEL', messages, id)
+  redis.call('HDEL', deliveries, id)
+end
+redis.call('DEL', queue, again, deferred)
+if ready > 0 then return 1 end
+return 0
+"""
 
 
 # ## Commands: transactions ###################################################
@@ -5708,7 +5948,7 @@ _TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 def _duration(value):
     """Seconds: 30, 0.5, or times with units, summed: 500ms, 30s, 5m, 2h,
     1d, 1h30m."""
-    text = value.strip().lower()
+    text = str(value).strip().lower()
     try:
         seconds = float(text)
     except ValueError:
@@ -5792,7 +6032,8 @@ SETTINGS = [Setting(*row) for row in (
      "size + 1mb"),
     ("lease", "--lease", "BLEASE", 0, _duration, "lease", "SECONDS",
      "a reserved message not acknowledged (or touched) within SECONDS goes "
-     "back to its queue; 0: never"),
+     "back to its queue; 0: never; a consumer on a Redis: %s"
+     % _number_text(DEFAULT_SCRIPT_LEASE) + "s"),
     ("max_deliveries", "--max-deliveries", "BMAXDELIVERIES",
      DEFAULT_MAX_DELIVERIES, _whole, "max-deliveries", "N",
      "a message given back after N deliveries goes to <queue>.dead; %d; "
@@ -5844,6 +6085,14 @@ def _setting(value, flag, env_name, default, parse=str):
         raise ValueError("%s: %s" % (source, exc))
     except ValueError:
         raise ValueError("%s: %r is not a valid value" % (source, value))
+
+
+def _setting_of(name, value, default=None):
+    """The setting of the table's row name, for a Client or the command
+    line: value, else the environment's, else default or the row's."""
+    row = next(setting for setting in SETTINGS if setting.name == name)
+    return _setting(value, row.flag, row.env, row.default if default is None
+                    else default, row.parse)
 
 
 def _setting_text(value):
@@ -6665,30 +6914,15 @@ queue's row; %s.</p>
 # command goes to the other node after ASKING). Commands without a key go
 # to the node the client was pointed at; LIST and STATS ask every primary.
 #
-# Redis has no RESERVE, so the client gives its semantics with the scripts
-# below, each run atomically by the server (EVALSHA, or EVAL the first time
-# a node has not seen it). The ready messages stay a plain list under the
-# queue's name, which any Redis client may RPUSH to; the rest lives in
-# companion keys that share the queue's slot: "{jobs}:held" and the like
-# for a queue "jobs", "{app}jobs:held" for one with its own hash tag. Time
-# is the server's (TIME), so consumers' clocks need not agree. A lease that
-# ran out is noticed by the next reserve on that queue, a hundred at most
-# a call. No script can block: a consumer waiting for a message polls,
-# waiting 5 ms longer after each empty try, a tenth of a second at most.
+# Redis has no RESERVE: the client picks an engine once, the first time it
+# needs one, by asking the server. _Beuss sends beuss's own commands as they
+# are; _Scripts runs, in their place, the Lua declared beside each of them
+# in "Commands: beuss's own"; _Pops, for a Redis without Lua, takes
+# messages with plain pops and says once that a failed one is lost.
 
 MAX_REDIRECTS = 5               # MOVED or ASK followed for one command
 SCRIPT_POLL_FIRST, SCRIPT_POLL_MAX = 0.005, 0.1
 REDRIVE_BATCH = 1000            # dead letters a redrive script moves
-
-# What routes by something else than its first argument, or by nothing.
-_KEYLESS = frozenset(b"PING ECHO INFO SCAN PUBLISH AUTH CLUSTER CONFIG CLIENT "
-                     b"COMMAND SCRIPT SELECT HELLO DBSIZE FLUSHALL FLUSHDB "
-                     b"TIME ACK NACK TOUCH SUBSCRIBE PSUBSCRIBE ASKING KEYS "
-                     b"QUIT".split())
-_KEYS_BUT_LAST = frozenset([b"BLPOP", b"BRPOP", b"RESERVE"])
-_ALL_KEYS = frozenset([b"DEL", b"EXISTS", b"UNLINK", b"MGET", b"WATCH"])
-_TWO_KEYS = frozenset([b"LMOVE", b"BLMOVE", b"RPOPLPUSH", b"BRPOPLPUSH"])
-
 
 class _Link:
     """One connection of a Client: to its server, or to one node of a
@@ -6838,93 +7072,6 @@ class _Routing:
         return link.host, link.port
 
 
-class _Scripts:
-    """The part of Client that stands in for beuss's own commands on a
-    Redis, with the Lua scripts below (mixed in)."""
-
-    def _choose_scripts(self):
-        # The server has no RESERVE: Lua if it runs scripts, else pops.
-        reply = self.pipeline([[b"EVAL", b"return 1", b"0"]])[0]
-        self.reserving = "pops" if isinstance(reply, ReplyError) else \
-            "scripts"
-        if self.reserving == "pops":
-            _warn("the server at %s:%d runs neither RESERVE nor Lua scripts: "
-                  "messages are taken with plain pops, and one is lost if "
-                  "its handler dies" % (self.host, self.port))
-
-    def _script(self, name, queue, *args):
-        text, sha = script_source(name)
-        keys = _script_keys(queue)
-        tail = [len(keys)] + keys + list(args)
-        reply = self.pipeline([[b"EVALSHA", sha] + tail])[0]
-        if isinstance(reply, ReplyError) and str(reply).startswith(
-                "NOSCRIPT"):
-            reply = self.pipeline([[b"EVAL", text] + tail])[0]
-        if isinstance(reply, ReplyError):
-            raise reply
-        return reply
-
-    def _retry_arguments(self):
-        return [self.max_deliveries, _number_text(self.retry_delay),
-                _number_text(self.retry_max_delay)]
-
-    def _by_queue(self, name, ids, *args):
-        """Run script name on the ids ("<token>@<queue>") of each queue."""
-        by_queue = {}
-        for message_id in ids:
-            number, _, queue = _arg(message_id).partition(b"@")
-            by_queue.setdefault(queue, []).append(number)
-        return sum(self._script(name, queue, *(list(args) + numbers))
-                   for queue, numbers in by_queue.items())
-
-    def _scripted_reserve(self, queue, deadline, count=1):
-        # deadline None: one try; else tries for at most a slice.
-        pause, end = SCRIPT_POLL_FIRST, None if deadline is None else min(
-            deadline, time.monotonic() + BLOCK_SLICE)
-        while True:
-            reply = self._script("reserve", queue, _number_text(self.lease),
-                                 *self._retry_arguments() + [count])
-            if reply is not None:
-                return [Message(self, queue, b"%s/%d@%s" % (
-                    reply[at], reply[at + 2], _arg(queue)), reply[at + 1],
-                    reply[at + 2]) for at in range(0, len(reply), 3)]
-            left = 0 if end is None else end - time.monotonic()
-            if left <= 0:
-                return []
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, SCRIPT_POLL_MAX)
-
-    def _scripted_defer(self, queue, delay, messages):
-        _delay(delay)               # the server's words for a bad one
-        return self._script("defer", queue, delay, *messages)
-
-    def _scripted_redrive(self, queue, count):
-        moved = 0
-        while count is None or moved < count:
-            batch = REDRIVE_BATCH if count is None else min(
-                REDRIVE_BATCH, count - moved)
-            done = self._script("redrive", queue, batch)
-            moved += done
-            if done < batch:
-                break
-        return moved
-
-    def _scripted_why(self, queue, start=0, stop=-1):
-        queue = _arg(queue)
-        if not queue.endswith(b".dead"):
-            return [(message, None, None, None) for message in self.call(
-                b"LRANGE", queue, start, stop)]
-        messages, records = self.pipeline([
-            [b"LRANGE", _companion(queue[:-len(b".dead")], part), start, stop]
-            for part in (b"dead", b"why")])
-        parsed = []                     # [deliveries, died, why] each
-        for record in records[:len(messages)]:
-            tries, died, why = record.split(b" ", 2)
-            parsed.append([int(tries), died, why])
-        return [[message] + record for message, record in
-                itertools.zip_longest(messages, parsed, fillvalue=[None] * 3)]
-
-
 CLUSTER_SLOTS = 16384
 _CRC16 = []                     # made on the first key_slot()
 
@@ -6959,31 +7106,30 @@ def key_slot(key):
     return crc % CLUSTER_SLOTS
 
 
+# Commands the client may send that beuss lacks, by their keys' positions
+# as the command table gives them (first, last, step; 0: none).
+_OTHER_KEYS = {b"unlink": [1, -1, 1], b"mget": [1, -1, 1],
+               b"time": [0, 0, 0], b"cluster": [0, 0, 0],
+               b"script": [0, 0, 0], b"asking": [0, 0, 0]}
+
+
 def _command_keys(command):
-    name = command[0].upper()
-    if name in (b"EVAL", b"EVALSHA"):
+    """The keys a command names, as the command table's key column places
+    them (EVAL's by its count); a command beuss does not know, its first
+    argument."""
+    name = command[0].lower()
+    if name in (b"eval", b"evalsha"):
         return command[3:3 + int(command[2])]
-    if name in _KEYS_BUT_LAST:
-        if name == b"RESERVE" and len(command) >= 5 and \
-                command[-2].upper() == b"COUNT":
-            return command[1:-3]            # RESERVE ... timeout COUNT n
-        return command[1:-1]
-    if name in _ALL_KEYS:
-        return command[1:]
-    if name in _TWO_KEYS:
-        return command[1:3]
-    return [] if name in _KEYLESS else command[1:2]
+    row = COMMANDS.get(name)
+    first, last, step = row.keys if row is not None else _OTHER_KEYS.get(
+        name, [1, 1, 1])
+    if name == b"reserve" and len(command) >= 5 and \
+            command[-2].upper() == b"COUNT":
+        last = -4                           # RESERVE ... timeout COUNT n
+    return command[first:len(command) + last + 1 if last < 0 else last + 1:
+                   step] if first else []
 
 
-# A queue's companion keys on Redis, in the order the scripts take them
-# after the queue itself: held ids with their lease's end (a sorted set),
-# waiting ids with when they are ready (a sorted set), each id's message
-# and deliveries (hashes), ids ready again after a failure (a list, taken
-# before the queue), dead letters and, in step with them, why each died
-# (lists), the last id given, and a flag that PAUSE sets (the reserve
-# script delivers nothing while it is there).
-COMPANIONS = (b"held", b"deferred", b"messages", b"deliveries", b"again",
-              b"dead", b"why", b"ids", b"paused")
 
 
 def _script_keys(queue):
@@ -7010,204 +7156,6 @@ def _companion_of(name):
     return name, None
 
 
-def _scripted_ids(ids):
-    """Whether ids were given by the scripts ("<id>/<delivery>@<queue>"),
-    not by a beuss."""
-    return any(b"@" in _arg(message_id) for message_id in ids)
-
-
-# Every script starts so: the server's clock, the keys by name, and what a
-# failure does (to the dead letters after the last delivery, else back to
-# the head after delay, or the retry schedule's wait when it is negative).
-_LUA_START = """
-if redis.replicate_commands then redis.replicate_commands() end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local queue, held, deferred, messages, deliveries, again, dead, why, ids,
-  paused = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7],
-  KEYS[8], KEYS[9], KEYS[10]
-local function fail(id, delay, reason, max, first, longest)
-  local tries = tonumber(redis.call('HGET', deliveries, id) or '0')
-  if max > 0 and tries >= max then
-    if reason == '' then reason = 'failed ' .. tries .. ' deliveries' end
-    redis.call('RPUSH', dead, redis.call('HGET', messages, id))
-    redis.call('RPUSH', why, tries .. ' ' .. string.format('%.3f', now) ..
-      ' ' .. reason)
-    redis.call('HDEL', messages, id)
-    redis.call('HDEL', deliveries, id)
-  else
-    if delay < 0 then
-      delay = 0
-      if first > 0 then delay = first * 2 ^ math.min(tries - 1, 64) end
-      if longest > 0 and delay > longest then delay = longest end
-    end
-    if delay > 0 then
-      redis.call('ZADD', deferred, now + delay, id)
-    else
-      redis.call('LPUSH', again, id)
-    end
-  end
-end
-local function leased(lease)
-  if lease > 0 then return now + lease end
-  return 'inf'
-end
-local function holding(token)
-  local id, count = string.match(token, '^(%d+)/(%d+)$')
-  if id and redis.call('ZSCORE', held, id) and
-      redis.call('HGET', deliveries, id) == count then
-    return id
-  end
-end
-"""
-
-_LUA = {
-    # ARGV: lease, max deliveries, first retry wait, longest retry wait.
-    # Returns {id, message, deliveries}, or nil when none is ready.
-    "reserve": """
-local lease, max, first, longest = tonumber(ARGV[1]), tonumber(ARGV[2]),
-  tonumber(ARGV[3]), tonumber(ARGV[4])
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', held, '-inf', now,
-                               'LIMIT', 0, 100)) do
-  redis.call('ZREM', held, id)
-  fail(id, -1, 'lease expired', max, first, longest)
-end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', deferred, '-inf', now,
-                               'LIMIT', 0, 100)) do
-  redis.call('ZREM', deferred, id)
-  if redis.call('HEXISTS', deliveries, id) == 1 then
-    redis.call('RPUSH', again, id)
-  else
-    redis.call('RPUSH', queue, redis.call('HGET', messages, id))
-    redis.call('HDEL', messages, id)
-  end
-end
-if redis.call('EXISTS', paused) == 1 then return false end
-local taken = {}
-for _ = 1, tonumber(ARGV[5] or '1') do
-  local id, message, count = redis.call('LPOP', again)
-  if id then
-    message = redis.call('HGET', messages, id)
-    count = redis.call('HINCRBY', deliveries, id, 1)
-  else
-    message = redis.call('LPOP', queue)
-    if not message then break end
-    id = string.format('%012d', redis.call('INCR', ids))
-    redis.call('HSET', messages, id, message)
-    redis.call('HSET', deliveries, id, 1)
-    count = 1
-  end
-  redis.call('ZADD', held, leased(lease), id)
-  taken[#taken + 1] = id
-  taken[#taken + 1] = message
-  taken[#taken + 1] = count
-end
-if #taken == 0 then return false end
-return taken
-""",
-    # ARGV: tokens ("<id>/<delivery>": one delivery's, so that a consumer
-    # whose lease ran out cannot act on the next one's). Returns how many
-    # were held.
-    "ack": """
-local count = 0
-for i = 1, #ARGV do
-  local id = holding(ARGV[i])
-  if id then
-    redis.call('ZREM', held, id)
-    redis.call('HDEL', messages, id)
-    redis.call('HDEL', deliveries, id)
-    count = count + 1
-  end
-end
-return count
-""",
-    # ARGV: delay (-1: the schedule), reason, max deliveries, first and
-    # longest retry wait, undelivered (1: back at once, the delivery not
-    # counted), tokens. Last to first, so that the messages given back at
-    # once keep their order at the head.
-    "nack": """
-local delay, reason, max, first, longest = tonumber(ARGV[1]), ARGV[2],
-  tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local undelivered = ARGV[6] == '1'
-local count = 0
-for i = #ARGV, 7, -1 do
-  local id = holding(ARGV[i])
-  if id then
-    redis.call('ZREM', held, id)
-    if undelivered then
-      redis.call('HINCRBY', deliveries, id, -1)
-      redis.call('LPUSH', again, id)
-    else
-      fail(id, delay, reason, max, first, longest)
-    end
-    count = count + 1
-  end
-end
-return count
-""",
-    # ARGV: lease, tokens. Returns how many were held.
-    "touch": """
-local lease, count = tonumber(ARGV[1]), 0
-for i = 2, #ARGV do
-  local id = holding(ARGV[i])
-  if id then
-    redis.call('ZADD', held, leased(lease), id)
-    count = count + 1
-  end
-end
-return count
-""",
-    # ARGV: delay, messages. Returns how many of the queue's messages wait.
-    # Ids are zero-padded: waiting ids due at once sort in the order given.
-    "defer": """
-local due = now + tonumber(ARGV[1])
-for i = 2, #ARGV do
-  local id = string.format('%012d', redis.call('INCR', ids))
-  redis.call('HSET', messages, id, ARGV[i])
-  redis.call('ZADD', deferred, due, id)
-end
-return redis.call('ZCARD', deferred)
-""",
-    # DEL of a queue: its messages, those ready again and those set aside
-    # (held ones stay with their consumers). Returns 1 if it held ready
-    # messages, as DEL counts.
-    "delete": """
-local ready = redis.call('LLEN', queue) + redis.call('LLEN', again)
-for _, id in ipairs(redis.call('LRANGE', again, 0, -1)) do
-  redis.call('HDEL', messages, id)
-  redis.call('HDEL', deliveries, id)
-end
-for _, id in ipairs(redis.call('ZRANGE', deferred, 0, -1)) do
-  redis.call('HDEL', messages, id)
-  redis.call('HDEL', deliveries, id)
-end
-redis.call('DEL', queue, again, deferred)
-if ready > 0 then return 1 end
-return 0
-""",
-    # ARGV: messages, then as many records ("tries died why"), for a move.
-    # Returns how many dead letters there are now.
-    "put_dead": """
-local half = #ARGV / 2
-for i = 1, half do
-  redis.call('RPUSH', dead, ARGV[i])
-  redis.call('RPUSH', why, ARGV[half + i])
-end
-return redis.call('LLEN', dead)
-""",
-    # ARGV: how many dead letters to move back to the tail, as new.
-    "redrive": """
-local moved = 0
-while moved < tonumber(ARGV[1]) do
-  local message = redis.call('LPOP', dead)
-  if not message then break end
-  redis.call('LPOP', why)
-  redis.call('RPUSH', queue, message)
-  moved = moved + 1
-end
-return moved
-""",
-}
 
 
 _SCRIPTS = {}                   # name -> (its text, its SHA1 for EVALSHA)
@@ -7218,9 +7166,240 @@ def script_source(name):
     hashlib would cost every one-shot command 6 ms."""
     if name not in _SCRIPTS:
         import hashlib
-        text = (_LUA_START + _LUA[name]).encode()
+        names = ["queue"] + [part.decode() for part in COMPANIONS]
+        keys = "local %s = %s\n" % (", ".join(names), ", ".join(
+            "KEYS[%d]" % number for number in range(1, len(names) + 1)))
+        text = (keys + _LUA_START + _LUA[name]).encode()
         _SCRIPTS[name] = text, hashlib.sha1(text).hexdigest().encode()
     return _SCRIPTS[name]
+
+
+class _Beuss:
+    """The engine for a beuss server: its own commands, sent as they are.
+    Every engine has these methods; the Client calls nothing else of it."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def own(self, command, *args, wait=0.0):
+        return self.client.call(command, *args, wait=wait)
+
+    def reserve(self, queue, deadline, count):
+        # Up to count messages (None: one, with RESERVE's plain form), in
+        # at most a slice (deadline None: not waiting); a list.
+        seconds = 0.001 if deadline is None else min(
+            BLOCK_SLICE, max(deadline - time.monotonic(), 0.001))
+        reply = self.own(b"RESERVE", queue, "%.3f" % seconds, *(
+            [b"COUNT", count] if count else []), wait=seconds)
+        return [] if reply is None else [
+            Message(self.client, one[0], one[1], one[2], one[3])
+            for one in (reply if count else [reply])]
+
+    def ack(self, ids):
+        return self.own(b"ACK", *ids)
+
+    def nack(self, ids, delay, reason, undelivered):
+        options = [b"UNDELIVERED"] if undelivered else []
+        if delay is not None:
+            options += [b"DELAY", delay]
+        if reason is not None:
+            options += [b"REASON", reason]
+        return self.own(b"NACK", *(list(ids) + options))
+
+    def touch(self, ids):
+        return self.own(b"TOUCH", *ids)
+
+    def defer(self, queue, delay, messages):
+        return self.own(b"DEFER", queue, delay, *messages)
+
+    def redrive(self, queue, count):
+        return self.own(b"REDRIVE", queue, *([] if count is None else [
+            count]))
+
+    def why(self, queue, start, stop):
+        return self.own(b"WHY", queue, start, stop)
+
+    def pause(self, queues, paused):
+        return self.own(b"PAUSE" if paused else b"RESUME", *queues)
+
+    def paused_queues(self):
+        return [name for name, line in _queue_lines(
+            self.client.info()).items() if line.get("paused") == "1"]
+
+    def delete(self, queues):
+        return sum(map(_raise, self.client.pipeline([(b"DEL", queue)
+                                                     for queue in queues])))
+
+    def put_dead(self, queue, records):
+        # RPUSH carries no record: they become plain messages of .dead.
+        return self.client.call(b"RPUSH", _arg(queue) + b".dead", *[
+            record.message for record in records])
+
+
+class _Pops(_Beuss):
+    """The engine for a Redis without Lua: plain pops, nothing held."""
+
+    def own(self, command, *args, wait=0.0):
+        raise ReplyError("the server at %s:%d offers neither %s nor Lua "
+                         "scripts to stand in for it" % (
+                             self.client.host, self.client.port,
+                             command.decode()))
+
+    def reserve(self, queue, deadline, count):
+        client = self.client
+        data = client.get(queue) if deadline is None else \
+            client._wait_one(queue, deadline)
+        found = [] if data is None else [data]
+        if found and count and count > 1:
+            found += client.call(b"LPOP", queue, count - 1) or []
+        return [Message(client, queue, None, data) for data in found]
+
+    def paused_queues(self):
+        return []
+
+
+class _Scripts:
+    """The engine for a Redis, a Valkey or a Redis Cluster: the Lua of
+    each own command (_LUA), on the queue's keys. Its ids name their queue
+    and their delivery: "<id>/<delivery>@<queue>"."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def script(self, name, queue, *args):
+        text, sha = script_source(name)
+        keys = _script_keys(queue)
+        tail = [len(keys)] + keys + list(args)
+        reply = self.client.pipeline([[b"EVALSHA", sha] + tail])[0]
+        if isinstance(reply, ReplyError) and str(reply).startswith(
+                "NOSCRIPT"):
+            reply = self.client.pipeline([[b"EVAL", text] + tail])[0]
+        return _raise(reply)
+
+    def retry_arguments(self):
+        client = self.client
+        return [client.max_deliveries, _number_text(client.retry_delay),
+                _number_text(client.retry_max_delay)]
+
+    def by_queue(self, name, ids, *args):
+        """Run script name on the ids of each queue; the sum of replies."""
+        by_queue = {}
+        for message_id in ids:
+            number, _, queue = _arg(message_id).partition(b"@")
+            by_queue.setdefault(queue, []).append(number)
+        return sum(self.script(name, queue, *(list(args) + numbers))
+                   for queue, numbers in by_queue.items())
+
+    def reserve(self, queue, deadline, count):
+        # deadline None: one try; else tries for at most a slice.
+        pause, end = SCRIPT_POLL_FIRST, None if deadline is None else min(
+            deadline, time.monotonic() + BLOCK_SLICE)
+        while True:
+            reply = self.script("reserve", queue, _number_text(
+                self.client.lease), *self.retry_arguments() + [count or 1])
+            if reply is not None:
+                return [Message(self.client, queue, b"%s/%d@%s" % (
+                    reply[at], reply[at + 2], _arg(queue)), reply[at + 1],
+                    reply[at + 2]) for at in range(0, len(reply), 3)]
+            left = 0 if end is None else end - time.monotonic()
+            if left <= 0:
+                return []
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, SCRIPT_POLL_MAX)
+
+    def ack(self, ids):
+        return self.by_queue("ack", ids)
+
+    def nack(self, ids, delay, reason, undelivered):
+        return self.by_queue("nack", ids, -1 if delay is None else delay,
+                             reason or b"", *self.retry_arguments() + [
+                                 1 if undelivered else 0])
+
+    def touch(self, ids):
+        return self.by_queue("touch", ids, _number_text(self.client.lease))
+
+    def defer(self, queue, delay, messages):
+        return self.script("defer", queue, delay, *messages)
+
+    def redrive(self, queue, count):
+        moved = 0
+        while count is None or moved < count:
+            batch = REDRIVE_BATCH if count is None else min(
+                REDRIVE_BATCH, count - moved)
+            done = self.script("redrive", queue, batch)
+            moved += done
+            if done < batch:
+                break
+        return moved
+
+    def why(self, queue, start, stop):
+        queue = _arg(queue)
+        if not queue.endswith(b".dead"):
+            return [(message, None, None, None) for message in
+                    self.client.call(b"LRANGE", queue, start, stop)]
+        messages, records = self.client.pipeline([
+            [b"LRANGE", _companion(queue[:-len(b".dead")], part), start, stop]
+            for part in (b"dead", b"why")])
+        parsed = []                     # [deliveries, died, why] each
+        for record in records[:len(messages)]:
+            tries, died, why = record.split(b" ", 2)
+            parsed.append([int(tries), died, why])
+        return [[message] + record for message, record in
+                itertools.zip_longest(messages, parsed, fillvalue=[None] * 3)]
+
+    def pause(self, queues, paused):
+        return sum(reply in ("OK", 1) for reply in self.client.pipeline([
+            [b"SET", _companion(queue, b"paused"), b"1", b"NX"] if paused
+            else [b"DEL", _companion(queue, b"paused")] for queue in queues]))
+
+    def paused_queues(self):
+        found = []
+        for link in self.client._primaries():
+            cursor = b"0"
+            while True:
+                cursor, batch = _raise(link.talk([[
+                    b"SCAN", cursor, b"MATCH", b"*:paused", b"COUNT", b"1000"]],
+                    1)[0])
+                found += [queue.decode("utf-8", "surrogateescape") for queue,
+                          part in map(_companion_of, batch)
+                          if part == b"paused"]
+                if cursor == b"0":
+                    break
+        return found
+
+    def delete(self, queues):
+        deleted = 0
+        for queue in map(_arg, queues):
+            if queue.endswith(b".dead"):        # the dead letters and why
+                deleted += self.client.call(b"DEL", *[_companion(
+                    queue[:-len(b".dead")], part) for part in (
+                        b"dead", b"why")]) > 0
+            else:
+                deleted += self.script("del", queue)
+        return deleted
+
+    def put_dead(self, queue, records):
+        # Into the companion lists, with their records, as if they died here.
+        why = [b"%d %.3f %s" % (record.deliveries or 0, record.died or 0.0, (
+            record.why or "(put there by hand)").encode("utf-8"))
+            for record in records]
+        return self.script("put_dead", queue, *([
+            record.message for record in records] + why))
+
+
+def _choose_engine(client):
+    """The engine for the server client talks to, asked once: a beuss
+    knows RESERVE; a Redis runs Lua, or not."""
+    known = client.pipeline([[b"COMMAND", b"INFO", b"RESERVE"]])[0]
+    if isinstance(known, list) and known[:1] != [None]:
+        return _Beuss(client)
+    if not isinstance(client.pipeline([[b"EVAL", b"return 1", b"0"]])[0],
+                      ReplyError):
+        return _Scripts(client)
+    _warn("the server at %s:%d runs neither RESERVE nor Lua scripts: "
+          "messages are taken with plain pops, and one is lost if its "
+          "handler dies" % (client.host, client.port))
+    return _Pops(client)
 
 
 # ## Client ###################################################################
@@ -7231,7 +7410,7 @@ RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
 PUT_MANY_BATCH = 1000           # messages a RPUSH in put_many
 
 
-class Client(_Routing, _Scripts):
+class Client(_Routing):
     """A connection to a beuss server, a Redis (or Valkey), or a Redis
     Cluster, opened on first use; one thread at a time may use it.
 
@@ -7251,28 +7430,20 @@ class Client(_Routing, _Scripts):
     def __init__(self, host=None, port=None, timeout=DEFAULT_TIMEOUT,
                  token=None, tls=None, tls_ca=None, lease=None,
                  max_deliveries=None, retry_delay=None, retry_max_delay=None):
-        self.host = _setting(host, "--host", "BHOST", DEFAULT_HOST)
-        self.port = _setting(port, "--port", "BPORT", DEFAULT_PORT, _port)
-        self.token = _setting(token, "--token", "BTOKEN", None)
+        self.host = _setting_of("host", host)
+        self.port = _setting_of("port", port)
+        self.token = _setting_of("token", token)
         self.tls_ca = _setting(tls_ca, "--tls-ca", "BTLSCA", None)
         self.tls = _setting(tls, "--tls", "BTLS", False, _yes) or bool(
             self.tls_ca)
         self.timeout = timeout
-        self.lease = _setting(lease, "--lease", "BLEASE",
-                              DEFAULT_SCRIPT_LEASE, _seconds_setting)
-        self.max_deliveries = _setting(max_deliveries, "--max-deliveries",
-                                       "BMAXDELIVERIES",
-                                       DEFAULT_MAX_DELIVERIES, _whole)
-        self.retry_delay = _setting(retry_delay, "--retry-delay",
-                                    "BRETRYDELAY", DEFAULT_RETRY_DELAY,
-                                    _seconds_setting)
-        self.retry_max_delay = _setting(retry_max_delay, "--retry-max-delay",
-                                        "BRETRYMAXDELAY",
-                                        DEFAULT_RETRY_MAX_DELAY,
-                                        _seconds_setting)
-        # How messages are reserved: "RESERVE" (a beuss), "scripts" (Lua on
-        # a Redis), "pops" (a Redis without Lua); None: not known yet.
-        self.reserving = None
+        # The server's settings, which are the consumer's where scripts
+        # stand in for the server (on a Redis: a lease of a minute).
+        self.lease = _setting_of("lease", lease, DEFAULT_SCRIPT_LEASE)
+        self.max_deliveries = _setting_of("max_deliveries", max_deliveries)
+        self.retry_delay = _setting_of("retry_delay", retry_delay)
+        self.retry_max_delay = _setting_of("retry_max_delay", retry_max_delay)
+        self._engine = None         # _choose_engine's, on first use
         self.name = None            # CLIENT SETNAME's, given by call_me()
         self._home = _Link(self, self.host, self.port)
         self._nodes = {(self.host, self.port): self._home}
@@ -7343,25 +7514,36 @@ class Client(_Routing, _Scripts):
             return self._defer(queue, delay, [_arg(message)])
         return self.call(b"RPUSH", queue, _arg(message))
 
+    @property
+    def engine(self):
+        """What runs beuss's own commands here: _Beuss, _Scripts or _Pops
+        (see Links), chosen once, on first use."""
+        if self._engine is None:
+            self._engine = _choose_engine(self)
+        return self._engine
+
+    def serves_reserve(self):
+        """Whether the server is a beuss (RESERVE is its own), not a Redis
+        on which scripts stand in; asked once, without taking anything."""
+        return type(self.engine) is _Beuss
+
     def _defer(self, queue, delay, messages):
         delay = _number_text(delay)
-        return self._own(b"DEFER", [queue, delay] + messages, lambda: (
-            self._scripted_defer(queue, delay, messages)))
+        _delay(delay)               # the server's words for a bad one
+        return self.engine.defer(queue, delay, messages)
 
     def redrive(self, queue, count=None):
         """Move the dead letters of queue (all, or count) back to its tail
         as new messages; return how many moved."""
-        return self._own(b"REDRIVE", [queue] + ([] if count is None else [
-            count]), lambda: self._scripted_redrive(queue, count))
+        return self.engine.redrive(queue, count)
 
     def why(self, queue, start=0, stop=-1):
         """The messages of a dead-letter queue ("jobs.dead") with why they
         died, from start to stop as LRANGE counts them: a DeadRecord
         (.message, .deliveries, .died, .why) each; .why is None for a
         message put there by hand."""
-        return [DeadRecord(*record) for record in self._own(
-            b"WHY", [queue, start, stop], lambda: self._scripted_why(
-                queue, start, stop))]
+        return [DeadRecord(*record) for record in self.engine.why(
+            queue, start, stop)]
 
     def put_dead(self, queue, records):
         """Add dead letters (DeadRecords, as why() gives them) to the tail
@@ -7369,16 +7551,7 @@ class Client(_Routing, _Scripts):
         queue's companion lists, as if they had died there; on a beuss as
         plain messages of "<queue>.dead" (RPUSH carries no record). For a
         move from one to the other; returns how many there are now."""
-        if not records:
-            return 0
-        if self.serves_reserve() or self.reserving == "pops":
-            return self.call(b"RPUSH", _arg(queue) + b".dead",
-                             *[record.message for record in records])
-        why = [b"%d %.3f %s" % (record.deliveries or 0, record.died or 0.0, (
-            record.why or "(put there by hand)").encode("utf-8"))
-            for record in records]
-        return self._script("put_dead", queue, *([
-            record.message for record in records] + why))
+        return self.engine.put_dead(queue, records) if records else 0
 
     def call_me(self, role, detail=None):
         """Name the connections to the server, as CLIENT LIST and the
@@ -7397,61 +7570,11 @@ class Client(_Routing, _Scripts):
         """PAUSE (RESUME: paused False) queues: they take messages and
         deliver none until resumed; how many changed. On Redis the flag
         is a companion key the scripts respect (plain pops do not)."""
-        command = b"PAUSE" if paused else b"RESUME"
-        return self._own(command, list(queues), lambda: sum(
-            reply in ("OK", 1) for reply in self.pipeline([
-                [b"SET", _companion(queue, b"paused"), b"1", b"NX"] if paused
-                else [b"DEL", _companion(queue, b"paused")]
-                for queue in queues])))
+        return self.engine.pause(queues, paused)
 
     def paused_queues(self):
         """The names of the paused queues (over every primary)."""
-        info = self.info()
-        if "beuss_version" in info:
-            return sorted(name for name, line in _queue_lines(info).items()
-                          if line.get("paused") == "1")
-        found = set()
-        for link in self._primaries():
-            cursor = b"0"
-            while True:
-                cursor, batch = _raise(link.talk([[
-                    b"SCAN", cursor, b"MATCH", b"*:paused", b"COUNT", b"1000"]],
-                    1)[0])
-                for name in batch:
-                    queue, part = _companion_of(name)
-                    if part == b"paused":
-                        found.add(queue.decode("utf-8", "surrogateescape"))
-                if cursor == b"0":
-                    break
-        return sorted(found)
-
-    def serves_reserve(self):
-        """Whether the server is a beuss (RESERVE is its own), not a Redis
-        on which the scripts stand in; asked once, without taking anything."""
-        if self.reserving is None:
-            if self.call(b"COMMAND", b"INFO", b"RESERVE")[0] is not None:
-                self.reserving = "RESERVE"
-            else:
-                self._choose_scripts()
-        return self.reserving == "RESERVE"
-
-    def _own(self, command, args, scripted):
-        """Run one of beuss's own commands; against a server without them
-        (a Redis), scripted() does the same in Lua."""
-        if self.reserving in (None, "RESERVE"):
-            try:
-                reply = self.call(command, *args)
-                self.reserving = "RESERVE"
-                return reply
-            except ReplyError as exc:
-                if self.reserving or "unknown command" not in str(exc):
-                    raise
-                self._choose_scripts()
-        if self.reserving == "pops":
-            raise ReplyError("the server at %s:%d offers neither %s nor Lua "
-                             "scripts to stand in for it" % (
-                                 self.host, self.port, command.decode()))
-        return scripted()
+        return sorted(self.engine.paused_queues())
 
     def put_many(self, queue, messages, delay=None):
         """Append many messages in one round trip; return the final length
@@ -7626,39 +7749,12 @@ class Client(_Routing, _Scripts):
         return messages[0] if messages else None
 
     def _reserve_some(self, queue, deadline, count):
-        # Up to count messages (None: one, with RESERVE's plain form), in
-        # at most a slice (deadline None: not waiting); a list.
-        if self.reserving == "scripts":
-            return self._scripted_reserve(queue, deadline, count or 1)
-        if self.reserving == "pops":
-            data = self.get(queue) if deadline is None else \
-                self._wait_one(queue, deadline)
-            found = [] if data is None else [data]
-            if found and count and count > 1:
-                found += self.call(b"LPOP", queue, count - 1) or []
-            return [Message(self, queue, None, data) for data in found]
-        seconds = 0.001 if deadline is None else min(
-            BLOCK_SLICE, max(deadline - time.monotonic(), 0.001))
-        try:
-            reply = self.call(b"RESERVE", queue, "%.3f" % seconds, *(
-                [b"COUNT", count] if count else []), wait=seconds)
-        except ReplyError as exc:
-            if self.reserving or "unknown command" not in str(exc):
-                raise
-            self._choose_scripts()
-            return self._reserve_some(queue, deadline, count)
-        self.reserving = "RESERVE"
-        if reply is None:
-            return []
-        return [Message(self, one[0], one[1], one[2], one[3])
-                for one in (reply if count else [reply])]
+        return self.engine.reserve(queue, deadline, count)
 
     def ack(self, *ids):
         """Remove held messages for good; how many were still held (by
         this connection, on a beuss)."""
-        if _scripted_ids(ids):
-            return self._by_queue("ack", ids)
-        return self.call(b"ACK", *ids)
+        return self.engine.ack(ids)
 
     def nack(self, *ids, delay=None, reason=None, undelivered=False):
         """Give held messages back: after delay seconds, or the server's
@@ -7666,26 +7762,15 @@ class Client(_Routing, _Scripts):
         their dead-letter record says if they die. undelivered: back at
         once, this delivery not counted (the consumer could not start on
         them). How many were held."""
-        reason = None if reason is None else _arg(reason)[:MAX_REASON]
-        if _scripted_ids(ids):
-            if delay is not None:
-                delay = _number_text(delay)
-                _delay(delay)       # refused as the server refuses it
-            return self._by_queue("nack", ids, -1 if delay is None else delay,
-                                  reason or b"", *self._retry_arguments()
-                                  + [1 if undelivered else 0])
-        options = [b"UNDELIVERED"] if undelivered else []
         if delay is not None:
-            options += [b"DELAY", _number_text(delay)]
-        if reason is not None:
-            options += [b"REASON", reason]
-        return self.call(b"NACK", *(list(ids) + options))
+            delay = _number_text(delay)
+            _delay(delay)           # refused as the server refuses it
+        return self.engine.nack(ids, delay, None if reason is None else _arg(
+            reason)[:MAX_REASON], undelivered)
 
     def touch(self, *ids):
         """Renew the leases of held messages; how many were still held."""
-        if _scripted_ids(ids):
-            return self._by_queue("touch", ids, _number_text(self.lease))
-        return self.call(b"TOUCH", *ids)
+        return self.engine.touch(ids)
 
     def put_back(self, queue, message):
         """Return a message that could not be handled to the head of queue."""
@@ -7751,22 +7836,7 @@ class Client(_Routing, _Scripts):
         """Delete queues for good: their messages, those set aside for
         later, and of "<queue>.dead" the records too (held messages stay
         with their consumers); how many of them held ready messages."""
-        if self.serves_reserve() or self.reserving == "pops":
-            replies = self.pipeline([(b"DEL", queue) for queue in queues])
-            for reply in replies:
-                if isinstance(reply, ReplyError):
-                    raise reply
-            return sum(replies)
-        deleted = 0
-        for queue in queues:
-            queue = _arg(queue)
-            if queue.endswith(b".dead"):        # the dead letters and why
-                deleted += self.call(b"DEL", _companion(
-                    queue[:-len(b".dead")], b"dead"), _companion(
-                        queue[:-len(b".dead")], b"why")) > 0
-            else:
-                deleted += self._script("delete", queue)
-        return deleted
+        return self.engine.delete(queues)
 
     def queues(self):
         """{name: length} of every queue that holds messages ready to be
@@ -7860,13 +7930,6 @@ def _raise(reply):
     if isinstance(reply, ReplyError):
         raise reply
     return reply
-
-
-def _seconds_setting(value):
-    """A client's time setting: a number, or text as _duration reads it."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _duration(repr(float(value)))
-    return _duration(value)
 
 
 class Message:
@@ -8367,24 +8430,17 @@ def _client(options):
 
 
 # Where Lua scripts stand in for RESERVE (a Redis), the consumer keeps the
-# lease and the retry schedule: GET's and ON's flags, named as the server's.
-_SCRIPT_SETTINGS = {
-    "lease": ("SECONDS", "a message not acknowledged within SECONDS is "
-              "retried; %gs (BLEASE)" % DEFAULT_SCRIPT_LEASE),
-    "max_deliveries": ("N", "a message that failed N deliveries becomes a "
-                       "dead letter; %d (BMAXDELIVERIES)"
-                       % DEFAULT_MAX_DELIVERIES),
-    "retry_delay": ("SECONDS", "a first failure's wait, doubled at each "
-                    "one; %gs (BRETRYDELAY)" % DEFAULT_RETRY_DELAY),
-    "retry_max_delay": ("SECONDS", "the longest wait before a retry; %gs "
-                        "(BRETRYMAXDELAY)" % DEFAULT_RETRY_MAX_DELAY),
-}
+# lease and the retry schedule: GET's and ON's flags, from the server's rows.
+_SCRIPT_SETTINGS = ("lease", "max_deliveries", "retry_delay",
+                    "retry_max_delay")
 
 
 def _add_script_settings(parser):
-    for name, (metavar, text) in _SCRIPT_SETTINGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), metavar=metavar,
-                            dest=name, help="on a Redis: " + text)
+    for setting in SETTINGS:
+        if setting.name in _SCRIPT_SETTINGS:
+            parser.add_argument(setting.flag, metavar=setting.metavar,
+                                dest=setting.name, help="on a Redis: %s (%s)"
+                                % (setting.help, setting.env))
 
 
 def _consumer(options, verb):
@@ -8857,7 +8913,7 @@ def run_on(options):
                                       exc.status)
             except CommandFailed as exc:
                 _give_back(messages, reason=exc.reason)
-                if client.reserving == "pops":
+                if messages[0].id is None:
                     raise           # plain pops: no count of tries to stop
                 _warn(str(exc))
                 continue

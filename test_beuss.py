@@ -3851,7 +3851,7 @@ class ClientTest(ServerCase):
         self.assertIsNone(client.reserve("q"))
         self.assertIsNone(client.reserve("q", wait=0.05))
         self.assertEqual(self.server.queues.held_count(), 0)
-        self.assertEqual(client.reserving, "RESERVE")
+        self.assertIs(type(client.engine), beuss._Beuss)
 
     def test_publish_and_subscribe(self):
         client, listener = self.client(), self.client()
@@ -6635,6 +6635,97 @@ class SlotTest(unittest.TestCase):
         self.assertEqual(beuss._command_keys([b"PUBLISH", b"ch", b"m"]), [])
 
 
+# The life cycle of a message, as every engine must run it, a row a step:
+# what the client does, and what it must then see. Delays are numbers, the
+# seconds until each message set aside is due, read from the engine's own
+# record of them (the server's heap, or the scripts' sorted set). Changing
+# the retry schedule, the dead-letter rule or a reason in one engine alone
+# fails a row. LIFE_SETTINGS are the server's, or the client's on Redis.
+LIFE_SETTINGS = {"lease": 0.2, "max_deliveries": 4, "retry_delay": 0.05,
+                 "retry_max_delay": 0.15}
+LIFE_CYCLE = (
+    ("put", b"job", 1),                 # the queue's length
+    ("reserve", 0, (b"job", 1)),        # (message, its deliveries)
+    ("touch", -1, 1),                   # held: renewed
+    ("nack", {}, 1),
+    ("due", None, [0.05]),              # the first failure's wait
+    ("reserve", 2, (b"job", 2)),
+    ("nack", {}, 1),
+    ("due", None, [0.1]),               # doubled
+    ("reserve", 2, (b"job", 3)),
+    ("nack", {}, 1),
+    ("due", None, [0.15]),              # doubled, but at most 0.15
+    ("reserve", 2, (b"job", 4)),
+    ("nack", {"reason": "broken"}, 1),  # its last delivery
+    ("due", None, []),
+    ("dead", None, [(b"job", 4, "broken")]),
+    ("reserve", 0, None),
+    ("redrive", None, 1),
+    ("dead", None, []),
+    ("reserve", 0, (b"job", 1)),        # a new message again
+    ("nack", {"delay": 0.12}, 1),
+    ("due", None, [0.12]),              # NACK's own delay
+    ("reserve", 2, (b"job", 2)),
+    ("nack", {"undelivered": True}, 1),
+    ("due", None, []),                  # back at once
+    ("reserve", 0, (b"job", 2)),        # that delivery not counted
+    ("ack", -1, 1),
+    ("ack", -1, 0),                     # once only
+    ("defer", (b"later", 0.1), 1),      # how many wait
+    ("due", None, [0.1]),
+    ("reserve", 0, None),
+    ("reserve", 2, (b"later", 1)),
+    ("expire", None, None),             # its lease runs out, unrenewed
+    ("reserve", 2, (b"later", 2)),      # after the schedule's wait
+    ("touch", -2, 0),                   # the first holder's is no more
+    ("ack", -2, 0),
+    ("expire", None, None),
+    ("reserve", 2, (b"later", 3)),
+    ("expire", None, None),
+    ("reserve", 2, (b"later", 4)),
+    ("expire", None, None),
+    ("reserve", 0, None),               # on Redis, the next reserve sees it
+    ("dead", None, [(b"later", 4, "lease expired")]),
+    ("reserve", 0, None),
+)
+
+
+def run_life_cycle(test, client, queue, due):
+    """Run LIFE_CYCLE on queue through client; due(queue) gives the seconds
+    until each of its messages set aside is due, in order."""
+    held = []
+
+    def reserve(wait):
+        message = client.reserve(queue, wait=wait or None)
+        if message is None:
+            return None
+        held.append(message)
+        return message.data, message.deliveries
+    actions = {
+        "put": lambda message: client.put(queue, message),
+        "defer": lambda given: client.put(queue, given[0], delay=given[1]),
+        "reserve": reserve,
+        "touch": lambda which: held[which].touch(),
+        "ack": lambda which: client.ack(held[which].id),
+        "nack": lambda how: client.nack(held[-1].id, **how),
+        "due": lambda _: due(queue),
+        "dead": lambda _: [(record.message, record.deliveries, record.why)
+                           for record in client.why(queue + ".dead")],
+        "redrive": lambda _: client.redrive(queue),
+        "expire": lambda _: time.sleep(LIFE_SETTINGS["lease"] + 0.05),
+    }
+    for number, (action, given, expected) in enumerate(LIFE_CYCLE):
+        got = actions[action](given)
+        where = "step %d, %s %r" % (number, action, given)
+        if action == "due":
+            test.assertEqual(len(got), len(expected), (where, got))
+            for seconds, wanted in zip(got, expected):
+                test.assertAlmostEqual(seconds, wanted, delta=0.03,
+                                       msg=(where, got))
+        else:
+            test.assertEqual(got, expected, where)
+
+
 class OutgrowTest(unittest.TestCase):
     """The same scenarios against beuss, a real Redis and a real Redis
     Cluster of three primaries: the CLI and the client keep at least once,
@@ -6854,6 +6945,58 @@ time.sleep(60)
                 self.assertTrue(second.touch())
                 self.assertTrue(second.ack())
                 self.assertIsNone(client.reserve(queue))
+
+    def test_the_life_cycle_table_on_every_engine(self):
+        with beuss.Server(("127.0.0.1", 0),
+                          **server_options(**LIFE_SETTINGS)) as server:
+            def due_here(queue):
+                return sorted(due - time.time() for due, _, name, _, _ in
+                              list(server.queues._deferred)
+                              if name == queue.encode())
+            engines = [("beuss", server.address[1], due_here)]
+            for target, port in self.targets():
+                if target != "beuss":
+                    engines.append((target, port, None))
+            for target, port, due in engines:
+                with self.subTest(target=target), beuss.Client(
+                        port=port, timeout=TIMEOUT, **LIFE_SETTINGS) as client:
+                    if due is None:
+                        def due(queue, client=client):
+                            seconds, micro = client.call("TIME")
+                            now = float(seconds) + float(micro) / 1e6
+                            scores = client.call("ZRANGE", beuss._companion(
+                                queue.encode(), b"deferred"), 0, -1,
+                                "WITHSCORES")[1::2]
+                            return [float(score) - now for score in scores]
+                    run_life_cycle(self, client, "life-" + target, due)
+
+    def test_every_own_command_is_declared_for_both_engines(self):
+        own = [row.name.decode() for row in beuss.COMMAND_ROWS
+               if row.since == "beuss"]
+        self.assertEqual(len(own), 9, own)
+        for name in own:
+            row = beuss.COMMANDS[name.encode()]
+            self.assertTrue(callable(row.function), name)
+            self.assertNotEqual(name in beuss._LUA, name in beuss._UNSCRIPTED,
+                                name + ": a script, or why it needs none")
+        self.assertFalse(set(beuss._UNSCRIPTED) - set(own))
+        # Every engine answers every own command, and nothing else differs.
+        methods = {name for name in vars(beuss._Beuss)
+                   if not name.startswith("_")} - {"own"}
+        self.assertGreaterEqual(methods, {"reserve", "ack", "nack", "touch",
+                                          "defer", "redrive", "why", "pause"})
+        for engine in (beuss._Scripts, beuss._Pops):
+            self.assertFalse(methods - set(dir(engine)), engine)
+        # A cluster routes each by the command table's key column.
+        for command, keys in (
+                ([b"RESERVE", b"a", b"b", b"1"], [b"a", b"b"]),
+                ([b"RESERVE", b"a", b"1", b"COUNT", b"5"], [b"a"]),
+                ([b"ACK", b"1"], []), ([b"DEFER", b"q", b"1", b"m"], [b"q"]),
+                ([b"PAUSE", b"a", b"b"], [b"a", b"b"]),
+                ([b"LMOVE", b"a", b"b", b"LEFT", b"RIGHT"], [b"a", b"b"]),
+                ([b"ZCARD", b"z"], [b"z"]), ([b"TIME"], []),
+                ([b"del", b"a", b"b"], [b"a", b"b"])):
+            self.assertEqual(beuss._command_keys(command), keys, command)
 
     def test_del_empties_a_queue_for_good_on_every_engine(self):
         for target, port in self.targets():
