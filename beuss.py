@@ -3455,16 +3455,10 @@ class Server(_Connections):
         if unknown:
             raise TypeError("Server() has no setting %r" % unknown[0])
         settings = dict(SERVER_SETTINGS, **settings)
+        vars(self).update(settings)     # self.lease, self.data, ... as given
         host, port = address[:2]
-        token, max_memory = settings["token"], settings["max_memory"]
-        max_message_size = settings["max_message_size"]
-        max_clients, data = settings["max_clients"], settings["data"]
-        self.max_http_clients = settings["max_http_clients"]
-        self.protected_mode, self.fsync = settings["protected_mode"], \
-            settings["fsync"]
-        self.tls_cert, self.tls_key = settings["tls_cert"], settings["tls_key"]
-        self.data, self.max_deliveries = data, settings["max_deliveries"]
-        self.selector = settings["selector"] or selectors.DefaultSelector
+        token, max_clients = settings["token"], settings["max_clients"]
+        self.selector = self.selector or selectors.DefaultSelector
         if token is not None and not isinstance(token, bytes):
             token = token.encode("utf-8")
         if token is None and self.protected_mode and not _is_loopback(host):
@@ -3474,12 +3468,10 @@ class Server(_Connections):
                 "--token, --token-file or BTOKEN, or pass --no-protected-mode "
                 "to accept the risk" % (host or "every address"))
         self.token = token
-        self.max_message_size = max_message_size
-        self.max_input = settings["max_input"] or max(
-            DEFAULT_MAX_INPUT, max_message_size + 1024 * 1024)
-        if max_memory is None:
-            max_memory = half_the_memory()
-        self.max_memory = max_memory    # 0: no bound
+        self.max_input = self.max_input or max(
+            DEFAULT_MAX_INPUT, self.max_message_size + 1024 * 1024)
+        if self.max_memory is None:     # 0: no bound
+            self.max_memory = half_the_memory()
         self._max_fd = None         # select(): descriptors must stay below
         if self.selector is getattr(selectors, "SelectSelector", None):
             if sys.platform == "win32":
@@ -3494,14 +3486,11 @@ class Server(_Connections):
         self._tls = None
         if self.tls_cert is not None:
             self._tls = _tls_context(self.tls_cert, self.tls_key)
-        self.lease = settings["lease"]  # seconds a message may be held; 0: ever
-        self.retry_delay = settings["retry_delay"]
-        self.retry_max_delay = settings["retry_max_delay"]
         self.queues = Queues(self.max_deliveries, None, self.retry_delay,
                              self.retry_max_delay)
         self.store = None
-        if data is not None:
-            self.store = Store(data, self.fsync)
+        if self.data is not None:
+            self.store = Store(self.data, self.fsync)
             self.store.load(self.queues)
             self.queues.journal = self.store
         self.channels = Channels()
@@ -3541,7 +3530,7 @@ class Server(_Connections):
             maxlen=HISTORY // SAMPLE_INTERVAL)  # (time, published_total)
         self._complained_at = -60.0
         self._selector = self.selector()
-        http = settings["http"]
+        http = self.http
         if http is not None and token is None and self.protected_mode \
                 and not _is_loopback(http[0] or host):
             raise BeussError(
@@ -3564,8 +3553,8 @@ class Server(_Connections):
                                 lambda: _drain(self._wake_r))
         self._http_conns = set()
         self._http_listener, self.http = None, None
-        if settings["http"] is not None:
-            self._listen_http(settings["http"])
+        if http is not None:
+            self._listen_http(http)
 
     def __enter__(self):
         self.start()
@@ -6069,6 +6058,10 @@ SETTINGS = [Setting(*row) for row in (
 # Server's keywords and their defaults: every setting but the address.
 SERVER_SETTINGS = {setting.name: setting.default for setting in SETTINGS
                    if setting.name not in ("host", "port")}
+# Where Lua scripts stand in for RESERVE (a Redis), the consumer keeps the
+# lease and the retry schedule: the Client's keywords, GET's and ON's flags.
+_SCRIPT_SETTINGS = ("lease", "max_deliveries", "retry_delay",
+                    "retry_max_delay")
 
 
 def _setting(value, flag, env_name, default, parse=str):
@@ -7065,6 +7058,16 @@ class _Routing:
                               command[0].decode("utf-8", "replace"),
                               MAX_REDIRECTS))
 
+    def _names(self, link, match=b"*"):
+        """The names of the keys one node holds that match (SCAN)."""
+        names, cursor = [], b"0"
+        while True:
+            cursor, batch = _raise(link.talk([[
+                b"SCAN", cursor, b"MATCH", match, b"COUNT", b"1000"]], 1)[0])
+            names += batch
+            if cursor == b"0":
+                return names
+
     def node_address(self, queue):
         """(host, port) of the server that keeps queue."""
         self._primaries()
@@ -7353,19 +7356,10 @@ class _Scripts:
             else [b"DEL", _companion(queue, b"paused")] for queue in queues]))
 
     def paused_queues(self):
-        found = []
-        for link in self.client._primaries():
-            cursor = b"0"
-            while True:
-                cursor, batch = _raise(link.talk([[
-                    b"SCAN", cursor, b"MATCH", b"*:paused", b"COUNT", b"1000"]],
-                    1)[0])
-                found += [queue.decode("utf-8", "surrogateescape") for queue,
-                          part in map(_companion_of, batch)
-                          if part == b"paused"]
-                if cursor == b"0":
-                    break
-        return found
+        return [queue.decode("utf-8", "surrogateescape")
+                for link in self.client._primaries() for queue, part in map(
+                    _companion_of, self.client._names(link, b"*:paused"))
+                if part == b"paused"]
 
     def delete(self, queues):
         deleted = 0
@@ -7687,7 +7681,7 @@ class Client(_Routing):
         try:
             with _Stopper() as stopper:
                 for messages in self._keep_waiting(
-                        lambda deadline: self._reserve_some(
+                        lambda deadline: self.engine.reserve(
                             queue, deadline, batch) or None,
                         idle, reconnect):
                     stopper.busy = True
@@ -7725,7 +7719,7 @@ class Client(_Routing):
         deadline = None if wait is None else (
             time.monotonic() + wait if wait else FOREVER)
         while True:
-            messages = self._reserve_some(queue, deadline, count)
+            messages = self.engine.reserve(queue, deadline, count)
             if messages or deadline is None or time.monotonic() >= deadline:
                 if count is None:
                     return messages[0] if messages else None
@@ -7737,19 +7731,12 @@ class Client(_Routing):
         yields messages, through server restarts (with batch, a list of up
         to batch Messages taken at once); with slices, also None after
         each second or so with none, so the caller may look around."""
-        if batch:
-            return self._keep_waiting(lambda deadline: self._reserve_some(
-                queue, deadline, batch) or None, idle, reconnect, slices)
-        return self._keep_waiting(lambda deadline: self._reserve_one(
-            queue, deadline), idle, reconnect, slices)
-
-    def _reserve_one(self, queue, deadline):
-        # One RESERVE of at most a slice (deadline None: not waiting).
-        messages = self._reserve_some(queue, deadline, None)
-        return messages[0] if messages else None
-
-    def _reserve_some(self, queue, deadline, count):
-        return self.engine.reserve(queue, deadline, count)
+        def reserve(deadline):
+            messages = self.engine.reserve(queue, deadline, batch)
+            if not messages:
+                return None
+            return messages if batch else messages[0]
+        return self._keep_waiting(reserve, idle, reconnect, slices)
 
     def ack(self, *ids):
         """Remove held messages for good; how many were still held (by
@@ -7851,17 +7838,8 @@ class Client(_Routing):
         queue (retries ready again are ready) and are not listed."""
         counts = {}
         for link in self._primaries():
-            names, cursor = [], b"0"
-            while True:
-                reply = link.talk([[b"SCAN", cursor, b"COUNT", b"1000"]], 1)[0]
-                if isinstance(reply, ReplyError):
-                    raise reply
-                cursor, batch = reply
-                names += batch
-                if cursor == b"0":
-                    break
             asks = []                   # (queue, column, command, key)
-            for name in names:
+            for name in self._names(link):
                 queue, part = _companion_of(name)
                 if part in (None, b"dead"):
                     asks.append((name, 0, b"LLEN", name))
@@ -8113,15 +8091,17 @@ usage: python beuss.py [VERB] [options]
 in any case. Options may come before the verb. Settings come from flags,
 else the environment, else the defaults (127.0.0.1:6552). The server's:
 %s.
-The clients': BHOST, BPORT, BTOKEN, BTLS, BTLSCA; GET and ON against a
-Redis also read BLEASE (60s there), BMAXDELIVERIES, BRETRYDELAY and
-BRETRYMAXDELAY.
+%s
 Exit status: 0 done, 1 the queue was empty or the wait ran out, 2 usage
 error, 3 the server could not be reached or refused the request, 4 a
 message could not be written out or handled (it is back in its queue),
 5 the server could not start, 126 or 127 ON's --exec command could not be
 run (the message is back as it was), 130 interrupted.
-""" % _wrap(", ".join(setting.env for setting in SETTINGS), 72)
+""" % (_wrap(", ".join(setting.env for setting in SETTINGS), 72), _wrap(
+    "The clients': BHOST, BPORT, BTOKEN, BTLS, BTLSCA; GET and ON against a "
+    "Redis also read %s (BLEASE is 60s there)." % ", ".join(
+        setting.env for setting in SETTINGS
+        if setting.name in _SCRIPT_SETTINGS), 72))
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_SERVER, EXIT_HANDLER = 0, 1, 2, 3, 4
 EXIT_START = 5
@@ -8427,12 +8407,6 @@ def _client(options):
                           for name in _SCRIPT_SETTINGS})
     except ValueError as exc:
         raise UsageError(str(exc))
-
-
-# Where Lua scripts stand in for RESERVE (a Redis), the consumer keeps the
-# lease and the retry schedule: GET's and ON's flags, from the server's rows.
-_SCRIPT_SETTINGS = ("lease", "max_deliveries", "retry_delay",
-                    "retry_max_delay")
 
 
 def _add_script_settings(parser):
