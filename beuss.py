@@ -1112,6 +1112,10 @@ class Queues:
         self.holders = {}
         # PAUSE: queues that take messages but deliver none until RESUME.
         self.paused = set()
+        # QUEUE SET: queue -> {setting: value}, those not at their default;
+        # and queue -> (max-length, overflow) for the bounded ones.
+        self.settings = {}
+        self.bounded = {}
         self.max_deliveries = max_deliveries    # 0: no limit
         self.retry_delay = retry_delay  # a first failure waits this long
         self.retry_max_delay = retry_max_delay  # and a later one at most
@@ -1250,7 +1254,13 @@ class Queues:
                 watch.changed = True
 
     def push(self, name, messages, left=False):
-        """Add messages at the tail (or the head); return the new length."""
+        """Add messages at the tail (or the head); return the new length.
+        A bounded queue refuses them (ReplyError FULL) or sends the excess
+        to its dead letters, as its overflow setting says."""
+        if self.bounded and name in self.bounded:
+            messages = self._within_bound(name, messages)
+            if not messages:
+                return self.length(name)
         if self.journal is not None:
             self.journal.push(name, messages, left)
         counts = self.counts.get(name)
@@ -1678,6 +1688,9 @@ class Queues:
     def defer(self, name, messages, seconds, now=None):
         """DEFER: messages that join the tail of name in seconds. Returns
         how many of name's messages are now set aside."""
+        room = self.room(name, deferred=True) if self.bounded else None
+        if room is not None and len(messages) > room:
+            raise self.full(name)
         due = (time.time() if now is None else now) + seconds
         ids = list(range(self.next_id, self.next_id + len(messages)))
         if self.journal is not None:
@@ -1761,6 +1774,70 @@ class Queues:
             if name in self._waiters and name in self._queues:
                 self.ready[name] = None
         return True
+
+    # Bounding ------------------------------------------------------------
+    #
+    # A queue with a max-length (QUEUE SET) holds at most that many ready
+    # messages once a push is done. Past it, overflow says what happens:
+    # reject refuses the whole push (-FULL), drop-newest keeps what fits and
+    # sends the rest of the push to the dead letters, drop-oldest takes the
+    # push and sends as many messages from the head to the dead letters,
+    # each with the reason "overflow". A DEFER counts the messages set
+    # aside too and is refused when it would pass a rejecting bound; what
+    # comes back (given back, due, redriven, moved) is never refused.
+
+    def configure(self, name, settings):
+        """QUEUE SET and RESET: name's settings become these (a dict of the
+        settings not at their default; empty: all at their default)."""
+        if self.journal is not None:
+            self.journal.configure(name, settings)
+        self.settings.pop(name, None)
+        self.bounded.pop(name, None)
+        if settings:
+            self.settings[name] = dict(settings)
+            if settings.get("max-length"):
+                self.bounded[name] = (settings["max-length"], settings.get(
+                    "overflow", "reject"))
+
+    def room(self, name, deferred=False):
+        """How many more messages name takes before a rejecting bound (with
+        deferred: counting those set aside), or None when it has none."""
+        most, overflow = self.bounded.get(name, (0, None))
+        if overflow != "reject":
+            return None
+        return most - self.length(name) - (
+            self.deferred_by.get(name, 0) if deferred else 0)
+
+    def full(self, name):
+        return ReplyError("FULL queue %s holds %d messages, its max-length"
+                          % (_name_text(name), self.length(name)))
+
+    def _within_bound(self, name, messages):
+        """What of messages bounded name takes, the excess sent on."""
+        most, overflow = self.bounded[name]
+        length = self.length(name)
+        excess = length + len(messages) - most
+        if excess <= 0:
+            return messages
+        if overflow == "reject":
+            raise self.full(name)
+        dropped = []
+        if overflow == "drop-oldest" and length:    # older than the push
+            old = min(excess, length)
+            if self.journal is not None:
+                self.journal.pop(name, old, True)
+            self._count(name, "removed", old)
+            dropped, excess = self._take(name, True, old), excess - old
+        if excess and overflow == "drop-oldest":
+            dropped, messages = dropped + messages[:excess], messages[excess:]
+        elif excess:
+            dropped, messages = messages[-excess:], messages[:-excess]
+        self._count(name, "dead_lettered", len(dropped))
+        died = time.time()
+        self.push(dead_letters(name), [dead_letter(
+            message, deliveries(message), died, "overflow")
+            for message in dropped])
+        return messages
 
     # Watching ------------------------------------------------------------
 
@@ -2013,20 +2090,23 @@ def _pattern_key(pattern):
 # server was down is ready at start; a dead letter's record (deliveries,
 # when, why) is part of its row.
 #
-# Schema (user_version 5; an older file is upgraded at start, a version at
+# Schema (user_version 6; an older file is upgraded at start, a version at
 # a time): queued(queue, position, message, deliveries, tries, died, why),
 # ordered by position within a queue; held(id, queue, message, deliveries,
 # tries, died, why); deferred(id, queue, message, deliveries, due, head,
 # tries, died, why); settings(name, value) with next_id; paused(queue),
-# the queues PAUSE stopped. tries, died and
+# the queues PAUSE stopped; configured(queue, settings), a queue's QUEUE SET
+# as text ("max-length 100 overflow drop-oldest"). tries, died and
 # why are a dead letter's record, empty for other messages (a dead letter
 # counts its deliveries in tries). A queue's name is TEXT where it is UTF-8
 # (so `WHERE queue = 'jobs'` finds it), a BLOB where it is not.
 
 _STORE_ID = 0x62657573          # "beus", PRAGMA application_id
-_STORE_VERSION = 5              # PRAGMA user_version
+_STORE_VERSION = 6              # PRAGMA user_version
 _RECORD_COLUMNS = "tries INTEGER, died REAL, why TEXT"
 _PAUSED_SCHEMA = "CREATE TABLE paused (queue PRIMARY KEY) WITHOUT ROWID;"
+_CONFIGURED_SCHEMA = """CREATE TABLE configured (queue PRIMARY KEY,
+    settings TEXT NOT NULL) WITHOUT ROWID;"""
 _INSERT_QUEUED = "INSERT INTO queued VALUES (?, ?, ?, ?, ?, ?, ?)"
 _STORE_SCHEMA = """
 CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
@@ -2039,7 +2119,9 @@ CREATE TABLE settings (name TEXT PRIMARY KEY, value);
 CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
                        message BLOB NOT NULL, deliveries INTEGER NOT NULL,
                        due REAL NOT NULL, head INTEGER NOT NULL, %(record)s);
-%(paused)s""" % {"record": _RECORD_COLUMNS, "paused": _PAUSED_SCHEMA}
+%(paused)s
+%(configured)s""" % {"record": _RECORD_COLUMNS, "paused": _PAUSED_SCHEMA,
+                     "configured": _CONFIGURED_SCHEMA}
 # What each version adds to the one before: {version: its script}.
 _STORE_UPGRADES = {
     2: "".join("ALTER TABLE queued ADD COLUMN %s;" % column for column
@@ -2051,7 +2133,8 @@ CREATE TABLE deferred (id INTEGER PRIMARY KEY, queue BLOB NOT NULL,
                for table in ("held", "deferred")
                for column in _RECORD_COLUMNS.split(", ")),
     4: lambda db: _names_as_text(db),
-    5: _PAUSED_SCHEMA}
+    5: _PAUSED_SCHEMA,
+    6: _CONFIGURED_SCHEMA}
 
 
 def _upgrade(db, version):
@@ -2298,6 +2381,14 @@ class Store:
         for row in db.execute("SELECT queue FROM paused").fetchall():
             _check_row(self.path, "paused", (_name_of(row[0]),), (bytes,))
             queues.paused.add(_name_of(row[0]))
+        for key, text in db.execute("SELECT * FROM configured").fetchall():
+            try:
+                queues.configure(_name_of(key), _queue_settings(
+                    str(text).split()))
+            except ReplyError as exc:
+                raise BeussError("cannot use %s: it is damaged (the settings "
+                                 "of %s: %s)" % (self.path, _name_text(
+                                     _name_of(key)), str(exc)[4:]))
         row = _first(db, "SELECT value FROM settings WHERE name = 'next_id'")
         queues.next_id = row[0] if row else 1
         if queues.next_id.__class__ is not int:
@@ -2502,6 +2593,12 @@ class Store:
     def clear(self):
         self._run([("DELETE FROM queued", ())])
         self._positions.clear()
+
+    def configure(self, name, settings):
+        self._run([("DELETE FROM configured WHERE queue = ?", (
+            _name_key(name),))] + ([("INSERT INTO configured VALUES (?, ?)", (
+                _name_key(name), _queue_settings_text(settings)))]
+                if settings else []))
 
     def pause(self, name, paused):
         self._run([("INSERT OR IGNORE INTO paused VALUES (?)" if paused else
@@ -2863,7 +2960,8 @@ _STORE_COLUMNS = {"queued": ["queue", "position", "message", "deliveries",
                            "died", "why"],
                   "deferred": ["id", "queue", "message", "deliveries", "due",
                                "head", "tries", "died", "why"],
-                  "settings": ["name", "value"], "paused": ["queue"]}
+                  "settings": ["name", "value"], "paused": ["queue"],
+                  "configured": ["queue", "settings"]}
 
 
 def _check_store(db, path):
@@ -4098,6 +4196,8 @@ class Server(_Connections):
                              "previous errors.")
         if changed:
             return conn.null_array
+        if self.queues.bounded:
+            self._check_room(commands)
         conn.in_exec = True
         try:
             replies = [self._call(conn, command, args)
@@ -4106,6 +4206,20 @@ class Server(_Connections):
             conn.in_exec = False
         return b"*%d\r\n" % len(replies) + b"".join(replies) \
             + self.pushed_to_self(conn)
+
+    def _check_room(self, commands):
+        """Refuse, before any runs, a transaction whose pushes and defers
+        would pass a queue's rejecting bound (see Bounding in Queues)."""
+        wanted = collections.Counter()
+        for command, args in commands:
+            if command.function in (cmd_push, cmd_pushx, cmd_defer):
+                wanted[args[1]] += len(args) - (3 if command.function is
+                                                cmd_defer else 2)
+        for name, count in wanted.items():
+            room = self.queues.room(name)
+            if room is not None and count > room:
+                raise ReplyError("%s: the transaction would pass it, and "
+                                 "nothing of it ran" % self.queues.full(name))
 
     def watch(self, conn, names):
         if conn.watch is None:
@@ -4815,10 +4929,10 @@ def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
 # waiting ids with when they are ready (a sorted set), each id's message
 # and deliveries (hashes), ids ready again after a failure (a list, taken
 # before the queue), dead letters and, in step with them, why each died
-# (lists), the last id given, and a flag that PAUSE sets (the reserve
-# script delivers nothing while it is there).
+# (lists), the last id given, a flag that PAUSE sets (the reserve script
+# delivers nothing while it is there), and QUEUE SET's settings (a hash).
 COMPANIONS = (b"held", b"deferred", b"messages", b"deliveries", b"again",
-              b"dead", b"why", b"ids", b"paused")
+              b"dead", b"why", b"ids", b"paused", b"settings")
 
 # Every script starts so: the server's clock, the keys by name (the queue,
 # then COMPANIONS), and what a failure does: to the dead letters after the
@@ -4828,13 +4942,16 @@ _LUA_START = """
 if redis.replicate_commands then redis.replicate_commands() end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function bury(message, tries, reason)
+  redis.call('RPUSH', dead, message)
+  redis.call('RPUSH', why, tries .. ' ' .. string.format('%.3f', now) ..
+    ' ' .. reason)
+end
 local function fail(id, delay, reason, max, first, longest)
   local tries = tonumber(redis.call('HGET', deliveries, id) or '0')
   if max > 0 and tries >= max then
     if reason == '' then reason = 'failed ' .. tries .. ' deliveries' end
-    redis.call('RPUSH', dead, redis.call('HGET', messages, id))
-    redis.call('RPUSH', why, tries .. ' ' .. string.format('%.3f', now) ..
-      ' ' .. reason)
+    bury(redis.call('HGET', messages, id), tries, reason)
     redis.call('HDEL', messages, id)
     redis.call('HDEL', deliveries, id)
   else
@@ -4854,6 +4971,16 @@ local function leased(lease)
   if lease > 0 then return now + lease end
   return 'inf'
 end
+local function bound()
+  -- A queue's max-length (0: none), its overflow, and its ready messages.
+  return tonumber(redis.call('HGET', settings, 'max-length') or '0'),
+    redis.call('HGET', settings, 'overflow') or 'reject',
+    redis.call('LLEN', queue) + redis.call('LLEN', again)
+end
+local function full(length)
+  return redis.error_reply('FULL queue ' .. queue .. ' holds ' .. length ..
+    ' messages, its max-length')
+end
 local function holding(token)
   local id, count = string.match(token, '^(%d+)/(%d+)$')
   if id and redis.call('ZSCORE', held, id) and
@@ -4869,6 +4996,7 @@ _UNSCRIPTED = {
     "why": "LRANGE of the dead letters and of their records",
     "pause": "SET NX of the queue's paused companion, read by reserve",
     "resume": "DEL of the queue's paused companion",
+    "queue": "HSET, HGETALL or DEL of the queue's settings companion",
 }
 
 
@@ -5055,6 +5183,11 @@ def cmd_defer(server, conn, args):
 # ARGV: delay, messages. Returns how many of the queue's messages wait.
 # Ids are zero-padded: waiting ids due at once sort in the order given.
 _LUA["defer"] = """
+local most, overflow, length = bound()
+if most > 0 and overflow == 'reject' and
+    length + redis.call('ZCARD', deferred) + #ARGV - 1 > most then
+  return full(length)
+end
 local due = now + tonumber(ARGV[1])
 for i = 2, #ARGV do
   local id = string.format('%012d', redis.call('INCR', ids))
@@ -5122,6 +5255,24 @@ def cmd_pause(server, conn, args):
                           dict.fromkeys(args[1:])))
 
 
+def cmd_queue(server, conn, args):
+    # QUEUE SET q name value ..., QUEUE GET q, QUEUE RESET q.
+    if args[1].upper() == b"HELP":
+        return _help(b"queue")
+    sub, name, queues = args[1].lower(), args[2], server.queues
+    if sub == b"get":
+        settings = queues.settings.get(name, {})
+        return encode_bulks([_arg(part) for setting, (default, _) in
+                             QUEUE_SETTINGS.items() for part in (
+                                 setting, settings.get(setting, default))])
+    if name.endswith(b".dead"):
+        raise ReplyError("ERR %s holds dead letters, which take no settings"
+                         % _name_text(name))
+    queues.configure(name, _queue_settings(args[3:], queues.settings.get(
+        name)) if sub == b"set" else {})
+    return OK
+
+
 def cmd_why(server, conn, args):
     if len(args) not in (2, 4):
         raise ReplyError(ERR_SYNTAX)
@@ -5164,6 +5315,41 @@ for i = 2, #ARGV do
   end
 end
 return count
+"""
+
+
+# RPUSH is Redis's, but on Redis a bounded queue's push is this script:
+# ARGV the messages; returns the ready messages, as the server's push does
+# (see Bounding in Queues for the rule it keeps).
+_LUA["put"] = """
+local most, overflow, length = bound()
+local first, last, excess = 1, #ARGV, length + #ARGV - most
+if most > 0 and excess > 0 then
+  if overflow == 'reject' then return full(length) end
+  if overflow == 'drop-oldest' then
+    while excess > 0 and length > 0 do    -- the head: retries first
+      local id = redis.call('LPOP', again)
+      if id then
+        bury(redis.call('HGET', messages, id),
+             redis.call('HGET', deliveries, id), 'overflow')
+        redis.call('HDEL', messages, id)
+        redis.call('HDEL', deliveries, id)
+      else
+        bury(redis.call('LPOP', queue), 0, 'overflow')
+      end
+      excess, length = excess - 1, length - 1
+    end
+    first = excess + 1                    -- then the push's oldest
+    for i = 1, excess do bury(ARGV[i], 0, 'overflow') end
+  else
+    last = math.max(#ARGV - excess, 0)    -- drop-newest
+    for i = last + 1, #ARGV do bury(ARGV[i], 0, 'overflow') end
+  end
+end
+if first <= last then
+  redis.call('RPUSH', queue, unpack(ARGV, first, last))
+end
+return redis.call('LLEN', queue) + redis.call('LLEN', again)
 """
 
 
@@ -5697,6 +5883,11 @@ nack|cmd_nack|-2|write,fast|0,0,0|list|beuss|Give held messages back: at the hea
 touch|cmd_touch|-2|fast|0,0,0|list|beuss|Renew the lease of held messages|id...
 defer|cmd_defer|-4|write,denyoom|1,1,1|list|beuss|Add messages to the tail of a queue once a delay has passed|key delay element...
 redrive|cmd_redrive|-2|write|1,1,1|list|beuss|Move dead letters back to the tail of their queue, as new messages|key [count]
+queue|cmd_queue|-2||0,0,0|list|beuss|About a queue's own settings|
+queue set||-5|write|2,2,1|list|beuss|Change a queue's settings: max-length, overflow|key setting value [setting value ...]
+queue get||3|readonly|2,2,1|list|beuss|A queue's settings, as pairs|key
+queue reset||3|write|2,2,1|list|beuss|Put a queue's settings back to their defaults|key
+queue help||2||0,0,0|list|beuss|What QUEUE's subcommands do|
 why|cmd_why|-2|readonly|1,1,1|list|beuss|Why the messages of a dead-letter queue died: deliveries, when, why|key [start stop]
 pause|cmd_pause|-2|write,fast|1,-1,1|list|beuss|Stop delivering from queues, which still take messages; how many were not paused|key...
 resume|cmd_pause|-2|write,fast|1,-1,1|list|beuss|Deliver from paused queues again, their waiters first; how many were paused|key...
@@ -6062,6 +6253,52 @@ SERVER_SETTINGS = {setting.name: setting.default for setting in SETTINGS
 # lease and the retry schedule: the Client's keywords, GET's and ON's flags.
 _SCRIPT_SETTINGS = ("lease", "max_deliveries", "retry_delay",
                     "retry_max_delay")
+
+
+# A queue's own settings (QUEUE SET), one row each, read by the server, the
+# Lua on Redis (through the queue's "settings" companion, as text), the
+# Client and the command line; a value is kept as the text its parser
+# reads back, and a queue holds only those not at their default.
+
+def _overflow(value):
+    if value not in ("reject", "drop-oldest", "drop-newest"):
+        raise _BadValue("%r is not reject, drop-oldest or drop-newest"
+                        % value)
+    return value
+
+
+QUEUE_SETTINGS = collections.OrderedDict((row[0], row[1:]) for row in (
+    # name, default, parser
+    ("max-length", 0, _whole),
+    ("overflow", "reject", _overflow),
+))
+
+
+def _queue_settings(words, settings=None):
+    """{setting: value} from words (name value ...) on top of settings,
+    those at their default left out; ReplyError naming a bad one."""
+    if len(words) % 2:
+        raise ReplyError(ERR_SYNTAX)
+    settings = dict(settings or {})
+    for name, text in zip(words[::2], words[1::2]):
+        name = _arg(name).decode("utf-8", "replace").lower()
+        if name not in QUEUE_SETTINGS:
+            raise ReplyError("ERR no queue setting %r: the settings are %s" % (
+                name, ", ".join(QUEUE_SETTINGS)))
+        default, parse = QUEUE_SETTINGS[name]
+        try:
+            value = parse(_arg(text).decode("utf-8", "replace"))
+        except ValueError as exc:
+            raise ReplyError("ERR %s: %s" % (name, exc))
+        settings[name] = value
+        if value == default:
+            del settings[name]
+    return settings
+
+
+def _queue_settings_text(settings):
+    return " ".join("%s %s" % (name, settings[name]) for name in
+                    QUEUE_SETTINGS if name in settings)
 
 
 def _setting(value, flag, env_name, default, parse=str):
@@ -6913,7 +7150,8 @@ queue's row; %s.</p>
 # in "Commands: beuss's own"; _Pops, for a Redis without Lua, takes
 # messages with plain pops and says once that a failed one is lost.
 
-MAX_REDIRECTS = 5               # MOVED or ASK followed for one command
+MAX_REDIRECTS = 10              # MOVED, ASK or TRYAGAIN followed a command
+_REDIRECTIONS = ("MOVED ", "ASK ", "TRYAGAIN ")
 SCRIPT_POLL_FIRST, SCRIPT_POLL_MAX = 0.005, 0.1
 REDRIVE_BATCH = 1000            # dead letters a redrive script moves
 
@@ -7040,18 +7278,27 @@ class _Routing:
             set(address for address in self._slots if address))]
 
     def _redirected(self, command, reply, wait):
-        """Run command where a MOVED or an ASK reply sends it."""
+        """Run command where a MOVED or an ASK reply sends it, or again
+        after TRYAGAIN (its keys are half way to another node: a script
+        on a queue whose slot is moving), a little later."""
+        pause = 0.05
         for _ in range(MAX_REDIRECTS):
             kind, _, address = str(reply).split(" ", 2)
-            host, _, port = address.rpartition(":")
-            node = self._node((host or self.host, int(port)))
-            if kind == "MOVED":
+            if kind == "TRYAGAIN":
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+                reply = self._node_of(command).talk([command], 1, wait)[0]
+            elif kind == "MOVED":
+                host, _, port = address.rpartition(":")
+                node = self._node((host or self.host, int(port)))
                 self._load_slots(node)
                 reply = self._node_of(command).talk([command], 1, wait)[0]
             else:
-                reply = node.talk([[b"ASKING"], command], 2, wait)[1]
+                host, _, port = address.rpartition(":")
+                reply = self._node((host or self.host, int(port))).talk(
+                    [[b"ASKING"], command], 2, wait)[1]
             if not (isinstance(reply, ReplyError) and str(reply).startswith(
-                    ("MOVED ", "ASK "))):
+                    _REDIRECTIONS)):
                 return reply
         return ReplyError("ERR the cluster sent %s elsewhere %d times: its "
                           "slots are moving; try again" % (
@@ -7187,6 +7434,17 @@ class _Beuss:
     def own(self, command, *args, wait=0.0):
         return self.client.call(command, *args, wait=wait)
 
+    def put(self, queue, batches):
+        # RPUSH each batch, in one round trip; the last length.
+        return [_raise(reply) for reply in self.client.pipeline([
+            [b"RPUSH", queue] + batch for batch in batches])][-1]
+
+    def queue(self, subcommand, queue, words=()):
+        """QUEUE SET, GET or RESET; GET's pairs as a dict of text."""
+        reply = self.own(b"QUEUE", subcommand, queue, *words)
+        return dict(zip(reply[::2], reply[1::2])) if subcommand == b"GET" \
+            else reply
+
     def reserve(self, queue, deadline, count):
         # Up to count messages (None: one, with RESERVE's plain form), in
         # at most a slice (deadline None: not waiting); a list.
@@ -7292,6 +7550,31 @@ class _Scripts:
             by_queue.setdefault(queue, []).append(number)
         return sum(self.script(name, queue, *(list(args) + numbers))
                    for queue, numbers in by_queue.items())
+
+    def put(self, queue, batches):
+        return [self.script("put", queue, *batch) for batch in batches][-1]
+
+    def queue(self, subcommand, queue, words=()):
+        key = _companion(queue, b"settings")
+        if subcommand == b"GET":
+            found = _raise(self.client.pipeline([[b"HGETALL", key]])[0])
+            return dict(zip(found[::2], found[1::2]))
+        if subcommand == b"RESET":
+            self.client.call(b"DEL", key)
+            return "OK"
+        if _arg(queue).endswith(b".dead"):
+            raise ReplyError("ERR %s holds dead letters, which take no "
+                             "settings" % _name_text(_arg(queue)))
+        settings = _queue_settings(words)       # the server's checks
+        given = {_arg(name).decode("utf-8", "replace").lower()
+                 for name in words[::2]}
+        at_default = [name for name in given if name not in settings]
+        if at_default:
+            self.client.call(b"HDEL", key, *at_default)
+        if settings:
+            self.client.call(b"HSET", key, *[part for pair in
+                                             settings.items() for part in pair])
+        return "OK"
 
     def reserve(self, queue, deadline, count):
         # deadline None: one try; else tries for at most a slice.
@@ -7480,7 +7763,7 @@ class Client(_Routing):
                     replies[i] = reply
         for i, reply in enumerate(replies):
             if isinstance(reply, ReplyError) and str(reply).startswith(
-                    ("MOVED ", "ASK ")):
+                    _REDIRECTIONS):
                 replies[i] = self._redirected(commands[i], reply, wait)
         return replies
 
@@ -7506,7 +7789,7 @@ class Client(_Routing):
         so."""
         if delay:
             return self._defer(queue, delay, [_arg(message)])
-        return self.call(b"RPUSH", queue, _arg(message))
+        return self.engine.put(queue, [[_arg(message)]])
 
     @property
     def engine(self):
@@ -7547,6 +7830,25 @@ class Client(_Routing):
         move from one to the other; returns how many there are now."""
         return self.engine.put_dead(queue, records) if records else 0
 
+    def configure(self, queue, reset=False, **settings):
+        """QUEUE SET queue's settings, named with _ for - (max_length=100,
+        overflow="drop-oldest"); with reset, QUEUE RESET first (every
+        setting back to its default). Returns them all, as settings()."""
+        if reset:
+            self.engine.queue(b"RESET", queue)
+        if settings:
+            self.engine.queue(b"SET", queue, [part for name, value in sorted(
+                settings.items()) for part in (name.replace("_", "-"),
+                                               value)])
+        return self.settings(queue)
+
+    def settings(self, queue):
+        """QUEUE GET: {setting: value} of queue, every setting there."""
+        found = self.engine.queue(b"GET", queue)
+        return {name: parse(found[name.encode()].decode())
+                if name.encode() in found else default
+                for name, (default, parse) in QUEUE_SETTINGS.items()}
+
     def call_me(self, role, detail=None):
         """Name the connections to the server, as CLIENT LIST and the
         status page show them: role (ON, GET, on), this host and process,
@@ -7580,15 +7882,11 @@ class Client(_Routing):
                 reply = self._defer(queue, delay,
                                     messages[i:i + PUT_MANY_BATCH])
             return reply
-        commands = [[b"RPUSH", queue] + messages[i:i + PUT_MANY_BATCH]
-                    for i in range(0, len(messages), PUT_MANY_BATCH)]
-        if not commands:
+        if not messages:
             return self.len(queue)
-        replies = self.pipeline(commands)
-        for reply in replies:
-            if isinstance(reply, ReplyError):
-                raise reply
-        return replies[-1]
+        return self.engine.put(queue, [messages[i:i + PUT_MANY_BATCH] for i
+                                       in range(0, len(messages),
+                                                PUT_MANY_BATCH)])
 
     def get(self, queue, wait=None):
         """Take the head message of queue, or None when it is empty. With
