@@ -1157,6 +1157,7 @@ class Queues:
         names.update(dict.fromkeys(self._waiters))
         names.update(dict.fromkeys(self.holds))
         names.update(dict.fromkeys(self.paused))
+        names.update(dict.fromkeys(self.settings))
         names.update(dict.fromkeys(self.deferred_by))
         return list(names)
 
@@ -3737,7 +3738,10 @@ class Server(_Connections):
                          else (0.0, 0.0))
                         + (queues.oldest_age(name, clock),)
                         + queues.consumers(name, clock)
-                        + (name in queues.paused,)))
+                        + (name in queues.paused,)) + "".join(
+                            ",%s=%s" % (setting.replace("-", "_"), value)
+                            for setting, value in queues.settings.get(
+                                name, {}).items()))
         section("Queues", [("queues", len(queues)),
                            ("messages", queues.message_count()),
                            ("held", queues.held_count()),
@@ -6375,7 +6379,7 @@ _QueueRow = collections.namedtuple("_QueueRow", (
     "name paused ready bytes held deferred dead waiting busy "
     "oldest_hold_seconds in_per_second out_per_second oldest_age_seconds "
     "pushed delivered acknowledged given_back dead_lettered leases_expired "
-    "consumers"))
+    "consumers max_length settings"))
 
 
 def _consumer_names(queues, name, most=5):
@@ -6405,7 +6409,9 @@ def _queue_row(queues, name, clock):
         counts.given_back if counts else 0,
         counts.dead_lettered if counts else 0,
         counts.expired if counts else 0,
-        _consumer_names(queues, name) if busy or waiting else ())
+        _consumer_names(queues, name) if busy or waiting else (),
+        queues.bounded.get(name, (0,))[0],
+        _queue_settings_text(queues.settings.get(name, {})))
 
 
 def _importance(row):
@@ -6497,6 +6503,8 @@ def _history(queues, name, clock):
 def _row_document(row, queues=None, clock=None):
     document = row._asdict()
     document["name"] = _name_text(row.name)
+    words = row.settings.split()
+    document["settings"] = dict(zip(words[::2], words[1::2]))
     if queues is not None:
         document["history"] = _history(queues, row.name, clock)
     return document
@@ -6877,6 +6885,8 @@ _QUEUE_METRICS = [
      "Messages set aside until they are due."),
     ("dead", "beuss_queue_dead_messages", "gauge",
      "Messages in the queue's dead letters."),
+    ("max_length", "beuss_queue_max_length_messages", "gauge",
+     "The most ready messages the queue holds (QUEUE SET); 0: no bound."),
     ("oldest_hold_seconds", "beuss_queue_oldest_hold_age_seconds", "gauge",
      "How long the message held longest has been held."),
     ("oldest_age_seconds", "beuss_queue_oldest_message_age_seconds", "gauge",
@@ -7102,7 +7112,9 @@ memory %(memory)s; %(connections)d connections of %(max_connections)d;
                "<td>%s</td><td>%.1f</td><td>%.1f</td><td>%s</td><td>%s</td>"
                "%s</tr>\n" % (
                    escape(_name_text(row.name)) + (
-                       ' <b class="paused">paused</b>' if row.paused else ""),
+                       ' <b class="paused">paused</b>' if row.paused else "")
+                   + ('<div class="who">%s</div>' % escape(row.settings)
+                      if row.settings else ""),
                    row.ready, row.held,
                    row.deferred, ' class="bad"' if row.dead else "", row.dead,
                    '%d busy%s, %d waiting%s' % (
@@ -7483,6 +7495,9 @@ class _Beuss:
     def pause(self, queues, paused):
         return self.own(b"PAUSE" if paused else b"RESUME", *queues)
 
+    def configured(self):
+        return _configured(_queue_lines(self.client.info()))
+
     def paused_queues(self):
         return [name for name, line in _queue_lines(
             self.client.info()).items() if line.get("paused") == "1"]
@@ -7506,8 +7521,15 @@ class _Pops(_Beuss):
                              self.client.host, self.client.port,
                              command.decode()))
 
+    warned = False
+
     def reserve(self, queue, deadline, count):
         client = self.client
+        if not self.warned:
+            self.warned = True
+            _warn("the server at %s:%d runs neither RESERVE nor Lua scripts: "
+                  "messages are taken with plain pops, and one is lost if "
+                  "its handler dies" % (client.host, client.port))
         data = client.get(queue) if deadline is None else \
             client._wait_one(queue, deadline)
         found = [] if data is None else [data]
@@ -7638,6 +7660,19 @@ class _Scripts:
             [b"SET", _companion(queue, b"paused"), b"1", b"NX"] if paused
             else [b"DEL", _companion(queue, b"paused")] for queue in queues]))
 
+    def configured(self):
+        found = {}
+        for link in self.client._primaries():
+            keys = [key for key in self.client._names(link, b"*:settings")
+                    if _companion_of(key)[1] == b"settings"]
+            for key, pairs in zip(keys, link.talk([[b"HGETALL", key]
+                                                   for key in keys], len(keys))):
+                found[_companion_of(key)[0].decode(
+                    "utf-8", "surrogateescape")] = _queue_settings_text({
+                        name.decode(): value.decode() for name, value in
+                        zip(pairs[::2], pairs[1::2])})
+        return found
+
     def paused_queues(self):
         return [queue.decode("utf-8", "surrogateescape")
                 for link in self.client._primaries() for queue, part in map(
@@ -7673,9 +7708,6 @@ def _choose_engine(client):
     if not isinstance(client.pipeline([[b"EVAL", b"return 1", b"0"]])[0],
                       ReplyError):
         return _Scripts(client)
-    _warn("the server at %s:%d runs neither RESERVE nor Lua scripts: "
-          "messages are taken with plain pops, and one is lost if its "
-          "handler dies" % (client.host, client.port))
     return _Pops(client)
 
 
@@ -8189,6 +8221,19 @@ def _queue_lines(info):
             for field, value in info.items() if field.startswith("queue_")}
 
 
+def _configured(lines):
+    """{queue: its settings as text} of the queues with settings, from a
+    beuss server's INFO queue lines."""
+    found = {}
+    for name, line in lines.items():
+        text = _queue_settings_text({setting: line[setting.replace("-", "_")]
+                                     for setting in QUEUE_SETTINGS
+                                     if setting.replace("-", "_") in line})
+        if text:
+            found[name] = text
+    return found
+
+
 def _aside_counts(info):
     """{queue: (held, deferred)} from a beuss server's INFO ({} from
     Redis), for the queues that have any."""
@@ -8373,6 +8418,9 @@ usage: python beuss.py [VERB] [options]
   REDRIVE <queue> [N] move the dead letters of <queue> back to it
   PAUSE <queue>...    stop delivering from queues (they still take
                       messages); RESUME <queue>... delivers again
+  QUEUE <queue> [setting value]...
+                      show or change a queue's own settings: max-length
+                      and overflow (reject, drop-oldest, drop-newest)
   DEL <queue>...      delete queues and their messages
   LEN <queue>         how many messages the queue holds
   LIST                every queue that holds messages, with its length
@@ -8393,7 +8441,8 @@ else the environment, else the defaults (127.0.0.1:6552). The server's:
 Exit status: 0 done, 1 the queue was empty or the wait ran out, 2 usage
 error, 3 the server could not be reached or refused the request, 4 a
 message could not be written out or handled (it is back in its queue),
-5 the server could not start, 126 or 127 ON's --exec command could not be
+5 the server could not start, 6 the queue is full (PUT past a max-length
+that rejects), 126 or 127 ON's --exec command could not be
 run (the message is back as it was), 130 interrupted.
 """ % (_wrap(", ".join(setting.env for setting in SETTINGS), 72), _wrap(
     "The clients': BHOST, BPORT, BTOKEN, BTLS, BTLSCA; GET and ON against a "
@@ -8403,6 +8452,7 @@ run (the message is back as it was), 130 interrupted.
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_SERVER, EXIT_HANDLER = 0, 1, 2, 3, 4
 EXIT_START = 5
+EXIT_FULL = 6
 EXIT_INTERRUPTED = 130
 
 
@@ -8527,6 +8577,9 @@ def main(argv=None):
     except StartFailed as exc:
         _warn(str(exc))
         return EXIT_START
+    except ReplyError as exc:
+        _warn(str(exc))
+        return EXIT_FULL if str(exc).startswith("FULL ") else EXIT_SERVER
     except BeussError as exc:       # the server refused, or could not start
         _warn(str(exc))
         return EXIT_SERVER
@@ -8560,7 +8613,7 @@ def _verb_position(argv):
 class _Parser:
     """The options and arguments of one verb, read as argparse reads them
     (--name value, --name=value, -n value, -nvalue, --, positionals with
-    nargs "?" and "+"), with argparse's add_argument for describing them.
+    nargs "?", "+" and "*"), with argparse's add_argument for describing them.
     Importing argparse, and the re, gettext, locale and shutil it brings,
     would cost a one-shot command 5 to 9 ms, most of its own start."""
 
@@ -8621,14 +8674,14 @@ class _Parser:
         for argument in self._arguments:
             if argument.is_option:
                 continue
-            if argument.nargs == "+" and positionals:
+            if argument.nargs in ("+", "*") and positionals:
                 value = [self._convert(argument, argument.metavar, one)
                          for one in positionals]
                 positionals = []
-            elif positionals and argument.nargs != "+":
+            elif positionals and argument.nargs not in ("+", "*"):
                 value = self._convert(argument, argument.metavar,
                                       positionals.pop(0))
-            elif argument.nargs == "?":
+            elif argument.nargs in ("?", "*"):
                 continue
             else:
                 self.error("%s is missing" % argument.metavar)
@@ -8655,7 +8708,7 @@ class _Parser:
                     shown += " " + argument.metavar
             else:
                 shown = argument.metavar
-                words.append({"?": "[%s]", "+": "%s..."}.get(
+                words.append({"?": "[%s]", "+": "%s...", "*": "[%s]..."}.get(
                     argument.nargs, "%s") % shown)
             lines.append("  %-24s %s" % (shown, argument.help or ""))
         return "%s\n\n%s\n\n%s\n" % (" ".join(words), self.summary,
@@ -8913,6 +8966,9 @@ def run_put(options):
                 raise ReplyError("%s; the server takes larger messages when "
                                  "started with --max-message-size (or "
                                  "BMAXMESSAGESIZE)" % exc)
+            if str(exc).startswith("FULL "):
+                raise ReplyError("%s: nothing more was put (QUEUE %s shows "
+                                 "its settings)" % (exc, options.queue))
             raise
     return EXIT_OK
 
@@ -9358,7 +9414,8 @@ def run_list(options):
         counts = client.queue_counts()
         lines = _queue_lines(client.info()) if counts else {}
         paused = client.paused_queues()
-        for name in paused:
+        configured = client.engine.configured()
+        for name in paused + list(configured):
             counts.setdefault(name, (0, 0, 0))
     if not counts:
         _warn("no queues: every queue is empty")
@@ -9368,7 +9425,8 @@ def run_list(options):
             [_plural(deferred, "deferred", "deferred")] if deferred else []) + (
             ["%s busy" % line["busy"]] if int(line.get("busy", 0)) else []) + (
             ["%s waiting" % line["waiters"]] if int(line.get("waiters", 0))
-            else []) + (["paused"] if name in paused else [])
+            else []) + (["paused"] if name in paused else []) + (
+            [configured[name]] if name in configured else [])
         print("%s %d%s" % (name, length, " (%s)" % ", ".join(notes)
                            if notes else ""))
     return EXIT_OK
@@ -9416,6 +9474,37 @@ def _print_why(options, queue):
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.died)),
             _plural(record.deliveries, "delivery", "deliveries"),
             record.why, start))
+    return EXIT_OK
+
+
+def _queue_settings_arguments(parser):
+    parser.add_argument("queue", help="the queue's name")
+    parser.add_argument("settings", nargs="*", metavar="SETTING VALUE",
+                        help="settings to change: %s" % ", ".join(
+                            QUEUE_SETTINGS))
+    parser.add_argument("--reset", action="store_true",
+                        help="put every setting back to its default first")
+    _add_address(parser)
+
+
+def run_queue(options):
+    queue = _queue(options.queue)
+    words = options.settings or []
+    if len(words) % 2:
+        raise UsageError("QUEUE takes settings in pairs: a name and its "
+                         "value (max-length 10000)")
+    try:
+        _queue_settings(words)
+    except ReplyError as exc:
+        raise UsageError(str(exc)[4:])
+    with _client(options) as client:
+        if options.reset:
+            client.configure(queue, reset=True)
+        if words:
+            client.engine.queue(b"SET", queue, words)
+        settings = client.settings(queue)
+    for name, value in settings.items():
+        print(name, value)
     return EXIT_OK
 
 
@@ -9474,6 +9563,7 @@ def run_stats(options):
         nodes = client.infos()
         version = nodes[0][2].get("beuss_version")
         counts = None if version else client.queue_counts()
+        configured = client.engine.configured()
     if len(nodes) > 1:
         print("a Redis Cluster of %d primaries" % len(nodes))
     for host, port, info in nodes:
@@ -9507,11 +9597,14 @@ def run_stats(options):
                       sizes.get("out_per_sec", "0"), sizes.get("busy", "?"),
                       " (the oldest hold %s)" % _age_text(int(sizes[
                           "held_age"])) if int(sizes.get("held_age", 0))
-                      else "", sizes["waiters"]))
+                      else "", sizes["waiters"]) + (
+                          "; " + configured[name] if name in configured
+                          else ""))
     else:
         for name, (ready, held, deferred) in sorted(counts.items()):
-            print("  %s: %d ready, %d held, %d deferred" % (
-                name, ready, held, deferred))
+            print("  %s: %d ready, %d held, %d deferred%s" % (
+                name, ready, held, deferred, "; " + configured[name]
+                if name in configured else ""))
     return EXIT_OK
 
 
@@ -9594,6 +9687,8 @@ def _top_text(client, depths, width=80):
     def line(name, cells, spark=""):
         if rows.get(name, {}).get("paused") == "1":
             name = "\u2016" + name         # paused: a pause sign first
+        if "max_length" in rows.get(name.lstrip("\u2016"), {}):
+            name += "\u2264" + rows[name.lstrip("\u2016")]["max_length"]
         text = ("%-*s" % (_TOP_NAME, name if len(name) <= _TOP_NAME
                           else name[:_TOP_NAME - 1] + "\u2026"))
         for (_, size, _), cell in zip(shown, cells):
@@ -9864,6 +9959,8 @@ VERBS = {
             "print how many there were."),
     "REDRIVE": (run_redrive, _redrive_arguments, "Move the dead letters of "
                 "a queue back to it as new messages; print how many."),
+    "QUEUE": (run_queue, _queue_settings_arguments, "Show a queue's own "
+              "settings, changing those given first."),
     "PAUSE": (run_pause, _pause_arguments, "Stop delivering from queues: "
               "they still take messages, consumers wait."),
     "RESUME": (lambda options: run_pause(options, False), _pause_arguments,

@@ -1099,6 +1099,28 @@ class StoreTest(unittest.TestCase):
         self.addCleanup(store.close)
         self.assertEqual(queues.paused, {b"q", b"\xff"})
 
+    def test_a_queue_keeps_its_settings_across_a_restart(self):
+        store, queues = self.open()
+        queues.configure(b"q", {"max-length": 3, "overflow": "drop-oldest"})
+        queues.configure(b"\xff", {"max-length": 1})
+        queues.configure(b"gone", {"max-length": 1})
+        queues.configure(b"gone", {})
+        store.commit()
+        store.close()
+        store, queues = self.open()
+        self.addCleanup(store.close)
+        self.assertEqual(queues.settings, {
+            b"q": {"max-length": 3, "overflow": "drop-oldest"},
+            b"\xff": {"max-length": 1}})
+        self.assertEqual(queues.bounded, {b"q": (3, "drop-oldest"),
+                                          b"\xff": (1, "reject")})
+        store._db.execute("UPDATE configured SET settings = 'max-length x'")
+        store.commit()
+        store.close()
+        with self.assertRaisesRegex(beuss.BeussError, "damaged .the settings "
+                                    "of .*max-length: 'x' is not a count"):
+            self.open()
+
     def test_a_dead_letter_keeps_its_record_held_set_aside_and_after_restarts(self):
         store, queues = self.open(max_deliveries=1)
         queues.push(b"q", [b"m"])
@@ -1762,6 +1784,107 @@ class PauseTest(ServerCase):
         self.assertEqual(CommandLineTest.run_main(self, "RESUME", "jobs", "nope")[2],
                          "beuss: resumed jobs nope (1 of them already were)\n")
         self.assertEqual(self.client().get("jobs"), b"m")
+
+
+class BoundedQueueTest(ServerCase):
+    """QUEUE SET max-length and overflow: a queue that holds at most so
+    many ready messages, refusing a push or sending the excess to its dead
+    letters, tested at the bound and one past it."""
+
+    def test_queue_set_get_reset_and_their_errors(self):
+        self.exchange(requests(
+            ["QUEUE", "GET", "q"], ["QUEUE", "SET", "q", "MAX-LENGTH", "10", "overflow",
+                                   "drop-newest"],
+            ["QUEUE", "GET", "q"], ["QUEUE", "SET", "q", "max-length", "x"],
+            ["QUEUE", "SET", "q", "overflow", "sometimes"],
+            ["QUEUE", "SET", "q", "speed", "1"], ["QUEUE", "SET", "q", "max-length"],
+            ["QUEUE", "SET", "q", "max-length", "1", "overflow"],
+            ["QUEUE", "SET", "q.dead", "max-length", "1"], ["QUEUE", "RESET", "q"],
+            ["QUEUE", "GET", "q"], ["QUEUE", "NOPE", "q"]),
+            b"*4\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"+OK\r\n"
+            b"*4\r\n$10\r\nmax-length\r\n$2\r\n10\r\n$8\r\noverflow\r\n$11\r\ndrop-newest\r\n"
+            b"-ERR max-length: 'x' is not a count: a whole number from 0 up\r\n"
+            b"-ERR overflow: 'sometimes' is not reject, drop-oldest or drop-newest\r\n"
+            b"-ERR no queue setting 'speed': the settings are max-length, overflow\r\n"
+            b"-ERR wrong number of arguments for 'queue|set' command\r\n"
+            b"-ERR syntax error\r\n"
+            b"-ERR q.dead holds dead letters, which take no settings\r\n"
+            b"+OK\r\n"
+            b"*4\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"-ERR unknown subcommand 'NOPE'. Try QUEUE HELP.\r\n")
+        self.assertEqual(self.server.queues.settings, {})
+
+    def test_reject_at_the_bound_and_one_past_it_whole_transactions_too(self):
+        self.exchange(requests(
+            ["QUEUE", "SET", "q", "max-length", "3"], ["RPUSH", "q", "a", "b"],
+            ["LPUSH", "q", "c"], ["RPUSH", "q", "d"], ["RPUSHX", "q", "d"],
+            ["MULTI"], ["LPOP", "q"], ["RPUSH", "q", "d", "e"], ["EXEC"],
+            ["DEFER", "q", "10", "x"], ["LPOP", "q"], ["DEFER", "q", "10", "x"],
+            ["DEFER", "q", "10", "y"], ["LRANGE", "q", "0", "-1"]),
+            b"+OK\r\n:2\r\n:3\r\n"
+            b"-FULL queue q holds 3 messages, its max-length\r\n"
+            b"-FULL queue q holds 3 messages, its max-length\r\n"
+            b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+            b"-FULL queue q holds 3 messages, its max-length: the transaction "
+            b"would pass it, and nothing of it ran\r\n"
+            b"-FULL queue q holds 3 messages, its max-length\r\n$1\r\nc\r\n:1\r\n"
+            b"-FULL queue q holds 2 messages, its max-length\r\n"
+            b"*2\r\n$1\r\na\r\n$1\r\nb\r\n")
+        # Messages that come back are never refused.
+        sock = self.connect()
+        self.exchange(requests(["QUEUE", "SET", "r", "max-length", "1"], ["RPUSH", "r", "m"],
+                               ["RESERVE", "r", "0"], ["RPUSH", "r", "n"]),
+                      b"+OK\r\n:1\r\n*4\r\n$1\r\nr\r\n$1\r\n2\r\n$1\r\nm\r\n:1\r\n"
+                      b":1\r\n", sock)
+        sock.close()
+        self.wait_until(lambda: self.server.queues.length(b"r") == 2)
+        self.assertEqual(self.server.queues.peek(b"r", 0, -1), [b"m", b"n"])
+
+    def test_the_excess_goes_to_the_dead_letters_as_overflow(self):
+        client = self.client()
+        client.configure("old", max_length=2, overflow="drop-oldest")
+        client.configure("new", max_length=2, overflow="drop-newest")
+        for name in ("old", "new"):
+            self.assertEqual(client.put_many(name, ["a", "b"]), 2)   # at the bound
+            self.assertEqual(client.put(name, "c"), 2)               # one past
+            self.assertEqual(client.put_many(name, ["d", "e", "f"]), 2)
+        self.assertEqual(client.call("LRANGE", "old", 0, -1), [b"e", b"f"])
+        self.assertEqual(client.call("LRANGE", "new", 0, -1), [b"a", b"b"])
+        for name, gone in (("old", [b"a", b"b", b"c", b"d"]),
+                           ("new", [b"c", b"d", b"e", b"f"])):
+            records = client.why(name + ".dead")
+            self.assertEqual([record.message for record in records], gone)
+            self.assertEqual({(record.why, record.deliveries) for record in records},
+                             {("overflow", 0)})
+        # A message given back keeps its count when it overflows.
+        client.call("DEL", "old")
+        client.put("old", "tried")
+        message = client.reserve("old")
+        self.assertTrue(message.nack(delay=0))
+        client.put_many("old", ["x", "y"])
+        self.assertEqual(client.why("old.dead", -1, -1)[0].deliveries, 1)
+        rows = {row["name"]: row for row in self.server.status()["queues"]}
+        self.assertEqual(rows["new"]["settings"], {"max-length": "2",
+                                                   "overflow": "drop-newest"})
+        self.assertEqual(rows["new"]["max_length"], 2)
+        status, out, err = CommandLineTest.run_main(self, "LIST")
+        self.assertIn(b"new 2 (max-length 2 overflow drop-newest)\n", out)
+
+    def test_the_command_line_sets_and_a_full_queue_exits_6(self):
+        run = lambda *argv: CommandLineTest.run_main(self, *argv)
+        self.assertEqual(run("QUEUE", "jobs", "max-length", "1"),
+                         (0, b"max-length 1\noverflow reject\n", ""))
+        self.assertEqual(run("PUT", "jobs", "a")[0], 0)
+        self.assertEqual(run("PUT", "jobs", "b"), (
+            6, b"", "beuss: FULL queue jobs holds 1 messages, its max-length: "
+            "nothing more was put (QUEUE jobs shows its settings)\n"))
+        self.assertEqual(run("QUEUE", "jobs", "max-length", "-1")[::2], (
+            2, "beuss: max-length: '-1' is not a count: a whole number from 0 up\n"))
+        self.assertEqual(run("QUEUE", "jobs", "overflow")[0], 2)
+        self.assertEqual(run("QUEUE", "jobs", "--reset")[1],
+                         b"max-length 0\noverflow reject\n")
+        self.assertEqual(run("PUT", "jobs", "b")[0], 0)
 
 
 class LongWorkTest(ServerCase):
@@ -7045,6 +7168,32 @@ time.sleep(60)
                 self.assertEqual(self.cli(port, "GET", queue, status=1)[0], b"")
                 self.cli(port, "RESUME", queue)
                 self.assertEqual(client.reserve(queue, wait=1).data, b"kept")
+
+    def test_bounded_queues_on_every_engine(self):
+        for target, port in self.targets():
+            with self.subTest(target=target):
+                queue = "bounded-" + target
+                client = self.client(port)
+                self.assertEqual(self.cli(port, "QUEUE", queue, "max-length", "2")[0],
+                                 b"max-length 2\noverflow reject\n")
+                self.assertEqual(client.put_many(queue, ["a", "b"]), 2)
+                err = self.cli(port, "PUT", queue, "c", status=6)[1]
+                self.assertIn("FULL queue %s holds 2 messages" % queue, err)
+                with self.assertRaisesRegex(beuss.ReplyError, "^FULL queue"):
+                    client.put(queue, "c", delay=1)
+                client.configure(queue, overflow="drop-oldest")
+                self.assertEqual(client.put_many(queue, ["c", "d", "e"]), 2)
+                self.assertEqual(client.call("LRANGE", queue, 0, -1), [b"d", b"e"])
+                client.configure(queue, overflow="drop-newest")
+                self.assertEqual(client.put(queue, "f"), 2)
+                self.assertEqual([(record.message, record.why) for record in
+                                  client.why(queue + ".dead")],
+                                 [(m, "overflow") for m in (b"a", b"b", b"c", b"f")])
+                self.assertIn("%s 2 (max-length 2 overflow drop-newest)" % queue,
+                              self.cli(port, "LIST")[0].decode())
+                self.assertEqual(client.configure(queue, reset=True),
+                                 {"max-length": 0, "overflow": "reject"})
+                self.assertEqual(client.put(queue, "g"), 3)
 
     def test_batches_on_every_engine(self):
         for target, port in self.targets():
