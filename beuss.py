@@ -4,7 +4,8 @@
     python beuss.py [SERVE]               serve named queues on 127.0.0.1:6552
     echo hi | python beuss.py PUT jobs    put a message (stdin, an argument,
                                           --file, or --lines: one a line;
-                                          --delay 30s: ready later)
+                                          --delay 30s: ready later; --id
+                                          KEY: once per key)
     python beuss.py GET jobs [out.bin]    take one message (--wait SECONDS)
     python beuss.py ON jobs               take messages as they come (--exec,
                                           --count, --timeout, --separator)
@@ -117,6 +118,8 @@ HOUSEKEEPING_INTERVAL = 1.0
 MAX_DELAY = 10 ** 9             # seconds a message may be set aside (31 years)
 REDIS_VERSION = "7.0.15"        # the Redis whose behaviour beuss follows
 MAX_REASON = 1000               # characters of why a message failed, kept
+SEEN_COST = 100                 # bytes an id of PUT ... ID takes, beyond it
+FORGET_SLICE = 50000            # ids forgotten in one housekeeping, at most
 SAMPLE_INTERVAL = 10            # seconds between samples of each queue
 MINUTE_SAMPLES = 7              # a minute of them, and one before
 HISTORY = 900                   # seconds of samples kept (15 minutes)
@@ -1116,6 +1119,8 @@ class Queues:
         # and queue -> (max-length, overflow) for the bounded ones.
         self.settings = {}
         self.bounded = {}
+        # PUT ... ID: queue -> {id: until when it is known}, oldest first.
+        self.seen = {}
         self.max_deliveries = max_deliveries    # 0: no limit
         self.retry_delay = retry_delay  # a first failure waits this long
         self.retry_max_delay = retry_max_delay  # and a later one at most
@@ -1787,9 +1792,19 @@ class Queues:
     # aside too and is refused when it would pass a rejecting bound; what
     # comes back (given back, due, redriven, moved) is never refused.
 
-    def configure(self, name, settings):
+    def configure(self, name, settings, now=None):
         """QUEUE SET and RESET: name's settings become these (a dict of the
-        settings not at their default; empty: all at their default)."""
+        settings not at their default; empty: all at their default). A
+        shorter dedup-window shortens the ids known already."""
+        window = settings.get("dedup-window", QUEUE_SETTINGS[
+            "dedup-window"][0])
+        last = (time.time() if now is None else now) + window
+        seen = self.seen.get(name)
+        if seen and max(seen.values()) > last:
+            if self.journal is not None:
+                self.journal.shorten_seen(name, last)
+            for key, until in seen.items():
+                seen[key] = min(until, last)
         if self.journal is not None:
             self.journal.configure(name, settings)
         self.settings.pop(name, None)
@@ -1839,6 +1854,56 @@ class Queues:
             message, deliveries(message), died, "overflow")
             for message in dropped])
         return messages
+
+    # Putting once ----------------------------------------------------------
+    #
+    # PUT q message ID key adds message unless key was put on q within its
+    # dedup-window (5 minutes): a producer that retries after a timeout
+    # does not queue the job twice. The ids are kept in the order they were
+    # put, which is the order their windows end (a window made shorter
+    # shortens those known already), until their window has passed, then
+    # forgotten at housekeeping, FORGET_SLICE at most; they count in size
+    # (SEEN_COST and their bytes each). A push a bound refuses leaves no id
+    # behind.
+
+    def put_once(self, name, key, message, now=None):
+        """PUT ... ID: name's new length, or 0 when key is known."""
+        now = time.time() if now is None else now
+        seen = self.seen.get(name)
+        if seen and seen.get(key, 0) > now:
+            return 0
+        length = self.push(name, [message])
+        window = self.settings.get(name, {}).get(
+            "dedup-window", QUEUE_SETTINGS["dedup-window"][0])
+        if self.journal is not None:
+            self.journal.see(name, key, now + window)
+        if seen is None:
+            seen = self.seen[name] = {}
+        elif key in seen:
+            self.size -= len(key) + SEEN_COST
+            del seen[key]                   # to the end: it is the newest
+        seen[key] = now + window
+        self.size += len(key) + SEEN_COST
+        return length
+
+    def forget_seen(self, now, most=FORGET_SLICE):
+        """Forget, oldest first, at most most ids whose window passed."""
+        if self.journal is not None:
+            self.journal.forget_seen(now)
+        for name in list(self.seen):
+            seen, expired = self.seen[name], []
+            for key, until in seen.items():
+                if until > now or len(expired) >= most:
+                    break
+                expired.append(key)
+            for key in expired:
+                del seen[key]
+                self.size -= len(key) + SEEN_COST
+            if not seen:
+                del self.seen[name]
+            most -= len(expired)
+            if most <= 0:
+                return
 
     # Watching ------------------------------------------------------------
 
@@ -2097,7 +2162,8 @@ def _pattern_key(pattern):
 # tries, died, why); deferred(id, queue, message, deliveries, due, head,
 # tries, died, why); settings(name, value) with next_id; paused(queue),
 # the queues PAUSE stopped; configured(queue, settings), a queue's QUEUE SET
-# as text ("max-length 100 overflow drop-oldest"). tries, died and
+# as text ("max-length 100 overflow drop-oldest"); seen(queue, id, until),
+# the ids of PUT ... ID and when their window ends. tries, died and
 # why are a dead letter's record, empty for other messages (a dead letter
 # counts its deliveries in tries). A queue's name is TEXT where it is UTF-8
 # (so `WHERE queue = 'jobs'` finds it), a BLOB where it is not.
@@ -2107,7 +2173,10 @@ _STORE_VERSION = 6              # PRAGMA user_version
 _RECORD_COLUMNS = "tries INTEGER, died REAL, why TEXT"
 _PAUSED_SCHEMA = "CREATE TABLE paused (queue PRIMARY KEY) WITHOUT ROWID;"
 _CONFIGURED_SCHEMA = """CREATE TABLE configured (queue PRIMARY KEY,
-    settings TEXT NOT NULL) WITHOUT ROWID;"""
+    settings TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE seen (queue NOT NULL, id BLOB NOT NULL, until REAL NOT NULL,
+                   PRIMARY KEY (queue, id)) WITHOUT ROWID;
+CREATE INDEX seen_until ON seen (until);"""
 _INSERT_QUEUED = "INSERT INTO queued VALUES (?, ?, ?, ?, ?, ?, ?)"
 _STORE_SCHEMA = """
 CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
@@ -2382,6 +2451,13 @@ class Store:
         for row in db.execute("SELECT queue FROM paused").fetchall():
             _check_row(self.path, "paused", (_name_of(row[0]),), (bytes,))
             queues.paused.add(_name_of(row[0]))
+        for key, seen, until in db.execute(
+                "SELECT * FROM seen WHERE until > ? ORDER BY until",
+                (time.time(),)).fetchall():
+            _check_row(self.path, "seen", (_name_of(key), seen, until),
+                       (bytes, bytes, float))
+            queues.seen.setdefault(_name_of(key), {})[bytes(seen)] = until
+            queues.size += len(seen) + SEEN_COST
         for key, text in db.execute("SELECT * FROM configured").fetchall():
             try:
                 queues.configure(_name_of(key), _queue_settings(
@@ -2594,6 +2670,17 @@ class Store:
     def clear(self):
         self._run([("DELETE FROM queued", ())])
         self._positions.clear()
+
+    def see(self, name, key, until):
+        self._run([("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)", (
+            _name_key(name), _blob(key), until))])
+
+    def forget_seen(self, now):
+        self._run([("DELETE FROM seen WHERE until <= ?", (now,))])
+
+    def shorten_seen(self, name, last):
+        self._run([("UPDATE seen SET until = ? WHERE queue = ? AND until > ?",
+                    (last, _name_key(name), last))])
 
     def configure(self, name, settings):
         self._run([("DELETE FROM configured WHERE queue = ?", (
@@ -2962,7 +3049,8 @@ _STORE_COLUMNS = {"queued": ["queue", "position", "message", "deliveries",
                   "deferred": ["id", "queue", "message", "deliveries", "due",
                                "head", "tries", "died", "why"],
                   "settings": ["name", "value"], "paused": ["queue"],
-                  "configured": ["queue", "settings"]}
+                  "configured": ["queue", "settings"],
+                  "seen": ["queue", "id", "until"]}
 
 
 def _check_store(db, path):
@@ -3908,6 +3996,11 @@ class Server(_Connections):
             self._check_subscriber_backlog(conn)
         if self._leases:
             self._drop_stale_leases()
+        if self.queues.seen:
+            try:
+                self.queues.forget_seen(time.time())
+            except StoreError:
+                pass            # kept until the store writes again
         if now >= self._sample_at:
             self._sample_at = now + SAMPLE_INTERVAL
             self.queues.sample(now)
@@ -4216,9 +4309,9 @@ class Server(_Connections):
         would pass a queue's rejecting bound (see Bounding in Queues)."""
         wanted = collections.Counter()
         for command, args in commands:
-            if command.function in (cmd_push, cmd_pushx, cmd_defer):
-                wanted[args[1]] += len(args) - (3 if command.function is
-                                                cmd_defer else 2)
+            if command.function in (cmd_push, cmd_pushx, cmd_defer, cmd_put):
+                wanted[args[1]] += 1 if command.function is cmd_put else \
+                    len(args) - (3 if command.function is cmd_defer else 2)
         for name, count in wanted.items():
             room = self.queues.room(name)
             if room is not None and count > room:
@@ -4975,10 +5068,12 @@ local function leased(lease)
   if lease > 0 then return now + lease end
   return 'inf'
 end
+local function setting(name)
+  return redis.call('HGET', settings, name) or DEFAULTS[name]
+end
 local function bound()
   -- A queue's max-length (0: none), its overflow, and its ready messages.
-  return tonumber(redis.call('HGET', settings, 'max-length') or '0'),
-    redis.call('HGET', settings, 'overflow') or 'reject',
+  return tonumber(setting('max-length')), setting('overflow'),
     redis.call('LLEN', queue) + redis.call('LLEN', again)
 end
 local function full(length)
@@ -5268,13 +5363,23 @@ def cmd_queue(server, conn, args):
         settings = queues.settings.get(name, {})
         return encode_bulks([_arg(part) for setting, (default, _) in
                              QUEUE_SETTINGS.items() for part in (
-                                 setting, settings.get(setting, default))])
+                                 setting, _queue_value(settings.get(
+                                     setting, default)))])
     if name.endswith(b".dead"):
         raise ReplyError("ERR %s holds dead letters, which take no settings"
                          % _name_text(name))
     queues.configure(name, _queue_settings(args[3:], queues.settings.get(
         name)) if sub == b"set" else {})
     return OK
+
+
+def cmd_put(server, conn, args):
+    # PUT q message [ID key]: RPUSH of one message, once per key.
+    if len(args) == 3:
+        return encode_int(server.queues.push(args[1], [args[2]]))
+    if len(args) != 5 or args[3].upper() != b"ID":
+        raise ReplyError(ERR_SYNTAX)
+    return encode_int(server.queues.put_once(args[1], args[4], args[2]))
 
 
 def cmd_why(server, conn, args):
@@ -5322,12 +5427,15 @@ return count
 """
 
 
-# RPUSH is Redis's, but on Redis a bounded queue's push is this script:
-# ARGV the messages; returns the ready messages, as the server's push does
-# (see Bounding in Queues for the rule it keeps).
+# RPUSH and PUT ... ID on Redis, where a bounded queue's push is this
+# script: ARGV an id ('' for none; KEYS[12] is then its key) and the
+# messages; returns the ready messages as the server's push does, or 0 for
+# an id known (see Bounding and Putting once in Queues for the rules).
 _LUA["put"] = """
+local id = ARGV[1]
+if id ~= '' and redis.call('EXISTS', KEYS[12]) == 1 then return 0 end
 local most, overflow, length = bound()
-local first, last, excess = 1, #ARGV, length + #ARGV - most
+local first, last, excess = 2, #ARGV, length + #ARGV - 1 - most
 if most > 0 and excess > 0 then
   if overflow == 'reject' then return full(length) end
   if overflow == 'drop-oldest' then
@@ -5343,15 +5451,19 @@ if most > 0 and excess > 0 then
       end
       excess, length = excess - 1, length - 1
     end
-    first = excess + 1                    -- then the push's oldest
-    for i = 1, excess do bury(ARGV[i], 0, 'overflow') end
+    first = excess + 2                    -- then the push's oldest
+    for i = 2, excess + 1 do bury(ARGV[i], 0, 'overflow') end
   else
-    last = math.max(#ARGV - excess, 0)    -- drop-newest
+    last = math.max(#ARGV - excess, 1)    -- drop-newest
     for i = last + 1, #ARGV do bury(ARGV[i], 0, 'overflow') end
   end
 end
 if first <= last then
   redis.call('RPUSH', queue, unpack(ARGV, first, last))
+end
+if id ~= '' then
+  redis.call('SET', KEYS[12], '1', 'PX',
+             math.max(math.floor(tonumber(setting('dedup-window')) * 1000), 1))
 end
 return redis.call('LLEN', queue) + redis.call('LLEN', again)
 """
@@ -5887,8 +5999,9 @@ nack|cmd_nack|-2|write,fast|0,0,0|list|beuss|Give held messages back: at the hea
 touch|cmd_touch|-2|fast|0,0,0|list|beuss|Renew the lease of held messages|id...
 defer|cmd_defer|-4|write,denyoom|1,1,1|list|beuss|Add messages to the tail of a queue once a delay has passed|key delay element...
 redrive|cmd_redrive|-2|write|1,1,1|list|beuss|Move dead letters back to the tail of their queue, as new messages|key [count]
+put|cmd_put|-3|write,denyoom,fast|1,1,1|list|beuss|Append a message to the tail of a queue; with ID, only if that id was not put on the queue within its dedup-window (0 then)|key element [ID id]
 queue|cmd_queue|-2||0,0,0|list|beuss|About a queue's own settings|
-queue set||-5|write|2,2,1|list|beuss|Change a queue's settings: max-length, overflow|key setting value [setting value ...]
+queue set||-5|write|2,2,1|list|beuss|Change a queue's settings: max-length, overflow, dedup-window|key setting value [setting value ...]
 queue get||3|readonly|2,2,1|list|beuss|A queue's settings, as pairs|key
 queue reset||3|write|2,2,1|list|beuss|Put a queue's settings back to their defaults|key
 queue help||2||0,0,0|list|beuss|What QUEUE's subcommands do|
@@ -6275,6 +6388,7 @@ QUEUE_SETTINGS = collections.OrderedDict((row[0], row[1:]) for row in (
     # name, default, parser
     ("max-length", 0, _whole),
     ("overflow", "reject", _overflow),
+    ("dedup-window", 300.0, _duration),
 ))
 
 
@@ -6300,9 +6414,14 @@ def _queue_settings(words, settings=None):
     return settings
 
 
+def _queue_value(value):
+    """A queue setting's value as QUEUE GET shows it: 300, not 300.0."""
+    return _number_text(value) if isinstance(value, float) else str(value)
+
+
 def _queue_settings_text(settings):
-    return " ".join("%s %s" % (name, settings[name]) for name in
-                    QUEUE_SETTINGS if name in settings)
+    return " ".join("%s %s" % (name, _queue_value(settings[name]))
+                    for name in QUEUE_SETTINGS if name in settings)
 
 
 def _setting(value, flag, env_name, default, parse=str):
@@ -7405,16 +7524,29 @@ def _companion(queue, part):
     return _script_keys(queue)[1 + COMPANIONS.index(part)]
 
 
+def _seen_key(queue, key):
+    """The key that remembers an id of PUT ... ID, in the queue's slot:
+    "{jobs}:seen:<id>", until its window ends."""
+    return _companion(queue, b"held")[:-len(b"held")] + b"seen:" + _arg(key)
+
+
+def _queue_of_prefix(prefix):
+    """The queue whose companions start with prefix ("{jobs}"), or None."""
+    inner = prefix[1:-1]
+    if prefix[:1] == b"{" and prefix[-1:] == b"}" and _hash_tag(inner) == inner:
+        return inner
+    return prefix if _hash_tag(prefix) != prefix else None
+
+
 def _companion_of(name):
-    """(queue, part) when name is a companion key, else (name, None)."""
+    """(queue, part) when name is a companion key, else (name, None); an
+    id's key of PUT ... ID is (queue, b"seen")."""
+    prefix, seen, _ = name.partition(b":seen:")
+    if seen and _queue_of_prefix(prefix) is not None:
+        return _queue_of_prefix(prefix), b"seen"
     prefix, colon, part = name.rpartition(b":")
-    if colon and part in COMPANIONS:
-        inner = prefix[1:-1]
-        if prefix[:1] == b"{" and prefix[-1:] == b"}" and \
-                _hash_tag(inner) == inner:
-            return inner, part
-        if _hash_tag(prefix) != prefix:
-            return prefix, part
+    if colon and part in COMPANIONS and _queue_of_prefix(prefix) is not None:
+        return _queue_of_prefix(prefix), part
     return name, None
 
 
@@ -7431,7 +7563,10 @@ def script_source(name):
         names = ["queue"] + [part.decode() for part in COMPANIONS]
         keys = "local %s = %s\n" % (", ".join(names), ", ".join(
             "KEYS[%d]" % number for number in range(1, len(names) + 1)))
-        text = (keys + _LUA_START + _LUA[name]).encode()
+        defaults = "local DEFAULTS = {%s}\n" % ", ".join(
+            "['%s'] = '%s'" % (setting, _queue_value(default))
+            for setting, (default, _) in QUEUE_SETTINGS.items())
+        text = (keys + defaults + _LUA_START + _LUA[name]).encode()
         _SCRIPTS[name] = text, hashlib.sha1(text).hexdigest().encode()
     return _SCRIPTS[name]
 
@@ -7446,8 +7581,11 @@ class _Beuss:
     def own(self, command, *args, wait=0.0):
         return self.client.call(command, *args, wait=wait)
 
-    def put(self, queue, batches):
-        # RPUSH each batch, in one round trip; the last length.
+    def put(self, queue, batches, key=None):
+        # RPUSH each batch, in one round trip; the last length. With key
+        # (one message), PUT ... ID.
+        if key is not None:
+            return self.own(b"PUT", queue, batches[0][0], b"ID", key)
         return [_raise(reply) for reply in self.client.pipeline([
             [b"RPUSH", queue] + batch for batch in batches])][-1]
 
@@ -7549,9 +7687,9 @@ class _Scripts:
     def __init__(self, client):
         self.client = client
 
-    def script(self, name, queue, *args):
+    def script(self, name, queue, *args, more_keys=()):
         text, sha = script_source(name)
-        keys = _script_keys(queue)
+        keys = _script_keys(queue) + list(more_keys)
         tail = [len(keys)] + keys + list(args)
         reply = self.client.pipeline([[b"EVALSHA", sha] + tail])[0]
         if isinstance(reply, ReplyError) and str(reply).startswith(
@@ -7573,8 +7711,12 @@ class _Scripts:
         return sum(self.script(name, queue, *(list(args) + numbers))
                    for queue, numbers in by_queue.items())
 
-    def put(self, queue, batches):
-        return [self.script("put", queue, *batch) for batch in batches][-1]
+    def put(self, queue, batches, key=None):
+        if key is None:
+            return [self.script("put", queue, b"", *batch)
+                    for batch in batches][-1]
+        return self.script("put", queue, key, *batches[0],
+                           more_keys=[_seen_key(queue, key)])
 
     def queue(self, subcommand, queue, words=()):
         key = _companion(queue, b"settings")
@@ -7596,7 +7738,22 @@ class _Scripts:
         if settings:
             self.client.call(b"HSET", key, *[part for pair in
                                              settings.items() for part in pair])
+        if "dedup-window" in given:             # shorten the ids known
+            self.shorten_seen(queue, settings.get("dedup-window", QUEUE_SETTINGS[
+                "dedup-window"][0]))
         return "OK"
+
+    def shorten_seen(self, queue, window):
+        link, prefix = self.client._node_of([b"LLEN", queue]), _seen_key(
+            queue, b"")
+        pattern = b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else
+                           bytes([c]) for c in prefix) + b"*"
+        keys = self.client._names(link, pattern)
+        longest = max(int(window * 1000), 1)
+        for key, left in zip(keys, link.talk([[b"PTTL", key] for key in keys],
+                                             len(keys))):
+            if isinstance(left, int) and left > longest:
+                link.talk([[b"PEXPIRE", key, b"%d" % longest]], 1)
 
     def reserve(self, queue, deadline, count):
         # deadline None: one try; else tries for at most a slice.
@@ -7814,14 +7971,17 @@ class Client(_Routing):
 
     # Queues ----------------------------------------------------------------
 
-    def put(self, queue, message, delay=None):
+    def put(self, queue, message, delay=None, id=None):
         """Append message to queue; return the queue's new length. With
         delay (seconds), the message joins the tail once the delay has
         passed (DEFER); then the reply is how many of queue's messages wait
-        so."""
+        so. With id, only if no message was put with that id on queue
+        within its dedup-window (5 minutes): 0 then, nothing added."""
+        if delay and id is not None:
+            raise ValueError("put() takes a delay or an id, not both")
         if delay:
             return self._defer(queue, delay, [_arg(message)])
-        return self.engine.put(queue, [[_arg(message)]])
+        return self.engine.put(queue, [[_arg(message)]], id)
 
     @property
     def engine(self):
@@ -8935,6 +9095,10 @@ def _put_arguments(parser):
     parser.add_argument("-d", "--delay", type=_duration, metavar="TIME",
                         help="the message joins the queue once TIME has "
                         "passed (seconds, or 500ms, 30s, 5m, 2h)")
+    parser.add_argument("--id", metavar="KEY",
+                        help="put it only if no message was put with KEY on "
+                        "the queue within its dedup-window (5m): a retry "
+                        "after a timeout does not put it twice")
     _add_message_source(parser)
 
 
@@ -8954,13 +9118,19 @@ def _add_message_source(parser):
 
 def run_put(options):
     queue = _queue(options.queue)
+    if options.id is not None and (options.lines or options.delay):
+        raise UsageError("--id puts one message now: not with %s" % (
+            "--lines" if options.lines else "--delay"))
     messages = _messages(options, "PUT")
     with _client(options) as client:
         try:
             if options.lines:
                 client.put_many(queue, messages, options.delay)
-            else:
-                client.put(queue, messages[0], options.delay)
+            elif client.put(queue, messages[0], options.delay,
+                            options.id) == 0:
+                _warn("already queued: a message with id %s was put on %s "
+                      "within its dedup-window; this one was not" % (
+                          options.id, options.queue))
         except ReplyError as exc:
             if str(exc).startswith("ERR message too large"):
                 raise ReplyError("%s; the server takes larger messages when "
@@ -9504,7 +9674,7 @@ def run_queue(options):
             client.engine.queue(b"SET", queue, words)
         settings = client.settings(queue)
     for name, value in settings.items():
-        print(name, value)
+        print(name, _queue_value(value))
     return EXIT_OK
 
 

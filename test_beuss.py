@@ -1121,6 +1121,24 @@ class StoreTest(unittest.TestCase):
                                     "of .*max-length: 'x' is not a count"):
             self.open()
 
+    def test_the_ids_of_put_once_outlive_a_restart_until_their_window_ends(self):
+        store, queues = self.open()
+        queues.configure(b"q", {"dedup-window": 100.0})
+        self.assertEqual(queues.put_once(b"q", b"old", b"b", now=time.time() - 200), 1)
+        queues.put_once(b"q", b"gone", b"c", now=time.time() - 200)
+        self.assertEqual(queues.put_once(b"q", b"kept", b"a"), 3)
+        size = queues.size
+        queues.forget_seen(time.time())
+        self.assertEqual(queues.size, size - 7 - 2 * beuss.SEEN_COST)
+        store.commit()
+        store.close()
+        store, queues = self.open()
+        self.addCleanup(store.close)
+        self.assertEqual(list(queues.seen[b"q"]), [b"kept"])
+        self.assertEqual(queues.put_once(b"q", b"kept", b"x"), 0)
+        self.assertEqual(queues.put_once(b"q", b"old", b"y"), 4)
+        self.assertEqual(queues.put_once(b"q", b"gone", b"z"), 5)
+
     def test_a_dead_letter_keeps_its_record_held_set_aside_and_after_restarts(self):
         store, queues = self.open(max_deliveries=1)
         queues.push(b"q", [b"m"])
@@ -1801,17 +1819,21 @@ class BoundedQueueTest(ServerCase):
             ["QUEUE", "SET", "q", "max-length", "1", "overflow"],
             ["QUEUE", "SET", "q.dead", "max-length", "1"], ["QUEUE", "RESET", "q"],
             ["QUEUE", "GET", "q"], ["QUEUE", "NOPE", "q"]),
-            b"*4\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"*6\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$3\r\n300\r\n"
             b"+OK\r\n"
-            b"*4\r\n$10\r\nmax-length\r\n$2\r\n10\r\n$8\r\noverflow\r\n$11\r\ndrop-newest\r\n"
+            b"*6\r\n$10\r\nmax-length\r\n$2\r\n10\r\n$8\r\noverflow\r\n$11\r\ndrop-newest\r\n"
+            b"$12\r\ndedup-window\r\n$3\r\n300\r\n"
             b"-ERR max-length: 'x' is not a count: a whole number from 0 up\r\n"
             b"-ERR overflow: 'sometimes' is not reject, drop-oldest or drop-newest\r\n"
-            b"-ERR no queue setting 'speed': the settings are max-length, overflow\r\n"
+            b"-ERR no queue setting 'speed': the settings are max-length, overflow, "
+            b"dedup-window\r\n"
             b"-ERR wrong number of arguments for 'queue|set' command\r\n"
             b"-ERR syntax error\r\n"
             b"-ERR q.dead holds dead letters, which take no settings\r\n"
             b"+OK\r\n"
-            b"*4\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"*6\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$3\r\n300\r\n"
             b"-ERR unknown subcommand 'NOPE'. Try QUEUE HELP.\r\n")
         self.assertEqual(self.server.queues.settings, {})
 
@@ -1874,7 +1896,7 @@ class BoundedQueueTest(ServerCase):
     def test_the_command_line_sets_and_a_full_queue_exits_6(self):
         run = lambda *argv: CommandLineTest.run_main(self, *argv)
         self.assertEqual(run("QUEUE", "jobs", "max-length", "1"),
-                         (0, b"max-length 1\noverflow reject\n", ""))
+                         (0, b"max-length 1\noverflow reject\ndedup-window 300\n", ""))
         self.assertEqual(run("PUT", "jobs", "a")[0], 0)
         self.assertEqual(run("PUT", "jobs", "b"), (
             6, b"", "beuss: FULL queue jobs holds 1 messages, its max-length: "
@@ -1883,11 +1905,54 @@ class BoundedQueueTest(ServerCase):
             2, "beuss: max-length: '-1' is not a count: a whole number from 0 up\n"))
         self.assertEqual(run("QUEUE", "jobs", "overflow")[0], 2)
         self.assertEqual(run("QUEUE", "jobs", "--reset")[1],
-                         b"max-length 0\noverflow reject\n")
+                         b"max-length 0\noverflow reject\ndedup-window 300\n")
         self.assertEqual(run("PUT", "jobs", "b")[0], 0)
 
 
-class LongWorkTest(ServerCase):
+class PutOnceTest(ServerCase):
+    """PUT q message ID key: once per key within the queue's dedup-window."""
+
+    def test_put_once_within_the_window_and_again_after_it(self):
+        self.exchange(requests(
+            ["PUT", "q", "a"], ["PUT", "q", "b", "ID", "k1"], ["PUT", "q", "b2", "id", "k1"],
+            ["PUT", "q", "c", "ID"], ["PUT", "q", "c", "KEY", "k"], ["PUT", "q"],
+            ["QUEUE", "SET", "q", "dedup-window", "100ms", "max-length", "3"],
+            ["QUEUE", "GET", "q"], ["PUT", "q", "d", "ID", "k2"], ["PUT", "q", "e", "ID", "k3"],
+            ["QUEUE", "SET", "q", "dedup-window", "1x"]),
+            b":1\r\n:2\r\n:0\r\n-ERR syntax error\r\n-ERR syntax error\r\n"
+            b"-ERR wrong number of arguments for 'put' command\r\n+OK\r\n"
+            b"*6\r\n$10\r\nmax-length\r\n$1\r\n3\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$3\r\n0.1\r\n:3\r\n"
+            b"-FULL queue q holds 3 messages, its max-length\r\n"
+            b"-ERR dedup-window: '1x' is not a time: seconds, or 500ms, 30s, 5m, 2h, "
+            b"1d, 1h30m\r\n")
+        queues = self.server.queues
+        self.assertEqual(set(queues.seen[b"q"]), {b"k1", b"k2"})    # not k3
+        client = self.client()
+        client.call("LPOP", "q")
+        time.sleep(0.15)
+        self.assertEqual(client.put("q", "again", id="k2"), 3)
+        # Forgotten at housekeeping once the window passed, memory freed.
+        size = queues.size
+        self.wait_until(lambda: b"q" not in queues.seen)
+        self.assertEqual(queues.size, size - 2 * (len(b"k2") + beuss.SEEN_COST))
+        client.configure("q", max_length=0)
+        self.assertEqual(client.put("q", "after", id="k2"), 4)
+        # The shorter window shortened k1's too, which now is forgotten.
+        self.assertEqual(client.put("q", "after", id="k1"), 5)
+
+    def test_the_command_line_says_already_queued_and_exits_0(self):
+        run = lambda *argv: CommandLineTest.run_main(self, *argv)
+        self.assertEqual(run("PUT", "jobs", "a", "--id", "order-17"), (0, b"", ""))
+        self.assertEqual(run("PUT", "jobs", "b", "--id", "order-17"), (
+            0, b"", "beuss: already queued: a message with id order-17 was put "
+            "on jobs within its dedup-window; this one was not\n"))
+        self.assertEqual(CommandLineTest.run_main(self, "PUT", "jobs", "--id", "x",
+                                                  "--lines", stdin=b"a\n")[0], 2)
+        self.assertEqual(self.client().call("LRANGE", "jobs", 0, -1), [b"a"])
+
+
+
     """Work that grows with a queue is done MOVE_SLICE messages a pass:
     other clients are served meanwhile."""
 
@@ -2261,6 +2326,7 @@ class CommandFlagsTest(unittest.TestCase):
         "touch": "TOUCH 1", "defer": "DEFER q 10 m", "redrive": "REDRIVE q", "pause": "PAUSE q", "resume": "RESUME q",
         "queue|set": "QUEUE SET q max-length 5", "queue|get": "QUEUE GET q",
         "queue|reset": "QUEUE RESET q", "queue|help": "QUEUE HELP",
+        "put": "PUT q m ID k",
         "why": "WHY q.dead", "llen": "LLEN q", "lrange": "LRANGE q 0 -1",
         "lindex": "LINDEX q 0", "lpos": "LPOS q m", "lset": "LSET q 0 m",
         "linsert": "LINSERT q BEFORE m n", "ltrim": "LTRIM q 0 -1",
@@ -7110,7 +7176,7 @@ time.sleep(60)
     def test_every_own_command_is_declared_for_both_engines(self):
         own = [row.name.decode() for row in beuss.COMMAND_ROWS
                if row.since == "beuss"]
-        self.assertEqual(len(own), 10, own)
+        self.assertEqual(len(own), 11, own)
         for name in own:
             row = beuss.COMMANDS[name.encode()]
             self.assertTrue(callable(row.function), name)
@@ -7175,7 +7241,7 @@ time.sleep(60)
                 queue = "bounded-" + target
                 client = self.client(port)
                 self.assertEqual(self.cli(port, "QUEUE", queue, "max-length", "2")[0],
-                                 b"max-length 2\noverflow reject\n")
+                                 b"max-length 2\noverflow reject\ndedup-window 300\n")
                 self.assertEqual(client.put_many(queue, ["a", "b"]), 2)
                 err = self.cli(port, "PUT", queue, "c", status=6)[1]
                 self.assertIn("FULL queue %s holds 2 messages" % queue, err)
@@ -7192,10 +7258,35 @@ time.sleep(60)
                 self.assertIn("%s 2 (max-length 2 overflow drop-newest)" % queue,
                               self.cli(port, "LIST")[0].decode())
                 self.assertEqual(client.configure(queue, reset=True),
-                                 {"max-length": 0, "overflow": "reject"})
+                                 {"max-length": 0, "overflow": "reject",
+                                  "dedup-window": 300.0})
                 self.assertEqual(client.put(queue, "g"), 3)
 
-    def test_batches_on_every_engine(self):
+    def test_put_once_on_every_engine(self):
+        for target, port in self.targets():
+            with self.subTest(target=target):
+                queue = "once-" + target
+                client = self.client(port)
+                client.configure(queue, dedup_window=0.3)
+                self.assertEqual(self.cli(port, "PUT", queue, "a", "--id", "k")[1], "")
+                self.assertIn("already queued", self.cli(
+                    port, "PUT", queue, "a", "--id", "k")[1])
+                self.assertEqual(client.put(queue, "b", id="k"), 0)
+                self.assertEqual(client.put(queue, "c", id="other"), 2)
+                time.sleep(0.35)
+                self.assertEqual(client.put(queue, "d", id="k"), 3)
+                self.assertEqual(client.call("LRANGE", queue, 0, -1), [b"a", b"c", b"d"])
+                self.assertEqual(client.queue_counts()[queue], (3, 0, 0))
+                # A shorter window shortens the ids known: "long" is
+                # forgotten with it, once its 0.1 s are over.
+                client.configure(queue, dedup_window="5m")
+                self.assertEqual(client.put(queue, "e", id="long"), 4)
+                client.configure(queue, dedup_window="100ms")
+                self.assertEqual(client.put(queue, "f", id="long"), 0)
+                time.sleep(0.15)
+                self.assertEqual(client.put(queue, "g", id="long"), 5)
+
+
         for target, port in self.targets():
             with self.subTest(target=target):
                 queue = "batch-" + target
@@ -7445,6 +7536,7 @@ def benchmark(requests_count=200000, clients=50, rounds=5):
         bench.wake_up()
         bench.patterns()
         bench.batches()
+        bench.dedup_memory()
         bench.scripts_on_redis()
     finally:
         bench.close()
@@ -7725,6 +7817,38 @@ class Bench:
             process.terminate()
             process.wait()
 
+    def dedup_memory(self, count=200000):
+        """The memory an id of PUT ... ID takes while its window lasts: the
+        server's resident memory after count puts of one byte, each with
+        its own 13-byte id, less after as many plain puts (the client's
+        put script on Redis, which keeps a key an id)."""
+        gained = collections.defaultdict(list)
+        for _ in range(self.rounds):
+            ports, processes = self.start()
+            for name, port, process in zip(("beuss", "redis"), ports, processes):
+                with beuss.Client(port=port, timeout=60) as client:
+                    for way in ("plain", "ids"):
+                        before = _rss(process.pid)
+                        for first in range(0, count, 1000):
+                            client.pipeline([
+                                ["PUT", way, "m"] + (["ID", "order-%07d" % i]
+                                                     if way == "ids" else [])
+                                for i in range(first, first + 1000)]
+                                if name == "beuss" else [])
+                            if name == "redis":
+                                for i in range(first, first + 1000):
+                                    client.put(way, "m", id="order-%07d" % i
+                                               if way == "ids" else None)
+                        gained[name, way].append(_rss(process.pid) - before)
+                process.terminate()
+                process.wait()
+        self.row("an id of PUT ... ID, while its window lasts",
+                 [1048576 * (ids - plain) / count for ids, plain in
+                  zip(gained["beuss", "ids"], gained["beuss", "plain"])],
+                 [1048576 * (ids - plain) / count for ids, plain in
+                  zip(gained["redis", "ids"], gained["redis", "plain"])],
+                 "bytes (bar: 150 on beuss)")
+
     def scripts_on_redis(self, count=5000, clients=50):
         """What at least once costs on a Redis: rows whose two columns are
         both Redis's, the client's scripts beside plain LPOP. One Python
@@ -7752,7 +7876,7 @@ class Bench:
                     command = [self.benchmark, "-p", str(port), "-n",
                                str(count * 10), "-c", str(clients), "--csv"] + (
                         ["LPOP", "bench"] if name == "LPOP" else
-                        ["EVALSHA", sha, "9"] + keys + ["60", "10", "1", "300"])
+                        ["EVALSHA", sha, str(len(keys))] + keys + ["60", "10", "1", "300"])
                     self.note(command, (str(port),))
                     done = subprocess.run(command, stdout=subprocess.PIPE,
                                           universal_newlines=True)
