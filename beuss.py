@@ -12,6 +12,8 @@
     python beuss.py PEEK jobs [N] | DEL jobs... | LEN jobs | LIST
     python beuss.py PEEK jobs.dead --why | REDRIVE jobs   (dead letters)
     python beuss.py PAUSE jobs | RESUME jobs   (stop, restart deliveries)
+    python beuss.py QUEUE jobs max-length 10000 rate 10/s   (a queue's own
+                                          settings: bounds, a rate, ids)
     python beuss.py PUB news [message]    publish to a channel's subscribers
     python beuss.py SUB news 'sport.*'    print what is published (--exec,
                                           --count, --timeout, --channel)
@@ -1121,6 +1123,9 @@ class Queues:
         self.bounded = {}
         # PUT ... ID: queue -> {id: until when it is known}, oldest first.
         self.seen = {}
+        # QUEUE SET rate: queue -> [seconds between two deliveries, when
+        # the next may be] (see Rating).
+        self.limited = {}
         self.max_deliveries = max_deliveries    # 0: no limit
         self.retry_delay = retry_delay  # a first failure waits this long
         self.retry_max_delay = retry_max_delay  # and a later one at most
@@ -1298,7 +1303,8 @@ class Queues:
         """Take the message at the head (or the tail), or None when there is
         none: pop() without its list, for the commands that take one."""
         queue = self._queues.get(name)
-        if not queue or self.paused and name in self.paused:
+        if not queue or self.paused and name in self.paused or \
+                self.limited and name in self.limited and not self._token(name):
             return None
         if self.journal is not None:
             self.journal.pop(name, 1, left)
@@ -1315,6 +1321,10 @@ class Queues:
         queue = self._queues.get(name)
         if not queue or count < 1 or self.paused and name in self.paused:
             return []               # nothing taken: nothing changed
+        if self.limited and name in self.limited:
+            if not self._token(name):
+                return []
+            count = 1
         count = min(count, len(queue))
         if self.journal is not None:
             self.journal.pop(name, count, left)
@@ -1337,8 +1347,9 @@ class Queues:
         or None when source is empty (or paused: LMOVE delivers; REDRIVE,
         fresh, does not). A dead letter leaves its record behind; fresh,
         the message also starts with no deliveries."""
-        if not self._queues.get(source) or (
-                not fresh and self.paused and source in self.paused):
+        if not self._queues.get(source) or not fresh and (
+                self.paused and source in self.paused or self.limited and
+                source in self.limited and not self._token(source)):
             return None
         if self.journal is not None:
             self.journal.move(source, target, from_left, to_left, fresh)
@@ -1471,7 +1482,8 @@ class Queues:
         """Take the head of name and hold it for owner: a Held, or None
         when the queue is empty."""
         queue = self._queues.get(name)
-        if not queue or self.paused and name in self.paused:
+        if not queue or self.paused and name in self.paused or \
+                self.limited and name in self.limited and not self._token(name):
             return None
         held_id = b"%d" % self.next_id
         count = deliveries(queue[0]) + 1
@@ -1809,11 +1821,15 @@ class Queues:
             self.journal.configure(name, settings)
         self.settings.pop(name, None)
         self.bounded.pop(name, None)
+        limit = self.limited.pop(name, [0, 0.0])
         if settings:
             self.settings[name] = dict(settings)
             if settings.get("max-length"):
                 self.bounded[name] = (settings["max-length"], settings.get(
                     "overflow", "reject"))
+            if settings.get("rate", "0") != "0":
+                self.limited[name] = [_rate_interval(settings["rate"]),
+                                      limit[1]]
 
     def room(self, name, deferred=False):
         """How many more messages name takes before a rejecting bound (with
@@ -1854,6 +1870,36 @@ class Queues:
             message, deliveries(message), died, "overflow")
             for message in dropped])
         return messages
+
+    # Rating --------------------------------------------------------------
+    #
+    # A queue with a rate (QUEUE SET rate 10/s) delivers one message, to any
+    # consumer, at most every 1/rate seconds: a pop, a RESERVE (COUNT n
+    # gives one), LMOVE from it find it empty meanwhile, its waiters wait,
+    # and the loop serves them when the next delivery may be (next_token),
+    # with no polling. Pushes, LLEN and LRANGE are not limited.
+
+    def _token(self, name):
+        """Whether name may deliver now; if so, the next must wait."""
+        limit, now = self.limited[name], time.time()
+        if now < limit[1]:
+            return False
+        limit[1] = now + limit[0]
+        return True
+
+    def next_token(self):
+        """When the first rate-limited queue with messages and waiters may
+        deliver again, or None."""
+        times = [limit[1] for name, limit in self.limited.items()
+                 if name in self._waiters and self._queues.get(name)]
+        return min(times) if times else None
+
+    def wake_limited(self, now):
+        """Mark ready the rate-limited queues whose next delivery may be."""
+        for name, limit in self.limited.items():
+            if limit[1] <= now and name in self._waiters and \
+                    self._queues.get(name):
+                self.ready[name] = None
 
     # Putting once ----------------------------------------------------------
     #
@@ -1957,7 +2003,9 @@ class Queues:
             name = next(iter(self.ready))
             del self.ready[name]
             line = self._waiters.get(name)
-            while line and name in self._queues and name not in self.paused:
+            while line and name in self._queues and name not in self.paused \
+                    and (name not in self.limited or self.limited[name][1] <=
+                         time.time()):
                 waiter = line[0]
                 try:
                     message = waiter.take(self, name)
@@ -3947,6 +3995,10 @@ class Server(_Connections):
                     self._expire_leases()
                 if queues._deferred and queues.next_due() <= time.time():
                     self._release_due()
+                if queues.limited:
+                    queues.wake_limited(time.time())
+                    if queues.ready:
+                        self._serve_waiters()
                 if self._chores:
                     self._do_chores()
                 if self._resumed:
@@ -3971,9 +4023,10 @@ class Server(_Connections):
             timeout = min(timeout, self._deadlines[0][0] - time.monotonic())
         if self._leases:
             timeout = min(timeout, self._leases[0][0] - time.monotonic())
-        due = self.queues.next_due()
-        if due is not None:
-            timeout = min(timeout, due - time.time())
+        for due in (self.queues.next_due(), self.queues.limited and
+                    self.queues.next_token()):
+            if due:
+                timeout = min(timeout, due - time.time())
         return max(timeout, 0)
 
     def _housekeeping(self):
@@ -5160,8 +5213,17 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', deferred, '-inf', now,
   end
 end
 if redis.call('EXISTS', paused) == 1 then return false end
+local taking, rate, interval = tonumber(ARGV[5] or '1'), setting('rate')
+if rate ~= '0' then             -- one delivery every interval (Rating)
+  local count, unit = string.match(rate, '^([%d.]+)/(%a)$')
+  interval = ({s = 1, m = 60, h = 3600})[unit] / tonumber(count)
+  if now < tonumber(redis.call('HGET', settings, 'next') or '0') then
+    return false
+  end
+  taking = 1
+end
 local taken = {}
-for _ = 1, tonumber(ARGV[5] or '1') do
+for _ = 1, taking do
   local id, message, count = redis.call('LPOP', again)
   if id then
     message = redis.call('HGET', messages, id)
@@ -5180,6 +5242,7 @@ for _ = 1, tonumber(ARGV[5] or '1') do
   taken[#taken + 1] = count
 end
 if #taken == 0 then return false end
+if interval then redis.call('HSET', settings, 'next', now + interval) end
 return taken
 """
 
@@ -6001,7 +6064,7 @@ defer|cmd_defer|-4|write,denyoom|1,1,1|list|beuss|Add messages to the tail of a 
 redrive|cmd_redrive|-2|write|1,1,1|list|beuss|Move dead letters back to the tail of their queue, as new messages|key [count]
 put|cmd_put|-3|write,denyoom,fast|1,1,1|list|beuss|Append a message to the tail of a queue; with ID, only if that id was not put on the queue within its dedup-window (0 then)|key element [ID id]
 queue|cmd_queue|-2||0,0,0|list|beuss|About a queue's own settings|
-queue set||-5|write|2,2,1|list|beuss|Change a queue's settings: max-length, overflow, dedup-window|key setting value [setting value ...]
+queue set||-5|write|2,2,1|list|beuss|Change a queue's settings: max-length, overflow, dedup-window, rate|key setting value [setting value ...]
 queue get||3|readonly|2,2,1|list|beuss|A queue's settings, as pairs|key
 queue reset||3|write|2,2,1|list|beuss|Put a queue's settings back to their defaults|key
 queue help||2||0,0,0|list|beuss|What QUEUE's subcommands do|
@@ -6377,6 +6440,31 @@ _SCRIPT_SETTINGS = ("lease", "max_deliveries", "retry_delay",
 # Client and the command line; a value is kept as the text its parser
 # reads back, and a queue holds only those not at their default.
 
+_RATE_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _rate_setting(value):
+    """A rate as its text: 10/s, 2.5/m, 100/h, or 0 for none."""
+    count, _, unit = value.strip().lower().partition("/")
+    try:
+        number = float(count)
+    except ValueError:
+        number = float("nan")
+    if value.strip() == "0":
+        return "0"
+    if unit not in _RATE_UNITS or not 0 < number < float("inf"):
+        raise _BadValue("%r is not a rate: a number of deliveries a second, "
+                        "minute or hour (10/s, 2.5/m, 100/h), or 0 for none"
+                        % value)
+    return "%s/%s" % (_number_text(number), unit)
+
+
+def _rate_interval(text):
+    """The seconds between two deliveries at rate text (10/s: 0.1)."""
+    count, _, unit = text.partition("/")
+    return _RATE_UNITS[unit] / float(count)
+
+
 def _overflow(value):
     if value not in ("reject", "drop-oldest", "drop-newest"):
         raise _BadValue("%r is not reject, drop-oldest or drop-newest"
@@ -6389,6 +6477,7 @@ QUEUE_SETTINGS = collections.OrderedDict((row[0], row[1:]) for row in (
     ("max-length", 0, _whole),
     ("overflow", "reject", _overflow),
     ("dedup-window", 300.0, _duration),
+    ("rate", "0", _rate_setting),
 ))
 
 
@@ -8579,8 +8668,9 @@ usage: python beuss.py [VERB] [options]
   PAUSE <queue>...    stop delivering from queues (they still take
                       messages); RESUME <queue>... delivers again
   QUEUE <queue> [setting value]...
-                      show or change a queue's own settings: max-length
-                      and overflow (reject, drop-oldest, drop-newest)
+                      show or change a queue's own settings: max-length,
+                      overflow (reject, drop-oldest, drop-newest),
+                      dedup-window (of PUT --id) and rate (10/s)
   DEL <queue>...      delete queues and their messages
   LEN <queue>         how many messages the queue holds
   LIST                every queue that holds messages, with its length

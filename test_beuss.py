@@ -1819,21 +1819,21 @@ class BoundedQueueTest(ServerCase):
             ["QUEUE", "SET", "q", "max-length", "1", "overflow"],
             ["QUEUE", "SET", "q.dead", "max-length", "1"], ["QUEUE", "RESET", "q"],
             ["QUEUE", "GET", "q"], ["QUEUE", "NOPE", "q"]),
-            b"*6\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
-            b"$12\r\ndedup-window\r\n$3\r\n300\r\n"
+            b"*8\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$3\r\n300\r\n$4\r\nrate\r\n$1\r\n0\r\n"
             b"+OK\r\n"
-            b"*6\r\n$10\r\nmax-length\r\n$2\r\n10\r\n$8\r\noverflow\r\n$11\r\ndrop-newest\r\n"
-            b"$12\r\ndedup-window\r\n$3\r\n300\r\n"
+            b"*8\r\n$10\r\nmax-length\r\n$2\r\n10\r\n$8\r\noverflow\r\n$11\r\ndrop-newest\r\n"
+            b"$12\r\ndedup-window\r\n$3\r\n300\r\n$4\r\nrate\r\n$1\r\n0\r\n"
             b"-ERR max-length: 'x' is not a count: a whole number from 0 up\r\n"
             b"-ERR overflow: 'sometimes' is not reject, drop-oldest or drop-newest\r\n"
             b"-ERR no queue setting 'speed': the settings are max-length, overflow, "
-            b"dedup-window\r\n"
+            b"dedup-window, rate\r\n"
             b"-ERR wrong number of arguments for 'queue|set' command\r\n"
             b"-ERR syntax error\r\n"
             b"-ERR q.dead holds dead letters, which take no settings\r\n"
             b"+OK\r\n"
-            b"*6\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
-            b"$12\r\ndedup-window\r\n$3\r\n300\r\n"
+            b"*8\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$3\r\n300\r\n$4\r\nrate\r\n$1\r\n0\r\n"
             b"-ERR unknown subcommand 'NOPE'. Try QUEUE HELP.\r\n")
         self.assertEqual(self.server.queues.settings, {})
 
@@ -1896,7 +1896,7 @@ class BoundedQueueTest(ServerCase):
     def test_the_command_line_sets_and_a_full_queue_exits_6(self):
         run = lambda *argv: CommandLineTest.run_main(self, *argv)
         self.assertEqual(run("QUEUE", "jobs", "max-length", "1"),
-                         (0, b"max-length 1\noverflow reject\ndedup-window 300\n", ""))
+                         (0, b"max-length 1\noverflow reject\ndedup-window 300\nrate 0\n", ""))
         self.assertEqual(run("PUT", "jobs", "a")[0], 0)
         self.assertEqual(run("PUT", "jobs", "b"), (
             6, b"", "beuss: FULL queue jobs holds 1 messages, its max-length: "
@@ -1905,7 +1905,7 @@ class BoundedQueueTest(ServerCase):
             2, "beuss: max-length: '-1' is not a count: a whole number from 0 up\n"))
         self.assertEqual(run("QUEUE", "jobs", "overflow")[0], 2)
         self.assertEqual(run("QUEUE", "jobs", "--reset")[1],
-                         b"max-length 0\noverflow reject\ndedup-window 300\n")
+                         b"max-length 0\noverflow reject\ndedup-window 300\nrate 0\n")
         self.assertEqual(run("PUT", "jobs", "b")[0], 0)
 
 
@@ -1921,8 +1921,8 @@ class PutOnceTest(ServerCase):
             ["QUEUE", "SET", "q", "dedup-window", "1x"]),
             b":1\r\n:2\r\n:0\r\n-ERR syntax error\r\n-ERR syntax error\r\n"
             b"-ERR wrong number of arguments for 'put' command\r\n+OK\r\n"
-            b"*6\r\n$10\r\nmax-length\r\n$1\r\n3\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
-            b"$12\r\ndedup-window\r\n$3\r\n0.1\r\n:3\r\n"
+            b"*8\r\n$10\r\nmax-length\r\n$1\r\n3\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$3\r\n0.1\r\n$4\r\nrate\r\n$1\r\n0\r\n:3\r\n"
             b"-FULL queue q holds 3 messages, its max-length\r\n"
             b"-ERR dedup-window: '1x' is not a time: seconds, or 500ms, 30s, 5m, 2h, "
             b"1d, 1h30m\r\n")
@@ -1952,7 +1952,35 @@ class PutOnceTest(ServerCase):
         self.assertEqual(self.client().call("LRANGE", "jobs", 0, -1), [b"a"])
 
 
+class RateTest(ServerCase):
+    """QUEUE SET rate: one delivery every 1/rate seconds, to all consumers
+    together; waiters are served when the next may be, without polling."""
 
+    def test_deliveries_are_spaced_and_waiters_woken(self):
+        self.exchange(requests(
+            ["QUEUE", "SET", "q", "rate", "2/S"], ["RPUSH", "q", "a", "b", "c", "d"],
+            ["LPOP", "q", "3"], ["LPOP", "q"], ["RESERVE", "q", "0.01", "COUNT", "5"],
+            ["LLEN", "q"], ["QUEUE", "SET", "q", "rate", "fast"]),
+            b"+OK\r\n:4\r\n*1\r\n$1\r\na\r\n$-1\r\n*-1\r\n:3\r\n"
+            b"-ERR rate: 'fast' is not a rate: a number of deliveries a second, "
+            b"minute or hour (10/s, 2.5/m, 100/h), or 0 for none\r\n")
+        self.assertIn(b"rate=2/s", self.client().call("INFO"))
+        waiters = [self.connect() for _ in range(3)]
+        started = time.monotonic()
+        for sock in waiters:
+            sock.sendall(requests(["BLPOP", "q", "5"]))
+        times = []
+        for sock in waiters:                # each gets one, in turn
+            self.assertEqual(len(self.receive(sock, len(b"*2\r\n$1\r\nq\r\n$1\r\nb\r\n"))),
+                             len(b"*2\r\n$1\r\nq\r\n$1\r\nb\r\n"))
+            times.append(time.monotonic() - started)
+        self.assertGreaterEqual(times[-1] - times[0], 1.0 - 0.02)     # 0.5 s apart
+        self.exchange(requests(["QUEUE", "SET", "q", "rate", "0"], ["RPUSH", "q", "x", "y"],
+                               ["LPOP", "q", "2"]),
+                      b"+OK\r\n:2\r\n*2\r\n$1\r\nx\r\n$1\r\ny\r\n")
+
+
+class LongWorkTest(ServerCase):
     """Work that grows with a queue is done MOVE_SLICE messages a pass:
     other clients are served meanwhile."""
 
@@ -5167,6 +5195,43 @@ time.sleep(60)
 
 # ## Side by side with Redis and its tools ####################################
 
+class QueueSettingsDurabilityTest(unittest.TestCase):
+    """A queue's settings and the ids of PUT ... ID outlive a SIGKILL with
+    --data --fsync always: each was written before its reply."""
+
+    def test_settings_and_ids_outlive_a_kill(self):
+        if not POSIX:
+            self.skipTest("SIGKILL is POSIX")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        data = os.path.join(folder, "beuss.db")
+        server = BeussProcess({}, "--data", data, "--fsync", "always")
+        with beuss.Client(port=server.port, timeout=TIMEOUT) as client:
+            client.configure("jobs", max_length=2, overflow="drop-newest",
+                             rate="100/s", dedup_window="1h")
+            self.assertEqual(client.put("jobs", "a", id="order-1"), 1)
+            self.assertEqual(client.put("jobs", "b", id="order-2"), 2)
+            self.assertEqual(client.put("jobs", "c"), 2)         # overflow
+        server.process.kill()
+        server.process.wait(TIMEOUT)
+        port = free_port()
+        process = subprocess.Popen([sys.executable, BEUSS, "--port", str(port),
+                                    "--data", data], stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(port, process=process)
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                self.assertEqual(client.settings("jobs"), {
+                    "max-length": 2, "overflow": "drop-newest",
+                    "dedup-window": 3600.0, "rate": "100/s"})
+                self.assertEqual(client.put("jobs", "a again", id="order-1"), 0)
+                self.assertEqual([r.why for r in client.why("jobs.dead")],
+                                 ["overflow"])
+                self.assertEqual(client.call("LRANGE", "jobs", 0, -1), [b"a", b"b"])
+        finally:
+            process.terminate()
+            process.wait(TIMEOUT)
+
+
 class DurabilityTest(unittest.TestCase):
     """A server killed with SIGKILL at random moments (seeded), ten times,
     while four clients put and one reserves and acknowledges: every put
@@ -7241,7 +7306,7 @@ time.sleep(60)
                 queue = "bounded-" + target
                 client = self.client(port)
                 self.assertEqual(self.cli(port, "QUEUE", queue, "max-length", "2")[0],
-                                 b"max-length 2\noverflow reject\ndedup-window 300\n")
+                                 b"max-length 2\noverflow reject\ndedup-window 300\nrate 0\n")
                 self.assertEqual(client.put_many(queue, ["a", "b"]), 2)
                 err = self.cli(port, "PUT", queue, "c", status=6)[1]
                 self.assertIn("FULL queue %s holds 2 messages" % queue, err)
@@ -7259,7 +7324,7 @@ time.sleep(60)
                               self.cli(port, "LIST")[0].decode())
                 self.assertEqual(client.configure(queue, reset=True),
                                  {"max-length": 0, "overflow": "reject",
-                                  "dedup-window": 300.0})
+                                  "dedup-window": 300.0, "rate": "0"})
                 self.assertEqual(client.put(queue, "g"), 3)
 
     def test_put_once_on_every_engine(self):
@@ -7286,7 +7351,94 @@ time.sleep(60)
                 time.sleep(0.15)
                 self.assertEqual(client.put(queue, "g", id="long"), 5)
 
+    def test_a_rate_spaces_deliveries_on_every_engine(self):
+        for target, port in self.targets():
+            with self.subTest(target=target):
+                queue = "rated-" + target
+                client = self.client(port)
+                self.assertIn(b"rate 20/s\n", self.cli(port, "QUEUE", queue, "rate",
+                                                      "20/s")[0])
+                client.put_many(queue, ["m%d" % i for i in range(6)])
+                started = time.monotonic()
+                for i in range(6):
+                    self.assertTrue(client.reserve(queue, wait=5).ack())
+                self.assertGreaterEqual(time.monotonic() - started, 5 * 0.05 - 0.01)
+                self.assertEqual(client.reserve(queue, count=10, wait=1), [])
+                client.configure(queue, reset=True)
 
+    CHAOS_PRODUCER = """
+import sys, beuss
+client = beuss.Client(port=int(sys.argv[1]))
+for i in range(150):
+    for _ in range(2):              # each put twice, as after a timeout
+        client.put(sys.argv[2], "c%d" % i, id="c%d" % i)
+"""
+
+    def test_a_bounded_rated_queue_put_once_loses_nothing(self):
+        """Seeded: a queue of at most 60 messages (the oldest go), 300
+        deliveries a second, every message put twice with its id, while a
+        random one of three consumers is killed four times. Every message
+        is acknowledged once (or was being when its consumer was killed),
+        or is a dead letter with the reason overflow; none is delivered
+        twice after its acknowledgement."""
+        if not POSIX:
+            self.skipTest("SIGKILL is POSIX")
+        for target, port in self.targets():
+            with self.subTest(target=target):
+                rng = random.Random(29)
+                queue = "chaos-settings-" + target
+                client = self.client(port)
+                client.configure(queue, max_length=60, overflow="drop-oldest",
+                                 rate="300/s")
+                logs, consumers = [], []
+
+                def start():
+                    log = tempfile.TemporaryFile()
+                    logs.append(log)
+                    consumers.append(subprocess.Popen(
+                        [sys.executable, "-c", self.CHAOS, str(port), queue],
+                        stdout=log, cwd=HERE, env=dict(os.environ, **self.ENV)))
+                try:
+                    producer = subprocess.Popen([sys.executable, "-c",
+                                                 self.CHAOS_PRODUCER, str(port), queue],
+                                                cwd=HERE)
+                    for _ in range(3):
+                        start()
+                    for _ in range(4):
+                        time.sleep(rng.uniform(0.1, 0.3))
+                        victim = rng.choice([c for c in consumers if c.poll() is None])
+                        victim.kill()
+                        start()
+                    self.assertEqual(producer.wait(TIMEOUT), 0)
+                    deadline = time.monotonic() + 20
+                    while client.queue_counts().get(queue):
+                        self.assertLess(time.monotonic(), deadline)
+                        time.sleep(0.1)
+                finally:
+                    for consumer in consumers:
+                        consumer.kill()
+                        consumer.wait(TIMEOUT)
+                    client.configure(queue, reset=True)
+                acking, acked = set(), collections.defaultdict(int)
+                for log in logs:
+                    log.seek(0)
+                    for line in log.read().decode().splitlines():
+                        words = line.split()
+                        if words[0] == "acking" and len(words) == 2:
+                            acking.add(words[1])
+                        elif words[0] == "acked" and len(words) == 3:
+                            acked[words[1]] += 1
+                    log.close()
+                dead = {record.message.decode(): record.why
+                        for record in client.why(queue + ".dead")}
+                self.assertEqual(set(dead.values()) - {"overflow"}, set())
+                self.assertEqual([m for m, times in acked.items() if times > 1], [])
+                lost = [m for m in ("c%d" % i for i in range(150))
+                        if m not in acked and m not in acking and m not in dead]
+                self.assertEqual(lost, [])
+                self.assertGreater(len(acked), 50)
+
+    def test_batches_on_every_engine(self):
         for target, port in self.targets():
             with self.subTest(target=target):
                 queue = "batch-" + target
