@@ -5,7 +5,7 @@
     echo hi | python beuss.py PUT jobs    put a message (stdin, an argument,
                                           --file, or --lines: one a line;
                                           --delay 30s: ready later; --id
-                                          KEY: once per key)
+                                          KEY: once per key; --ttl 1h)
     python beuss.py GET jobs [out.bin]    take one message (--wait SECONDS)
     python beuss.py ON jobs               take messages as they come (--exec,
                                           --count, --timeout, --separator)
@@ -237,6 +237,14 @@ def _number_text(seconds):
     GET is the one given, 1234567 never 1.23457e+06."""
     text = repr(float(seconds))
     return text[:-2] if text.endswith(".0") else text
+
+
+def _duration_text(seconds):
+    """Seconds as the shortest text _duration reads back: 1h, 90s, 1.5s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return _number_text(seconds) + "s"
 
 
 def _size_text(number):
@@ -1126,6 +1134,10 @@ class Queues:
         # QUEUE SET rate: queue -> [seconds between two deliveries, when
         # the next may be] (see Rating).
         self.limited = {}
+        # ttl: queue -> runs [until, count, ttl] of its last `covered`
+        # messages, oldest first, and queue -> covered (see Expiring).
+        self.expiring = {}
+        self.covered = {}
         self.max_deliveries = max_deliveries    # 0: no limit
         self.retry_delay = retry_delay  # a first failure waits this long
         self.retry_max_delay = retry_max_delay  # and a later one at most
@@ -1264,14 +1276,21 @@ class Queues:
             for watch in watches:
                 watch.changed = True
 
-    def push(self, name, messages, left=False):
+    def push(self, name, messages, left=False, ttl=None):
         """Add messages at the tail (or the head); return the new length.
         A bounded queue refuses them (ReplyError FULL) or sends the excess
-        to its dead letters, as its overflow setting says."""
+        to its dead letters, as its overflow setting says. At the tail they
+        expire after ttl seconds, or the queue's ttl (see Expiring)."""
         if self.bounded and name in self.bounded:
             messages = self._within_bound(name, messages)
             if not messages:
                 return self.length(name)
+        if not left and (ttl or self.settings and name in self.settings):
+            ttl = ttl or self.settings[name].get("ttl")
+        else:
+            ttl = None
+        if ttl:
+            return self._push_expiring(name, messages, ttl)
         if self.journal is not None:
             self.journal.push(name, messages, left)
         counts = self.counts.get(name)
@@ -1281,7 +1300,9 @@ class Queues:
             self._arrived(name, len(messages))
         return self._add(name, messages, left)
 
-    def _add(self, name, messages, left):
+    def _add(self, name, messages, left, until=FOREVER, ttl=None):
+        if not left and (ttl or self.expiring and name in self.expiring):
+            self._cover(name, len(messages), until, ttl)
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = collections.deque()
@@ -1302,6 +1323,8 @@ class Queues:
     def pop_one(self, name, left=True):
         """Take the message at the head (or the tail), or None when there is
         none: pop() without its list, for the commands that take one."""
+        if self.expiring and name in self.expiring and self.expire_head(name):
+            return None
         queue = self._queues.get(name)
         if not queue or self.paused and name in self.paused or \
                 self.limited and name in self.limited and not self._token(name):
@@ -1318,6 +1341,8 @@ class Queues:
 
     def pop(self, name, left=True, count=1):
         """Take up to count messages from the head (or the tail)."""
+        if self.expiring and name in self.expiring and self.expire_head(name):
+            return []
         queue = self._queues.get(name)
         if not queue or count < 1 or self.paused and name in self.paused:
             return []               # nothing taken: nothing changed
@@ -1347,6 +1372,9 @@ class Queues:
         or None when source is empty (or paused: LMOVE delivers; REDRIVE,
         fresh, does not). A dead letter leaves its record behind; fresh,
         the message also starts with no deliveries."""
+        if not fresh and self.expiring and source in self.expiring and \
+                self.expire_head(source):
+            return None
         if not self._queues.get(source) or not fresh and (
                 self.paused and source in self.paused or self.limited and
                 source in self.limited and not self._token(source)):
@@ -1459,6 +1487,8 @@ class Queues:
             self.journal.delete(name)
         self._count(name, "removed", len(queue))
         del self._queues[name]
+        if name in self.expiring:
+            del self.expiring[name], self.covered[name]
         self.size -= _cost(queue)
         self._changed(name)
         return True
@@ -1481,6 +1511,8 @@ class Queues:
     def reserve(self, name, owner):
         """Take the head of name and hold it for owner: a Held, or None
         when the queue is empty."""
+        if self.expiring and name in self.expiring and self.expire_head(name):
+            return None
         queue = self._queues.get(name)
         if not queue or self.paused and name in self.paused or \
                 self.limited and name in self.limited and not self._token(name):
@@ -1901,6 +1933,106 @@ class Queues:
                     self._queues.get(name):
                 self.ready[name] = None
 
+    # Expiring ------------------------------------------------------------
+    #
+    # A message pushed at the tail of a queue with a ttl (QUEUE SET ttl 1h),
+    # or with a ttl of its own (PUT ... TTL), that is still in the queue
+    # when it runs out goes to the dead letters with the reason "expired
+    # after 1h" instead of to a consumer. The queue keeps runs [until,
+    # count, ttl], oldest first, of its last `covered` messages (pushes a
+    # second apart with one ttl share a run, which ends with the later:
+    # a message may outlive its ttl by less than a second, never fall
+    # short of it). Messages in front of them (given back, pushed at the
+    # head) do not expire; those joining the tail without a ttl get a run
+    # that never ends, which keeps the runs in step (LINSERT into the
+    # middle does not). Nothing else follows a message: what leaves the
+    # queue from the head leaves covered > length, and the oldest runs are
+    # cut to fit when next looked at. The head is looked at when a message
+    # is taken, and at housekeeping; MOVE_SLICE at most expire at a time,
+    # the rest in the next passes (a chore), so a million expiring
+    # together never stop the loop.
+
+    def _push_expiring(self, name, messages, ttl):
+        until = time.time() + ttl
+        if self.journal is not None:
+            self.journal.push(name, messages, False, until, ttl)
+        self._arrived(name, len(messages))
+        return self._add(name, messages, False, until, ttl)
+
+    def _cover(self, name, count, until, ttl):
+        # A run for count messages joining the tail (until FOREVER, ttl
+        # None: they do not expire, but keep the runs in step).
+        self._fit_runs(name)
+        runs = self.expiring.get(name)
+        if runs is None:
+            runs = self.expiring[name] = collections.deque()
+            self.covered[name] = 0
+        if runs and runs[-1][2] == ttl and until - runs[-1][0] < 1:
+            runs[-1][0] = until
+            runs[-1][1] += count
+        else:
+            runs.append([until, count, ttl])
+        self.covered[name] += count
+
+    def _fit_runs(self, name):
+        """Cut the oldest runs until they cover no more than name holds."""
+        runs, length = self.expiring.get(name), self.length(name)
+        if runs is None:
+            return
+        excess = self.covered[name] - length
+        while excess > 0:
+            if runs[0][1] <= excess:
+                excess -= runs.popleft()[1]
+            else:
+                runs[0][1] -= excess
+                excess = 0
+        self.covered[name] = min(self.covered[name], length)
+        if not runs or len(runs) == 1 and runs[0][2] is None:
+            del self.expiring[name], self.covered[name]
+
+    def expire_head(self, name):
+        """Send name's expired messages at its head to its dead letters,
+        MOVE_SLICE at most; whether its head is still expired after."""
+        return self._expire(name, time.time(), MOVE_SLICE) < 0
+
+    def expire_due(self, now=None, most=MOVE_SLICE):
+        """The same over every queue with a ttl, `most` in all; whether
+        some are left to expire."""
+        now = time.time() if now is None else now
+        for name in list(self.expiring):
+            most = self._expire(name, now, most)
+            if most < 0:
+                return True
+        return False
+
+    def _expire(self, name, now, most):
+        # What is left of most, or -1 when the head is still expired.
+        self._fit_runs(name)
+        runs = self.expiring.get(name)
+        while runs and self.covered[name] == self.length(name) and \
+                runs[0][0] <= now:
+            if most <= 0:
+                return -1
+            count = min(runs[0][1], most)
+            if self.journal is not None:
+                self.journal.pop(name, count, True)
+            taken = self._take(name, True, count)
+            ttl = runs[0][2]
+            runs[0][1] -= count
+            if not runs[0][1]:
+                runs.popleft()
+            self.covered[name] -= count
+            most -= count
+            self._count(name, "removed", count)
+            self._count(name, "dead_lettered", count)
+            self.push(dead_letters(name), [dead_letter(
+                message, 0, now, "expired after " + _duration_text(ttl))
+                for message in taken])
+            if not runs or len(runs) == 1 and runs[0][2] is None:
+                del self.expiring[name], self.covered[name]
+                break
+        return most
+
     # Putting once ----------------------------------------------------------
     #
     # PUT q message ID key adds message unless key was put on q within its
@@ -1912,13 +2044,13 @@ class Queues:
     # (SEEN_COST and their bytes each). A push a bound refuses leaves no id
     # behind.
 
-    def put_once(self, name, key, message, now=None):
+    def put_once(self, name, key, message, now=None, ttl=None):
         """PUT ... ID: name's new length, or 0 when key is known."""
         now = time.time() if now is None else now
         seen = self.seen.get(name)
         if seen and seen.get(key, 0) > now:
             return 0
-        length = self.push(name, [message])
+        length = self.push(name, [message], ttl=ttl)
         window = self.settings.get(name, {}).get(
             "dedup-window", QUEUE_SETTINGS["dedup-window"][0])
         if self.journal is not None:
@@ -2003,7 +2135,8 @@ class Queues:
             name = next(iter(self.ready))
             del self.ready[name]
             line = self._waiters.get(name)
-            while line and name in self._queues and name not in self.paused \
+            while line and not (name in self.expiring and self.expire_head(
+                    name)) and name in self._queues and name not in self.paused \
                     and (name not in self.limited or self.limited[name][1] <=
                          time.time()):
                 waiter = line[0]
@@ -2211,7 +2344,9 @@ def _pattern_key(pattern):
 # tries, died, why); settings(name, value) with next_id; paused(queue),
 # the queues PAUSE stopped; configured(queue, settings), a queue's QUEUE SET
 # as text ("max-length 100 overflow drop-oldest"); seen(queue, id, until),
-# the ids of PUT ... ID and when their window ends. tries, died and
+# the ids of PUT ... ID and when their window ends; expiring(queue, position,
+# until, ttl), when a queued message expires (rows of messages gone from
+# the queue are deleted at housekeeping). tries, died and
 # why are a dead letter's record, empty for other messages (a dead letter
 # counts its deliveries in tries). A queue's name is TEXT where it is UTF-8
 # (so `WHERE queue = 'jobs'` finds it), a BLOB where it is not.
@@ -2224,7 +2359,11 @@ _CONFIGURED_SCHEMA = """CREATE TABLE configured (queue PRIMARY KEY,
     settings TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE seen (queue NOT NULL, id BLOB NOT NULL, until REAL NOT NULL,
                    PRIMARY KEY (queue, id)) WITHOUT ROWID;
-CREATE INDEX seen_until ON seen (until);"""
+CREATE INDEX seen_until ON seen (until);
+CREATE TABLE expiring (queue NOT NULL, position REAL NOT NULL,
+                       until REAL NOT NULL, ttl REAL NOT NULL,
+                       PRIMARY KEY (queue, position)) WITHOUT ROWID;
+CREATE INDEX expiring_until ON expiring (until);"""
 _INSERT_QUEUED = "INSERT INTO queued VALUES (?, ?, ?, ?, ?, ?, ?)"
 _STORE_SCHEMA = """
 CREATE TABLE queued (queue BLOB NOT NULL, position REAL NOT NULL,
@@ -2345,6 +2484,7 @@ class Store:
         import threading
         self._sqlite3 = sqlite3
         self.path, self.fsync = path, fsync
+        self.expiring_rows = False      # rows in expiring to look after
         self._positions = {}        # queue -> deque of positions, in order
         self._backlog = []          # statements not yet committed
         self._pending = None        # (key, items): a run not yet written
@@ -2562,6 +2702,20 @@ class Store:
             positions.append(position)
         if messages:
             queues._add(name, messages, False)
+        # The runs of what expires, from a queue's first such message to
+        # its tail (messages without a ttl among them in never-ending runs).
+        for key, until, ttl in db.execute(
+                "SELECT queue, until, ttl FROM queued LEFT JOIN expiring "
+                "USING (queue, position) WHERE position >= (SELECT "
+                "min(position) FROM expiring WHERE expiring.queue = "
+                "queued.queue) ORDER BY queue, position").fetchall():
+            _check_row(self.path, "expiring", (_name_of(key), until, ttl),
+                       (bytes, float, float) if until is not None else
+                       (bytes, (float,), (float,)))
+            queues._cover(_name_of(key), 1, FOREVER if until is None
+                          else until, ttl)
+        self.expiring_rows = _first(
+            db, "SELECT 1 FROM expiring LIMIT 1") is not None
         queues.ready.clear()
         try:
             db.execute("COMMIT")
@@ -2571,7 +2725,7 @@ class Store:
 
     # What the queues call, before each change ----------------------------
 
-    def push(self, name, messages, left):
+    def push(self, name, messages, left, until=None, ttl=None):
         positions = self._positions.get(name)
         if left:
             edge = positions[0] if positions else 0.0
@@ -2595,6 +2749,20 @@ class Store:
             positions.extendleft(new)
         else:
             positions.extend(new)
+        if until is not None:
+            self._run([("INSERT INTO expiring VALUES (?, ?, ?, ?)", [
+                (key, position, until, ttl) for position in new])])
+            self.expiring_rows = True
+
+    def forget_expiring(self, now):
+        # The rows of messages gone from the queue (delivered or expired)
+        # once their time has passed; until none is left, each housekeeping.
+        self._run([("DELETE FROM expiring WHERE until <= ? AND NOT EXISTS "
+                    "(SELECT 1 FROM queued WHERE queued.queue = "
+                    "expiring.queue AND queued.position = expiring.position)",
+                    (now,))])
+        self.expiring_rows = _first(
+            self._db, "SELECT 1 FROM expiring LIMIT 1") is not None
 
     def pop(self, name, count, left):
         positions = self._positions[name]
@@ -3098,7 +3266,8 @@ _STORE_COLUMNS = {"queued": ["queue", "position", "message", "deliveries",
                                "head", "tries", "died", "why"],
                   "settings": ["name", "value"], "paused": ["queue"],
                   "configured": ["queue", "settings"],
-                  "seen": ["queue", "id", "until"]}
+                  "seen": ["queue", "id", "until"],
+                  "expiring": ["queue", "position", "until", "ttl"]}
 
 
 def _check_store(db, path):
@@ -3652,6 +3821,23 @@ def _rate(samples, now, count, span=60):
     return (count - then[1]) / max(now - then[0], 1)
 
 
+class _Expiry:
+    """The chore that sends expired messages to their dead letters,
+    MOVE_SLICE a pass, while any are left (see Expiring in Queues)."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def step(self):
+        try:
+            left = self.server.queues.expire_due()
+        except StoreError:
+            left = False            # the next housekeeping tries again
+        if not left:
+            self.server._expiry = None
+        return not left
+
+
 class _Errand:
     """A chore done for one client, who waits for its reply."""
 
@@ -3751,6 +3937,7 @@ class Server(_Connections):
         # Work too long for one pass, done a slice a pass: each has step(),
         # which returns True once the work is done.
         self._chores = []
+        self._expiry = None             # the _Expiry chore, while it runs
         self._snapshot = None           # the status page's latest numbers
         self.nonces = collections.deque(maxlen=600)   # the pages' last ones
         self.outcomes = {}              # the page's actions: id -> what
@@ -4054,6 +4241,14 @@ class Server(_Connections):
                 self.queues.forget_seen(time.time())
             except StoreError:
                 pass            # kept until the store writes again
+        if self.queues.expiring and self._expiry is None:
+            self._expiry = _Expiry(self)
+            self.add_chore(self._expiry)
+        if self.store is not None and self.store.expiring_rows:
+            try:
+                self.store.forget_expiring(time.time())
+            except StoreError:
+                pass
         if now >= self._sample_at:
             self._sample_at = now + SAMPLE_INTERVAL
             self.queues.sample(now)
@@ -5080,9 +5275,12 @@ def _blocking_move(server, conn, source, target, from_left, to_left, timeout):
 # and deliveries (hashes), ids ready again after a failure (a list, taken
 # before the queue), dead letters and, in step with them, why each died
 # (lists), the last id given, a flag that PAUSE sets (the reserve script
-# delivers nothing while it is there), and QUEUE SET's settings (a hash).
+# delivers nothing while it is there), QUEUE SET's settings (a hash), and
+# the runs of expiring messages ("until count ttl", a list) with how many
+# of the queue's last messages they cover (see Expiring in Queues).
 COMPANIONS = (b"held", b"deferred", b"messages", b"deliveries", b"again",
-              b"dead", b"why", b"ids", b"paused", b"settings")
+              b"dead", b"why", b"ids", b"paused", b"settings", b"expiring",
+              b"covered")
 
 # Every script starts so: the server's clock, the keys by name (the queue,
 # then COMPANIONS), and what a failure does: to the dead letters after the
@@ -5123,6 +5321,72 @@ local function leased(lease)
 end
 local function setting(name)
   return redis.call('HGET', settings, name) or DEFAULTS[name]
+end
+local function seconds(text)    -- a time as _duration_text writes it
+  local number, unit = string.match(text, '^([%d.]+)(%a)$')
+  return tonumber(number) * ({s = 1, m = 60, h = 3600, d = 86400})[unit]
+end
+local function fit_runs()
+  -- The oldest runs cut to cover no more than the queue holds.
+  local length = redis.call('LLEN', queue)
+  local n = tonumber(redis.call('GET', covered) or '0')
+  local cut = n > length
+  while n > length do
+    local run = redis.call('LINDEX', expiring, 0)
+    local last, count, ttl = string.match(run, '^(%S+) (%d+) (%S+)$')
+    if tonumber(count) <= n - length then
+      redis.call('LPOP', expiring)
+      n = n - tonumber(count)
+    else
+      redis.call('LSET', expiring, 0, last .. ' ' ..
+        (tonumber(count) - n + length) .. ' ' .. ttl)
+      n = length
+    end
+  end
+  if cut and n == 0 then redis.call('DEL', covered, expiring) end
+  if cut and n > 0 then redis.call('SET', covered, n) end
+  return n, length
+end
+local function cover(count, ttl)
+  -- A run for count messages joining the tail; without a ttl ('') one
+  -- that never ends, if some of the queue's messages expire.
+  if ttl == '' and redis.call('EXISTS', covered) == 0 then return end
+  fit_runs()
+  local last = '-'
+  if ttl == '' then ttl = '-' else
+    last = string.format('%.6f', now + seconds(ttl))
+  end
+  local run = redis.call('LINDEX', expiring, -1)
+  local previous, size, same = string.match(run or '', '^(%S+) (%d+) (%S+)$')
+  if same == ttl and (ttl == '-' or last - previous < 1) then
+    redis.call('LSET', expiring, -1, last .. ' ' .. (size + count) .. ' ' ..
+      ttl)
+  else
+    redis.call('RPUSH', expiring, last .. ' ' .. count .. ' ' .. ttl)
+  end
+  redis.call('INCRBY', covered, count)
+end
+local function expire(most)
+  -- Expired messages at the head to the dead letters, at most most;
+  -- true when the head is still expired after them.
+  local n, length = fit_runs()
+  local was = n
+  while n > 0 and n == length do
+    local run = redis.call('LINDEX', expiring, 0)
+    local last, count, ttl = string.match(run, '^(%S+) (%d+) (%S+)$')
+    if last == '-' or tonumber(last) > now then break end
+    if most <= 0 then return true end
+    bury(redis.call('LPOP', queue), 0, 'expired after ' .. ttl)
+    n, length, most = n - 1, length - 1, most - 1
+    if tonumber(count) == 1 then
+      redis.call('LPOP', expiring)
+    else
+      redis.call('LSET', expiring, 0, last .. ' ' .. (count - 1) .. ' ' .. ttl)
+    end
+  end
+  if n ~= was and n == 0 then redis.call('DEL', covered, expiring) end
+  if n ~= was and n > 0 then redis.call('SET', covered, n) end
+  return false
 end
 local function bound()
   -- A queue's max-length (0: none), its overflow, and its ready messages.
@@ -5208,6 +5472,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', deferred, '-inf', now,
   if redis.call('HEXISTS', deliveries, id) == 1 then
     redis.call('RPUSH', again, id)
   else
+    cover(1, '')
     redis.call('RPUSH', queue, redis.call('HGET', messages, id))
     redis.call('HDEL', messages, id)
   end
@@ -5229,6 +5494,7 @@ for _ = 1, taking do
     message = redis.call('HGET', messages, id)
     count = redis.call('HINCRBY', deliveries, id, 1)
   else
+    if expire(100) then break end
     message = redis.call('LPOP', queue)
     if not message then break end
     id = string.format('%012d', redis.call('INCR', ids))
@@ -5391,6 +5657,7 @@ while moved < tonumber(ARGV[1]) do
   local message = redis.call('LPOP', dead)
   if not message then break end
   redis.call('LPOP', why)
+  cover(1, '')
   redis.call('RPUSH', queue, message)
   moved = moved + 1
 end
@@ -5437,12 +5704,28 @@ def cmd_queue(server, conn, args):
 
 
 def cmd_put(server, conn, args):
-    # PUT q message [ID key]: RPUSH of one message, once per key.
-    if len(args) == 3:
-        return encode_int(server.queues.push(args[1], [args[2]]))
-    if len(args) != 5 or args[3].upper() != b"ID":
+    # PUT q message [ID key] [TTL seconds]: RPUSH of one message, once per
+    # key, expiring after its own ttl.
+    options = {}
+    for i in range(3, len(args) - 1, 2):
+        word = args[i].upper()
+        if word not in (b"ID", b"TTL") or word in options:
+            raise ReplyError(ERR_SYNTAX)
+        options[word] = args[i + 1]
+    if len(args) % 2 == 0:
         raise ReplyError(ERR_SYNTAX)
-    return encode_int(server.queues.put_once(args[1], args[4], args[2]))
+    ttl = None
+    if b"TTL" in options:
+        try:
+            ttl = _delay(options[b"TTL"])
+        except ReplyError as exc:
+            raise ReplyError(str(exc).replace("delay", "TTL"))
+        if not ttl:
+            raise ReplyError("ERR TTL must be more than 0 seconds")
+    if b"ID" in options:
+        return encode_int(server.queues.put_once(args[1], options[b"ID"],
+                                                 args[2], ttl=ttl))
+    return encode_int(server.queues.push(args[1], [args[2]], ttl=ttl))
 
 
 def cmd_why(server, conn, args):
@@ -5491,14 +5774,14 @@ return count
 
 
 # RPUSH and PUT ... ID on Redis, where a bounded queue's push is this
-# script: ARGV an id ('' for none; KEYS[12] is then its key) and the
-# messages; returns the ready messages as the server's push does, or 0 for
+# script: ARGV an id ('' for none; the last key is then its key), a ttl
+# ('' for the queue's) and the messages; returns the ready messages as the server's push does, or 0 for
 # an id known (see Bounding and Putting once in Queues for the rules).
 _LUA["put"] = """
-local id = ARGV[1]
-if id ~= '' and redis.call('EXISTS', KEYS[12]) == 1 then return 0 end
+local id, ttl = ARGV[1], ARGV[2]
+if id ~= '' and redis.call('EXISTS', KEYS[#KEYS]) == 1 then return 0 end
 local most, overflow, length = bound()
-local first, last, excess = 2, #ARGV, length + #ARGV - 1 - most
+local first, last, excess = 3, #ARGV, length + #ARGV - 2 - most
 if most > 0 and excess > 0 then
   if overflow == 'reject' then return full(length) end
   if overflow == 'drop-oldest' then
@@ -5514,19 +5797,21 @@ if most > 0 and excess > 0 then
       end
       excess, length = excess - 1, length - 1
     end
-    first = excess + 2                    -- then the push's oldest
-    for i = 2, excess + 1 do bury(ARGV[i], 0, 'overflow') end
+    first = excess + 3                    -- then the push's oldest
+    for i = 3, excess + 2 do bury(ARGV[i], 0, 'overflow') end
   else
-    last = math.max(#ARGV - excess, 1)    -- drop-newest
+    last = math.max(#ARGV - excess, 2)    -- drop-newest
     for i = last + 1, #ARGV do bury(ARGV[i], 0, 'overflow') end
   end
 end
+if ttl == '' and setting('ttl') ~= DEFAULTS['ttl'] then ttl = setting('ttl') end
+if first <= last then cover(last - first + 1, ttl) end
 if first <= last then
   redis.call('RPUSH', queue, unpack(ARGV, first, last))
 end
 if id ~= '' then
-  redis.call('SET', KEYS[12], '1', 'PX',
-             math.max(math.floor(tonumber(setting('dedup-window')) * 1000), 1))
+  redis.call('SET', KEYS[#KEYS], '1', 'PX',
+             math.max(math.floor(seconds(setting('dedup-window')) * 1000), 1))
 end
 return redis.call('LLEN', queue) + redis.call('LLEN', again)
 """
@@ -5546,7 +5831,7 @@ for _, id in ipairs(redis.call('ZRANGE', deferred, 0, -1)) do
   redis.call('HDEL', messages, id)
   redis.call('HDEL', deliveries, id)
 end
-redis.call('DEL', queue, again, deferred)
+redis.call('DEL', queue, again, deferred, expiring, covered)
 if ready > 0 then return 1 end
 return 0
 """
@@ -6062,9 +6347,9 @@ nack|cmd_nack|-2|write,fast|0,0,0|list|beuss|Give held messages back: at the hea
 touch|cmd_touch|-2|fast|0,0,0|list|beuss|Renew the lease of held messages|id...
 defer|cmd_defer|-4|write,denyoom|1,1,1|list|beuss|Add messages to the tail of a queue once a delay has passed|key delay element...
 redrive|cmd_redrive|-2|write|1,1,1|list|beuss|Move dead letters back to the tail of their queue, as new messages|key [count]
-put|cmd_put|-3|write,denyoom,fast|1,1,1|list|beuss|Append a message to the tail of a queue; with ID, only if that id was not put on the queue within its dedup-window (0 then)|key element [ID id]
+put|cmd_put|-3|write,denyoom,fast|1,1,1|list|beuss|Append a message to the tail of a queue; with ID, only if that id was not put on the queue within its dedup-window (0 then); with TTL, to its dead letters if not delivered within ttl seconds|key element [ID id] [TTL ttl]
 queue|cmd_queue|-2||0,0,0|list|beuss|About a queue's own settings|
-queue set||-5|write|2,2,1|list|beuss|Change a queue's settings: max-length, overflow, dedup-window, rate|key setting value [setting value ...]
+queue set||-5|write|2,2,1|list|beuss|Change a queue's settings: max-length, overflow, dedup-window, rate, ttl|key setting value [setting value ...]
 queue get||3|readonly|2,2,1|list|beuss|A queue's settings, as pairs|key
 queue reset||3|write|2,2,1|list|beuss|Put a queue's settings back to their defaults|key
 queue help||2||0,0,0|list|beuss|What QUEUE's subcommands do|
@@ -6478,6 +6763,7 @@ QUEUE_SETTINGS = collections.OrderedDict((row[0], row[1:]) for row in (
     ("overflow", "reject", _overflow),
     ("dedup-window", 300.0, _duration),
     ("rate", "0", _rate_setting),
+    ("ttl", 0.0, _duration),
 ))
 
 
@@ -6504,8 +6790,10 @@ def _queue_settings(words, settings=None):
 
 
 def _queue_value(value):
-    """A queue setting's value as QUEUE GET shows it: 300, not 300.0."""
-    return _number_text(value) if isinstance(value, float) else str(value)
+    """A queue setting's value as QUEUE GET shows it: a time as 5m."""
+    if isinstance(value, float):
+        return _duration_text(value) if value else "0"
+    return str(value)
 
 
 def _queue_settings_text(settings):
@@ -7670,11 +7958,13 @@ class _Beuss:
     def own(self, command, *args, wait=0.0):
         return self.client.call(command, *args, wait=wait)
 
-    def put(self, queue, batches, key=None):
+    def put(self, queue, batches, key=None, ttl=None):
         # RPUSH each batch, in one round trip; the last length. With key
-        # (one message), PUT ... ID.
-        if key is not None:
-            return self.own(b"PUT", queue, batches[0][0], b"ID", key)
+        # or ttl (one message), PUT ... ID ... TTL.
+        if key is not None or ttl is not None:
+            return self.own(b"PUT", queue, batches[0][0], *(
+                ([b"ID", key] if key is not None else []) +
+                ([b"TTL", _number_text(ttl)] if ttl is not None else [])))
         return [_raise(reply) for reply in self.client.pipeline([
             [b"RPUSH", queue] + batch for batch in batches])][-1]
 
@@ -7800,11 +8090,12 @@ class _Scripts:
         return sum(self.script(name, queue, *(list(args) + numbers))
                    for queue, numbers in by_queue.items())
 
-    def put(self, queue, batches, key=None):
+    def put(self, queue, batches, key=None, ttl=None):
+        ttl = b"" if ttl is None else _duration_text(ttl)
         if key is None:
-            return [self.script("put", queue, b"", *batch)
+            return [self.script("put", queue, b"", ttl, *batch)
                     for batch in batches][-1]
-        return self.script("put", queue, key, *batches[0],
+        return self.script("put", queue, key, ttl, *batches[0],
                            more_keys=[_seen_key(queue, key)])
 
     def queue(self, subcommand, queue, words=()):
@@ -7825,8 +8116,9 @@ class _Scripts:
         if at_default:
             self.client.call(b"HDEL", key, *at_default)
         if settings:
-            self.client.call(b"HSET", key, *[part for pair in
-                                             settings.items() for part in pair])
+            self.client.call(b"HSET", key, *[part for name, value in
+                                             settings.items() for part in (
+                                                 name, _queue_value(value))])
         if "dedup-window" in given:             # shorten the ids known
             self.shorten_seen(queue, settings.get("dedup-window", QUEUE_SETTINGS[
                 "dedup-window"][0]))
@@ -8060,17 +8352,23 @@ class Client(_Routing):
 
     # Queues ----------------------------------------------------------------
 
-    def put(self, queue, message, delay=None, id=None):
+    def put(self, queue, message, delay=None, id=None, ttl=None):
         """Append message to queue; return the queue's new length. With
         delay (seconds), the message joins the tail once the delay has
         passed (DEFER); then the reply is how many of queue's messages wait
         so. With id, only if no message was put with that id on queue
-        within its dedup-window (5 minutes): 0 then, nothing added."""
-        if delay and id is not None:
-            raise ValueError("put() takes a delay or an id, not both")
+        within its dedup-window (5 minutes): 0 then, nothing added. With
+        ttl (seconds), it goes to the dead letters if no consumer took it
+        within ttl."""
+        if delay and (id is not None or ttl is not None):
+            raise ValueError("put() takes a delay, or an id and a ttl")
         if delay:
             return self._defer(queue, delay, [_arg(message)])
-        return self.engine.put(queue, [[_arg(message)]], id)
+        if ttl is not None:
+            ttl = float(_duration(ttl))
+            if not ttl:
+                raise ReplyError("ERR TTL must be more than 0 seconds")
+        return self.engine.put(queue, [[_arg(message)]], id, ttl)
 
     @property
     def engine(self):
@@ -9185,6 +9483,9 @@ def _put_arguments(parser):
     parser.add_argument("-d", "--delay", type=_duration, metavar="TIME",
                         help="the message joins the queue once TIME has "
                         "passed (seconds, or 500ms, 30s, 5m, 2h)")
+    parser.add_argument("--ttl", type=_duration, metavar="TIME",
+                        help="if no consumer took it within TIME, it goes to "
+                        "<queue>.dead (expired after TIME)")
     parser.add_argument("--id", metavar="KEY",
                         help="put it only if no message was put with KEY on "
                         "the queue within its dedup-window (5m): a retry "
@@ -9208,16 +9509,20 @@ def _add_message_source(parser):
 
 def run_put(options):
     queue = _queue(options.queue)
-    if options.id is not None and (options.lines or options.delay):
-        raise UsageError("--id puts one message now: not with %s" % (
-            "--lines" if options.lines else "--delay"))
+    for given in ("id", "ttl"):
+        if getattr(options, given) is not None and (options.lines or
+                                                    options.delay):
+            raise UsageError("--%s puts one message now: not with %s" % (
+                given, "--lines" if options.lines else "--delay"))
+    if options.ttl == 0:
+        raise UsageError("--ttl is more than 0 seconds")
     messages = _messages(options, "PUT")
     with _client(options) as client:
         try:
             if options.lines:
                 client.put_many(queue, messages, options.delay)
-            elif client.put(queue, messages[0], options.delay,
-                            options.id) == 0:
+            elif client.put(queue, messages[0], options.delay, options.id,
+                            options.ttl) == 0:
                 _warn("already queued: a message with id %s was put on %s "
                       "within its dedup-window; this one was not" % (
                           options.id, options.queue))

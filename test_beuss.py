@@ -1139,6 +1139,28 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(queues.put_once(b"q", b"old", b"y"), 4)
         self.assertEqual(queues.put_once(b"q", b"gone", b"z"), 5)
 
+    def test_expiring_messages_keep_their_time_across_a_restart(self):
+        store, queues = self.open()
+        queues.push(b"q", [b"plain"])
+        queues.push(b"q", [b"a", b"b"], ttl=100)
+        queues.push(b"q", [b"soon"], ttl=0.05)
+        queues.push(b"q", [b"plain after"])
+        store.commit()
+        store.close()
+        store, queues = self.open()
+        self.addCleanup(store.close)
+        self.assertEqual([run[1:] for run in queues.expiring[b"q"]],
+                         [[2, 100.0], [1, 0.05], [1, None]])
+        self.assertEqual(queues.pop(b"q", True, 3), [b"plain", b"a", b"b"])
+        time.sleep(0.06)
+        self.assertEqual(queues.pop_one(b"q"), b"plain after")
+        self.assertEqual(queues.dead_records(b"q.dead"), [
+            (b"soon", 0, queues.dead_records(b"q.dead")[0][2], "expired after 0.05s")])
+        store.commit()
+        store.forget_expiring(time.time() + 200)
+        store.commit()
+        self.assertFalse(store.expiring_rows)
+
     def test_a_dead_letter_keeps_its_record_held_set_aside_and_after_restarts(self):
         store, queues = self.open(max_deliveries=1)
         queues.push(b"q", [b"m"])
@@ -1819,21 +1841,21 @@ class BoundedQueueTest(ServerCase):
             ["QUEUE", "SET", "q", "max-length", "1", "overflow"],
             ["QUEUE", "SET", "q.dead", "max-length", "1"], ["QUEUE", "RESET", "q"],
             ["QUEUE", "GET", "q"], ["QUEUE", "NOPE", "q"]),
-            b"*8\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
-            b"$12\r\ndedup-window\r\n$3\r\n300\r\n$4\r\nrate\r\n$1\r\n0\r\n"
+            b"*10\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$2\r\n5m\r\n$4\r\nrate\r\n$1\r\n0\r\n$3\r\nttl\r\n$1\r\n0\r\n"
             b"+OK\r\n"
-            b"*8\r\n$10\r\nmax-length\r\n$2\r\n10\r\n$8\r\noverflow\r\n$11\r\ndrop-newest\r\n"
-            b"$12\r\ndedup-window\r\n$3\r\n300\r\n$4\r\nrate\r\n$1\r\n0\r\n"
+            b"*10\r\n$10\r\nmax-length\r\n$2\r\n10\r\n$8\r\noverflow\r\n$11\r\ndrop-newest\r\n"
+            b"$12\r\ndedup-window\r\n$2\r\n5m\r\n$4\r\nrate\r\n$1\r\n0\r\n$3\r\nttl\r\n$1\r\n0\r\n"
             b"-ERR max-length: 'x' is not a count: a whole number from 0 up\r\n"
             b"-ERR overflow: 'sometimes' is not reject, drop-oldest or drop-newest\r\n"
             b"-ERR no queue setting 'speed': the settings are max-length, overflow, "
-            b"dedup-window, rate\r\n"
+            b"dedup-window, rate, ttl\r\n"
             b"-ERR wrong number of arguments for 'queue|set' command\r\n"
             b"-ERR syntax error\r\n"
             b"-ERR q.dead holds dead letters, which take no settings\r\n"
             b"+OK\r\n"
-            b"*8\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
-            b"$12\r\ndedup-window\r\n$3\r\n300\r\n$4\r\nrate\r\n$1\r\n0\r\n"
+            b"*10\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$2\r\n5m\r\n$4\r\nrate\r\n$1\r\n0\r\n$3\r\nttl\r\n$1\r\n0\r\n"
             b"-ERR unknown subcommand 'NOPE'. Try QUEUE HELP.\r\n")
         self.assertEqual(self.server.queues.settings, {})
 
@@ -1896,7 +1918,7 @@ class BoundedQueueTest(ServerCase):
     def test_the_command_line_sets_and_a_full_queue_exits_6(self):
         run = lambda *argv: CommandLineTest.run_main(self, *argv)
         self.assertEqual(run("QUEUE", "jobs", "max-length", "1"),
-                         (0, b"max-length 1\noverflow reject\ndedup-window 300\nrate 0\n", ""))
+                         (0, b"max-length 1\noverflow reject\ndedup-window 5m\nrate 0\nttl 0\n", ""))
         self.assertEqual(run("PUT", "jobs", "a")[0], 0)
         self.assertEqual(run("PUT", "jobs", "b"), (
             6, b"", "beuss: FULL queue jobs holds 1 messages, its max-length: "
@@ -1905,7 +1927,7 @@ class BoundedQueueTest(ServerCase):
             2, "beuss: max-length: '-1' is not a count: a whole number from 0 up\n"))
         self.assertEqual(run("QUEUE", "jobs", "overflow")[0], 2)
         self.assertEqual(run("QUEUE", "jobs", "--reset")[1],
-                         b"max-length 0\noverflow reject\ndedup-window 300\nrate 0\n")
+                         b"max-length 0\noverflow reject\ndedup-window 5m\nrate 0\nttl 0\n")
         self.assertEqual(run("PUT", "jobs", "b")[0], 0)
 
 
@@ -1921,8 +1943,8 @@ class PutOnceTest(ServerCase):
             ["QUEUE", "SET", "q", "dedup-window", "1x"]),
             b":1\r\n:2\r\n:0\r\n-ERR syntax error\r\n-ERR syntax error\r\n"
             b"-ERR wrong number of arguments for 'put' command\r\n+OK\r\n"
-            b"*8\r\n$10\r\nmax-length\r\n$1\r\n3\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
-            b"$12\r\ndedup-window\r\n$3\r\n0.1\r\n$4\r\nrate\r\n$1\r\n0\r\n:3\r\n"
+            b"*10\r\n$10\r\nmax-length\r\n$1\r\n3\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$4\r\n0.1s\r\n$4\r\nrate\r\n$1\r\n0\r\n$3\r\nttl\r\n$1\r\n0\r\n:3\r\n"
             b"-FULL queue q holds 3 messages, its max-length\r\n"
             b"-ERR dedup-window: '1x' is not a time: seconds, or 500ms, 30s, 5m, 2h, "
             b"1d, 1h30m\r\n")
@@ -1978,6 +2000,63 @@ class RateTest(ServerCase):
         self.exchange(requests(["QUEUE", "SET", "q", "rate", "0"], ["RPUSH", "q", "x", "y"],
                                ["LPOP", "q", "2"]),
                       b"+OK\r\n:2\r\n*2\r\n$1\r\nx\r\n$1\r\ny\r\n")
+
+
+class ExpiryTest(ServerCase):
+    """ttl: a message no consumer took within its time goes to the dead
+    letters, "expired after" it; checked when a message is taken and at
+    housekeeping, MOVE_SLICE at a time."""
+
+    def test_a_queue_ttl_and_a_message_ttl_expire_what_is_not_taken(self):
+        client = self.client()
+        client.configure("t", ttl="150ms")
+        client.put_many("t", ["a", "b"])
+        client.call("LPUSH", "t", "head")           # in front: it does not expire
+        self.assertEqual(client.call("PUT", "t", "own", "TTL", "60"), 4)
+        self.assertEqual(client.put("t", "late", ttl=0.05), 5)
+        message = client.reserve("t")
+        self.assertEqual(message.data, b"head")
+        time.sleep(0.2)
+        self.assertTrue(message.nack(delay=0))     # given back: no expiry
+        self.assertEqual([client.get("t") for _ in range(4)],
+                         [b"head", b"own", None, None])
+        self.assertEqual([(r.message, r.deliveries, r.why)
+                          for r in client.why("t.dead")],
+                         [(b"a", 0, "expired after 0.15s"),
+                          (b"b", 0, "expired after 0.15s")] + [
+                             (b"late", 0, "expired after 0.05s")])
+        self.assertEqual(client.redrive("t"), 3)
+        self.assertEqual(client.get("t"), b"a")     # redriven: fresh, no ttl
+        self.exchange(requests(["PUT", "t", "m", "TTL", "-1"], ["PUT", "t", "m", "TTL", "x"],
+                               ["PUT", "t", "m", "TTL", "0"], ["PUT", "t", "m", "TTL"],
+                               ["QUEUE", "SET", "t", "ttl", "soon"]),
+                      b"-ERR TTL is negative\r\n-ERR TTL is not a number\r\n"
+                      b"-ERR TTL must be more than 0 seconds\r\n-ERR syntax error\r\n"
+                      b"-ERR ttl: 'soon' is not a time: seconds, or 500ms, 30s, 5m, "
+                      b"2h, 1d, 1h30m\r\n")
+
+    def test_housekeeping_expires_a_slice_a_pass_and_waiters_get_the_rest(self):
+        client = self.client()
+        client.configure("big", ttl="100ms")
+        client.put_many("big", ["x%d" % i for i in range(2500)])
+        client.call("RPUSH", "big", "fresh")        # the queue's ttl too
+        client.configure("big", ttl=0)
+        client.call("RPUSH", "big", "kept")
+        queues = self.server.queues
+        self.wait_until(lambda: queues.length(b"big.dead") == 2501)
+        self.assertEqual(queues.peek(b"big", 0, -1), [b"kept"])
+        self.assertEqual(client.call("BLPOP", "big", "1"), [b"big", b"kept"])
+        self.assertEqual(queues.expiring, {})
+
+    def test_the_command_line_puts_with_a_ttl(self):
+        run = lambda *argv: CommandLineTest.run_main(self, *argv)
+        self.assertEqual(run("PUT", "jobs", "a", "--ttl", "50ms")[0], 0)
+        self.assertEqual(run("PUT", "jobs", "a", "--ttl", "0")[0], 2)
+        self.assertEqual(run("PUT", "jobs", "a", "--ttl", "1s", "--delay", "1")[0], 2)
+        time.sleep(0.1)
+        self.assertEqual(run("GET", "jobs")[0], 1)
+        self.assertIn(b"after 0 deliveries: expired after 0.05s  |  a",
+                      run("PEEK", "jobs.dead", "--why")[1])
 
 
 class LongWorkTest(ServerCase):
@@ -5222,7 +5301,7 @@ class QueueSettingsDurabilityTest(unittest.TestCase):
             with beuss.Client(port=port, timeout=TIMEOUT) as client:
                 self.assertEqual(client.settings("jobs"), {
                     "max-length": 2, "overflow": "drop-newest",
-                    "dedup-window": 3600.0, "rate": "100/s"})
+                    "dedup-window": 3600.0, "rate": "100/s", "ttl": 0.0})
                 self.assertEqual(client.put("jobs", "a again", id="order-1"), 0)
                 self.assertEqual([r.why for r in client.why("jobs.dead")],
                                  ["overflow"])
@@ -7306,7 +7385,7 @@ time.sleep(60)
                 queue = "bounded-" + target
                 client = self.client(port)
                 self.assertEqual(self.cli(port, "QUEUE", queue, "max-length", "2")[0],
-                                 b"max-length 2\noverflow reject\ndedup-window 300\nrate 0\n")
+                                 b"max-length 2\noverflow reject\ndedup-window 5m\nrate 0\nttl 0\n")
                 self.assertEqual(client.put_many(queue, ["a", "b"]), 2)
                 err = self.cli(port, "PUT", queue, "c", status=6)[1]
                 self.assertIn("FULL queue %s holds 2 messages" % queue, err)
@@ -7324,7 +7403,7 @@ time.sleep(60)
                               self.cli(port, "LIST")[0].decode())
                 self.assertEqual(client.configure(queue, reset=True),
                                  {"max-length": 0, "overflow": "reject",
-                                  "dedup-window": 300.0, "rate": "0"})
+                                  "dedup-window": 300.0, "rate": "0", "ttl": 0.0})
                 self.assertEqual(client.put(queue, "g"), 3)
 
     def test_put_once_on_every_engine(self):
@@ -7351,6 +7430,32 @@ time.sleep(60)
                 time.sleep(0.15)
                 self.assertEqual(client.put(queue, "g", id="long"), 5)
 
+    def test_messages_expire_on_every_engine(self):
+        for target, port in self.targets():
+            with self.subTest(target=target):
+                queue = "expiring-" + target
+                client = self.client(port)
+                self.assertIn(b"ttl 0.2s\n", self.cli(port, "QUEUE", queue, "ttl",
+                                                     "200ms")[0])
+                client.put_many(queue, ["a", "b"])
+                self.cli(port, "PUT", queue, "own", "--ttl", "1h")
+                client.configure(queue, ttl=0)
+                self.cli(port, "PUT", queue, "plain")
+                self.cli(port, "PUT", queue, "short", "--ttl", "100ms")
+                client.put(queue, "last")
+                time.sleep(0.25)
+                self.assertEqual(self.cli(port, "GET", queue)[0], b"own")
+                got = [client.reserve(queue, wait=1) for _ in range(2)]
+                self.assertEqual([m.data for m in got], [b"plain", b"last"])
+                self.assertIsNone(client.reserve(queue))
+                self.assertEqual([(r.message, r.why) for r in client.why(queue + ".dead")],
+                                 [(b"a", "expired after 0.2s"), (b"b", "expired after 0.2s"),
+                                  (b"short", "expired after 0.1s")])
+                self.assertIn(b"expired after 0.1s  |  short",
+                              self.cli(port, "PEEK", queue + ".dead", "3", "--why")[0])
+                self.assertEqual(client.redrive(queue), 3)
+                self.assertEqual(client.reserve(queue).data, b"a")
+
     def test_a_rate_spaces_deliveries_on_every_engine(self):
         for target, port in self.targets():
             with self.subTest(target=target):
@@ -7374,13 +7479,13 @@ for i in range(150):
         client.put(sys.argv[2], "c%d" % i, id="c%d" % i)
 """
 
-    def test_a_bounded_rated_queue_put_once_loses_nothing(self):
+    def test_a_bounded_rated_expiring_queue_put_once_loses_nothing(self):
         """Seeded: a queue of at most 60 messages (the oldest go), 300
-        deliveries a second, every message put twice with its id, while a
-        random one of three consumers is killed four times. Every message
-        is acknowledged once (or was being when its consumer was killed),
-        or is a dead letter with the reason overflow; none is delivered
-        twice after its acknowledgement."""
+        deliveries a second, a ttl of 0.3 s, every message put twice with
+        its id, while a random one of three consumers is killed four times.
+        Every message is acknowledged once (or was being when its consumer
+        was killed), or is a dead letter that says why (overflow, expired);
+        none is acknowledged twice."""
         if not POSIX:
             self.skipTest("SIGKILL is POSIX")
         for target, port in self.targets():
@@ -7389,7 +7494,7 @@ for i in range(150):
                 queue = "chaos-settings-" + target
                 client = self.client(port)
                 client.configure(queue, max_length=60, overflow="drop-oldest",
-                                 rate="300/s")
+                                 rate="300/s", ttl="300ms")
                 logs, consumers = [], []
 
                 def start():
@@ -7431,12 +7536,13 @@ for i in range(150):
                     log.close()
                 dead = {record.message.decode(): record.why
                         for record in client.why(queue + ".dead")}
-                self.assertEqual(set(dead.values()) - {"overflow"}, set())
+                self.assertEqual(set(dead.values()) - {"overflow", "expired after 0.3s"},
+                                 set())
                 self.assertEqual([m for m, times in acked.items() if times > 1], [])
                 lost = [m for m in ("c%d" % i for i in range(150))
                         if m not in acked and m not in acking and m not in dead]
                 self.assertEqual(lost, [])
-                self.assertGreater(len(acked), 50)
+                self.assertGreater(len(acked), 30)
 
     def test_batches_on_every_engine(self):
         for target, port in self.targets():
@@ -8197,6 +8303,17 @@ def watching(queue_count=10000, seconds=20, messages=1000000):
                 time.sleep(0.1)
             latencies, _ = _time_pings(port, lambda: client.len("q") == messages)
             _report("%d deferred messages falling due together, --data" % messages,
+                    latencies)
+            client.call("DEL", "q")
+            ttl = 5 + messages / 20000
+            client.call("QUEUE", "SET", "q", "ttl", "%.3f" % ttl)
+            started = time.monotonic()
+            for _ in range(messages // len(batch)):
+                client.call("RPUSH", "q", *batch)
+            while time.monotonic() < started + ttl - 1:
+                time.sleep(0.1)
+            latencies, _ = _time_pings(port, lambda: client.len("q.dead") >= messages)
+            _report("%d messages with a ttl expiring together, --data" % messages,
                     latencies)
     finally:
         for process in processes:
