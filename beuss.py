@@ -2485,6 +2485,7 @@ class Store:
         self._sqlite3 = sqlite3
         self.path, self.fsync = path, fsync
         self.expiring_rows = False      # rows in expiring to look after
+        self._forgot = (0.0, b"", 0.0)  # where forget_expiring stopped
         self._positions = {}        # queue -> deque of positions, in order
         self._backlog = []          # statements not yet committed
         self._pending = None        # (key, items): a run not yet written
@@ -2703,7 +2704,11 @@ class Store:
         if messages:
             queues._add(name, messages, False)
         # The runs of what expires, from a queue's first such message to
-        # its tail (messages without a ttl among them in never-ending runs).
+        # its tail (messages without a ttl among them in never-ending runs),
+        # once the rows of messages gone are.
+        db.execute("DELETE FROM expiring WHERE NOT EXISTS (SELECT 1 FROM "
+                   "queued WHERE queued.queue = expiring.queue AND "
+                   "queued.position = expiring.position)")
         for key, until, ttl in db.execute(
                 "SELECT queue, until, ttl FROM queued LEFT JOIN expiring "
                 "USING (queue, position) WHERE position >= (SELECT "
@@ -2755,14 +2760,20 @@ class Store:
             self.expiring_rows = True
 
     def forget_expiring(self, now):
-        # The rows of messages gone from the queue (delivered or expired)
-        # once their time has passed; until none is left, each housekeeping.
-        self._run([("DELETE FROM expiring WHERE until <= ? AND NOT EXISTS "
-                    "(SELECT 1 FROM queued WHERE queued.queue = "
-                    "expiring.queue AND queued.position = expiring.position)",
-                    (now,))])
-        self.expiring_rows = _first(
-            self._db, "SELECT 1 FROM expiring LIMIT 1") is not None
+        # The rows of messages gone from their queue (delivered, expired)
+        # once their time has passed: MOVE_SLICE rows a housekeeping, from
+        # where the last one stopped (the rest at the next start).
+        rows = self._db.execute(
+            "SELECT until, queue, position FROM expiring WHERE (until, queue, "
+            "position) > (?, ?, ?) AND until <= ? ORDER BY until, queue, "
+            "position LIMIT ?", self._forgot + (now, MOVE_SLICE)).fetchall()
+        if rows:
+            self._run([("DELETE FROM expiring WHERE queue = ? AND position "
+                        "= ? AND NOT EXISTS (SELECT 1 FROM queued WHERE "
+                        "queue = ? AND position = ?)", [
+                            (queue, position) * 2 for _, queue, position
+                            in rows])])
+            self._forgot = rows[-1]
 
     def pop(self, name, count, left):
         positions = self._positions[name]

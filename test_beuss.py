@@ -1159,7 +1159,8 @@ class StoreTest(unittest.TestCase):
         store.commit()
         store.forget_expiring(time.time() + 200)
         store.commit()
-        self.assertFalse(store.expiring_rows)
+        self.assertEqual(store._db.execute("SELECT count(*) FROM expiring").fetchone(),
+                         (0,))
 
     def test_a_dead_letter_keeps_its_record_held_set_aside_and_after_restarts(self):
         store, queues = self.open(max_deliveries=1)
