@@ -7496,50 +7496,19 @@ for i in range(150):
                 client = self.client(port)
                 client.configure(queue, max_length=60, overflow="drop-oldest",
                                  rate="300/s", ttl="300ms")
-                logs, consumers = [], []
-
-                def start():
-                    log = tempfile.TemporaryFile()
-                    logs.append(log)
-                    consumers.append(subprocess.Popen(
-                        [sys.executable, "-c", self.CHAOS, str(port), queue],
-                        stdout=log, cwd=HERE, env=dict(os.environ, **self.ENV)))
+                producer = subprocess.Popen([sys.executable, "-c",
+                                             self.CHAOS_PRODUCER, str(port), queue],
+                                            cwd=HERE)
                 try:
-                    producer = subprocess.Popen([sys.executable, "-c",
-                                                 self.CHAOS_PRODUCER, str(port), queue],
-                                                cwd=HERE)
-                    for _ in range(3):
-                        start()
-                    for _ in range(4):
-                        time.sleep(rng.uniform(0.1, 0.3))
-                        victim = rng.choice([c for c in consumers if c.poll() is None])
-                        victim.kill()
-                        start()
-                    self.assertEqual(producer.wait(TIMEOUT), 0)
-                    deadline = time.monotonic() + 20
-                    while client.queue_counts().get(queue):
-                        self.assertLess(time.monotonic(), deadline)
-                        time.sleep(0.1)
+                    _, acking, acked = self.kill_consumers(port, queue, rng, (0.1, 0.3),
+                                                           producer)
                 finally:
-                    for consumer in consumers:
-                        consumer.kill()
-                        consumer.wait(TIMEOUT)
                     client.configure(queue, reset=True)
-                acking, acked = set(), collections.defaultdict(int)
-                for log in logs:
-                    log.seek(0)
-                    for line in log.read().decode().splitlines():
-                        words = line.split()
-                        if words[0] == "acking" and len(words) == 2:
-                            acking.add(words[1])
-                        elif words[0] == "acked" and len(words) == 3:
-                            acked[words[1]] += 1
-                    log.close()
                 dead = {record.message.decode(): record.why
                         for record in client.why(queue + ".dead")}
                 self.assertEqual(set(dead.values()) - {"overflow", "expired after 0.3s"},
                                  set())
-                self.assertEqual([m for m, times in acked.items() if times > 1], [])
+                self.assertEqual([m for m, times in acked.items() if len(times) > 1], [])
                 lost = [m for m in ("c%d" % i for i in range(150))
                         if m not in acked and m not in acking and m not in dead]
                 self.assertEqual(lost, [])
@@ -7707,6 +7676,54 @@ while True:
         print("acked", message.data.decode(), time.monotonic(), flush=True)
 """
 
+    def kill_consumers(self, port, queue, rng, pauses, producer=None):
+        """Three CHAOS consumers of queue, one of them killed at random four
+        times (pauses apart, seconds) and another started, until the queue
+        (and producer) is done; what their logs say: [(message, when got)],
+        {message being acknowledged}, {message: [when acknowledged]}."""
+        client, logs, consumers = self.client(port), [], []
+
+        def start():
+            log = tempfile.TemporaryFile()
+            logs.append(log)
+            consumers.append(subprocess.Popen(
+                [sys.executable, "-c", self.CHAOS, str(port), queue],
+                stdout=log, cwd=HERE, env=dict(os.environ, **self.ENV)))
+        try:
+            for _ in range(3):
+                start()
+            for _ in range(4):
+                time.sleep(rng.uniform(*pauses))
+                victim = rng.choice([c for c in consumers if c.poll() is None])
+                victim.kill()
+                start()
+            if producer is not None:
+                self.assertEqual(producer.wait(TIMEOUT), 0)
+            deadline = time.monotonic() + 20
+            while client.queue_counts().get(queue):
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.1)
+        finally:
+            for consumer in consumers:
+                consumer.kill()
+                consumer.wait(TIMEOUT)
+            if producer is not None:
+                producer.kill()
+                producer.wait(TIMEOUT)
+        got, acking, acked = [], set(), collections.defaultdict(list)
+        for log in logs:
+            log.seek(0)
+            for line in log.read().decode().splitlines():
+                words = line.split()
+                if words[0] == "got" and len(words) == 3:
+                    got.append((words[1], float(words[2])))
+                elif words[0] == "acking" and len(words) == 2:
+                    acking.add(words[1])
+                elif words[0] == "acked" and len(words) == 3:
+                    acked[words[1]].append(float(words[2]))
+            log.close()
+        return got, acking, acked
+
     def test_consumers_killed_at_random_lose_nothing(self):
         """Seeded: four times a random one of three consumers is killed,
         and another starts. Every message is acknowledged once (or was
@@ -7721,42 +7738,7 @@ while True:
                 sent = ["c%d" % i for i in range(150)]
                 client = self.client(port)
                 client.put_many(queue, sent)
-                logs, consumers = [], []
-
-                def start():
-                    log = tempfile.TemporaryFile()
-                    logs.append(log)
-                    consumers.append(subprocess.Popen(
-                        [sys.executable, "-c", self.CHAOS, str(port), queue],
-                        stdout=log, cwd=HERE, env=dict(os.environ, **self.ENV)))
-                try:
-                    for _ in range(3):
-                        start()
-                    for _ in range(4):
-                        time.sleep(rng.uniform(0.2, 0.5))
-                        victim = rng.choice([c for c in consumers if c.poll() is None])
-                        victim.kill()
-                        start()
-                    deadline = time.monotonic() + 20
-                    while client.queue_counts().get(queue):
-                        self.assertLess(time.monotonic(), deadline)
-                        time.sleep(0.1)
-                finally:
-                    for consumer in consumers:
-                        consumer.kill()
-                        consumer.wait(TIMEOUT)
-                got, acking, acked = [], set(), collections.defaultdict(list)
-                for log in logs:
-                    log.seek(0)
-                    for line in log.read().decode().splitlines():
-                        words = line.split()
-                        if words[0] == "got" and len(words) == 3:
-                            got.append((words[1], float(words[2])))
-                        elif words[0] == "acking" and len(words) == 2:
-                            acking.add(words[1])
-                        elif words[0] == "acked" and len(words) == 3:
-                            acked[words[1]].append(float(words[2]))
-                    log.close()
+                got, acking, acked = self.kill_consumers(port, queue, rng, (0.2, 0.5))
                 self.assertEqual([m for m, times in acked.items() if len(times) > 1], [])
                 # A message whose consumers were killed at its last delivery
                 # is a dead letter that says so: not lost either.
