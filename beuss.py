@@ -7531,7 +7531,6 @@ def _chart(history, width=160, height=36):
 
 def _actions(row, nonce):
     """A queue row's buttons: one form that POSTs to /action."""
-    from html import escape
     from urllib.parse import quote_from_bytes
     buttons = [("resume" if row.paused else "pause"), "empty"] + (
         ["redrive", "empty-dead"] if row.dead else [])
