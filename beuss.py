@@ -931,7 +931,7 @@ def glob_matcher(pattern):
 # that doubles with its deliveries (retry_delay up to retry_max_delay), or
 # for NACK's own DELAY, after which it rejoins the head. One that was
 # delivered max_deliveries times goes to the tail of "<queue>.dead" instead,
-# as a DeadLetter that records why (a dead letter that fails again stays in
+# as a dead letter that records why (a dead letter that fails again stays in
 # its .dead queue, its count growing). A message that comes back keeps its
 # count of deliveries; LLEN counts ready messages only. So a message is
 # always in exactly one place: ready in one queue, held by one live client,
@@ -1020,33 +1020,58 @@ def _cost(messages):
 def deliveries(message):
     if message.__class__ is Returned:
         return message.deliveries
-    return message.tries if message.__class__ is DeadLetter else 0
+    if _RECORDS:
+        record = _RECORDS.get(id(message))
+        if record is not None:
+            return record[1]
+    return 0
 
 
-class DeadLetter(bytes):
-    """A message in "<queue>.dead" that remembers why it is there: the
-    deliveries it had, when it died (seconds since the epoch) and why.
-    Reserved from there and given back, it comes back to the head of its
-    .dead queue with its record, its deliveries counted on (tries); moved
-    by hand (LMOVE) or redriven, it leaves its record behind and starts
-    afresh."""
+# A message in "<queue>.dead" remembers why it is there: the deliveries it
+# had (tries), when it died (seconds since the epoch) and why. Reserved
+# from there and given back, it comes back to the head of its .dead queue
+# with its record, its deliveries counted on; moved by hand (LMOVE),
+# redriven or removed, it leaves its record behind.
+#
+# The record is kept beside the message, not on it: a dead letter stays a
+# plain bytes. A bytes subclass carrying attributes is an object CPython's
+# garbage collector must visit, and a million expired messages made every
+# full collection stop the loop for 150 ms and more (measured); plain
+# bytes it never visits. _RECORDS maps a dead letter's id to (the letter,
+# tries, died, why): the entry keeps the letter alive, so that id names no
+# other object while the entry lasts, and Queues drops the entry whenever
+# the letter leaves its queue or its place set aside (_unrecord). So a
+# message object is in one place at a time, as every path here keeps it.
 
-    tries = 0
-    died = 0.0
-    why = ""
+_RECORDS = {}
+
+
+class _Unique(bytes):
+    """A copy of a message that is an object of its own: CPython shares
+    the empty and the one-byte bytes, which cannot carry a record."""
+
+    __slots__ = ()
 
 
 def dead_letter(message, tries, died, why):
-    letter = DeadLetter(message)
-    letter.tries, letter.died, letter.why = tries, died, why
-    return letter
+    if message.__class__ is not bytes:
+        message = bytes(message)
+    if len(message) < 2 or id(message) in _RECORDS:
+        message = _Unique(message)
+    _RECORDS[id(message)] = (message, tries, died, why)
+    return message
 
 
 def dead_record(message):
     """(tries, died, why) of a dead letter, or three Nones."""
-    if message.__class__ is DeadLetter:
-        return message.tries, message.died, message.why
-    return None, None, None
+    record = _RECORDS.get(id(message)) if _RECORDS else None
+    return record[1:] if record is not None else (None, None, None)
+
+
+def _unrecord(messages):
+    """Messages leave their place: a dead letter's record goes."""
+    for message in messages:
+        _RECORDS.pop(id(message), None)
 
 
 def dead_letters(name):
@@ -1126,9 +1151,11 @@ class Queues:
         # PAUSE: queues that take messages but deliver none until RESUME.
         self.paused = set()
         # QUEUE SET: queue -> {setting: value}, those not at their default;
-        # and queue -> (max-length, overflow) for the bounded ones.
+        # queue -> (max-length, max-bytes, overflow) for the bounded ones,
+        # and the bytes of the ready messages of those with a max-bytes.
         self.settings = {}
         self.bounded = {}
+        self.weights = {}
         # PUT ... ID: queue -> {id: until when it is known}, oldest first.
         self.seen = {}
         # QUEUE SET rate: queue -> [seconds between two deliveries, when
@@ -1276,6 +1303,10 @@ class Queues:
             for watch in watches:
                 watch.changed = True
 
+    def _weigh(self, name, change):
+        if name in self.weights:
+            self.weights[name] += change
+
     def push(self, name, messages, left=False, ttl=None):
         """Add messages at the tail (or the head); return the new length.
         A bounded queue refuses them (ReplyError FULL) or sends the excess
@@ -1314,6 +1345,8 @@ class Queues:
             self.size += len(messages[0]) + MESSAGE_COST
         else:
             self.size += _cost(messages)
+        if self.weights and name in self.weights:
+            self.weights[name] += sum(map(len, messages))
         if name in self._waiters:
             self.ready[name] = None
         if name in self._watches:
@@ -1333,6 +1366,10 @@ class Queues:
             self.journal.pop(name, 1, left)
         message = queue.popleft() if left else queue.pop()
         self.size -= len(message) + MESSAGE_COST
+        if _RECORDS:
+            _RECORDS.pop(id(message), None)
+        if self.weights and name in self.weights:
+            self.weights[name] -= len(message)
         if not queue:
             del self._queues[name]
         if name in self._watches:
@@ -1360,6 +1397,10 @@ class Queues:
         take = queue.popleft if left else queue.pop
         messages = [take() for _ in range(count)]
         self.size -= _cost(messages)
+        if _RECORDS:
+            _unrecord(messages)
+        if self.weights and name in self.weights:
+            self.weights[name] -= sum(map(len, messages))
         if not queue:
             del self._queues[name]
         if name in self._watches:
@@ -1381,8 +1422,8 @@ class Queues:
             return None
         if self.journal is not None:
             self.journal.move(source, target, from_left, to_left, fresh)
-        messages = self._take(source, from_left, 1)
-        if fresh or messages[0].__class__ is DeadLetter:
+        messages = self._take(source, from_left, 1)     # records left
+        if fresh:
             messages = [bytes(messages[0])]
         self._arrived(target, 1)
         self._add(target, messages, to_left)
@@ -1410,8 +1451,11 @@ class Queues:
             self.journal.remove(name, found)
         self._count(name, "removed", len(found))
         gone = set(found)
+        if _RECORDS:
+            _unrecord(item for i, item in enumerate(queue) if i in gone)
         kept = [item for i, item in enumerate(queue) if i not in gone]
         self.size -= _cost([message]) * len(found)
+        self._weigh(name, -len(message) * len(found))
         if kept:
             self._queues[name] = collections.deque(kept)
         else:
@@ -1429,6 +1473,8 @@ class Queues:
         if self.journal is not None:
             self.journal.set(name, index, message)
         self.size += len(message) - len(queue[index])
+        self._weigh(name, len(message) - len(queue[index]))
+        _unrecord([queue[index]])
         queue[index] = message
         self._changed(name)
         return True
@@ -1448,6 +1494,7 @@ class Queues:
         self._arrived(name, 1)
         queue.insert(index, message)
         self.size += len(message) + MESSAGE_COST
+        self._weigh(name, len(message))
         self._changed(name)
         return len(queue)
 
@@ -1467,10 +1514,11 @@ class Queues:
         if self.journal is not None and (head or tail):
             self.journal.trim(name, head, tail)
         self._count(name, "removed", head + tail)
-        for _ in range(head):
-            self.size -= len(queue.popleft()) + MESSAGE_COST
-        for _ in range(tail):
-            self.size -= len(queue.pop()) + MESSAGE_COST
+        gone = [queue.popleft() for _ in range(head)] + [
+            queue.pop() for _ in range(tail)]
+        self.size -= _cost(gone)
+        self._weigh(name, -sum(map(len, gone)))
+        _unrecord(gone)
         self._changed(name)     # as Redis, even when nothing went
 
     def delete(self, name):
@@ -1490,6 +1538,8 @@ class Queues:
         if name in self.expiring:
             del self.expiring[name], self.covered[name]
         self.size -= _cost(queue)
+        self._weigh(name, -sum(map(len, queue)))
+        _unrecord(queue)
         self._changed(name)
         return True
 
@@ -1503,6 +1553,8 @@ class Queues:
         for name, queue in self._queues.items():
             self._changed(name)
             self._count(name, "removed", len(queue))
+            self._weigh(name, -sum(map(len, queue)))
+            _unrecord(queue)
         self.size -= sum(_cost(queue) for queue in self._queues.values())
         self._queues.clear()
 
@@ -1519,6 +1571,7 @@ class Queues:
             return None
         held_id = b"%d" % self.next_id
         count = deliveries(queue[0]) + 1
+        record = _RECORDS.get(id(queue[0])) if _RECORDS else None
         if self.journal is not None:
             self.journal.reserve(name, held_id, count)
         self.next_id += 1
@@ -1526,8 +1579,8 @@ class Queues:
         self.size += len(message) + MESSAGE_COST   # held ones count too
         held = self._held[held_id] = Held(held_id, name, bytes(message),
                                           count, owner)
-        if message.__class__ is DeadLetter:
-            held.died = message.died, message.why
+        if record is not None:
+            held.died = record[2:]
         self._held_by.setdefault(owner, {})[held_id] = held
         self.holds.setdefault(name, {})[held_id] = held
         holders = self.holders.setdefault(name, {})
@@ -1726,6 +1779,7 @@ class Queues:
         for entry in self._deferred:
             if name is None or entry[2] == name:
                 self.size -= len(entry[3]) + MESSAGE_COST
+                _unrecord(entry[3:4])
             else:
                 kept.append(entry)
         heapq.heapify(kept)
@@ -1738,9 +1792,10 @@ class Queues:
     def defer(self, name, messages, seconds, now=None):
         """DEFER: messages that join the tail of name in seconds. Returns
         how many of name's messages are now set aside."""
-        room = self.room(name, deferred=True) if self.bounded else None
-        if room is not None and len(messages) > room:
-            raise self.full(name)
+        bound = self.bounded and self.past_bound(
+            name, len(messages), sum(map(len, messages)), deferred=True)
+        if bound:
+            raise self.full(name, bound)
         due = (time.time() if now is None else now) + seconds
         ids = list(range(self.next_id, self.next_id + len(messages)))
         if self.journal is not None:
@@ -1828,13 +1883,17 @@ class Queues:
     # Bounding ------------------------------------------------------------
     #
     # A queue with a max-length (QUEUE SET) holds at most that many ready
-    # messages once a push is done. Past it, overflow says what happens:
-    # reject refuses the whole push (-FULL), drop-newest keeps what fits and
-    # sends the rest of the push to the dead letters, drop-oldest takes the
-    # push and sends as many messages from the head to the dead letters,
-    # each with the reason "overflow". A DEFER counts the messages set
-    # aside too and is refused when it would pass a rejecting bound; what
-    # comes back (given back, due, redriven, moved) is never refused.
+    # messages once a push is done, one with a max-bytes at most that many
+    # bytes of them (their own, summed as they come and go; a QUEUE SET
+    # that gives it sums the queue once). Past a bound, overflow says what
+    # happens: reject refuses the whole push (-FULL), drop-newest keeps the
+    # longest start of the push that fits and sends the rest to the dead
+    # letters, drop-oldest takes the push and sends as many messages from
+    # the head (then the push's oldest) to the dead letters as it takes to
+    # fit, each with the reason "overflow". A DEFER counts the messages set
+    # aside too against max-length (its bytes against max-bytes) and is
+    # refused when it would pass a rejecting bound; what comes back (given
+    # back, due, redriven, moved) is never refused.
 
     def configure(self, name, settings, now=None):
         """QUEUE SET and RESET: name's settings become these (a dict of the
@@ -1853,49 +1912,75 @@ class Queues:
             self.journal.configure(name, settings)
         self.settings.pop(name, None)
         self.bounded.pop(name, None)
+        self.weights.pop(name, None)
         limit = self.limited.pop(name, [0, 0.0])
         if settings:
             self.settings[name] = dict(settings)
-            if settings.get("max-length"):
-                self.bounded[name] = (settings["max-length"], settings.get(
-                    "overflow", "reject"))
+            if settings.get("max-length") or settings.get("max-bytes"):
+                self.bounded[name] = (settings.get("max-length", 0),
+                                      settings.get("max-bytes", 0),
+                                      settings.get("overflow", "reject"))
+            if settings.get("max-bytes"):
+                self.weights[name] = sum(map(len, self._queues.get(name, ())))
             if settings.get("rate", "0") != "0":
                 self.limited[name] = [_rate_interval(settings["rate"]),
                                       limit[1]]
 
-    def room(self, name, deferred=False):
-        """How many more messages name takes before a rejecting bound (with
-        deferred: counting those set aside), or None when it has none."""
-        most, overflow = self.bounded.get(name, (0, None))
+    def past_bound(self, name, count, size, deferred=False):
+        """Which rejecting bound of name ("max-length" or "max-bytes") a
+        push of count messages of size bytes would pass (deferred: counting
+        those set aside), or None."""
+        most, most_bytes, overflow = self.bounded.get(name, (0, 0, None))
         if overflow != "reject":
             return None
-        return most - self.length(name) - (
-            self.deferred_by.get(name, 0) if deferred else 0)
+        if most and self.length(name) + count + (
+                self.deferred_by.get(name, 0) if deferred else 0) > most:
+            return "max-length"
+        if most_bytes and self.weights[name] + size > most_bytes:
+            return "max-bytes"
+        return None
 
-    def full(self, name):
-        return ReplyError("FULL queue %s holds %d messages, its max-length"
-                          % (_name_text(name), self.length(name)))
+    def full(self, name, bound):
+        held = "%d messages" % self.length(name) if bound == "max-length" \
+            else "%d bytes" % self.weights[name]
+        return ReplyError("FULL queue %s holds %s, its %s" % (
+            _name_text(name), held, bound))
 
     def _within_bound(self, name, messages):
         """What of messages bounded name takes, the excess sent on."""
-        most, overflow = self.bounded[name]
-        length = self.length(name)
-        excess = length + len(messages) - most
-        if excess <= 0:
+        most, most_bytes, overflow = self.bounded[name]
+        count = self.length(name) + len(messages)
+        size = self.weights.get(name, 0) + sum(map(len, messages))
+
+        def over(count, size):
+            return most and count > most or most_bytes and size > most_bytes
+        if not over(count, size):
             return messages
         if overflow == "reject":
-            raise self.full(name)
+            raise self.full(name, self.past_bound(name, len(messages),
+                                                  size - self.weights.get(name, 0)))
         dropped = []
-        if overflow == "drop-oldest" and length:    # older than the push
-            old = min(excess, length)
-            if self.journal is not None:
-                self.journal.pop(name, old, True)
-            self._count(name, "removed", old)
-            dropped, excess = self._take(name, True, old), excess - old
-        if excess and overflow == "drop-oldest":
-            dropped, messages = dropped + messages[:excess], messages[excess:]
-        elif excess:
-            dropped, messages = messages[-excess:], messages[:-excess]
+        if overflow == "drop-oldest":    # older than the push, then its own
+            drops = 0
+            for message in itertools.chain(self._queues.get(name, ()),
+                                           messages):
+                if not over(count, size):
+                    break
+                count, size, drops = count - 1, size - len(message), drops + 1
+            old = min(drops, self.length(name))
+            if old:
+                if self.journal is not None:
+                    self.journal.pop(name, old, True)
+                self._count(name, "removed", old)
+                dropped = self._take(name, True, old)
+            dropped += messages[:drops - old]
+            messages = messages[drops - old:]
+        else:                               # drop-newest
+            kept = len(messages)
+            while kept and over(count, size):
+                kept -= 1
+                count, size = count - 1, size - len(messages[kept])
+            dropped, messages = messages[kept:], messages[:kept]
         self._count(name, "dead_lettered", len(dropped))
         died = time.time()
         self.push(dead_letters(name), [dead_letter(
@@ -2739,7 +2824,7 @@ class Store:
             edge = positions[-1] if positions else 0.0
             new = [edge + i + 1 for i in range(len(messages))]
         key = _name_key(name)
-        if any(message.__class__ is DeadLetter for message in messages):
+        if _RECORDS and any(id(message) in _RECORDS for message in messages):
             self._add(("push", name, True), [
                 (key, position, message, deliveries(message))
                 + dead_record(message)
@@ -4566,16 +4651,20 @@ class Server(_Connections):
     def _check_room(self, commands):
         """Refuse, before any runs, a transaction whose pushes and defers
         would pass a queue's rejecting bound (see Bounding in Queues)."""
-        wanted = collections.Counter()
+        wanted = {}
         for command, args in commands:
             if command.function in (cmd_push, cmd_pushx, cmd_defer, cmd_put):
-                wanted[args[1]] += 1 if command.function is cmd_put else \
-                    len(args) - (3 if command.function is cmd_defer else 2)
-        for name, count in wanted.items():
-            room = self.queues.room(name)
-            if room is not None and count > room:
+                pushed = args[2:3] if command.function is cmd_put else \
+                    args[3 if command.function is cmd_defer else 2:]
+                count, size = wanted.get(args[1], (0, 0))
+                wanted[args[1]] = (count + len(pushed),
+                                   size + sum(map(len, pushed)))
+        for name, (count, size) in wanted.items():
+            bound = self.queues.past_bound(name, count, size)
+            if bound:
                 raise ReplyError("%s: the transaction would pass it, and "
-                                 "nothing of it ran" % self.queues.full(name))
+                                 "nothing of it ran" % self.queues.full(
+                                     name, bound))
 
     def watch(self, conn, names):
         if conn.watch is None:
@@ -5404,9 +5493,24 @@ local function bound()
   return tonumber(setting('max-length')), setting('overflow'),
     redis.call('LLEN', queue) + redis.call('LLEN', again)
 end
-local function full(length)
-  return redis.error_reply('FULL queue ' .. queue .. ' holds ' .. length ..
-    ' messages, its max-length')
+local function weight()
+  -- A queue's max-bytes (0: none) and the bytes of its ready messages,
+  -- summed: Redis keeps no such count (a pass over the queue each time).
+  local most, size = tonumber(setting('max-bytes')), 0
+  if most == 0 then return 0, 0 end
+  for first = 0, redis.call('LLEN', queue) - 1, 1000 do
+    for _, message in ipairs(redis.call('LRANGE', queue, first, first + 999)) do
+      size = size + #message
+    end
+  end
+  for _, id in ipairs(redis.call('LRANGE', again, 0, -1)) do
+    size = size + redis.call('HSTRLEN', messages, id)
+  end
+  return most, size
+end
+local function full(held, bound)
+  return redis.error_reply('FULL queue ' .. queue .. ' holds ' .. held ..
+    ', its ' .. bound)
 end
 local function holding(token)
   local id, count = string.match(token, '^(%d+)/(%d+)$')
@@ -5625,7 +5729,15 @@ _LUA["defer"] = """
 local most, overflow, length = bound()
 if most > 0 and overflow == 'reject' and
     length + redis.call('ZCARD', deferred) + #ARGV - 1 > most then
-  return full(length)
+  return full(length .. ' messages', 'max-length')
+end
+local most_bytes, size = weight()
+if overflow == 'reject' and most_bytes > 0 then
+  local pushed = 0
+  for i = 2, #ARGV do pushed = pushed + #ARGV[i] end
+  if size + pushed > most_bytes then
+    return full(size .. ' bytes', 'max-bytes')
+  end
 end
 local due = now + tonumber(ARGV[1])
 for i = 2, #ARGV do
@@ -5792,28 +5904,40 @@ _LUA["put"] = """
 local id, ttl = ARGV[1], ARGV[2]
 if id ~= '' and redis.call('EXISTS', KEYS[#KEYS]) == 1 then return 0 end
 local most, overflow, length = bound()
-local first, last, excess = 3, #ARGV, length + #ARGV - 2 - most
-if most > 0 and excess > 0 then
-  if overflow == 'reject' then return full(length) end
-  if overflow == 'drop-oldest' then
-    while excess > 0 and length > 0 do    -- the head: retries first
-      local id = redis.call('LPOP', again)
-      if id then
-        bury(redis.call('HGET', messages, id),
-             redis.call('HGET', deliveries, id), 'overflow')
-        redis.call('HDEL', messages, id)
-        redis.call('HDEL', deliveries, id)
-      else
-        bury(redis.call('LPOP', queue), 0, 'overflow')
-      end
-      excess, length = excess - 1, length - 1
-    end
-    first = excess + 3                    -- then the push's oldest
-    for i = 3, excess + 2 do bury(ARGV[i], 0, 'overflow') end
-  else
-    last = math.max(#ARGV - excess, 2)    -- drop-newest
-    for i = last + 1, #ARGV do bury(ARGV[i], 0, 'overflow') end
+local most_bytes, held = weight()
+local first, last, count, size = 3, #ARGV, length + #ARGV - 2, held
+for i = first, last do size = size + #ARGV[i] end
+local function over()
+  return most > 0 and count > most or most_bytes > 0 and size > most_bytes
+end
+if over() and overflow == 'reject' then
+  if most > 0 and count > most then
+    return full(length .. ' messages', 'max-length')
   end
+  return full(held .. ' bytes', 'max-bytes')
+elseif over() and overflow == 'drop-oldest' then
+  while over() and length > 0 do          -- the head: retries first
+    local id, message, tries = redis.call('LPOP', again), nil, 0
+    if id then
+      message = redis.call('HGET', messages, id)
+      tries = redis.call('HGET', deliveries, id)
+      redis.call('HDEL', messages, id)
+      redis.call('HDEL', deliveries, id)
+    else
+      message = redis.call('LPOP', queue)
+    end
+    bury(message, tries, 'overflow')
+    count, size, length = count - 1, size - #message, length - 1
+  end
+  while over() and first <= last do       -- then the push's oldest
+    bury(ARGV[first], 0, 'overflow')
+    count, size, first = count - 1, size - #ARGV[first], first + 1
+  end
+elseif over() then                        -- drop-newest
+  while over() and first <= last do
+    count, size, last = count - 1, size - #ARGV[last], last - 1
+  end
+  for i = last + 1, #ARGV do bury(ARGV[i], 0, 'overflow') end
 end
 if ttl == '' and setting('ttl') ~= DEFAULTS['ttl'] then ttl = setting('ttl') end
 if first <= last then cover(last - first + 1, ttl) end
@@ -6360,7 +6484,7 @@ defer|cmd_defer|-4|write,denyoom|1,1,1|list|beuss|Add messages to the tail of a 
 redrive|cmd_redrive|-2|write|1,1,1|list|beuss|Move dead letters back to the tail of their queue, as new messages|key [count]
 put|cmd_put|-3|write,denyoom,fast|1,1,1|list|beuss|Append a message to the tail of a queue; with ID, only if that id was not put on the queue within its dedup-window (0 then); with TTL, to its dead letters if not delivered within ttl seconds|key element [ID id] [TTL ttl]
 queue|cmd_queue|-2||0,0,0|list|beuss|About a queue's own settings|
-queue set||-5|write|2,2,1|list|beuss|Change a queue's settings: max-length, overflow, dedup-window, rate, ttl|key setting value [setting value ...]
+queue set||-5|write|2,2,1|list|beuss|Change a queue's settings: max-length, max-bytes, overflow, dedup-window, rate, ttl|key setting value [setting value ...]
 queue get||3|readonly|2,2,1|list|beuss|A queue's settings, as pairs|key
 queue reset||3|write|2,2,1|list|beuss|Put a queue's settings back to their defaults|key
 queue help||2||0,0,0|list|beuss|What QUEUE's subcommands do|
@@ -6771,6 +6895,7 @@ def _overflow(value):
 QUEUE_SETTINGS = collections.OrderedDict((row[0], row[1:]) for row in (
     # name, default, parser
     ("max-length", 0, _whole),
+    ("max-bytes", 0, _bytes),
     ("overflow", "reject", _overflow),
     ("dedup-window", 300.0, _duration),
     ("rate", "0", _rate_setting),
@@ -6886,7 +7011,7 @@ _QueueRow = collections.namedtuple("_QueueRow", (
     "name paused ready bytes held deferred dead waiting busy "
     "oldest_hold_seconds in_per_second out_per_second oldest_age_seconds "
     "pushed delivered acknowledged given_back dead_lettered leases_expired "
-    "consumers max_length settings"))
+    "consumers max_length max_bytes settings"))
 
 
 def _consumer_names(queues, name, most=5):
@@ -6918,6 +7043,7 @@ def _queue_row(queues, name, clock):
         counts.expired if counts else 0,
         _consumer_names(queues, name) if busy or waiting else (),
         queues.bounded.get(name, (0,))[0],
+        queues.bounded.get(name, (0, 0))[1],
         _queue_settings_text(queues.settings.get(name, {})))
 
 
@@ -7394,6 +7520,8 @@ _QUEUE_METRICS = [
      "Messages in the queue's dead letters."),
     ("max_length", "beuss_queue_max_length_messages", "gauge",
      "The most ready messages the queue holds (QUEUE SET); 0: no bound."),
+    ("max_bytes", "beuss_queue_max_bytes", "gauge",
+     "The most bytes of ready messages the queue holds; 0: no bound."),
     ("oldest_hold_seconds", "beuss_queue_oldest_hold_age_seconds", "gauge",
      "How long the message held longest has been held."),
     ("oldest_age_seconds", "beuss_queue_oldest_message_age_seconds", "gauge",

@@ -680,6 +680,39 @@ class RetryQueuesTest(unittest.TestCase):
         (message, tries, died, why), = queues.dead_records(b"q.dead")
         self.assertEqual((message, tries, died, why), (b"m", 8, now, "boom"))
 
+    def test_dead_letters_are_plain_bytes_whose_records_leave_with_them(self):
+        # A record on the message made CPython's collector visit every dead
+        # letter (a million expired: 150 ms passes); beside it, none.
+        import gc
+        queues = beuss.Queues(max_deliveries=1)
+        before = len(beuss._RECORDS)
+
+        def records():
+            return [(message, tries, why) for message, tries, _, why
+                    in queues.dead_records(b"q.dead")]
+        queues.configure(b"q", {"max-length": 1, "overflow": "drop-newest"})
+        queues.push(b"q", [b"kept", b"aa", b"b", b"", b"aa"])
+        queues.push(b"q", [b"one more"])
+        self.assertEqual(records(), [(message, 0, "overflow") for message
+                                     in [b"aa", b"b", b"", b"aa", b"one more"]])
+        letters = queues.peek(b"q.dead", 0, -1)
+        self.assertEqual(len(set(map(id, letters))), 5)     # one object each
+        self.assertFalse(gc.is_tracked(letters[0]))
+        self.assertEqual(len(beuss._RECORDS), before + 5)
+        queues.move(b"q.dead", b"elsewhere")                 # by hand: no record
+        queues.remove(b"q.dead", 1, b"aa")
+        queues.replace(b"q.dead", 0, b"new")
+        self.assertEqual(records(), [(b"new", None, None), (b"", 0, "overflow"),
+                                     (b"one more", 0, "overflow")])
+        self.assertEqual(queues.dead_records(b"elsewhere"), [(b"aa", None, None, None)])
+        held = queues.reserve(b"q.dead", "c")               # no record: fresh
+        self.assertEqual((held.message, held.died), (b"new", None))
+        queues.trim(b"q.dead", 1, 1)
+        self.assertEqual(records(), [(b"one more", 0, "overflow")])
+        self.assertEqual(len(beuss._RECORDS), before + 1)
+        queues.delete(b"q.dead")
+        self.assertEqual(len(beuss._RECORDS), before)
+
     def test_an_explicit_delay_or_a_vanished_consumer_overrides_the_schedule(self):
         queues = beuss.Queues(max_deliveries=5, retry_delay=10)
         queues.push(b"q", [b"a", b"b"])
@@ -1112,8 +1145,8 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(queues.settings, {
             b"q": {"max-length": 3, "overflow": "drop-oldest"},
             b"\xff": {"max-length": 1}})
-        self.assertEqual(queues.bounded, {b"q": (3, "drop-oldest"),
-                                          b"\xff": (1, "reject")})
+        self.assertEqual(queues.bounded, {b"q": (3, 0, "drop-oldest"),
+                                          b"\xff": (1, 0, "reject")})
         store._db.execute("UPDATE configured SET settings = 'max-length x'")
         store.commit()
         store.close()
@@ -1842,20 +1875,20 @@ class BoundedQueueTest(ServerCase):
             ["QUEUE", "SET", "q", "max-length", "1", "overflow"],
             ["QUEUE", "SET", "q.dead", "max-length", "1"], ["QUEUE", "RESET", "q"],
             ["QUEUE", "GET", "q"], ["QUEUE", "NOPE", "q"]),
-            b"*10\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"*12\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$9\r\nmax-bytes\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
             b"$12\r\ndedup-window\r\n$2\r\n5m\r\n$4\r\nrate\r\n$1\r\n0\r\n$3\r\nttl\r\n$1\r\n0\r\n"
             b"+OK\r\n"
-            b"*10\r\n$10\r\nmax-length\r\n$2\r\n10\r\n$8\r\noverflow\r\n$11\r\ndrop-newest\r\n"
+            b"*12\r\n$10\r\nmax-length\r\n$2\r\n10\r\n$9\r\nmax-bytes\r\n$1\r\n0\r\n$8\r\noverflow\r\n$11\r\ndrop-newest\r\n"
             b"$12\r\ndedup-window\r\n$2\r\n5m\r\n$4\r\nrate\r\n$1\r\n0\r\n$3\r\nttl\r\n$1\r\n0\r\n"
             b"-ERR max-length: 'x' is not a count: a whole number from 0 up\r\n"
             b"-ERR overflow: 'sometimes' is not reject, drop-oldest or drop-newest\r\n"
-            b"-ERR no queue setting 'speed': the settings are max-length, overflow, "
+            b"-ERR no queue setting 'speed': the settings are max-length, max-bytes, overflow, "
             b"dedup-window, rate, ttl\r\n"
             b"-ERR wrong number of arguments for 'queue|set' command\r\n"
             b"-ERR syntax error\r\n"
             b"-ERR q.dead holds dead letters, which take no settings\r\n"
             b"+OK\r\n"
-            b"*10\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"*12\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$9\r\nmax-bytes\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
             b"$12\r\ndedup-window\r\n$2\r\n5m\r\n$4\r\nrate\r\n$1\r\n0\r\n$3\r\nttl\r\n$1\r\n0\r\n"
             b"-ERR unknown subcommand 'NOPE'. Try QUEUE HELP.\r\n")
         self.assertEqual(self.server.queues.settings, {})
@@ -1912,14 +1945,58 @@ class BoundedQueueTest(ServerCase):
         rows = {row["name"]: row for row in self.server.status()["queues"]}
         self.assertEqual(rows["new"]["settings"], {"max-length": "2",
                                                    "overflow": "drop-newest"})
-        self.assertEqual(rows["new"]["max_length"], 2)
+        self.assertEqual((rows["new"]["max_length"], rows["new"]["max_bytes"]), (2, 0))
         status, out, err = CommandLineTest.run_main(self, "LIST")
         self.assertIn(b"new 2 (max-length 2 overflow drop-newest)\n", out)
+
+    def test_max_bytes_at_the_bound_and_one_past_it(self):
+        # 10 bytes: a push that makes 10 fits, 11 does not; every list
+        # command keeps the count the bound is checked against.
+        self.exchange(requests(
+            ["QUEUE", "SET", "q", "max-bytes", "10"], ["RPUSH", "q", "aaaa", "bbbb"],
+            ["RPUSH", "q", "ccc"], ["RPUSH", "q", "cc"], ["LSET", "q", "0", "a"],
+            ["LINSERT", "q", "BEFORE", "a", "ddd"], ["LREM", "q", "0", "ddd"],
+            ["LTRIM", "q", "1", "-1"], ["LPOP", "q"], ["RPUSH", "q", "1234567"],
+            ["MULTI"], ["RPUSH", "q", "1"], ["RPUSH", "q", "2"], ["EXEC"],
+            ["DEFER", "q", "10", "12"], ["DEFER", "q", "10", "1"],
+            ["QUEUE", "GET", "q"]),
+            b"+OK\r\n:2\r\n"
+            b"-FULL queue q holds 8 bytes, its max-bytes\r\n:3\r\n"  # 10: fits
+            b"+OK\r\n:4\r\n:1\r\n+OK\r\n$4\r\nbbbb\r\n:2\r\n"   # 3 bytes, then 10
+            b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+            b"-FULL queue q holds 9 bytes, its max-bytes: the transaction "
+            b"would pass it, and nothing of it ran\r\n"
+            b"-FULL queue q holds 9 bytes, its max-bytes\r\n:1\r\n"
+            b"*12\r\n$10\r\nmax-length\r\n$1\r\n0\r\n$9\r\nmax-bytes\r\n$2\r\n10\r\n"
+            b"$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"$12\r\ndedup-window\r\n$2\r\n5m\r\n$4\r\nrate\r\n$1\r\n0\r\n$3\r\nttl\r\n$1\r\n0\r\n")
+        self.assertEqual(self.server.queues.weights[b"q"], 9)
+        self.exchange(requests(["QUEUE", "SET", "q", "max-bytes", "1kb"], ["RPUSH", "q", "x"],
+                               ["QUEUE", "SET", "q", "max-bytes", "ten"]),
+                      b"+OK\r\n:3\r\n-ERR max-bytes: 'ten' is not a size: bytes, or a number "
+                      b"with k, kb, m, mb, g, gb, t or tb (1000s, or 1024s with b)\r\n")
+        self.assertEqual(self.server.queues.weights[b"q"], 10)
+
+    def test_max_bytes_drops_the_oldest_or_the_newest_to_fit(self):
+        client = self.client()
+        client.configure("old", max_bytes=6, overflow="drop-oldest")
+        client.configure("new", max_bytes=6, max_length=3, overflow="drop-newest")
+        for name in ("old", "new"):
+            client.put_many(name, ["aa", "bb", "cc"])               # at the bound
+            client.put_many(name, ["d", "eeeee"])
+        self.assertEqual(client.call("LRANGE", "old", 0, -1), [b"d", b"eeeee"])
+        self.assertEqual(client.call("LRANGE", "new", 0, -1), [b"aa", b"bb", b"cc"])
+        self.assertEqual([r.message for r in client.why("old.dead")], [b"aa", b"bb", b"cc"])
+        self.assertEqual([r.message for r in client.why("new.dead")], [b"d", b"eeeee"])
+        client.put("old", "1234567")                                # alone too big
+        self.assertEqual(client.call("LLEN", "old"), 0)
+        self.assertEqual(client.why("old.dead", -3, -1)[0].message, b"d")
 
     def test_the_command_line_sets_and_a_full_queue_exits_6(self):
         run = lambda *argv: CommandLineTest.run_main(self, *argv)
         self.assertEqual(run("QUEUE", "jobs", "max-length", "1"),
-                         (0, b"max-length 1\noverflow reject\ndedup-window 5m\nrate 0\nttl 0\n", ""))
+                         (0, b"max-length 1\nmax-bytes 0\noverflow reject\ndedup-window 5m\nrate 0\n"
+                          b"ttl 0\n", ""))
         self.assertEqual(run("PUT", "jobs", "a")[0], 0)
         self.assertEqual(run("PUT", "jobs", "b"), (
             6, b"", "beuss: FULL queue jobs holds 1 messages, its max-length: "
@@ -1928,7 +2005,7 @@ class BoundedQueueTest(ServerCase):
             2, "beuss: max-length: '-1' is not a count: a whole number from 0 up\n"))
         self.assertEqual(run("QUEUE", "jobs", "overflow")[0], 2)
         self.assertEqual(run("QUEUE", "jobs", "--reset")[1],
-                         b"max-length 0\noverflow reject\ndedup-window 5m\nrate 0\nttl 0\n")
+                         b"max-length 0\nmax-bytes 0\noverflow reject\ndedup-window 5m\nrate 0\nttl 0\n")
         self.assertEqual(run("PUT", "jobs", "b")[0], 0)
 
 
@@ -1944,7 +2021,7 @@ class PutOnceTest(ServerCase):
             ["QUEUE", "SET", "q", "dedup-window", "1x"]),
             b":1\r\n:2\r\n:0\r\n-ERR syntax error\r\n-ERR syntax error\r\n"
             b"-ERR wrong number of arguments for 'put' command\r\n+OK\r\n"
-            b"*10\r\n$10\r\nmax-length\r\n$1\r\n3\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
+            b"*12\r\n$10\r\nmax-length\r\n$1\r\n3\r\n$9\r\nmax-bytes\r\n$1\r\n0\r\n$8\r\noverflow\r\n$6\r\nreject\r\n"
             b"$12\r\ndedup-window\r\n$4\r\n0.1s\r\n$4\r\nrate\r\n$1\r\n0\r\n$3\r\nttl\r\n$1\r\n0\r\n:3\r\n"
             b"-FULL queue q holds 3 messages, its max-length\r\n"
             b"-ERR dedup-window: '1x' is not a time: seconds, or 500ms, 30s, 5m, 2h, "
@@ -7386,7 +7463,8 @@ time.sleep(60)
                 queue = "bounded-" + target
                 client = self.client(port)
                 self.assertEqual(self.cli(port, "QUEUE", queue, "max-length", "2")[0],
-                                 b"max-length 2\noverflow reject\ndedup-window 5m\nrate 0\nttl 0\n")
+                                 b"max-length 2\nmax-bytes 0\noverflow reject\ndedup-window 5m\n"
+                                 b"rate 0\nttl 0\n")
                 self.assertEqual(client.put_many(queue, ["a", "b"]), 2)
                 err = self.cli(port, "PUT", queue, "c", status=6)[1]
                 self.assertIn("FULL queue %s holds 2 messages" % queue, err)
@@ -7403,9 +7481,27 @@ time.sleep(60)
                 self.assertIn("%s 2 (max-length 2 overflow drop-newest)" % queue,
                               self.cli(port, "LIST")[0].decode())
                 self.assertEqual(client.configure(queue, reset=True),
-                                 {"max-length": 0, "overflow": "reject",
+                                 {"max-length": 0, "max-bytes": 0, "overflow": "reject",
                                   "dedup-window": 300.0, "rate": "0", "ttl": 0.0})
                 self.assertEqual(client.put(queue, "g"), 3)
+                # max-bytes: 3 held, a put to 5 fits, one byte more does not;
+                # a retry ready again counts, and is the first to go.
+                client.configure(queue, max_bytes=5)
+                self.assertEqual(client.put(queue, "hi"), 4)
+                full = "^FULL queue %s holds 5 bytes, its max-bytes$" % queue
+                with self.assertRaisesRegex(beuss.ReplyError, full):
+                    client.put(queue, "x")
+                with self.assertRaisesRegex(beuss.ReplyError, full):
+                    client.put(queue, "x", delay=1)
+                self.assertTrue(client.reserve(queue).nack(delay=0))
+                with self.assertRaisesRegex(beuss.ReplyError, full):
+                    client.put(queue, "x")
+                client.configure(queue, overflow="drop-oldest")
+                self.assertEqual(client.put(queue, "xyz"), 2)
+                self.assertEqual(client.call("LRANGE", queue, 0, -1), [b"hi", b"xyz"])
+                self.assertEqual([r.message for r in client.why(queue + ".dead", -3, -1)],
+                                 [b"d", b"e", b"g"])
+                client.configure(queue, reset=True)
 
     def test_put_once_on_every_engine(self):
         for target, port in self.targets():
