@@ -2129,7 +2129,10 @@ class ExpiryTest(ServerCase):
         run = lambda *argv: CommandLineTest.run_main(self, *argv)
         self.assertEqual(run("PUT", "jobs", "a", "--ttl", "50ms")[0], 0)
         self.assertEqual(run("PUT", "jobs", "a", "--ttl", "0")[0], 2)
-        self.assertEqual(run("PUT", "jobs", "a", "--ttl", "1s", "--delay", "1")[0], 2)
+        self.assertEqual(run("PUT", "jobs", "a", "--ttl", "1s", "--delay", "1")[::2],
+                         (2, "beuss: --ttl puts one message now: not with --delay\n"))
+        self.assertEqual(run("PUT", "jobs", "--id", "k", "--lines")[::2],
+                         (2, "beuss: --id puts one message now: not with --lines\n"))
         time.sleep(0.1)
         self.assertEqual(run("GET", "jobs")[0], 1)
         self.assertIn(b"after 0 deliveries: expired after 0.05s  |  a",
@@ -5378,7 +5381,7 @@ class QueueSettingsDurabilityTest(unittest.TestCase):
             wait_for_port(port, process=process)
             with beuss.Client(port=port, timeout=TIMEOUT) as client:
                 self.assertEqual(client.settings("jobs"), {
-                    "max-length": 2, "overflow": "drop-newest",
+                    "max-length": 2, "max-bytes": 0, "overflow": "drop-newest",
                     "dedup-window": 3600.0, "rate": "100/s", "ttl": 0.0})
                 self.assertEqual(client.put("jobs", "a again", id="order-1"), 0)
                 self.assertEqual([r.why for r in client.why("jobs.dead")],
