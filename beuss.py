@@ -1017,10 +1017,13 @@ def _cost(messages):
     return sum(map(len, messages)) + MESSAGE_COST * len(messages)
 
 
-def deliveries(message):
+def deliveries(message, dead=True):
+    """How many times message was delivered; dead: it may be a dead letter
+    (only queues named "<queue>.dead" hold them, so that other messages
+    never cost a look in _RECORDS: on PyPy an id() costs memory)."""
     if message.__class__ is Returned:
         return message.deliveries
-    if _RECORDS:
+    if dead and _RECORDS:
         record = _RECORDS.get(id(message))
         if record is not None:
             return record[1]
@@ -1042,6 +1045,8 @@ def deliveries(message):
 # other object while the entry lasts, and Queues drops the entry whenever
 # the letter leaves its queue or its place set aside (_unrecord). So a
 # message object is in one place at a time, as every path here keeps it.
+# Only queues named "<queue>.dead" hold dead letters (one moved elsewhere
+# leaves its record behind), so only their messages are looked up.
 
 _RECORDS = {}
 
@@ -1068,10 +1073,11 @@ def dead_record(message):
     return record[1:] if record is not None else (None, None, None)
 
 
-def _unrecord(messages):
-    """Messages leave their place: a dead letter's record goes."""
-    for message in messages:
-        _RECORDS.pop(id(message), None)
+def _unrecord(name, messages):
+    """Messages leave their place in name: a dead letter's record goes."""
+    if _RECORDS and name.endswith(b".dead"):
+        for message in messages:
+            _RECORDS.pop(id(message), None)
 
 
 def dead_letters(name):
@@ -1366,7 +1372,7 @@ class Queues:
             self.journal.pop(name, 1, left)
         message = queue.popleft() if left else queue.pop()
         self.size -= len(message) + MESSAGE_COST
-        if _RECORDS:
+        if _RECORDS and name.endswith(b".dead"):
             _RECORDS.pop(id(message), None)
         if self.weights and name in self.weights:
             self.weights[name] -= len(message)
@@ -1397,8 +1403,7 @@ class Queues:
         take = queue.popleft if left else queue.pop
         messages = [take() for _ in range(count)]
         self.size -= _cost(messages)
-        if _RECORDS:
-            _unrecord(messages)
+        _unrecord(name, messages)
         if self.weights and name in self.weights:
             self.weights[name] -= sum(map(len, messages))
         if not queue:
@@ -1451,8 +1456,7 @@ class Queues:
             self.journal.remove(name, found)
         self._count(name, "removed", len(found))
         gone = set(found)
-        if _RECORDS:
-            _unrecord(item for i, item in enumerate(queue) if i in gone)
+        _unrecord(name, (item for i, item in enumerate(queue) if i in gone))
         kept = [item for i, item in enumerate(queue) if i not in gone]
         self.size -= _cost([message]) * len(found)
         self._weigh(name, -len(message) * len(found))
@@ -1474,7 +1478,7 @@ class Queues:
             self.journal.set(name, index, message)
         self.size += len(message) - len(queue[index])
         self._weigh(name, len(message) - len(queue[index]))
-        _unrecord([queue[index]])
+        _unrecord(name, [queue[index]])
         queue[index] = message
         self._changed(name)
         return True
@@ -1518,7 +1522,7 @@ class Queues:
             queue.pop() for _ in range(tail)]
         self.size -= _cost(gone)
         self._weigh(name, -sum(map(len, gone)))
-        _unrecord(gone)
+        _unrecord(name, gone)
         self._changed(name)     # as Redis, even when nothing went
 
     def delete(self, name):
@@ -1539,7 +1543,7 @@ class Queues:
             del self.expiring[name], self.covered[name]
         self.size -= _cost(queue)
         self._weigh(name, -sum(map(len, queue)))
-        _unrecord(queue)
+        _unrecord(name, queue)
         self._changed(name)
         return True
 
@@ -1554,7 +1558,7 @@ class Queues:
             self._changed(name)
             self._count(name, "removed", len(queue))
             self._weigh(name, -sum(map(len, queue)))
-            _unrecord(queue)
+            _unrecord(name, queue)
         self.size -= sum(_cost(queue) for queue in self._queues.values())
         self._queues.clear()
 
@@ -1570,8 +1574,9 @@ class Queues:
                 self.limited and name in self.limited and not self._token(name):
             return None
         held_id = b"%d" % self.next_id
-        count = deliveries(queue[0]) + 1
-        record = _RECORDS.get(id(queue[0])) if _RECORDS else None
+        dead = name.endswith(b".dead")
+        count = deliveries(queue[0], dead) + 1
+        record = _RECORDS.get(id(queue[0])) if dead and _RECORDS else None
         if self.journal is not None:
             self.journal.reserve(name, held_id, count)
         self.next_id += 1
@@ -1779,7 +1784,7 @@ class Queues:
         for entry in self._deferred:
             if name is None or entry[2] == name:
                 self.size -= len(entry[3]) + MESSAGE_COST
-                _unrecord(entry[3:4])
+                _unrecord(entry[2], entry[3:4])
             else:
                 kept.append(entry)
         heapq.heapify(kept)
@@ -2824,14 +2829,15 @@ class Store:
             edge = positions[-1] if positions else 0.0
             new = [edge + i + 1 for i in range(len(messages))]
         key = _name_key(name)
-        if _RECORDS and any(id(message) in _RECORDS for message in messages):
+        if _RECORDS and name.endswith(b".dead") and any(
+                id(message) in _RECORDS for message in messages):
             self._add(("push", name, True), [
                 (key, position, message, deliveries(message))
                 + dead_record(message)
                 for position, message in zip(new, messages)])
         else:
             self._add(("push", name, False), [
-                (key, position, _blob(message), deliveries(message))
+                (key, position, _blob(message), deliveries(message, False))
                 for position, message in zip(new, messages)])
         if positions is None:
             positions = self._positions[name] = collections.deque()
