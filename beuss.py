@@ -1573,17 +1573,29 @@ class Queues:
         if not queue or self.paused and name in self.paused or \
                 self.limited and name in self.limited and not self._token(name):
             return None
+        # _take(name, True, 1), written out: this is every job's path. A
+        # held message counts in size as a queued one does, so size stays.
         held_id = b"%d" % self.next_id
-        dead = name.endswith(b".dead")
-        count = deliveries(queue[0], dead) + 1
-        record = _RECORDS.get(id(queue[0])) if dead and _RECORDS else None
+        message = queue[0]
+        record = _RECORDS.get(id(message)) if _RECORDS and \
+            name.endswith(b".dead") else None
+        count = message.deliveries + 1 if message.__class__ is Returned \
+            else 1 if record is None else record[1] + 1
         if self.journal is not None:
             self.journal.reserve(name, held_id, count)
         self.next_id += 1
-        message = self._take(name, True, 1)[0]
-        self.size += len(message) + MESSAGE_COST   # held ones count too
-        held = self._held[held_id] = Held(held_id, name, bytes(message),
-                                          count, owner)
+        queue.popleft()
+        if not queue:
+            del self._queues[name]
+        if record is not None:
+            del _RECORDS[id(message)]
+        if self.weights and name in self.weights:
+            self.weights[name] -= len(message)
+        if name in self._watches:
+            self._changed(name)
+        if message.__class__ is not bytes:
+            message = bytes(message)
+        held = self._held[held_id] = Held(held_id, name, message, count, owner)
         if record is not None:
             held.died = record[2:]
         self._held_by.setdefault(owner, {})[held_id] = held
@@ -1592,24 +1604,31 @@ class Queues:
         holders[owner] = holders.get(owner, 0) + 1
         return held
 
-    def held(self, held_id, owner):
-        """The Held of that id if owner holds it, else None."""
-        held = self._held.get(held_id)
-        return held if held is not None and held.owner is owner else None
-
     def find(self, held_id):
         """The Held of that id, whoever holds it, or None."""
         return self._held.get(held_id)
 
-    def held_by(self, owner):
-        return list(self._held_by.get(owner, {}).values())
+    def held_by(self, owner, ids=None):
+        """What owner holds: all of it, or the Helds of those ids, each
+        once."""
+        mine = self._held_by.get(owner)
+        if not mine:
+            return []
+        if ids is None:
+            return list(mine.values())
+        return [mine[held_id] for held_id in dict.fromkeys(ids)
+                if held_id in mine]
 
-    def ack(self, held):
-        """Remove a held message for good."""
-        if self.journal is not None:
-            self.journal.ack(held.id)
-        self._forget(held)
-        self._count(held.queue, "acknowledged")
+    def ack(self, helds):
+        """Remove held messages for good."""
+        journal = self.journal
+        for held in helds:
+            if journal is not None:
+                journal.ack(held.id)
+            self._forget(held)
+            counts = self.counts.get(held.queue)
+            if counts is not None:              # _count, written out
+                counts.acknowledged += 1
 
     def give_back(self, helds, delay=None, why=None, failed=True,
                   now=None, undelivered=False):
@@ -2561,6 +2580,15 @@ def _run_statements(key, items):
         return statements
     if key[0] == "ack":
         return [("DELETE FROM held WHERE id = ?", items)]
+    if key[0] == "reserve":
+        # Taken from the head one after another: the last one's position
+        # bounds them all, and its id + 1 is the next id.
+        return [("INSERT INTO held SELECT ?, queue, message, ?, tries, died, "
+                 "why FROM queued WHERE queue = ? AND position = ?", items),
+                ("DELETE FROM queued WHERE queue = ? AND position <= ?",
+                 items[-1][2:]),
+                ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
+                 (items[-1][0] + 1,))]
     # Pops: the run's last position bounds what it took from that end.
     return [("DELETE FROM queued WHERE queue = ? AND position %s ?" % (
         "<=" if key[2] else ">="), (_name_key(key[1]), items[-1]))]
@@ -3019,17 +3047,9 @@ class Store:
                         (_name_key(name),))])
 
     def reserve(self, name, held_id, count):
-        position = self._positions[name][0]
-        self._run([
-            ("INSERT INTO held SELECT ?, queue, message, ?, tries, died, why "
-             "FROM queued WHERE queue = ? AND position = ?",
-             (int(held_id), count, _name_key(name), position)),
-            ("DELETE FROM queued WHERE queue = ? AND position = ?",
-             (_name_key(name), position)),
-            ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
-             (int(held_id) + 1,))])
         positions = self._positions[name]
-        positions.popleft()
+        self._add(("reserve", name), [(int(held_id), count, _name_key(name),
+                                       positions.popleft())])
         if not positions:
             del self._positions[name]
 
@@ -5013,8 +5033,9 @@ def _encode_push(conn, items):
 
 
 def _encode_reserved(held):
-    return b"*4\r\n" + encode_bulk(held.queue) + encode_bulk(held.id) \
-        + encode_bulk(held.message) + encode_int(held.deliveries)
+    return b"*4\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n:%d\r\n" % (
+        len(held.queue), held.queue, len(held.id), held.id,
+        len(held.message), held.message, held.deliveries)
 
 
 def _encode_mpop(name, messages):
@@ -5053,8 +5074,14 @@ def _integer(arg, error=ERR_NOT_INTEGER):
     return number
 
 
+_TIMEOUTS = {}       # timeouts read before: a client sends the same few
+
+
 def _timeout(arg):
     """Seconds to wait, 0 for ever, as Redis reads a blocking timeout."""
+    seconds = _TIMEOUTS.get(arg)
+    if seconds is not None:
+        return seconds
     text = arg.decode("ascii", "replace")
     if not text or text[0].isspace() or text[-1].isspace() or "_" in text:
         raise ReplyError(ERR_TIMEOUT_NOT_FLOAT)
@@ -5072,6 +5099,9 @@ def _timeout(arg):
         raise ReplyError(ERR_TIMEOUT_NEGATIVE)
     if seconds > 1e12:
         raise ReplyError(ERR_TIMEOUT_RANGE)
+    if len(_TIMEOUTS) >= 1000:
+        _TIMEOUTS.clear()
+    _TIMEOUTS[bytes(arg)] = seconds
     return seconds
 
 
@@ -5546,8 +5576,8 @@ def cmd_reserve(server, conn, args):
         if count is None or count < 1:
             raise ReplyError("ERR count should be greater than 0")
         args = args[:-2]
-    names = list(dict.fromkeys(args[1:-1]))
     timeout = _timeout(args[-1])
+    names = (args[1],) if len(args) == 3 else list(dict.fromkeys(args[1:-1]))
     if count is None:
         for name in names:
             held = server.queues.reserve(name, conn)
@@ -5636,15 +5666,12 @@ return taken
 
 def _held(server, conn, args):
     """The messages conn holds among the ids it named, each once."""
-    found = (server.queues.held(held_id, conn)
-             for held_id in dict.fromkeys(args[1:]))
-    return [held for held in found if held is not None]
+    return server.queues.held_by(conn, args[1:])
 
 
 def cmd_ack(server, conn, args):
     helds = _held(server, conn, args)
-    for held in helds:
-        server.queues.ack(held)
+    server.queues.ack(helds)
     return encode_int(len(helds))
 
 

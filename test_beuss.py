@@ -862,8 +862,8 @@ class ReserveQueuesTest(unittest.TestCase):
         again = queues.reserve(b"q", "owner")
         self.assertEqual((again.message, again.deliveries), (b"a", 2))
         self.assertNotEqual(again.id, held[0].id)
-        queues.ack(again)
-        self.assertIsNone(queues.held(again.id, "owner"))
+        queues.ack([again])
+        self.assertEqual(queues.held_by("owner", [again.id]), [])
         self.assertEqual(queues.size, 3 + 3 * beuss.MESSAGE_COST)
 
     def test_too_many_deliveries_send_a_message_to_dead_letters(self):
@@ -906,7 +906,7 @@ class ReserveQueuesTest(unittest.TestCase):
         queues = beuss.Queues()
         queues.push(b"q", [b"m"])
         held = queues.reserve(b"q", "mine")
-        self.assertIsNone(queues.held(held.id, "theirs"))
+        self.assertEqual(queues.held_by("theirs", [held.id]), [])
         self.assertEqual(queues.held_by("mine"), [held])
         self.assertEqual(queues.held_by("theirs"), [])
 
@@ -949,7 +949,7 @@ class StoreTest(unittest.TestCase):
         queues.push(b"a", [b"end"])
         held = [queues.reserve(b"b", "owner") for _ in range(3)]
         for message in held:
-            queues.ack(message)
+            queues.ack([message])
         self.assertTrue(store.commit())
         expected = self.snapshot(queues)
         store.close()
@@ -988,7 +988,7 @@ class StoreTest(unittest.TestCase):
                 if reserved is not None:
                     held.append(reserved)
             elif change == 9 and held:
-                queues.ack(held.pop(rng.randrange(len(held))))
+                queues.ack([held.pop(rng.randrange(len(held)))])
             elif change == 10 and held:
                 queues.give_back([held.pop(rng.randrange(len(held)))])
             elif change == 11 and rng.random() < 0.02:
@@ -1014,7 +1014,7 @@ class StoreTest(unittest.TestCase):
         queues.push(b"q", [b"a", b"b", b"c", b"d"])
         first, second = queues.reserve(b"q", 1), queues.reserve(b"q", 2)
         queues.give_back([queues.reserve(b"q", 3)])     # c, delivered once
-        queues.ack(first)
+        queues.ack([first])
         store.commit()
         store.close()                       # as if killed: b still held
         store, queues = self.open()
@@ -7885,6 +7885,7 @@ def benchmark(requests_count=200000, clients=50, rounds=5):
         bench.wake_up()
         bench.patterns()
         bench.batches()
+        bench.job_loops()
         bench.dedup_memory()
         bench.scripts_on_redis()
     finally:
@@ -8166,6 +8167,52 @@ class Bench:
             process.terminate()
             process.wait()
 
+    def job_loops(self, count=100000):
+        """What a job costs the server: count 100-byte jobs put, reserved
+        and acknowledged (job_loop), server CPU a job from the process's
+        own times, beside Redis's reliable-queue pattern without
+        persistence; in memory, with each fsync policy, and on PyPy (after
+        a round that warms its JIT)."""
+        runs = [("memory", [], sys.executable), ("--data everysec", [
+            "--data", os.path.join(self.folder, "jobs-everysec.db"), "--fsync",
+            "everysec"], sys.executable), ("--data always", [
+                "--data", os.path.join(self.folder, "jobs-always.db"), "--fsync",
+                "always"], sys.executable)]
+        pypy = shutil.which("pypy3")
+        if pypy and platform.python_implementation() != "PyPy":
+            runs.append(("memory, PyPy", [], pypy))
+        for label, options, python in runs:
+            ports, processes = self.start(options, python=python)
+            costs, rates = collections.defaultdict(list), collections.defaultdict(list)
+            socks = [socket.create_connection(("127.0.0.1", port), 60)
+                     for port in ports]
+            if python != sys.executable:
+                for way in ("reserve", "count"):
+                    job_loop(socks[0], count, way)
+            for _ in range(self.rounds):
+                for way, sock, process in (("reserve", socks[0], processes[0]),
+                                           ("count", socks[0], processes[0]),
+                                           ("redis", socks[1], processes[1])):
+                    cpu, started = _cpu_seconds(process.pid), time.perf_counter()
+                    job_loop(sock, count, way)
+                    rates[way].append(count / (time.perf_counter() - started))
+                    costs[way].append(1e6 * (_cpu_seconds(process.pid) - cpu)
+                                      / count)
+            for sock in socks:
+                sock.close()
+            for way, text in (("reserve", "RESERVE x100, ACK"),
+                              ("count", "RESERVE COUNT 100, ACK")):
+                self.row("job loop, %s, %s" % (text, label), costs[way],
+                         costs["redis"], "server CPU us/job; LMOVE+LREM")
+            if label == "memory":
+                self.row("job loop, RESERVE x100, ACK, jobs/s", rates["reserve"],
+                         rates["redis"], "jobs/s, one Python client")
+            for process in processes:
+                process.terminate()
+                process.wait()
+        self.commands.append("job loop: job_loop() in test_beuss.py, %d jobs a "
+                             "round" % count)
+
     def dedup_memory(self, count=200000):
         """The memory an id of PUT ... ID takes while its window lasts: the
         server's resident memory after count puts of one byte, each with
@@ -8239,6 +8286,63 @@ class Bench:
         for process in processes:
             process.terminate()
             process.wait()
+
+
+# The job loop, through one pipelined connection: jobs of 100 bytes, each
+# its own, put with RPUSH a window at a time, then taken a window at a time
+# and acknowledged. Replies are counted by their line ends (the jobs hold
+# none), so the loop costs its own process little.
+JOB_LOOP_IDS = re.compile(rb"\*4\r\n\$4\r\njobs\r\n\$\d+\r\n(\d+)\r\n")
+
+
+def job_loop(sock, count, way, window=100, size=100):
+    """count jobs put, reserved and acknowledged: way "reserve" (window
+    RESERVEs pipelined, then one ACK of their ids), "count" (one RESERVE
+    ... COUNT window, one ACK) or "redis" (Redis's reliable-queue pattern:
+    LMOVE to a list of jobs in progress, then LREM from it)."""
+    def exchange(request, line_ends):
+        sock.sendall(request)
+        chunks, last = [], b""
+        while line_ends > 0:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            line_ends -= chunk.count(b"\r\n") + (last == b"\r" and
+                                                 chunk[:1] == b"\n")
+            last = chunk[-1:]
+            chunks.append(chunk)
+        return b"".join(chunks)
+    for first in range(0, count, window):
+        exchange(b"".join(beuss.encode_bulks([b"RPUSH", b"jobs", b"%0*d" % (
+            size, i)]) for i in range(first, min(first + window, count))),
+            min(window, count - first))
+    for first in range(0, count, window):
+        taking = min(window, count - first)
+        if way == "redis":
+            exchange(beuss.encode_bulks([b"LMOVE", b"jobs", b"working", b"LEFT",
+                                         b"RIGHT"]) * taking, 2 * taking)
+            exchange(b"".join(beuss.encode_bulks([b"LREM", b"working", b"1", (
+                b"%0*d" % (size, i))]) for i in range(first, first + taking)),
+                taking)
+            continue
+        if way == "reserve":
+            reply = exchange(beuss.encode_bulks([b"RESERVE", b"jobs", b"0.001"])
+                             * taking, 8 * taking)
+        else:
+            reply = exchange(beuss.encode_bulks([
+                b"RESERVE", b"jobs", b"0.001", b"COUNT", b"%d" % taking]),
+                1 + 8 * taking)
+        ids = JOB_LOOP_IDS.findall(reply)
+        if len(ids) != taking:
+            raise AssertionError("reserved %d of %d" % (len(ids), taking))
+        exchange(beuss.encode_bulks([b"ACK"] + ids), 1)
+
+
+def _cpu_seconds(pid):
+    """User and system CPU a process has used, from /proc (Linux)."""
+    with open("/proc/%d/stat" % pid) as stat_file:
+        fields = stat_file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss(pid):
@@ -8422,27 +8526,35 @@ def watching(queue_count=10000, seconds=20, messages=1000000):
 # share (it sends ready-made requests and counts line ends). Judge a change
 # by these, on one Python, before and after.
 
-INSTRUCTION_LOADS = [       # (name, pipeline, with the store)
-    ("RPUSH + LPOP, -P 16", 16, False), ("RPUSH + LPOP, -P 1", 1, False),
-    ("RPUSH + LPOP, -P 16, --data", 16, True),
-    ("RPUSH + LPOP, -P 1, --data", 1, True)]
+INSTRUCTION_LOADS = [       # (name, pipeline or job loop way, with the store)
+    ("RPUSH + LPOP, -P 16", "16", False), ("RPUSH + LPOP, -P 1", "1", False),
+    ("RPUSH + LPOP, -P 16, --data", "16", True),
+    ("RPUSH + LPOP, -P 1, --data", "1", True),
+    ("job: RPUSH, RESERVE, ACK of 100", "reserve", False),
+    ("job: the same, RESERVE COUNT 100", "count", False),
+    ("job: RPUSH, RESERVE, ACK, --data", "reserve", True)]
 INSTRUCTION_REQUESTS = 2000
 
-# The load: count RPUSHes then count LPOPs, pipeline at a time, from one
-# connection to a server in the same process (argv: pipeline, count, and
-# "store" for one with --data). Only beuss is imported, from its .pyc.
+# The load: count RPUSHes then count LPOPs, pipeline at a time, or count
+# jobs through job_loop, from one connection to a server in the same
+# process (argv: pipeline or way, count, and "store" for one with --data).
 INSTRUCTION_LOAD = """
 import os, shutil, socket, sys, tempfile
 import beuss
-pipeline, count = int(sys.argv[1]), int(sys.argv[2])
+way, count = sys.argv[1], int(sys.argv[2])
 folder = tempfile.mkdtemp()
 settings = {"data": os.path.join(folder, "load.db"), "fsync": "no"} \\
     if sys.argv[3] == "store" else {}
 server = beuss.Server(("127.0.0.1", 0), max_memory=0, **settings)
 server.start()
 with socket.create_connection(server.address) as sock:
+    if not way.isdigit():
+        import test_beuss
+        test_beuss.job_loop(sock, count, way)
     for command, line_ends in (([b"RPUSH", b"q", b"hello"], 1), ([b"LPOP", b"q"], 2)):
-        request = beuss.encode_bulks(command)
+        if not way.isdigit():
+            break
+        pipeline, request = int(way), beuss.encode_bulks(command)
         for done in range(0, count, pipeline):
             batch = min(pipeline, count - done)
             sock.sendall(request * batch)
@@ -8460,30 +8572,33 @@ def instructions():
         sys.exit("needs valgrind (Debian's valgrind)")
     folder = tempfile.mkdtemp()
     env = dict(os.environ, PYTHONPATH=HERE)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)        # beuss's .pyc is reused
-    subprocess.run([sys.executable, "-c", "import beuss"], env=env, check=True)
-    print("instructions a request, %s %s, callgrind; %d of each command" % (
+    env.pop("PYTHONDONTWRITEBYTECODE", None)        # the .pyc files are reused
+    subprocess.run([sys.executable, "-c", "import beuss, test_beuss"], env=env,
+                   check=True)
+    print("instructions, %s %s, callgrind; %d of each command or job" % (
         platform.python_implementation(), platform.python_version(),
         INSTRUCTION_REQUESTS))
     try:
-        for number, (name, pipeline, store) in enumerate(INSTRUCTION_LOADS):
+        for number, (name, way, store) in enumerate(INSTRUCTION_LOADS):
             totals = []
             for count in (INSTRUCTION_REQUESTS, 0):
                 out = os.path.join(folder, "callgrind.%d.%d" % (number, count))
                 subprocess.run([valgrind, "--tool=callgrind", "--callgrind-out-file="
                                 + out, sys.executable, "-c", INSTRUCTION_LOAD,
-                                str(pipeline), str(count), "store" if store else "memory"],
+                                way, str(count), "store" if store else "memory"],
                                env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, check=True)
                 with open(out) as profile:
                     totals.append(next(int(line.split()[1]) for line in profile
                                        if line.startswith("summary:")))
-            print("  %-32s %8.0f" % (name, (totals[0] - totals[1])
-                                     / (2 * INSTRUCTION_REQUESTS)))
+            # A pop load makes two requests of each count, a job loop one job.
+            print("  %-34s %8.0f %s" % (name, (totals[0] - totals[1]) / (
+                INSTRUCTION_REQUESTS * (2 if way.isdigit() else 1)),
+                "a request" if way.isdigit() else "a job"))
     finally:
         shutil.rmtree(folder)
-    print("each: valgrind --tool=callgrind python -c INSTRUCTION_LOAD PIPELINE "
-          "COUNT memory|store (test_beuss.py), COUNT %d and 0"
+    print("each: valgrind --tool=callgrind python -c INSTRUCTION_LOAD "
+          "PIPELINE|WAY COUNT memory|store (test_beuss.py), COUNT %d and 0"
           % INSTRUCTION_REQUESTS)
 
 
