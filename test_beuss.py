@@ -1618,6 +1618,18 @@ class BlockingCommandsTest(ServerCase):
                       b"-ERR timeout is negative\r\n"
                       b"-ERR timeout is not a float or out of range\r\n")
 
+    def test_timeouts_read_before_are_kept_a_thousand_at_most(self):
+        beuss._TIMEOUTS.clear()
+        self.exchange(requests(*[["BLPOP", "q", "soon"], ["BLPOP", "q", "0.01"]] * 2),
+                      b"-ERR timeout is not a float or out of range\r\n*-1\r\n" * 2)
+        self.assertEqual(beuss._TIMEOUTS, {b"0.01": 0.01})
+        for number in range(999):
+            beuss._timeout(b"%d" % (number + 100))
+        self.assertEqual(len(beuss._TIMEOUTS), 1000)
+        self.assertEqual(beuss._timeout(b"0.01"), 0.01)
+        self.assertEqual(beuss._timeout(b"7.5"), 7.5)      # one past: all go
+        self.assertEqual(beuss._TIMEOUTS, {b"7.5": 7.5})
+
     def test_timeout_at_and_past_the_limit(self):
         waiter = self.connect()
         waiter.sendall(requests(["BLPOP", "q", "1e12"]))
@@ -2320,6 +2332,23 @@ class StoreServerTest(ServerCase):
                                ["RESERVE", "q", "0"]),
                       b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n*1\r\n$1\r\nx\r\n"
                       b"*4\r\n$1\r\nq\r\n$1\r\n2\r\n$1\r\na\r\n:2\r\n")
+
+    def test_a_run_of_reserves_outlives_a_restart(self):
+        # Reserves pipelined in one pass are written as one run, an LPUSH
+        # between them ending it; the ids go on after the restart.
+        holder = self.exchange(requests(
+            ["RPUSH", "q", "a", "b", "c", "d"], ["RESERVE", "q", "0"],
+            ["RESERVE", "q", "0"], ["LPUSH", "q", "z"], ["RESERVE", "q", "0"],
+            ["RESERVE", "q", "0"], ["ACK", "2"]),
+            b":4\r\n" + b"".join(b"*4\r\n$1\r\nq\r\n$1\r\n%d\r\n$1\r\n%s\r\n:1\r\n"
+                                 % pair for pair in ((1, b"a"), (2, b"b")))
+            + b":3\r\n" + b"".join(b"*4\r\n$1\r\nq\r\n$1\r\n%d\r\n$1\r\n%s\r\n:1\r\n"
+                                   % pair for pair in ((3, b"z"), (4, b"c"))) + b":1\r\n")
+        self.restart()
+        holder.close()
+        self.exchange(requests(["LRANGE", "q", "0", "-1"], ["RESERVE", "q", "0"]),
+                      b"*4\r\n$1\r\na\r\n$1\r\nz\r\n$1\r\nc\r\n$1\r\nd\r\n"
+                      b"*4\r\n$1\r\nq\r\n$1\r\n5\r\n$1\r\na\r\n:2\r\n")
 
     def test_a_full_disk_refuses_changes_and_recovers_by_itself(self):
         sock = self.exchange(requests(["RPUSH", "q", "first"]), b":1\r\n")
@@ -4872,6 +4901,20 @@ class DeadLetterCommandLineTest(ServerCase):
         self.assertEqual(client.queues(), {"q.dead": 1})
         self.assertEqual(client.get("q.dead"), b"bad")
         self.assertEqual(self.server.queues.held_count(), 0)
+
+
+class JobLoopTest(ServerCase):
+    """The benchmark's job loop does what it says: every job put, taken
+    and acknowledged, whole windows and a part of one."""
+
+    def test_the_job_loop_takes_and_acknowledges_every_job(self):
+        sock = self.connect()
+        for way in ("reserve", "count"):
+            job_loop(sock, 250, way)
+            self.assertEqual(self.server.queues.length(b"jobs"), 0)
+            self.assertEqual(self.server.queues.held_count(), 0)
+        self.assertEqual(self.server.queues.counts[b"jobs"].acknowledged, 500)
+        self.assertEqual(self.server.queues.next_id, 501)
 
 
 class BenchAgainstAFullServerTest(ServerCase):
