@@ -1313,6 +1313,12 @@ class Queues:
         if name in self.weights:
             self.weights[name] += change
 
+    def _dropped(self, name, messages):
+        """Messages that left name: their memory, bytes and records go."""
+        self.size -= _cost(messages)
+        self._weigh(name, -sum(map(len, messages)))
+        _unrecord(name, messages)
+
     def push(self, name, messages, left=False, ttl=None):
         """Add messages at the tail (or the head); return the new length.
         A bounded queue refuses them (ReplyError FULL) or sends the excess
@@ -1402,10 +1408,7 @@ class Queues:
         queue = self._queues[name]
         take = queue.popleft if left else queue.pop
         messages = [take() for _ in range(count)]
-        self.size -= _cost(messages)
-        _unrecord(name, messages)
-        if self.weights and name in self.weights:
-            self.weights[name] -= sum(map(len, messages))
+        self._dropped(name, messages)
         if not queue:
             del self._queues[name]
         if name in self._watches:
@@ -1456,10 +1459,8 @@ class Queues:
             self.journal.remove(name, found)
         self._count(name, "removed", len(found))
         gone = set(found)
-        _unrecord(name, (item for i, item in enumerate(queue) if i in gone))
+        self._dropped(name, [item for i, item in enumerate(queue) if i in gone])
         kept = [item for i, item in enumerate(queue) if i not in gone]
-        self.size -= _cost([message]) * len(found)
-        self._weigh(name, -len(message) * len(found))
         if kept:
             self._queues[name] = collections.deque(kept)
         else:
@@ -1518,11 +1519,8 @@ class Queues:
         if self.journal is not None and (head or tail):
             self.journal.trim(name, head, tail)
         self._count(name, "removed", head + tail)
-        gone = [queue.popleft() for _ in range(head)] + [
-            queue.pop() for _ in range(tail)]
-        self.size -= _cost(gone)
-        self._weigh(name, -sum(map(len, gone)))
-        _unrecord(name, gone)
+        self._dropped(name, [queue.popleft() for _ in range(head)] + [
+            queue.pop() for _ in range(tail)])
         self._changed(name)     # as Redis, even when nothing went
 
     def delete(self, name):
@@ -1541,9 +1539,7 @@ class Queues:
         del self._queues[name]
         if name in self.expiring:
             del self.expiring[name], self.covered[name]
-        self.size -= _cost(queue)
-        self._weigh(name, -sum(map(len, queue)))
-        _unrecord(name, queue)
+        self._dropped(name, queue)
         self._changed(name)
         return True
 
@@ -1557,9 +1553,7 @@ class Queues:
         for name, queue in self._queues.items():
             self._changed(name)
             self._count(name, "removed", len(queue))
-            self._weigh(name, -sum(map(len, queue)))
-            _unrecord(name, queue)
-        self.size -= sum(_cost(queue) for queue in self._queues.values())
+            self._dropped(name, queue)
         self._queues.clear()
 
     # Reserving -----------------------------------------------------------
@@ -9123,34 +9117,19 @@ def _wrap(text, width):
     return "\n".join(lines)
 
 
-USAGE = """\
+def _usage():
+    """--help's text: a line or two a verb, from VERBS, then the settings."""
+    verbs = []
+    for verb, (_, _, synopsis, summary) in VERBS.items():
+        shown = "  %-19s " % (verb + synopsis)
+        if len(shown) > 22:
+            verbs.append(shown.rstrip())
+            shown = " " * 22
+        verbs.append(shown + _wrap(summary, 50).replace("\n", "\n" + " " * 22))
+    return """\
 usage: python beuss.py [VERB] [options]
 
-  SERVE               serve the queues (the verb when none is given)
-  PUT <queue> [msg]   put msg, or all of stdin, as one message
-  GET <queue> [file]  take one message; write it to file, or to stdout
-  ON <queue>          take messages as they come; write each to stdout,
-                      a line each (-s '' for the bytes alone)
-  PEEK <queue> [N]    write the first N messages (1) without taking them;
-                      with --why, why the messages of <queue>.dead died
-  REDRIVE <queue> [N] move the dead letters of <queue> back to it
-  PAUSE <queue>...    stop delivering from queues (they still take
-                      messages); RESUME <queue>... delivers again
-  QUEUE <queue> [setting value]...
-                      show or change a queue's own settings: max-length,
-                      overflow (reject, drop-oldest, drop-newest),
-                      dedup-window (of PUT --id) and rate (10/s)
-  DEL <queue>...      delete queues and their messages
-  LEN <queue>         how many messages the queue holds
-  LIST                every queue that holds messages, with its length
-  PUB <channel> [msg] publish msg, or all of stdin, to the channel's
-                      subscribers now (nothing is kept for later)
-  SUB <channel>...    write each message published on the channels (a
-                      name with * ? or [ is a pattern) as it comes
-  PING                check that the server answers
-  STATS               a summary of the server's state
-  TOP                 the queues live: counts, rates and depth (q quits)
-  BENCH               measure the server: put, then take, many messages
+%s
 
 `python beuss.py VERB --help` tells a verb's options. Verbs may be written
 in any case. Options may come before the verb. Settings come from flags,
@@ -9163,11 +9142,12 @@ message could not be written out or handled (it is back in its queue),
 5 the server could not start, 6 the queue is full (PUT past a max-length
 that rejects), 126 or 127 ON's --exec command could not be
 run (the message is back as it was), 130 interrupted.
-""" % (_wrap(", ".join(setting.env for setting in SETTINGS), 72), _wrap(
-    "The clients': BHOST, BPORT, BTOKEN, BTLS, BTLSCA; GET and ON against a "
-    "Redis also read %s (BLEASE is 60s there)." % ", ".join(
-        setting.env for setting in SETTINGS
-        if setting.name in _SCRIPT_SETTINGS), 72))
+""" % ("\n".join(verbs), _wrap(", ".join(
+        setting.env for setting in SETTINGS), 72), _wrap(
+        "The clients': BHOST, BPORT, BTOKEN, BTLS, BTLSCA; GET and ON "
+        "against a Redis also read %s (BLEASE is 60s there)." % ", ".join(
+            setting.env for setting in SETTINGS
+            if setting.name in _SCRIPT_SETTINGS), 72))
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_SERVER, EXIT_HANDLER = 0, 1, 2, 3, 4
 EXIT_START = 5
@@ -9266,7 +9246,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] in (["-h"], ["--help"], ["HELP"], ["help"]):
-            sys.stdout.write(USAGE)
+            sys.stdout.write(_usage())
             return EXIT_OK
         if argv[:1] == ["--version"]:
             print("beuss", __version__)
@@ -9278,7 +9258,7 @@ def main(argv=None):
         if verb not in VERBS:
             raise UsageError("unknown verb %r: the verbs are %s (--help "
                              "tells more)" % (verb, " ".join(VERBS)))
-        run, add_arguments, summary = VERBS[verb]
+        run, add_arguments, _, summary = VERBS[verb]
         parser = _Parser(verb, summary)
         add_arguments(parser)
         options = parser.parse_args(argv)
@@ -9430,8 +9410,8 @@ class _Parser:
                 words.append({"?": "[%s]", "+": "%s...", "*": "[%s]..."}.get(
                     argument.nargs, "%s") % shown)
             lines.append("  %-24s %s" % (shown, argument.help or ""))
-        return "%s\n\n%s\n\n%s\n" % (" ".join(words), self.summary,
-                                      "\n".join(lines))
+        return "%s\n\n%s\n\n%s\n" % (" ".join(words), _wrap(
+            self.summary, 72), "\n".join(lines))
 
 
 class _Argument:
@@ -10683,40 +10663,55 @@ def _timed_out():
     raise ConnectionFailed("the server stopped answering")
 
 
+# A verb: how it runs, its options, its arguments and what it does (the
+# first sentence of its --help, and its lines in the general --help).
 VERBS = {
-    "SERVE": (run_serve, _serve_arguments, "Serve the queues."),
-    "PUT": (run_put, _put_arguments, "Put a message on a queue."),
-    "GET": (run_get, _get_arguments, "Take one message from a queue."),
-    "ON": (run_on, _on_arguments, "Take the messages of a queue as they "
-           "come, for ever unless --count or --timeout says otherwise."),
-    "PEEK": (run_peek, _peek_arguments, "Print the first messages of a queue "
-             "without taking them."),
-    "DEL": (run_del, _del_arguments, "Delete queues and their messages; "
-            "print how many there were."),
-    "REDRIVE": (run_redrive, _redrive_arguments, "Move the dead letters of "
-                "a queue back to it as new messages; print how many."),
-    "QUEUE": (run_queue, _queue_settings_arguments, "Show a queue's own "
-              "settings, changing those given first."),
-    "PAUSE": (run_pause, _pause_arguments, "Stop delivering from queues: "
-              "they still take messages, consumers wait."),
+    "SERVE": (run_serve, _serve_arguments, "", "Serve the queues (the verb "
+              "when none is given)."),
+    "PUT": (run_put, _put_arguments, " <queue> [msg]", "Put msg, or all of "
+            "stdin, on a queue as one message."),
+    "GET": (run_get, _get_arguments, " <queue> [file]", "Take one message "
+            "from a queue; write it to file, or to stdout."),
+    "ON": (run_on, _on_arguments, " <queue>", "Take the messages of a queue "
+           "as they come, writing each to stdout, a line each (-s '' for the "
+           "bytes alone), for ever unless --count or --timeout says "
+           "otherwise."),
+    "PEEK": (run_peek, _peek_arguments, " <queue> [N]", "Print the first N "
+             "messages (1) of a queue without taking them; with --why, why "
+             "the messages of <queue>.dead died."),
+    "REDRIVE": (run_redrive, _redrive_arguments, " <queue> [N]", "Move the "
+                "dead letters of a queue back to it as new messages; print "
+                "how many."),
+    "PAUSE": (run_pause, _pause_arguments, " <queue>...", "Stop delivering "
+              "from queues: they still take messages, consumers wait."),
     "RESUME": (lambda options: run_pause(options, False), _pause_arguments,
-               "Deliver from paused queues again."),
-    "PUB": (run_pub, _pub_arguments, "Publish a message to the subscribers "
-            "of a channel; nothing keeps it for later."),
-    "SUB": (run_sub, _sub_arguments, "Print the messages published on "
-            "channels as they come, for ever unless --count or --timeout "
-            "says otherwise."),
-    "LEN": (run_len, _queue_argument, "Print how many messages a queue "
-            "holds."),
-    "LIST": (run_list, _add_address, "Print each queue that holds messages, "
-             "with its length."),
-    "PING": (run_ping, _add_address, "Check that the server answers."),
-    "STATS": (run_stats, _add_address, "Print a summary of the server's "
-              "state."),
-    "TOP": (run_top, _top_arguments, "Show the queues live (Ctrl-C or q "
-            "ends it); one snapshot when stdout is not a terminal."),
-    "BENCH": (run_bench, _bench_arguments, "Measure how fast the server "
-              "takes and gives messages."),
+               " <queue>...", "Deliver from paused queues again."),
+    "QUEUE": (run_queue, _queue_settings_arguments,
+              " <queue> [setting value]...", "Show a queue's own settings, "
+              "changing those given first: max-length, max-bytes, overflow "
+              "(reject, drop-oldest, drop-newest), ttl, rate (10/s) and "
+              "dedup-window (of PUT --id)."),
+    "DEL": (run_del, _del_arguments, " <queue>...", "Delete queues and "
+            "their messages; print how many there were."),
+    "LEN": (run_len, _queue_argument, " <queue>", "Print how many messages "
+            "a queue holds."),
+    "LIST": (run_list, _add_address, "", "Print each queue that holds "
+             "messages, with its length."),
+    "PUB": (run_pub, _pub_arguments, " <channel> [msg]", "Publish msg, or "
+            "all of stdin, to the subscribers of a channel now; nothing "
+            "keeps it for later."),
+    "SUB": (run_sub, _sub_arguments, " <channel>...", "Print the messages "
+            "published on channels (a name with * ? or [ is a pattern) as "
+            "they come, for ever unless --count or --timeout says "
+            "otherwise."),
+    "PING": (run_ping, _add_address, "", "Check that the server answers."),
+    "STATS": (run_stats, _add_address, "", "Print a summary of the "
+              "server's state."),
+    "TOP": (run_top, _top_arguments, "", "Show the queues live: counts, "
+            "rates and depth (Ctrl-C or q ends it); one snapshot when stdout "
+            "is not a terminal."),
+    "BENCH": (run_bench, _bench_arguments, "", "Measure the server: put, "
+              "then take, many messages."),
 }
 
 
