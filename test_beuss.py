@@ -7243,6 +7243,28 @@ class OutgrowTest(unittest.TestCase):
         self.addCleanup(client.close)
         return client
 
+    def at_once(self, scenario, targets=None):
+        """Run scenario(target, port) on every server at the same time, a
+        thread each: most of such a scenario waits (on leases, retries,
+        killed processes), and the servers share nothing. Each failure is
+        then reported as a subtest of its server."""
+        failures = {}
+
+        def run(target, port):
+            try:
+                scenario(target, port)
+            except BaseException as exc:  # reported below, in this thread
+                failures[target] = exc
+        threads = [threading.Thread(target=run, args=pair)
+                   for pair in (targets or self.targets())]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for target in sorted(failures):
+            with self.subTest(target=target):
+                raise failures[target]
+
     def test_put_get_on_list_across_every_node(self):
         names, thirds = [], set()
         for i in range(100):            # one queue on each primary
@@ -7369,33 +7391,34 @@ time.sleep(60)
     def test_a_killed_consumer_messages_reach_the_next_after_the_lease(self):
         if not POSIX:
             self.skipTest("SIGKILL is POSIX")
-        for target, port in self.targets():
-            with self.subTest(target=target):
-                queue = "killed-" + target
-                client = self.client(port)
-                client.put_many(queue, ["m1", "m2", "m3", "m4"])
-                consumer = subprocess.Popen(
-                    [sys.executable, "-c", self.CONSUMER, str(port), queue],
-                    stdout=subprocess.PIPE, cwd=HERE,
-                    env=dict(os.environ, **self.ENV))
-                try:
-                    self.assertEqual(consumer.stdout.readline().split(),
-                                     [b"m1", b"m2", b"m3"])
-                    self.assertEqual(client.queue_counts()[queue], (1, 3, 0))
-                finally:
-                    consumer.kill()
-                    consumer.wait(TIMEOUT)
-                    consumer.stdout.close()
-                # beuss sees the connection close and gives them back at
-                # once, at the head; Redis once the lease has run out.
-                again = []
-                for _ in range(4):
-                    again.append(client.reserve(queue, wait=5))
-                    self.assertTrue(again[-1].ack())
-                self.assertEqual(sorted((m.data, m.deliveries) for m in again),
-                                 [(b"m1", 2), (b"m2", 2), (b"m3", 2), (b"m4", 1)])
-                self.assertEqual(client.ack(again[0].id), 0)
-                self.assertIsNone(client.reserve(queue))
+
+        def scenario(target, port):
+            queue = "killed-" + target
+            client = self.client(port)
+            client.put_many(queue, ["m1", "m2", "m3", "m4"])
+            consumer = subprocess.Popen(
+                [sys.executable, "-c", self.CONSUMER, str(port), queue],
+                stdout=subprocess.PIPE, cwd=HERE,
+                env=dict(os.environ, **self.ENV))
+            try:
+                self.assertEqual(consumer.stdout.readline().split(),
+                                 [b"m1", b"m2", b"m3"])
+                self.assertEqual(client.queue_counts()[queue], (1, 3, 0))
+            finally:
+                consumer.kill()
+                consumer.wait(TIMEOUT)
+                consumer.stdout.close()
+            # beuss sees the connection close and gives them back at
+            # once, at the head; Redis once the lease has run out.
+            again = []
+            for _ in range(4):
+                again.append(client.reserve(queue, wait=5))
+                self.assertTrue(again[-1].ack())
+            self.assertEqual(sorted((m.data, m.deliveries) for m in again),
+                             [(b"m1", 2), (b"m2", 2), (b"m3", 2), (b"m4", 1)])
+            self.assertEqual(client.ack(again[0].id), 0)
+            self.assertIsNone(client.reserve(queue))
+        self.at_once(scenario)
 
     def test_a_consumer_whose_lease_ran_out_cannot_touch_the_next_delivery(self):
         # (beuss ties a hold to its connection: LeaseTest covers it there.)
@@ -7426,22 +7449,22 @@ time.sleep(60)
                 return sorted(due - time.time() for due, _, name, _, _ in
                               list(server.queues._deferred)
                               if name == queue.encode())
-            engines = [("beuss", server.address[1], due_here)]
-            for target, port in self.targets():
-                if target != "beuss":
-                    engines.append((target, port, None))
-            for target, port, due in engines:
-                with self.subTest(target=target), beuss.Client(
-                        port=port, timeout=TIMEOUT, **LIFE_SETTINGS) as client:
-                    if due is None:
-                        def due(queue, client=client):
-                            seconds, micro = client.call("TIME")
-                            now = float(seconds) + float(micro) / 1e6
-                            scores = client.call("ZRANGE", beuss._companion(
-                                queue.encode(), b"deferred"), 0, -1,
-                                "WITHSCORES")[1::2]
-                            return [float(score) - now for score in scores]
-                    run_life_cycle(self, client, "life-" + target, due)
+
+            def scenario(target, port):
+                with beuss.Client(port=port, timeout=TIMEOUT,
+                                  **LIFE_SETTINGS) as client:
+                    def due_there(queue):
+                        seconds, micro = client.call("TIME")
+                        now = float(seconds) + float(micro) / 1e6
+                        scores = client.call("ZRANGE", beuss._companion(
+                            queue.encode(), b"deferred"), 0, -1,
+                            "WITHSCORES")[1::2]
+                        return [float(score) - now for score in scores]
+                    run_life_cycle(self, client, "life-" + target,
+                                   due_here if target == "beuss" else due_there)
+            self.at_once(scenario, [("beuss", server.address[1])] + [
+                (target, port) for target, port in self.targets()
+                if target != "beuss"])
 
     def test_every_own_command_is_declared_for_both_engines(self):
         own = [row.name.decode() for row in beuss.COMMAND_ROWS
@@ -7613,7 +7636,7 @@ time.sleep(60)
                 for i in range(6):
                     self.assertTrue(client.reserve(queue, wait=5).ack())
                 self.assertGreaterEqual(time.monotonic() - started, 5 * 0.05 - 0.01)
-                self.assertEqual(client.reserve(queue, count=10, wait=1), [])
+                self.assertEqual(client.reserve(queue, count=10, wait=0.3), [])
                 client.configure(queue, reset=True)
 
     CHAOS_PRODUCER = """
@@ -7633,32 +7656,33 @@ for i in range(150):
         none is acknowledged twice."""
         if not POSIX:
             self.skipTest("SIGKILL is POSIX")
-        for target, port in self.targets():
-            with self.subTest(target=target):
-                rng = random.Random(29)
-                queue = "chaos-settings-" + target
-                client = self.client(port)
-                client.configure(queue, max_length=60, overflow="drop-oldest",
-                                 rate="300/s", ttl="300ms")
-                producer = subprocess.Popen([sys.executable, "-c",
-                                             self.CHAOS_PRODUCER, str(port), queue],
-                                            cwd=HERE)
-                try:
-                    _, acking, acked = self.kill_consumers(port, queue, rng, (0.1, 0.3),
-                                                           producer)
-                finally:
-                    client.configure(queue, reset=True)
-                dead = {record.message.decode(): record.why
-                        for record in client.why(queue + ".dead")}
-                self.assertEqual(set(dead.values()) - {"overflow", "expired after 0.3s"},
-                                 set())
-                self.assertEqual([m for m, times in acked.items() if len(times) > 1], [])
-                lost = [m for m in ("c%d" % i for i in range(150))
-                        if m not in acked and m not in acking and m not in dead]
-                self.assertEqual(lost, [])
-                # Progress, not speed: a loaded machine (CI ran 29 once)
-                # still gets well past a handful.
-                self.assertGreater(len(acked), 10)
+
+        def scenario(target, port):
+            rng = random.Random(29)
+            queue = "chaos-settings-" + target
+            client = self.client(port)
+            client.configure(queue, max_length=60, overflow="drop-oldest",
+                             rate="300/s", ttl="300ms")
+            producer = subprocess.Popen([sys.executable, "-c",
+                                         self.CHAOS_PRODUCER, str(port), queue],
+                                        cwd=HERE)
+            try:
+                _, acking, acked = self.kill_consumers(port, queue, rng, (0.1, 0.3),
+                                                       producer)
+            finally:
+                client.configure(queue, reset=True)
+            dead = {record.message.decode(): record.why
+                    for record in client.why(queue + ".dead")}
+            self.assertEqual(set(dead.values()) - {"overflow", "expired after 0.3s"},
+                             set())
+            self.assertEqual([m for m, times in acked.items() if len(times) > 1], [])
+            lost = [m for m in ("c%d" % i for i in range(150))
+                    if m not in acked and m not in acking and m not in dead]
+            self.assertEqual(lost, [])
+            # Progress, not speed: a loaded machine (CI ran 29 once)
+            # still gets well past a handful.
+            self.assertGreater(len(acked), 10)
+        self.at_once(scenario)
 
     def test_batches_on_every_engine(self):
         for target, port in self.targets():
@@ -7689,29 +7713,42 @@ for i in range(150):
         # renews it every 0.2 s, so nobody else gets the message meanwhile.
         slow = "sleep 1.5" if POSIX else '%s -c "import time; time.sleep(1.5)"' \
             % sys.executable
-        for target, port in self.targets():
-            with self.subTest(target=target):
-                queue = "slow-" + target
-                client = self.client(port)
-                client.put(queue, "long job")
-                stolen = []
 
-                def steal():
-                    time.sleep(0.3)
-                    with beuss.Client(port=port, timeout=TIMEOUT,
-                                      **dict(self.SETTINGS, lease=0.6)) as other:
-                        stolen.append(other.reserve(queue, wait=1.6))
-                thief = threading.Thread(target=steal)
-                thief.start()
-                try:
-                    # On a beuss the lease is the server's, given at its
-                    # start; the command line gives it on a Redis.
-                    self.cli(port, "ON", queue, "--exec", slow, "-C", "1",
-                             *([] if target == "beuss" else ["--lease", "0.6"]))
-                finally:
-                    thief.join(TIMEOUT)
-                self.assertEqual(stolen, [None])
-                self.assertIsNone(client.queue_counts().get(queue))
+        def scenario(target, port):
+            queue = "slow-" + target
+            client = self.client(port)
+            client.put(queue, "long job")
+            stolen = []
+
+            def steal():
+                # Once ON holds it (a process may take a while to start),
+                # and past the first lease.
+                deadline = time.monotonic() + TIMEOUT
+                while client.queue_counts().get(queue, (0, 0, 0))[1] != 1 \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                time.sleep(0.3)
+                with beuss.Client(port=port, timeout=TIMEOUT,
+                                  **dict(self.SETTINGS, lease=0.6)) as other:
+                    stolen.append(other.reserve(queue, wait=1.6))
+            thief = threading.Thread(target=steal)
+            thief.start()
+            try:
+                # On a beuss the lease is the server's, given at its start;
+                # the command line gives it on a Redis. (A process each, so
+                # that the three run at once.)
+                on = subprocess.run(
+                    [sys.executable, "beuss.py", "ON", queue, "--exec", slow,
+                     "-C", "1"] + ([] if target == "beuss" else [
+                         "--lease", "0.6"]), cwd=HERE, timeout=TIMEOUT,
+                    stderr=subprocess.PIPE, env=dict(os.environ, BPORT=str(
+                        port), **self.ENV))
+                self.assertEqual(on.returncode, 0, on.stderr)
+            finally:
+                thief.join(TIMEOUT)
+            self.assertEqual(stolen, [None])
+            self.assertIsNone(client.queue_counts().get(queue))
+        self.at_once(scenario)
 
     def test_a_poison_message_goes_to_the_dead_letters_with_why(self):
         failing = "echo cannot parse >&2; exit 1" if POSIX else \
@@ -7877,27 +7914,28 @@ while True:
         delivered after its acknowledgement, and nothing is left held."""
         if not POSIX:
             self.skipTest("SIGKILL is POSIX")
-        for target, port in self.targets():
-            with self.subTest(target=target):
-                rng = random.Random(19)
-                queue = "chaos-" + target
-                sent = ["c%d" % i for i in range(150)]
-                client = self.client(port)
-                client.put_many(queue, sent)
-                got, acking, acked = self.kill_consumers(port, queue, rng, (0.2, 0.5))
-                self.assertEqual([m for m, times in acked.items() if len(times) > 1], [])
-                # A message whose consumers were killed at its last delivery
-                # is a dead letter that says so: not lost either.
-                dead = {record.message.decode(): record.why
-                        for record in client.why(queue + ".dead")}
-                self.assertNotIn(None, dead.values())
-                lost = [m for m in sent if m not in acked and m not in acking
-                        and m not in dead]
-                self.assertEqual(lost, [], (dead, client.queue_counts().get(queue)))
-                self.assertGreater(len(acked), 140)
-                late = [(m, t) for m, t in got if m in acked and t > acked[m][0]]
-                self.assertEqual(late, [])
-                self.assertEqual(client.queue_counts().get(queue), None)
+
+        def scenario(target, port):
+            rng = random.Random(19)
+            queue = "chaos-" + target
+            sent = ["c%d" % i for i in range(150)]
+            client = self.client(port)
+            client.put_many(queue, sent)
+            got, acking, acked = self.kill_consumers(port, queue, rng, (0.2, 0.5))
+            self.assertEqual([m for m, times in acked.items() if len(times) > 1], [])
+            # A message whose consumers were killed at its last delivery
+            # is a dead letter that says so: not lost either.
+            dead = {record.message.decode(): record.why
+                    for record in client.why(queue + ".dead")}
+            self.assertNotIn(None, dead.values())
+            lost = [m for m in sent if m not in acked and m not in acking
+                    and m not in dead]
+            self.assertEqual(lost, [], (dead, client.queue_counts().get(queue)))
+            self.assertGreater(len(acked), 140)
+            late = [(m, t) for m, t in got if m in acked and t > acked[m][0]]
+            self.assertEqual(late, [])
+            self.assertEqual(client.queue_counts().get(queue), None)
+        self.at_once(scenario)
 
 
 # ## Benchmark helper (not a test): python test_beuss.py --bench ##############
