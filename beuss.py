@@ -1147,7 +1147,6 @@ class Queues:
         self._waiters = {}
         self.ready = {}             # an ordered set of names to serve
         self._watches = {}          # name -> {Watch: None}
-        self._held = {}             # id -> Held
         self._held_by = {}          # owner -> {id: Held}
         # Who holds what, by queue, for the consumers the status page shows:
         # queue -> {id: Held}, oldest first (ids grow), and queue -> {owner:
@@ -1204,7 +1203,7 @@ class Queues:
         return sum(len(queue) for queue in self._queues.values())
 
     def held_count(self):
-        return len(self._held)
+        return sum(map(len, self.holds.values()))
 
     def active_names(self):
         """Every queue with messages, waiters, held or deferred messages."""
@@ -1330,10 +1329,8 @@ class Queues:
                 return self.length(name)
         if not left and (ttl or self.settings and name in self.settings):
             ttl = ttl or self.settings[name].get("ttl")
-        else:
-            ttl = None
-        if ttl:
-            return self._push_expiring(name, messages, ttl)
+            if ttl:
+                return self._push_expiring(name, messages, ttl)
         if self.journal is not None:
             self.journal.push(name, messages, left)
         counts = self.counts.get(name)
@@ -1589,7 +1586,7 @@ class Queues:
             self._changed(name)
         if message.__class__ is not bytes:
             message = bytes(message)
-        held = self._held[held_id] = Held(held_id, name, message, count, owner)
+        held = Held(held_id, name, message, count, owner)
         if record is not None:
             held.died = record[2:]
         self._held_by.setdefault(owner, {})[held_id] = held
@@ -1597,10 +1594,6 @@ class Queues:
         holders = self.holders.setdefault(name, {})
         holders[owner] = holders.get(owner, 0) + 1
         return held
-
-    def find(self, held_id):
-        """The Held of that id, whoever holds it, or None."""
-        return self._held.get(held_id)
 
     def held_by(self, owner, ids=None):
         """What owner holds: all of it, or the Helds of those ids, each
@@ -1620,6 +1613,7 @@ class Queues:
             if journal is not None:
                 journal.ack(held.id)
             self._forget(held)
+            held.message = None     # gone: a lease's entry keeps no copy
             counts = self.counts.get(held.queue)
             if counts is not None:              # _count, written out
                 counts.acknowledged += 1
@@ -1699,8 +1693,9 @@ class Queues:
             and not name.endswith(b".dead")
 
     def _forget(self, held):
+        # Its owner becomes None: a Held that is no longer held says so to
+        # whoever still has it (a lease's entry).
         self.size -= len(held.message) + MESSAGE_COST
-        del self._held[held.id]
         mine = self._held_by[held.owner]
         del mine[held.id]
         if not mine:
@@ -1717,6 +1712,7 @@ class Queues:
             del holders[held.owner]
             if not holders:
                 del self.holders[held.queue]
+        held.owner = None
 
     # Counting ------------------------------------------------------------
     #
@@ -3684,7 +3680,11 @@ class _Connections:
             if data is None:
                 if not out or conn.held:
                     break
-                data = _next_slice(out)
+                if conn.out_size <= WRITE_SLICE:    # all of it, most often
+                    data = b"".join(out)
+                    out.clear()
+                else:
+                    data = _next_slice(out)
             try:
                 sent = conn.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -4866,7 +4866,7 @@ class Server(_Connections):
 
     # Reserving -----------------------------------------------------------
 
-    # A lease is an entry (deadline, sequence, id) in a heap. TOUCH only
+    # A lease is an entry (deadline, sequence, Held) in a heap. TOUCH only
     # moves the Held's deadline: an entry found early is pushed again for
     # the new one. Entries of messages acknowledged or given back are
     # skipped when they come up, and dropped all at once at housekeeping
@@ -4878,7 +4878,7 @@ class Server(_Connections):
             held.deadline = time.monotonic() + self.lease
             self._sequence += 1
             heapq.heappush(self._leases, (held.deadline, self._sequence,
-                                          held.id))
+                                          held))
         return _encode_reserved(held)
 
     def touch(self, held):
@@ -4901,8 +4901,8 @@ class Server(_Connections):
         expired = []
         while leases and leases[0][0] <= now:
             entry = heapq.heappop(leases)
-            held = self.queues.find(entry[2])
-            if held is None or held.deadline is None:
+            held = entry[2]
+            if held.owner is None or held.deadline is None:
                 continue
             if held.deadline > now:         # touched since
                 heapq.heappush(leases, (held.deadline,) + entry[1:])
@@ -4916,7 +4916,7 @@ class Server(_Connections):
         live = self.queues.held_count()
         if len(self._leases) > 2 * live + 64:
             self._leases = [entry for entry in self._leases
-                            if self.queues.find(entry[2]) is not None]
+                            if entry[2].owner is not None]
             heapq.heapify(self._leases)
 
     def _give_back_safely(self, helds, why="its consumer went away"):
@@ -5565,13 +5565,16 @@ def cmd_reserve(server, conn, args):
     # RESERVE q [q ...] timeout [COUNT n]: with COUNT, up to n messages of
     # the first queue that has any, as an array of what RESERVE gives one.
     count = None
-    if len(args) >= 5 and args[-2].upper() == b"COUNT":
-        count = parse_integer(args[-1])
-        if count is None or count < 1:
-            raise ReplyError("ERR count should be greater than 0")
-        args = args[:-2]
-    timeout = _timeout(args[-1])
-    names = (args[1],) if len(args) == 3 else list(dict.fromkeys(args[1:-1]))
+    if len(args) == 3:              # one queue, no COUNT: most often
+        timeout, names = _timeout(args[2]), (args[1],)
+    else:
+        if len(args) >= 5 and args[-2].upper() == b"COUNT":
+            count = parse_integer(args[-1])
+            if count is None or count < 1:
+                raise ReplyError("ERR count should be greater than 0")
+            args = args[:-2]
+        timeout = _timeout(args[-1])
+        names = list(dict.fromkeys(args[1:-1]))
     if count is None:
         for name in names:
             held = server.queues.reserve(name, conn)

@@ -8664,23 +8664,31 @@ def instructions():
             totals = []
             for count in (INSTRUCTION_REQUESTS, 0):
                 out = os.path.join(folder, "callgrind.%d.%d" % (number, count))
-                subprocess.run([valgrind, "--tool=callgrind", "--callgrind-out-file="
-                                + out, sys.executable, "-c", INSTRUCTION_LOAD,
-                                way, str(count), "store" if store else "memory"],
+                subprocess.run([valgrind, "--tool=callgrind", "--separate-threads=yes",
+                                "--callgrind-out-file=" + out, sys.executable, "-c",
+                                INSTRUCTION_LOAD, way, str(count),
+                                "store" if store else "memory"],
                                env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, check=True)
-                with open(out) as profile:
-                    totals.append(next(int(line.split()[1]) for line in profile
-                                       if line.startswith("summary:")))
+                # The server's threads only (a file each; "-01" is the
+                # main thread, the load's client).
+                total = 0
+                for part in os.listdir(folder):
+                    if part.startswith(os.path.basename(out) + "-") and \
+                            not part.endswith("-01"):
+                        with open(os.path.join(folder, part)) as profile:
+                            total += next(int(line.split()[1]) for line in profile
+                                          if line.startswith("summary:"))
+                totals.append(total)
             # A pop load makes two requests of each count, a job loop one job.
             print("  %-34s %8.0f %s" % (name, (totals[0] - totals[1]) / (
                 INSTRUCTION_REQUESTS * (2 if way.isdigit() else 1)),
                 "a request" if way.isdigit() else "a job"))
     finally:
         shutil.rmtree(folder)
-    print("each: valgrind --tool=callgrind python -c INSTRUCTION_LOAD "
-          "PIPELINE|WAY COUNT memory|store (test_beuss.py), COUNT %d and 0"
-          % INSTRUCTION_REQUESTS)
+    print("each: valgrind --tool=callgrind --separate-threads=yes python -c "
+          "INSTRUCTION_LOAD PIPELINE|WAY COUNT memory|store (test_beuss.py), "
+          "COUNT %d and 0, the server's threads" % INSTRUCTION_REQUESTS)
 
 
 if __name__ == "__main__":
