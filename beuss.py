@@ -1589,9 +1589,15 @@ class Queues:
         held = Held(held_id, name, message, count, owner)
         if record is not None:
             held.died = record[2:]
-        self._held_by.setdefault(owner, {})[held_id] = held
-        self.holds.setdefault(name, {})[held_id] = held
-        holders = self.holders.setdefault(name, {})
+        # (get, not setdefault: setdefault would make a dict every time.)
+        mine, holds = self._held_by.get(owner), self.holds.get(name)
+        if mine is None:
+            mine = self._held_by[owner] = {}
+        if holds is None:
+            holds = self.holds[name] = {}
+            self.holders[name] = {owner: 0}
+        mine[held_id] = holds[held_id] = held
+        holders = self.holders[name]
         holders[owner] = holders.get(owner, 0) + 1
         return held
 
@@ -1696,22 +1702,19 @@ class Queues:
         # Its owner becomes None: a Held that is no longer held says so to
         # whoever still has it (a lease's entry).
         self.size -= len(held.message) + MESSAGE_COST
-        mine = self._held_by[held.owner]
-        del mine[held.id]
+        owner, name, held_id = held.owner, held.queue, held.id
+        mine = self._held_by[owner]
+        del mine[held_id]
         if not mine:
-            del self._held_by[held.owner]
-        holds = self.holds[held.queue]
-        del holds[held.id]
-        if not holds:
-            del self.holds[held.queue]
-        holders = self.holders[held.queue]
-        left = holders[held.owner] - 1
-        if left:
-            holders[held.owner] = left
+            del self._held_by[owner]
+        holds, holders = self.holds[name], self.holders[name]
+        del holds[held_id]
+        if not holds:               # the queue's last: one holder, once
+            del self.holds[name], self.holders[name]
+        elif holders[owner] == 1:
+            del holders[owner]
         else:
-            del holders[held.owner]
-            if not holders:
-                del self.holders[held.queue]
+            holders[owner] -= 1
         held.owner = None
 
     # Counting ------------------------------------------------------------
