@@ -4080,6 +4080,12 @@ class RepliesTest(ServerCase):
         for setting in beuss.SETTINGS:
             self.assertIn(setting.env, out.getvalue())
         self.assertIn("the queue's name", out.getvalue())
+        # Every verb has its line, made from its row of VERBS, and its own
+        # --help starts with the same words.
+        words = " ".join(out.getvalue().split())
+        for verb, (_, _, synopsis, summary) in beuss.VERBS.items():
+            self.assertIn("\n  %s%s" % (verb, synopsis), out.getvalue())
+            self.assertIn("%s%s %s" % (verb, synopsis, summary), words)
 
     def test_a_restart_says_what_it_found(self):
         folder = tempfile.mkdtemp()
