@@ -9758,26 +9758,6 @@ def _get_arguments(parser):
 def run_get(options):
     queue = _queue(options.queue)
     with _consumer(options, "GET") as client:
-        if options.file == "-":
-            if sys.stdout is None:          # started with stdout closed
-                raise HandlerFailed("cannot write the message: stdout is "
-                                    "closed; nothing was taken")
-            message = client.reserve(queue, options.wait)
-            if message is None:
-                return _empty(options.queue, options.wait)
-            try:
-                _write_stdout(message.data)
-            except BrokenPipeError:
-                message.nack(delay=0)
-                raise HandlerFailed("stdout was closed before the message "
-                                    "was written; it is back at the head of "
-                                    "%s" % options.queue)
-            except HandlerFailed as exc:
-                message.nack(delay=0)
-                raise HandlerFailed("%s; the message is back at the head of "
-                                    "%s" % (exc, options.queue))
-            message.ack()
-            return EXIT_OK
         # The target is opened before the message is taken, so a place that
         # cannot be written loses nothing.
         target = _Target(options.file)
@@ -9787,29 +9767,32 @@ def run_get(options):
                 return _empty(options.queue, options.wait)
             try:
                 target.write(message.data)
-            except OSError as exc:
+            except HandlerFailed as exc:
                 message.nack(delay=0)
-                raise HandlerFailed("cannot write %s: %s; the message is "
-                                    "back at the head of %s" % (
-                                        options.file, _reason(exc),
-                                        options.queue))
-            message.ack()       # only once the file is in place
+                raise HandlerFailed("%s; the message is back at the head of "
+                                    "%s" % (exc, options.queue))
+            message.ack()       # only once the message is written out
         finally:
             target.close()
     return EXIT_OK
 
 
 class _Target:
-    """Where GET writes a message. A regular file (or a new one) is written
-    under a temporary name beside it and renamed into place once whole, so
-    that a half-written file never appears; it keeps the mode of the file
-    it replaces, and a new one gets what a shell redirect would give it.
-    Anything else (a FIFO, a device, a symlink) is written into as
-    `cat > path` would."""
+    """Where GET writes a message: stdout ("-"), or a file. A regular file
+    (or a new one) is written under a temporary name beside it and renamed
+    into place once whole, so that a half-written file never appears; it
+    keeps the mode of the file it replaces, and a new one gets what a shell
+    redirect would give it. Anything else (a FIFO, a device, a symlink) is
+    written into as `cat > path` would. A failure raises HandlerFailed."""
 
     def __init__(self, path):
         import stat
-        self.path, self.temporary = path, None
+        self.path, self.temporary, self.file = path, None, None
+        if path == "-":
+            if sys.stdout is None:          # started with stdout closed
+                raise HandlerFailed("cannot write the message: stdout is "
+                                    "closed; nothing was taken")
+            return
         try:
             before = os.lstat(path)
         except FileNotFoundError:
@@ -9836,14 +9819,25 @@ class _Target:
             raise HandlerFailed("cannot write %s: %s" % (path, _reason(exc)))
 
     def write(self, message):
-        with self.file:
-            self.file.write(message)
-        if self.temporary is not None:
-            os.replace(self.temporary, self.path)
-            self.temporary = None
+        if self.path == "-":
+            try:
+                _write_stdout(message)
+            except BrokenPipeError:
+                raise HandlerFailed("stdout was closed before the message "
+                                    "was written")
+            return
+        try:
+            with self.file:
+                self.file.write(message)
+            if self.temporary is not None:
+                os.replace(self.temporary, self.path)
+                self.temporary = None
+        except OSError as exc:
+            raise HandlerFailed("cannot write %s: %s" % (self.path,
+                                                         _reason(exc)))
 
     def close(self):
-        if getattr(self, "file", None) is not None:
+        if self.file is not None:
             try:
                 self.file.close()
             except OSError:
