@@ -1206,14 +1206,11 @@ class Queues:
         return sum(map(len, self.holds.values()))
 
     def active_names(self):
-        """Every queue with messages, waiters, held or deferred messages."""
-        names = dict.fromkeys(self._queues)
-        names.update(dict.fromkeys(self._waiters))
-        names.update(dict.fromkeys(self.holds))
-        names.update(dict.fromkeys(self.paused))
-        names.update(dict.fromkeys(self.settings))
-        names.update(dict.fromkeys(self.deferred_by))
-        return list(names)
+        """Every queue with messages, waiters, held or deferred messages, a
+        pause or settings of its own."""
+        return list(dict.fromkeys(itertools.chain(
+            self._queues, self._waiters, self.holds, self.paused,
+            self.settings, self.deferred_by)))
 
     def sizes(self, name):
         """(messages, bytes, waiters, held, deferred) of one queue; the
@@ -7327,16 +7324,8 @@ class _HttpConn:
         self.close()
 
     def watch(self, events):
-        if events == self.events:
-            return
-        selector = self.server._selector
-        if self.events and events:
-            selector.modify(self.sock, events, self)
-        elif events:
-            selector.register(self.sock, events, self)
-        else:
-            selector.unregister(self.sock)
-        self.events = events
+        if events != self.events:
+            self.server._set_events(self, events)
 
     def close(self):
         if self in self.server._http_conns:
