@@ -1616,7 +1616,6 @@ class Queues:
             if journal is not None:
                 journal.ack(held.id)
             self._forget(held)
-            held.message = None     # gone: a lease's entry keeps no copy
             counts = self.counts.get(held.queue)
             if counts is not None:              # _count, written out
                 counts.acknowledged += 1
@@ -1640,9 +1639,10 @@ class Queues:
                           % held.deliveries)
                 if self.journal is not None:
                     self.journal.unreserve(held.id, target, False, record)
+                letter = dead_letter(held.message, *record)
                 self._forget(held)
                 self._arrived(target, 1)
-                self._add(target, [dead_letter(held.message, *record)], False)
+                self._add(target, [letter], False)
                 dead.append(target)
                 self._count(held.queue, "dead_lettered")
                 if why == "lease expired":
@@ -1696,8 +1696,9 @@ class Queues:
             and not name.endswith(b".dead")
 
     def _forget(self, held):
-        # Its owner becomes None: a Held that is no longer held says so to
-        # whoever still has it (a lease's entry).
+        # Its owner and message become None: a Held that is no longer held
+        # says so to whoever still has it (a lease's entry), and keeps no
+        # copy of the message there.
         self.size -= len(held.message) + MESSAGE_COST
         owner, name, held_id = held.owner, held.queue, held.id
         mine = self._held_by[owner]
@@ -1712,7 +1713,7 @@ class Queues:
             del holders[owner]
         else:
             holders[owner] -= 1
-        held.owner = None
+        held.owner = held.message = None
 
     # Counting ------------------------------------------------------------
     #

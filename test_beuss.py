@@ -680,6 +680,22 @@ class RetryQueuesTest(unittest.TestCase):
         (message, tries, died, why), = queues.dead_records(b"q.dead")
         self.assertEqual((message, tries, died, why), (b"m", 8, now, "boom"))
 
+    def test_a_held_message_once_acknowledged_or_given_back_keeps_nothing(self):
+        # Whoever still has the Held (a lease's entry) sees that it is no
+        # longer held, and keeps no copy of the message.
+        queues = beuss.Queues(max_deliveries=1)
+        queues.push(b"q", [b"acked", b"back", b"dies"])
+        acked, back, dies = (queues.reserve(b"q", "c") for _ in range(3))
+        queues.ack([acked])
+        queues.give_back([back], undelivered=True)     # back at once
+        queues.give_back([dies])
+        for held in (acked, back, dies):
+            self.assertEqual((held.owner, held.message), (None, None))
+        self.assertEqual(queues.peek(b"q", 0, -1), [b"back"])
+        self.assertEqual(queues.peek(b"q.dead", 0, -1), [b"dies"])
+        self.assertEqual((queues.held_count(), queues.holds, queues.holders),
+                         (0, {}, {}))
+
     def test_dead_letters_are_plain_bytes_whose_records_leave_with_them(self):
         # A record on the message made CPython's collector visit every dead
         # letter (a million expired: 150 ms passes); beside it, none.
@@ -2296,6 +2312,10 @@ class LongLeaseTest(ServerCase):
             sock.sendall(requests(["RESERVE", "q", "0"], ["ACK", str(number)]))
             self.assertEqual(reply.read()[1], b"%d" % number)
             self.assertEqual(reply.read(), 1)
+        # Until housekeeping drops them, the leases' entries of what was
+        # acknowledged keep no copy of the messages.
+        self.assertTrue(all(entry[2].message is None for entry
+                            in list(self.server._leases) if entry[2].owner is None))
         self.exchange(requests(["RPUSH", "q", "y" * 1000], ["RESERVE", "q", "0"]),
                       b":1\r\n*4\r\n", sock)
         sock.recv(2000)
