@@ -906,9 +906,10 @@ def glob_matcher(pattern):
 
 # ## Queues: messages, waiters and holders, without sockets ####################
 
-# A queue is a deque of messages (bytes) under a name (bytes). It exists
-# while it holds a message: the pop that empties it removes it, as Redis
-# removes an empty list.
+# A queue is a deque of messages (bytes) under a name (bytes), or once it
+# is long a Packed, which acts as one (see below). It exists while it holds
+# a message: the pop that empties it removes it, as Redis removes an empty
+# list.
 #
 # A waiter is a client blocked in BLPOP, BRPOP, BLMPOP, BLMOVE, BRPOPLPUSH
 # or RESERVE on one or more queues. It stands in the waiter line of each
@@ -1137,6 +1138,197 @@ class QueueCounts:
                 (self.delivered(depth) - history[then + 3]) / seconds)
 
 
+# A long queue keeps its middle packed. A Python bytes object costs 33 bytes
+# beyond its own and its deque slot 8 more: for 100-byte messages, two
+# fifths of their size. So once a queue holds more than PACK_FROM messages,
+# those past its first run go, a run at a time, into one bytes object each
+# with an array of where each message ends (four bytes a message), as
+# Redis's listpacks keep a list. Its two ends stay message objects, where
+# pushes and pops happen; a run is unpacked into messages again only when
+# a pop reaches it or a change (LSET, LINSERT) lands in it. What it costs:
+# each pop and push on a packed queue is a method call more, and each
+# message is copied into its run and out again: 8 to 10 % more
+# instructions a job in the job loop of `python test_beuss.py --bench
+# --instructions`, when its queue is that long. Below PACK_FROM that is not
+# worth what packing saves (about 45 bytes a message, 0.7 MB at most), so
+# a shorter queue stays a deque; a packed one stays packed until it
+# empties.
+#
+# Only plain bytes up to PACK_LONGEST pack: the bytes that remember their
+# deliveries (Returned) stay objects, in a run kept as a list, and so do
+# longer messages, whose header is a small part of their cost. Dead letters
+# never pack (their identity keys their record, see _RECORDS). The memory
+# Queues counts (size, --max-memory) follows: a packed message costs its
+# bytes and its end, PACK_SAVES less than an object.
+
+PACK_FROM = 16384               # messages in a queue before it packs
+PACK_RUN = 1024                 # messages in one packed run
+PACK_LONGEST = 1024             # bytes; a longer message stays an object
+PACK_SAVES = MESSAGE_COST - 4
+
+
+class _Run:
+    """Messages packed in one bytes object, ends[i] where the i-th ends."""
+
+    __slots__ = ("data", "ends")
+
+    def __init__(self, messages):
+        self.data = b"".join(messages)
+        self.ends = array.array("I", itertools.accumulate(map(len, messages)))
+
+    def __len__(self):
+        return len(self.ends)
+
+    def __getitem__(self, index):
+        return self.data[self.ends[index - 1] if index else 0:self.ends[index]]
+
+    def messages(self):
+        # A loop of slices: half the time map(slice, ...) takes.
+        data, start, found = self.data, 0, []
+        for end in self.ends:
+            found.append(data[start:end])
+            start = end
+        return found
+
+    def __iter__(self):
+        return iter(self.messages())
+
+    def __reversed__(self):
+        return reversed(self.messages())
+
+
+def _pack(messages):
+    """A run of messages: packed when each is a plain bytes short enough,
+    else the list itself."""
+    if set(map(type, messages)) == {bytes} and \
+            max(map(len, messages)) <= PACK_LONGEST:
+        return _Run(messages)
+    return messages
+
+
+class Packed:
+    """A long queue: a deque's methods, as Queues uses them, over a head of
+    messages, runs (packed, or lists), and a tail of messages. The head is
+    never empty while the queue holds a message."""
+
+    __slots__ = ("head", "runs", "in_runs", "tail", "queues", "saving")
+
+    def __init__(self, messages, queues):
+        self.head = collections.deque(itertools.islice(messages, PACK_RUN))
+        self.runs = collections.deque()
+        self.in_runs = 0
+        self.tail = []
+        # What packing saves is taken off the size its Queues counts, and
+        # given back as runs are unpacked (or, by Queues, as it goes).
+        self.queues, self.saving = queues, 0
+        self.extend(itertools.islice(messages, PACK_RUN, None))
+
+    def __len__(self):
+        return len(self.head) + self.in_runs + len(self.tail)
+
+    def __bool__(self):             # what a pop asks after each message
+        return bool(self.head)
+
+    def __iter__(self):
+        return itertools.chain(self.head, itertools.chain.from_iterable(
+            self.runs), self.tail)
+
+    def __reversed__(self):
+        return itertools.chain(reversed(self.tail), itertools.chain.from_iterable(
+            map(reversed, reversed(self.runs))), reversed(self.head))
+
+    def extend(self, messages):
+        tail = self.tail
+        tail.extend(messages)
+        while len(tail) >= 2 * PACK_RUN:
+            run = _pack(tail[:PACK_RUN])
+            del tail[:PACK_RUN]
+            self.runs.append(run)
+            self.in_runs += PACK_RUN
+            if run.__class__ is _Run:
+                self.saving += PACK_RUN * PACK_SAVES
+                self.queues.size -= PACK_RUN * PACK_SAVES
+
+    def _unpacked(self, run):
+        """The messages of run as a list, each an object again."""
+        if run.__class__ is not _Run:
+            return run
+        self.saving -= len(run) * PACK_SAVES
+        self.queues.size += len(run) * PACK_SAVES
+        return run.messages()
+
+    def extendleft(self, messages):
+        self.head.extendleft(messages)
+
+    def popleft(self):
+        head = self.head
+        message = head.popleft()
+        if not head:
+            if self.runs:
+                run = self.runs.popleft()
+                self.in_runs -= len(run)
+                head.extend(self._unpacked(run))
+            else:
+                head.extend(self.tail)
+                self.tail = []
+        return message
+
+    def pop(self):
+        if not self.tail and self.runs:
+            run = self.runs.pop()
+            self.in_runs -= len(run)
+            self.tail = self._unpacked(run)
+        return self.tail.pop() if self.tail else self.head.pop()
+
+    def _locate(self, index, changing=False):
+        """(the part holding index, its index there); changing, a packed
+        run there is unpacked into a list first. index may be the length:
+        the tail's end."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index <= len(self):
+            raise IndexError("queue index out of range")
+        if index < len(self.head):
+            return self.head, index
+        index -= len(self.head)
+        if index < self.in_runs:
+            for number, run in enumerate(self.runs):
+                if index < len(run):
+                    if changing:
+                        run = self.runs[number] = self._unpacked(run)
+                    return run, index
+                index -= len(run)
+        return self.tail, index - self.in_runs
+
+    def __getitem__(self, index):
+        if index == 0:              # what RESERVE asks of every message
+            return self.head[0]
+        part, index = self._locate(index)
+        return part[index]
+
+    def __setitem__(self, index, message):
+        part, index = self._locate(index, True)
+        part[index] = message
+
+    def insert(self, index, message):
+        part, index = self._locate(index, True)
+        part.insert(index, message)
+        if part is not self.head and part is not self.tail:
+            self.in_runs += 1
+
+    def byte_count(self):
+        """The bytes of its messages, without unpacking a run."""
+        return sum(map(len, self.head)) + sum(
+            len(run.data) if run.__class__ is _Run else sum(map(len, run))
+            for run in self.runs) + sum(map(len, self.tail))
+
+    def index(self, message):
+        for index, item in enumerate(self):
+            if item == message:
+                return index
+        raise ValueError("not in the queue")
+
+
 class Queues:
     """Named FIFO queues of bytes, the clients waiting on them, and the
     messages clients hold."""
@@ -1215,9 +1407,15 @@ class Queues:
     def sizes(self, name):
         """(messages, bytes, waiters, held, deferred) of one queue; the
         bytes are summed, so this costs a pass over its messages."""
-        return (self.length(name), sum(map(len, self._queues.get(name, ()))),
+        return (self.length(name), self._bytes(name),
                 len(self._waiters.get(name, ())), len(self.holds.get(name, ())),
                 self.deferred_by.get(name, 0))
+
+    def _bytes(self, name):
+        queue = self._queues.get(name, ())
+        if queue.__class__ is Packed:
+            return queue.byte_count()
+        return sum(map(len, queue))
 
     def consumers(self, name, now):
         """(busy, oldest): how many consumers hold messages of name, and
@@ -1310,8 +1508,11 @@ class Queues:
             self.weights[name] += change
 
     def _dropped(self, name, messages):
-        """Messages that left name: their memory, bytes and records go."""
+        """Messages that left name: their memory, bytes and records go
+        (messages may be the whole queue, packed)."""
         self.size -= _cost(messages)
+        if messages.__class__ is Packed:
+            self.size += messages.saving
         self._weigh(name, -sum(map(len, messages)))
         _unrecord(name, messages)
 
@@ -1357,7 +1558,16 @@ class Queues:
             self.ready[name] = None
         if name in self._watches:
             self._changed(name)
-        return len(queue)
+        length = len(queue)
+        if length > PACK_FROM and queue.__class__ is collections.deque:
+            self._pack(name)
+        return length
+
+    def _pack(self, name):
+        """A queue grown long packs its middle (see Packed); dead letters
+        never pack."""
+        if not name.endswith(b".dead"):
+            self._queues[name] = Packed(self._queues[name], self)
 
     def pop_one(self, name, left=True):
         """Take the message at the head (or the tail), or None when there is
@@ -1454,9 +1664,13 @@ class Queues:
         self._count(name, "removed", len(found))
         gone = set(found)
         self._dropped(name, [item for i, item in enumerate(queue) if i in gone])
+        if queue.__class__ is Packed:       # the rest, objects again
+            self.size += queue.saving
         kept = [item for i, item in enumerate(queue) if i not in gone]
         if kept:
             self._queues[name] = collections.deque(kept)
+            if len(kept) > PACK_FROM:
+                self._pack(name)
         else:
             del self._queues[name]
         self._changed(name)
@@ -1936,7 +2150,7 @@ class Queues:
                                       settings.get("max-bytes", 0),
                                       settings.get("overflow", "reject"))
             if settings.get("max-bytes"):
-                self.weights[name] = sum(map(len, self._queues.get(name, ())))
+                self.weights[name] = self._bytes(name)
             if settings.get("rate", "0") != "0":
                 self.limited[name] = [_rate_interval(settings["rate"]),
                                       limit[1]]

@@ -862,6 +862,116 @@ class BigQueueTest(unittest.TestCase):
                          + len(model[5:-5]) * beuss.MESSAGE_COST)
 
 
+def packing(run):
+    """Queues pack runs of run messages once they are twice as long."""
+    return mock.patch.multiple(beuss, PACK_RUN=run, PACK_FROM=2 * run)
+
+
+class PackedQueueTest(unittest.TestCase):
+    """A long queue packs its middle (Packed): every list command still
+    gives what a plain list gives. Runs of 3 here, so that short queues
+    pack and every seam between head, runs and tail is crossed often."""
+
+    def setUp(self):
+        patch = packing(3)
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    def test_a_packed_queue_gives_what_a_list_gives(self):
+        rng = random.Random(20261205)
+        values = [b"a", b"b", b"c", b"", b"x" * (beuss.PACK_LONGEST + 1)]
+        queues, model, packed = beuss.Queues(), [], 0
+        for step in range(6000):
+            n, value = len(model), rng.choice(values)
+            change = rng.randrange(11)
+            if change < 3:
+                messages = [rng.choice(values) for _ in range(rng.randint(1, 9))]
+                left = change == 2
+                queues.push(b"q", messages, left)
+                model[0 if left else n:0 if left else n] = \
+                    messages[::-1] if left else messages
+            elif change == 3:
+                left, count = rng.random() < 0.5, rng.randint(1, 5)
+                taken = model[:count] if left else model[::-1][:count]
+                model = model[count:] if left else model[:max(n - count, 0)]
+                self.assertEqual(queues.pop(b"q", left, count), taken, step)
+            elif change == 4 and n:
+                index = rng.randint(-n, n - 1)
+                self.assertTrue(queues.replace(b"q", index, value))
+                model[index] = value
+            elif change == 5 and value in model:
+                after = rng.random() < 0.5
+                model.insert(model.index(value) + after, b"new")
+                self.assertEqual(queues.insert(b"q", value, b"new", after), len(model))
+            elif change == 6 and n:
+                index = rng.randint(-n - 1, n)
+                self.assertEqual(queues.index(b"q", index),
+                                 model[index] if -n <= index < n else None)
+            elif change == 7:
+                count = rng.randint(-2, 2)
+                found = [i for i, message in enumerate(model) if message == value]
+                found = found[:count] if count > 0 else found[::-1][:-count or None]
+                self.assertEqual(queues.remove(b"q", count, value), len(found))
+                model = [m for i, m in enumerate(model) if i not in found]
+            elif change == 8 and n:
+                start, stop = rng.randint(-n, n), rng.randint(-n, n)
+                queues.trim(b"q", start, stop)
+                start, stop = max(start + n if start < 0 else start, 0), \
+                    stop + n if stop < 0 else stop
+                model = model[start:stop + 1]
+            elif change == 9:
+                held = queues.reserve(b"q", "owner")
+                self.assertEqual(held and held.message, model[0] if model else None)
+                if held:
+                    queues.give_back([held], failed=False)  # at once, to the head
+                    self.assertEqual(beuss.deliveries(queues.index(b"q", 0)),
+                                     held.deliveries)
+            elif change == 10:
+                rank = rng.choice([1, 2, -1, -2])
+                found = [i for i, message in enumerate(model) if message == value]
+                found = found[rank - 1:] if rank > 0 else found[::-1][-rank - 1:]
+                self.assertEqual(queues.positions(b"q", value, rank, count=0),
+                                 found, step)
+            packed += isinstance(queues._queues.get(b"q"), beuss.Packed)
+            self.assertEqual(queues.peek(b"q", 0, -1), model, step)
+            self.assertEqual(list(reversed(queues._queues.get(b"q", []))),
+                             model[::-1], step)
+            # A packed message costs its bytes and its end (PACK_SAVES less).
+            queue = queues._queues.get(b"q")
+            in_packed_runs = sum(len(run) for run in getattr(queue, "runs", ())
+                                 if isinstance(run, beuss._Run))
+            self.assertEqual(queues.size, sum(map(len, model)) + len(model)
+                             * beuss.MESSAGE_COST - in_packed_runs
+                             * beuss.PACK_SAVES, step)
+            self.assertEqual(queues.sizes(b"q")[:2], (len(model), sum(
+                map(len, model))), step)
+            if rng.random() < 0.01:
+                self.assertEqual(queues.delete(b"q"), bool(model))
+                self.assertEqual(queues.size, 0)
+                model = []
+        self.assertGreater(packed, 3000)
+
+    def test_plain_short_messages_pack_and_the_rest_stay_objects(self):
+        queues = beuss.Queues(max_deliveries=1)
+        queues.push(b"q", [b"m%d" % i for i in range(20)])
+        queue = queues._queues[b"q"]
+        self.assertIsInstance(queue, beuss.Packed)
+        self.assertEqual([type(run) for run in queue.runs], [beuss._Run] * 4)
+        for _ in range(20):                 # each dies at its first delivery
+            queues.give_back([queues.reserve(b"q", "owner")], why="bad")
+        self.assertIs(queues._queues[b"q.dead"].__class__, collections.deque)
+        self.assertEqual([beuss.dead_record(m)[2] for m in queues.peek(
+            b"q.dead", 0, -1)], ["bad"] * 20)
+        again = beuss.Queues()
+        again.push(b"r", [b"r%d" % i for i in range(20)])
+        for _ in range(20):                 # come back at once, delivered once
+            again.give_back([again.reserve(b"r", "owner")], failed=False)
+            again.push(b"r", [again.pop_one(b"r")], left=False)
+        self.assertEqual([beuss.deliveries(m) for m in again.peek(b"r", 0, -1)],
+                         [1] * 20)
+        self.assertNotIn(beuss._Run, map(type, again._queues[b"r"].runs))
+
+
 class ReserveQueuesTest(unittest.TestCase):
 
     def test_held_messages_come_back_in_queue_order_with_their_count(self):
@@ -954,6 +1064,11 @@ class StoreTest(unittest.TestCase):
         # A pass's runs of pushes, pops and acks are written as one
         # statement each: long passes on few queues make long runs.
         self.run_changes(random.Random(8), [b"a", b"b"], 0.02, kinds=[0, 1, 8, 9, 12, 13])
+
+    def test_every_change_to_packed_queues_loads_back_as_it_was(self):
+        with packing(2):
+            self.run_changes(random.Random(9), [b"a", b"b"], 0.2,
+                             kinds=[0, 0, 1, 3, 4, 5, 6, 8, 9, 10, 12, 13])
 
     def test_long_runs_of_pushes_and_pops_load_back(self):
         store, queues = self.open()
@@ -6534,6 +6649,14 @@ class DifferentialTest(ServerCase):
         for i, (command, mine, expected) in enumerate(zip(script, ours, theirs)):
             self.assertEqual(mine, expected, "command %d: %r" % (i, command))
 
+    def test_random_list_commands_on_packed_queues_match_redis(self):
+        # Runs of two: a queue of five messages is packed (see Packed).
+        script = random_list_script(random.Random(20261205), 2000)
+        with packing(2):
+            theirs, ours = self.on_both(self.run_commands, script)
+        for i, (command, mine, expected) in enumerate(zip(script, ours, theirs)):
+            self.assertEqual(mine, expected, "command %d: %r" % (i, command))
+
     def run_commands(self, port, script):
         # Pipelined fifty at a time.
         return self.raw_replies(port, [
@@ -8638,22 +8761,26 @@ def watching(queue_count=10000, seconds=20, messages=1000000):
 # share (it sends ready-made requests and counts line ends). Judge a change
 # by these, on one Python, before and after.
 
-INSTRUCTION_LOADS = [       # (name, pipeline or job loop way, with the store)
-    ("RPUSH + LPOP, -P 16", "16", False), ("RPUSH + LPOP, -P 1", "1", False),
-    ("RPUSH + LPOP, -P 16, --data", "16", True),
-    ("RPUSH + LPOP, -P 1, --data", "1", True),
-    ("job: RPUSH, RESERVE, ACK of 100", "reserve", False),
-    ("job: the same, RESERVE COUNT 100", "count", False),
-    ("job: RPUSH, RESERVE, ACK, --data", "reserve", True)]
+INSTRUCTION_LOADS = [       # (name, pipeline or job loop way, queues)
+    ("RPUSH + LPOP, -P 16", "16", "memory"), ("RPUSH + LPOP, -P 1", "1", "memory"),
+    ("RPUSH + LPOP, -P 16, --data", "16", "store"),
+    ("RPUSH + LPOP, -P 1, --data", "1", "store"),
+    ("job: RPUSH, RESERVE, ACK of 100", "reserve", "memory"),
+    ("job: the same, RESERVE COUNT 100", "count", "memory"),
+    ("job: the same, a packed queue", "reserve", "packed"),
+    ("job: RPUSH, RESERVE, ACK, --data", "reserve", "store")]
 INSTRUCTION_REQUESTS = 2000
 
 # The load: count RPUSHes then count LPOPs, pipeline at a time, or count
 # jobs through job_loop, from one connection to a server in the same
-# process (argv: pipeline or way, count, and "store" for one with --data).
+# process (argv: pipeline or way, count, and "memory", "store" for one with
+# --data, or "packed": its queue packs as a queue of 16,384 would).
 INSTRUCTION_LOAD = """
 import os, shutil, socket, sys, tempfile
 import beuss
 way, count = sys.argv[1], int(sys.argv[2])
+if sys.argv[3] == "packed":
+    beuss.PACK_FROM, beuss.PACK_RUN = 256, 128
 folder = tempfile.mkdtemp()
 settings = {"data": os.path.join(folder, "load.db"), "fsync": "no"} \\
     if sys.argv[3] == "store" else {}
@@ -8691,14 +8818,13 @@ def instructions():
         platform.python_implementation(), platform.python_version(),
         INSTRUCTION_REQUESTS))
     try:
-        for number, (name, way, store) in enumerate(INSTRUCTION_LOADS):
+        for number, (name, way, queues) in enumerate(INSTRUCTION_LOADS):
             totals = []
             for count in (INSTRUCTION_REQUESTS, 0):
                 out = os.path.join(folder, "callgrind.%d.%d" % (number, count))
                 subprocess.run([valgrind, "--tool=callgrind", "--separate-threads=yes",
                                 "--callgrind-out-file=" + out, sys.executable, "-c",
-                                INSTRUCTION_LOAD, way, str(count),
-                                "store" if store else "memory"],
+                                INSTRUCTION_LOAD, way, str(count), queues],
                                env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, check=True)
                 # The server's threads only (a file each; "-01" is the
@@ -8718,7 +8844,8 @@ def instructions():
     finally:
         shutil.rmtree(folder)
     print("each: valgrind --tool=callgrind --separate-threads=yes python -c "
-          "INSTRUCTION_LOAD PIPELINE|WAY COUNT memory|store (test_beuss.py), "
+          "INSTRUCTION_LOAD PIPELINE|WAY COUNT memory|store|packed "
+          "(test_beuss.py), "
           "COUNT %d and 0, the server's threads" % INSTRUCTION_REQUESTS)
 
 
