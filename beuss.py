@@ -51,7 +51,8 @@ The file, top to bottom (`grep '^# ## '` lists it):
     Helpers               small functions every part uses
     Protocol              RESP on bytes: RequestReader, ReplyReader
     Patterns              glob matching as Redis's stringmatchlen
-    Queues                messages, waiters, holders, pauses (no sockets)
+    Queues                messages (long queues packed), waiters, holders,
+                          pauses (no sockets)
     Channels              pub/sub subscriptions (no sockets)
     Store                 the queues in SQLite, and what is durable when
     Connections           sockets, reading, writing, TLS, one close path
@@ -1147,9 +1148,9 @@ class QueueCounts:
 # pushes and pops happen; a run is unpacked into messages again only when
 # a pop reaches it or a change (LSET, LINSERT) lands in it. What it costs:
 # each pop and push on a packed queue is a method call more, and each
-# message is copied into its run and out again: 8 to 10 % more
+# message is copied into its run and out again: 8 to 12 % more
 # instructions a job in the job loop of `python test_beuss.py --bench
-# --instructions`, when its queue is that long. Below PACK_FROM that is not
+# --instructions` (its row "a packed queue"). Below PACK_FROM that is not
 # worth what packing saves (about 45 bytes a message, 0.7 MB at most), so
 # a shorter queue stays a deque; a packed one stays packed until it
 # empties.
