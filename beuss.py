@@ -9089,25 +9089,44 @@ class Client(_Routing):
         message in any of these states, over every primary of a cluster.
         On a Redis the companion keys of the scripts count with their
         queue (retries ready again are ready) and are not listed."""
+        if self.serves_reserve():       # a beuss: every queue, at one moment
+            import codecs
+            counts = {}
+            for name, sizes in _queue_lines(self.info()).items():
+                row = tuple(int(sizes.get(key, 0))
+                            for key in ("messages", "held", "deferred"))
+                if any(row):            # INFO writes a name as repr() does
+                    name = codecs.escape_decode(name.encode("latin-1"))[0]
+                    counts[name.decode("utf-8", "surrogateescape")] = row
+            return counts
         counts = {}
         for link in self._primaries():
-            asks = []                   # (queue, column, command, key)
+            asks = {}                   # queue -> [(column, command, key)]
             for name in self._names(link):
                 queue, part = _companion_of(name)
-                if part in (None, b"dead"):
-                    asks.append((name, 0, b"LLEN", name))
-                elif part in _COUNTED:
-                    column, command = _COUNTED[part]
-                    asks.append((queue, column, command, name))
-            replies = link.talk([[command, key] for _, _, command, key
-                                 in asks], len(asks))
-            for (queue, column, _, _), reply in zip(asks, replies):
-                if isinstance(reply, int) and reply:
-                    row = counts.setdefault(queue.decode(
-                        "utf-8", "surrogateescape"), [0, 0, 0])
-                    row[column] += reply
-        for name, aside in _aside_counts(self.info()).items():
-            counts.setdefault(name, [0, 0, 0])[1:] = aside
+                if part == b"dead":
+                    asks[name] = [(0, b"LLEN", name)]
+                elif part is None or part in _COUNTED:
+                    asks[queue] = [(0, b"LLEN", queue)] + [
+                        (column, command, _companion(queue, part))
+                        for part, (column, command) in _COUNTED.items()]
+            # A queue's keys are counted in one transaction, all of them
+            # whichever were there when listed: a message that moves between
+            # them meanwhile (a lease running out) is counted once, where
+            # counting key by key could miss it.
+            commands = []
+            for counted in asks.values():
+                commands += [[b"MULTI"]] + [[command, key] for _, command, key
+                                            in counted] + [[b"EXEC"]]
+            replies = iter(link.talk(commands, len(commands)))
+            for queue, counted in asks.items():
+                *_, answers = itertools.islice(replies, len(counted) + 2)
+                for (column, _, _), reply in zip(counted, answers if isinstance(
+                        answers, list) else ()):
+                    if isinstance(reply, int) and reply:
+                        row = counts.setdefault(queue.decode(
+                            "utf-8", "surrogateescape"), [0, 0, 0])
+                        row[column] += reply
         return {name: tuple(row) for name, row in counts.items()}
 
     def info(self):
@@ -9155,18 +9174,6 @@ def _configured(lines):
         if text:
             found[name] = text
     return found
-
-
-def _aside_counts(info):
-    """{queue: (held, deferred)} from a beuss server's INFO ({} from
-    Redis), for the queues that have any."""
-    counts = {}
-    for name, sizes in _queue_lines(info).items():
-        held, deferred = (int(sizes.get(key, 0)) for key in ("held",
-                                                                "deferred"))
-        if held or deferred:
-            counts[name] = (held, deferred)
-    return counts
 
 
 def _raise(reply):
