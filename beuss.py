@@ -464,6 +464,10 @@ class RequestReader:
         # does the server's loop, with pop(), to save a call a request.
         self.batch = []
         self._batch_bytes = 0       # the bytes they came in
+        # Bytes before this are read one request at a time: a batch found
+        # CRLF inside the first request's argument and read none, and would
+        # find it again at each of the requests behind it.
+        self._plain_until = 0
         if not _BULK_LENGTHS:
             _fill_length_tables()
 
@@ -472,7 +476,7 @@ class RequestReader:
         if not self._chunks and self._pos == len(self._buf):
             # Nothing unread (the usual case): the bytes become the buffer
             # as they are, with no join and no copy.
-            self._buf, self._pos = data, 0
+            self._buf, self._pos, self._plain_until = data, 0, 0
             return
         self._fed += len(data)
         if self._chunks and len(data) < SMALL_PIECE:
@@ -502,6 +506,7 @@ class RequestReader:
                 self._buf = b"".join(self._chunks)
                 self._chunks = []
                 self._fed = 0
+                self._plain_until -= self._pos
                 self._pos = 0
             elif self._pos == len(self._buf) and self._args is None \
                     and not self._too_large:
@@ -510,8 +515,8 @@ class RequestReader:
                 self._buf, self._pos, self._arrived, self._need = b"", 0, 0, 1
                 return None
             if len(self._buf) - self._pos < BATCH_MINIMUM or (
-                    self._args is not None or self._skip or self.locked
-                    or not self._read_batch()):
+                    self._pos < self._plain_until or self._args is not None
+                    or self._skip or self.locked or not self._read_batch()):
                 return self._parse()
         return batch.pop()
 
@@ -570,6 +575,8 @@ class RequestReader:
                 first += len(args)
             del batch[good:]
             i = good + 2 * first
+            if not good:
+                self._plain_until = pos + len(window)
         if i == n:                  # every whole line: most often so
             size = len(window) - len(rest)
         else:

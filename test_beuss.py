@@ -247,6 +247,25 @@ class RequestReaderTest(unittest.TestCase):
             [b"RPUSH", b"q", b"\r\n"], [b"ECHO", b"$3\r\nabc"]])
         self.assertEqual(reader.pending(), 0)
 
+    def test_arguments_holding_crlf_cost_no_read_ahead_each(self):
+        # A read ahead stops at an argument with CRLF inside. With one in
+        # every request, trying again at each would split a whole window
+        # per request (reading them took ten times as long): it is tried
+        # again only past the bytes it looked at, and plain requests after
+        # them are read ahead again.
+        messages = [b"line %d\r\nnext" % i for i in range(2000)]
+        data = requests(*[["RPUSH", "q", m] for m in messages])
+        plain = requests(*[["RPUSH", "q", "m"]] * 2000)
+        reader, batches = beuss.RequestReader(), []
+        read_batch = reader._read_batch
+        reader._read_batch = lambda: batches.append(read_batch()) or batches[-1]
+        reader.feed(data + plain)
+        requests_read = self.read_all(reader)
+        self.assertEqual([r[2] for r in requests_read[:2000]], messages)
+        self.assertEqual(len(requests_read), 4000)
+        self.assertLessEqual(len(batches), (len(data) + len(plain)) // beuss.BATCH_WINDOW + 2)
+        self.assertGreater(sum(batches), 1800)    # all but a window's
+
     def test_read_ahead_gives_what_reading_one_by_one_gives(self):
         # 2,000 seeded random requests of every shape, fed in random pieces:
         # the fast path (many at once) and the careful one (a byte at a
