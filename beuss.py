@@ -118,6 +118,7 @@ REQUESTS_PER_PASS = 1000                # one client's share of a loop pass
 MOVE_SLICE = 1000               # messages moved in one pass (REDRIVE, due)
 DEFAULT_MAX_INPUT = 32 * 1024 * 1024
 HOUSEKEEPING_INTERVAL = 1.0
+STORE_RETRY = 1.0               # seconds a failing store waits to write again
 MAX_DELAY = 10 ** 9             # seconds a message may be set aside (31 years)
 REDIS_VERSION = "7.0.15"        # the Redis whose behaviour beuss follows
 MAX_REASON = 1000               # characters of why a message failed, kept
@@ -3441,13 +3442,13 @@ class Store:
 
     def commit(self, now=False):
         """End the pass: its changes become durable (see --fsync), or the
-        store starts failing. A failing store tries again once a second,
-        or now. Returns whether every change made so far is committed."""
+        store starts failing. A failing store tries again each STORE_RETRY
+        seconds, or now. Returns whether every change made so far is committed."""
         if self.failing is not None:
             clock = time.monotonic()
             if clock < self._retry_at and not now:
                 return False
-            self._retry_at = clock + 1.0
+            self._retry_at = clock + STORE_RETRY
             if self._degraded and not self._reopen():
                 return False
         self._flush()
