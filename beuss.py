@@ -3442,8 +3442,9 @@ class Store:
 
     def commit(self, now=False):
         """End the pass: its changes become durable (see --fsync), or the
-        store starts failing. A failing store tries again each STORE_RETRY
-        seconds, or now. Returns whether every change made so far is committed."""
+        store starts failing. A failing store tries again every
+        STORE_RETRY seconds, or now. Returns whether every change made so
+        far is committed."""
         if self.failing is not None:
             clock = time.monotonic()
             if clock < self._retry_at and not now:
