@@ -407,9 +407,12 @@ BATCH_MINIMUM = 128                     # fewer are read one request at a time
 
 
 def _fill_length_tables():
-    _ARRAY_LENGTHS.update((b"*%d" % n, n) for n in range(1024))
-    _BULK_LINES.extend(b"$%d" % n for n in range(4096))
-    _BULK_LENGTHS.update((line, n) for n, line in enumerate(_BULK_LINES))
+    # Each table made whole, then put in place in one step (threads may
+    # do this together), _BULK_LENGTHS last: it says they are there.
+    _ARRAY_LENGTHS.update({b"*%d" % n: n for n in range(1024)})
+    lines = [b"$%d" % n for n in range(4096)]
+    _BULK_LINES[:] = lines
+    _BULK_LENGTHS.update({line: n for n, line in enumerate(lines)})
 
 
 class RequestReader:
@@ -8221,11 +8224,15 @@ _CRC16 = []                     # made on the first key_slot()
 
 def _crc16_table():
     # CRC-16/XMODEM (polynomial 0x1021, start 0), as a cluster hashes keys.
+    # Made whole, then put in place in one step: threads that find it
+    # missing together each make one, and none sees a part.
+    table = []
     for byte in range(256):
         crc = byte << 8
         for _ in range(8):
             crc = (crc << 1 ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
-        _CRC16.append(crc)
+        table.append(crc)
+    _CRC16[:] = table
 
 
 def _hash_tag(key):

@@ -7276,6 +7276,15 @@ class RedisCluster:
             self.stop()
             raise
 
+    def views(self):
+        """What each node says of the cluster (CLUSTER NODES), to say
+        where a test's idea of it went wrong."""
+        views = []
+        for port in self.ports:
+            with beuss.Client(port=port, timeout=TIMEOUT) as client:
+                views.append("%d: %s" % (port, client.call("CLUSTER", "NODES").decode()))
+        return "\n".join(views)
+
     def stop(self):
         for process in self.processes:
             process.terminate()
@@ -7300,6 +7309,32 @@ class BeussProcess:
 
 class SlotTest(unittest.TestCase):
     """A cluster's slots and a queue's companion keys, without a server."""
+
+    def test_threads_that_hash_first_at_once_agree(self):
+        # The table of CRCs is made on first use, and threads that start
+        # together all find it missing: it must not be made of their
+        # steps mixed. (A cluster client in CI once sent every command of
+        # a third of the slots to the wrong node.)
+        keys = ["key%d" % i for i in range(300)]
+        expected = [beuss.key_slot(key) for key in keys]
+        interval = sys.getswitchinterval()
+        for _ in range(5):
+            start, found = threading.Barrier(8), []
+
+            def hash_keys():
+                start.wait()
+                found.append([beuss.key_slot(key) for key in keys])
+            sys.setswitchinterval(1e-6)     # threads take turns often
+            try:
+                with mock.patch.object(beuss, "_CRC16", []):
+                    threads = [threading.Thread(target=hash_keys) for _ in range(8)]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+            finally:
+                sys.setswitchinterval(interval)
+            self.assertEqual(found, [expected] * 8)
 
     def test_key_slot_is_crc16_of_the_hash_tag(self):
         self.assertEqual(beuss.key_slot("123456789"), 0x31C3)
@@ -7517,7 +7552,8 @@ class OutgrowTest(unittest.TestCase):
                 client = self.client(port)
                 if target == "cluster":
                     self.assertEqual(len({client.node_address(name)
-                                          for name in names}), 3)
+                                          for name in names}), 3,
+                                     OutgrowTest.servers["cluster"].views())
                 for name in names:
                     self.cli(port, "PUT", name, "first of " + name)
                     self.cli(port, "PUT", name, "--lines", stdin=b"two\nthree\n")
