@@ -9434,7 +9434,8 @@ class _Stopper:
         self.asked = None           # the signal that asked, or None
         self.deadline = None        # when the message in hand is given up
         self.busy = False           # a message is in hand
-        self._before = {}
+        self._before = {}           # the handlers to put back
+        self.finished = False       # ended where they could not be
 
     def __enter__(self):
         import signal
@@ -9445,11 +9446,26 @@ class _Stopper:
         return self
 
     def __exit__(self, *exc_info):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._put_back()
+        else:
+            # A listen() given up unfinished, closed by the collector in
+            # another thread (PyPy's does): only the main thread may set
+            # handlers, so the next signal puts them back, then comes again.
+            self.finished = True
+
+    def _put_back(self):
         import signal
         for signum, handler in self._before.items():
             signal.signal(signum, handler)
+        self._before = {}
 
     def _signal(self, signum, frame):
+        if self.finished:
+            self._put_back()
+            os.kill(os.getpid(), signum)
+            return
         if self.asked is not None:
             raise Stopped(128 + signum)         # the second: at once
         self.asked = signum

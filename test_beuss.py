@@ -5096,6 +5096,33 @@ class CleanStopTest(ServerCase):
         self.assertEqual(self.server.queues.held_count(), 0)
         self.assertIs(signal.getsignal(signal.SIGTERM), before)
 
+    def test_listen_given_up_and_closed_in_another_thread_hands_signals_back(self):
+        # PyPy's collector closes an abandoned generator in whichever
+        # thread it runs: there, the handlers cannot be put back (once,
+        # a test saw "Exception ignored in: finalizer of <generator ...").
+        if not POSIX:
+            self.skipTest("SIGINT to oneself is POSIX's")
+        self.addCleanup(signal.signal, signal.SIGINT,
+                        signal.signal(signal.SIGINT, signal.default_int_handler))
+        self.client().put("jobs", "a")
+        listening = self.client().listen("jobs")
+        self.assertEqual(next(listening), b"a")
+        failed = []
+
+        def close():
+            try:
+                listening.close()
+            except BaseException as exc:
+                failed.append(exc)
+        closing = threading.Thread(target=close)
+        closing.start()
+        closing.join()
+        self.assertEqual(failed, [])
+        with self.assertRaises(KeyboardInterrupt):  # the one before, again
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
     def test_listen_ends_after_the_message_in_hand(self):
         if not POSIX:
             self.skipTest("SIGTERM to oneself is POSIX's")
