@@ -8053,11 +8053,18 @@ REDRIVE_BATCH = 1000            # dead letters a redrive script moves
 
 class _Link:
     """One connection of a Client: to its server, or to one node of a
-    cluster; opened on first use, with the client's token and TLS."""
+    cluster; opened on first use, with the client's token and TLS.
+
+    Threads that share a Client take turns on each connection: an
+    exchange (requests, then all their replies) is one thread's whole. A
+    blocking wait keeps the connection for its length, so a consumer
+    thread is best given a Client of its own."""
 
     def __init__(self, client, host, port):
+        import _thread              # (threading would cost a one-shot command)
         self.client, self.host, self.port = client, host, port
         self.sock = self.reader = None
+        self.lock = _thread.RLock()     # talk's, which connect calls again
 
     def close(self):
         if self.sock is not None:
@@ -8096,6 +8103,10 @@ class _Link:
 
     def talk(self, commands, replies, wait=0.0):
         """Send commands (lists of bytes), then read that many replies."""
+        with self.lock:
+            return self._talk(commands, replies, wait)
+
+    def _talk(self, commands, replies, wait):
         fresh = self.sock is None
         if fresh:
             self.connect()
@@ -8131,9 +8142,10 @@ class _Routing:
     """The part of Client that finds each command's node (mixed in)."""
 
     def _node(self, address):
-        if address not in self._nodes:
-            self._nodes[address] = _Link(self, *address)
-        return self._nodes[address]
+        link = self._nodes.get(address)
+        if link is None:            # (setdefault: threads may come together)
+            link = self._nodes.setdefault(address, _Link(self, *address))
+        return link
 
     def _node_of(self, command):
         """The link for a command: its keys' slot's primary, or home."""
@@ -8651,7 +8663,10 @@ PUT_MANY_BATCH = 1000           # messages a RPUSH in put_many
 
 class Client(_Routing):
     """A connection to a beuss server, a Redis (or Valkey), or a Redis
-    Cluster, opened on first use; one thread at a time may use it.
+    Cluster, opened on first use. Threads may share it (each exchange is
+    whole, see _Link), but a blocking wait and listen() keep its
+    connection meanwhile, and subscribe() takes it for good: a consumer
+    thread is best given its own.
 
     Against a cluster it keeps the map of which primary serves which slot,
     learnt from the first MOVED, and sends each queue's commands to its

@@ -7186,6 +7186,26 @@ class ClientAgainstRedisTest(unittest.TestCase):
         self.assertTrue(out.getvalue().startswith(b"hiredis "), out.getvalue())
         self.assertEqual(err.getvalue(), "")
 
+    def test_threads_may_share_a_client_on_either_engine(self):
+        # Four threads, one Client, its first command among theirs (the
+        # engine is chosen then): each exchange must stay whole. Before,
+        # a thread once got another's COMMAND INFO as its message.
+        redis = RedisServer(self)
+        self.addCleanup(redis.stop)
+        with beuss.Server(("127.0.0.1", 0)) as server:
+            for name, port in (("beuss", server.address[1]), ("redis", redis.port)):
+                with self.subTest(name), \
+                        beuss.Client(port=port, timeout=TIMEOUT) as client:
+                    def work(number):
+                        queue = "shared-%d" % number
+                        for i in range(100):
+                            client.put(queue, "m%d" % i)
+                            message = client.reserve(queue)
+                            if (message.data, message.ack()) != (b"m%d" % i, True):
+                                raise AssertionError((queue, i, message.data))
+                    side_by_side(self, {"thread %d" % number: functools.partial(
+                        work, number) for number in range(4)})
+
     def test_the_scripts_refuse_the_delays_the_server_refuses_in_its_words(self):
         redis = RedisServer(self)
         self.addCleanup(redis.stop)
