@@ -1233,7 +1233,7 @@ class Packed:
         # What packing saves is taken off the size its Queues counts, and
         # given back as runs are unpacked (or, by Queues, as it goes).
         self.queues, self.saving = queues, 0
-        self.extend(itertools.islice(messages, PACK_RUN, None))
+        self.add(itertools.islice(messages, PACK_RUN, None))
 
     def __len__(self):
         return len(self.head) + self.in_runs + len(self.tail)
@@ -1249,7 +1249,11 @@ class Packed:
         return itertools.chain(reversed(self.tail), itertools.chain.from_iterable(
             map(reversed, reversed(self.runs))), reversed(self.head))
 
-    def extend(self, messages):
+    def add(self, messages, left=False):
+        """Queues' push, at the tail (or the head); the new length."""
+        if left:
+            self.head.extendleft(messages)
+            return len(self.head) + self.in_runs + len(self.tail)
         tail = self.tail
         tail.extend(messages)
         while len(tail) >= 2 * PACK_RUN:
@@ -1260,6 +1264,7 @@ class Packed:
             if run.__class__ is _Run:
                 self.saving += PACK_RUN * PACK_SAVES
                 self.queues.size -= PACK_RUN * PACK_SAVES
+        return len(self.head) + self.in_runs + len(tail)
 
     def _unpacked(self, run):
         """The messages of run as a list, each an object again."""
@@ -1269,21 +1274,25 @@ class Packed:
         self.queues.size += len(run) * PACK_SAVES
         return run.messages()
 
-    def extendleft(self, messages):
-        self.head.extendleft(messages)
-
     def popleft(self):
-        head = self.head
-        message = head.popleft()
-        if not head:
-            if self.runs:
-                run = self.runs.popleft()
-                self.in_runs -= len(run)
-                head.extend(self._unpacked(run))
-            else:
-                head.extend(self.tail)
-                self.tail = []
+        message = self.head.popleft()
+        if not self.head:
+            self.refill()
         return message
+
+    def refill(self):
+        """After the head's last message went: the next run, or else the
+        tail, becomes the head; whether any message is left. (Queues'
+        reserve pops the head itself and calls this.)"""
+        head = self.head
+        if self.runs:
+            run = self.runs.popleft()
+            self.in_runs -= len(run)
+            head.extend(self._unpacked(run))
+        else:
+            head.extend(self.tail)
+            self.tail = []
+        return bool(head)
 
     def pop(self):
         if not self.tail and self.runs:
@@ -1556,10 +1565,16 @@ class Queues:
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = collections.deque()
-        if left:
-            queue.extendleft(messages)
+        if queue.__class__ is Packed:
+            length = queue.add(messages, left)
         else:
-            queue.extend(messages)
+            if left:
+                queue.extendleft(messages)
+            else:
+                queue.extend(messages)
+            length = len(queue)
+            if length > PACK_FROM:
+                self._pack(name)
         if len(messages) == 1:      # _cost, without a call for most pushes
             self.size += len(messages[0]) + MESSAGE_COST
         else:
@@ -1570,9 +1585,6 @@ class Queues:
             self.ready[name] = None
         if name in self._watches:
             self._changed(name)
-        length = len(queue)
-        if length > PACK_FROM and queue.__class__ is collections.deque:
-            self._pack(name)
         return length
 
     def _pack(self, name):
@@ -1783,14 +1795,17 @@ class Queues:
         when the queue is empty."""
         if self.expiring and name in self.expiring and self.expire_head(name):
             return None
-        queue = self._queues.get(name)
-        if not queue or self.paused and name in self.paused or \
-                self.limited and name in self.limited and not self._token(name):
-            return None
         # _take(name, True, 1), written out: this is every job's path. A
         # held message counts in size as a queued one does, so size stays.
+        # A packed queue's head is a deque (never empty), taken from
+        # directly: Packed's methods would be three Python calls more a job.
+        queue = self._queues.get(name)
+        head = queue.head if queue.__class__ is Packed else queue
+        if not head or self.paused and name in self.paused or \
+                self.limited and name in self.limited and not self._token(name):
+            return None
         held_id = b"%d" % self.next_id
-        message = queue[0]
+        message = head[0]
         record = _RECORDS.get(id(message)) if _RECORDS and \
             name.endswith(b".dead") else None
         count = message.deliveries + 1 if message.__class__ is Returned \
@@ -1798,8 +1813,8 @@ class Queues:
         if self.journal is not None:
             self.journal.reserve(name, held_id, count)
         self.next_id += 1
-        queue.popleft()
-        if not queue:
+        head.popleft()
+        if not head and (head is queue or not queue.refill()):
             del self._queues[name]
         if record is not None:
             del _RECORDS[id(message)]
