@@ -1158,13 +1158,14 @@ class QueueCounts:
 # Redis's listpacks keep a list. Its two ends stay message objects, where
 # pushes and pops happen; a run is unpacked into messages again only when
 # a pop reaches it or a change (LSET, LINSERT) lands in it. What it costs:
-# each pop and push on a packed queue is a method call more, and each
-# message is copied into its run and out again: 8 to 12 % more
-# instructions a job in the job loop of `python test_beuss.py --bench
-# --instructions` (its row "a packed queue"). Below PACK_FROM that is not
-# worth what packing saves (about 45 bytes a message, 0.7 MB at most), so
-# a shorter queue stays a deque; a packed one stays packed until it
-# empties.
+# each push on a packed queue is a method call more (a reserve takes from
+# its head directly), and each message is copied into its run and out
+# again: 5 to 6 % more instructions a job in the job loop of `python
+# test_beuss.py --bench --instructions` (its row "a packed queue"; the
+# wall-clock job loop of --bench puts its 100,000 jobs first, so its queue
+# packs). Below PACK_FROM that is not worth what packing saves (about 45
+# bytes a message, 0.7 MB at most), so a shorter queue stays a deque; a
+# packed one stays packed until it empties.
 #
 # Only plain bytes up to PACK_LONGEST pack: the bytes that remember their
 # deliveries (Returned) stay objects, in a run kept as a list, and so do
@@ -1221,7 +1222,8 @@ def _pack(messages):
 class Packed:
     """A long queue: a deque's methods, as Queues uses them, over a head of
     messages, runs (packed, or lists), and a tail of messages. The head is
-    never empty while the queue holds a message."""
+    never empty while the queue holds a message. A push is add(); a
+    reserve takes from the head itself, then refill()s it."""
 
     __slots__ = ("head", "runs", "in_runs", "tail", "queues", "saving")
 
@@ -3082,12 +3084,10 @@ class Store:
 
     def push(self, name, messages, left, until=None, ttl=None):
         positions = self._positions.get(name)
-        if left:
-            edge = positions[0] if positions else 0.0
-            new = [edge - i - 1 for i in range(len(messages))]
-        else:
-            edge = positions[-1] if positions else 0.0
-            new = [edge + i + 1 for i in range(len(messages))]
+        step = -1.0 if left else 1.0
+        edge = (positions[0] if left else positions[-1]) if positions else 0.0
+        new = [edge + step] if len(messages) == 1 else [
+            edge + step * (i + 1) for i in range(len(messages))]
         key = _name_key(name)
         if _RECORDS and name.endswith(b".dead") and any(
                 id(message) in _RECORDS for message in messages):
@@ -3095,6 +3095,13 @@ class Store:
                 (key, position, message, deliveries(message))
                 + dead_record(message)
                 for position, message in zip(new, messages)])
+        elif len(messages) == 1:
+            # A job's put: its row without the loop and calls below (a
+            # tenth of the instructions the store adds to a job).
+            message = messages[0]
+            self._add(("push", name, False), [(
+                key, new[0], bytearray(message), message.deliveries
+                if message.__class__ is Returned else 0)])
         else:
             self._add(("push", name, False), [
                 (key, position, _blob(message), deliveries(message, False))
