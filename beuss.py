@@ -2765,17 +2765,55 @@ def _names_as_text(db):
             if key.__class__ is str:
                 db.execute("UPDATE %s SET queue = ? WHERE queue = ?" % table,
                            (key, name))
+
+
 FSYNC_POLICIES = ("always", "everysec", "no")
 
 
-# A message without a record is a row of four columns; a run of them goes
-# in rows of INSERT_ROWS a statement (400 parameters, under the 999 of older
-# SQLites): a row costs a third less so than alone.
+# A pass's runs of like changes are written many rows a statement:
+# pushes (a message without a record is a row of four columns), reserves
+# (each copied to held by a join with rows of its id, deliveries and
+# place) and acknowledgements (a DELETE of many ids). INSERT_ROWS rows a
+# statement (400 parameters at most, under the 999 of older SQLites), then
+# the rest in statements of 64, 32, ... 1 rows: a row costs a third to two
+# thirds less so than alone, and SQLite keeps few texts prepared.
 INSERT_ROWS = 100
-_INSERT_PLAIN = "INSERT INTO queued (queue, position, message, deliveries) " \
-    "VALUES "
-_INSERT_ONE, _INSERT_MANY = (_INSERT_PLAIN + ", ".join(["(?, ?, ?, ?)"] * rows)
-                             for rows in (1, INSERT_ROWS))
+_ROW_COUNTS = (INSERT_ROWS, 64, 32, 16, 8, 4, 2, 1)
+_PUSH_ROWS = ("INSERT INTO queued (queue, position, message, deliveries) "
+              "VALUES %s", "(?, ?, ?, ?)")
+_RESERVE_ROWS = ("INSERT INTO held SELECT v.column1, q.queue, q.message, "
+                 "v.column2, q.tries, q.died, q.why FROM (VALUES %s) AS v "
+                 "JOIN queued AS q ON q.position = v.column3 AND q.queue = "
+                 "v.column4", "(?, ?, ?, ?)")
+_ACK_ROWS = ("DELETE FROM held WHERE id IN (%s)", "?")
+_ROWS_SQL = {}                  # (statement, rows) -> its text
+
+
+def _by_rows(items, statement):
+    """The statements that write items, each a row's parameters (a tuple).
+    A pass's first change comes alone (Store._add), so one row is the most
+    common run: it is one execute."""
+    if len(items) == 1:
+        return [(_rows_text(statement, 1), items[0])]
+    statements, at = [], 0
+    for rows in _ROW_COUNTS:
+        chunks = []
+        while len(items) - at >= rows:
+            chunks.append(list(itertools.chain.from_iterable(
+                items[at:at + rows])))
+            at += rows
+        if chunks:
+            statements.append((_rows_text(statement, rows), chunks))
+        if at == len(items):
+            return statements
+
+
+def _rows_text(statement, rows):
+    text = _ROWS_SQL.get((statement, rows))
+    if text is None:
+        text = _ROWS_SQL[statement, rows] = statement[0] % ", ".join(
+            [statement[1]] * rows)
+    return text
 
 
 def _blob(data):
@@ -2800,29 +2838,22 @@ def _name_of(key):
 
 
 def _run_statements(key, items):
-    """The statements that write a run of like changes (Store._add): one,
-    or for many pushes one a hundred rows and one for the rest."""
+    """The statements that write a run of like changes (Store._add)."""
     if key[0] == "push":
         if key[2]:                          # dead letters, with records
             return [(_INSERT_QUEUED, items)]
-        whole = len(items) - len(items) % INSERT_ROWS
-        statements = [(_INSERT_ONE, items[whole:])]
-        if whole:
-            statements.insert(0, (_INSERT_MANY, [
-                list(itertools.chain.from_iterable(items[i:i + INSERT_ROWS]))
-                for i in range(0, whole, INSERT_ROWS)]))
-        return statements
+        return _by_rows(items, _PUSH_ROWS)
     if key[0] == "ack":
-        return [("DELETE FROM held WHERE id = ?", items)]
+        return _by_rows(items, _ACK_ROWS)
     if key[0] == "reserve":
         # Taken from the head one after another: the last one's position
         # bounds them all, and its id + 1 is the next id.
-        return [("INSERT INTO held SELECT ?, queue, message, ?, tries, died, "
-                 "why FROM queued WHERE queue = ? AND position = ?", items),
-                ("DELETE FROM queued WHERE queue = ? AND position <= ?",
-                 items[-1][2:]),
-                ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
-                 (items[-1][0] + 1,))]
+        last_id, _, position, queue = items[-1]
+        return _by_rows(items, _RESERVE_ROWS) + [
+            ("DELETE FROM queued WHERE queue = ? AND position <= ?",
+             (queue, position)),
+            ("INSERT OR REPLACE INTO settings VALUES ('next_id', ?)",
+             (last_id + 1,))]
     # Pops: the run's last position bounds what it took from that end.
     return [("DELETE FROM queued WHERE queue = ? AND position %s ?" % (
         "<=" if key[2] else ">="), (_name_key(key[1]), items[-1]))]
@@ -3287,8 +3318,8 @@ class Store:
 
     def reserve(self, name, held_id, count):
         positions = self._positions[name]
-        self._add(("reserve", name), [(int(held_id), count, _name_key(name),
-                                       positions.popleft())])
+        self._add(("reserve", name), [(int(held_id), count,
+                                       positions.popleft(), _name_key(name))])
         if not positions:
             del self._positions[name]
 

@@ -1155,6 +1155,30 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(self.snapshot(loaded), expected)
         self.assertEqual(len(dict(expected)[b"a"]), 132)
 
+    def test_long_runs_of_reserves_and_acks_load_back(self):
+        # A pass's reserves and acks are written many rows a statement (a
+        # hundred, then 64, 32, ... 1): each row keeps its own id,
+        # deliveries and place.
+        store, queues = self.open()
+        self.addCleanup(lambda: store.close())
+        queues.push(b"q", [b"m%d" % i for i in range(300)])
+        store.commit()
+        queues.give_back([queues.reserve(b"q", "owner") for _ in range(10)],
+                         failed=False)      # back at the head, delivered once
+        self.assertTrue(store.commit())
+        held = [queues.reserve(b"q", "owner") for _ in range(237)]
+        queues.ack(held[50:200])
+        self.assertTrue(store.commit())
+        self.assertEqual([h.deliveries for h in held[8:12]], [2, 2, 1, 1])
+        expected = [(h.message, h.deliveries) for h in held[:50] + held[200:]] \
+            + [(bytes(m), 0) for m in queues.peek(b"q", 0, -1)]
+        next_id = queues.next_id
+        store.close()
+        store, loaded = self.open()
+        self.assertEqual([(bytes(m), beuss.deliveries(m))
+                          for m in loaded.peek(b"q", 0, -1)], expected)
+        self.assertEqual(loaded.next_id, next_id)
+
     def run_changes(self, rng, names, commit_chance, kinds=range(14)):
         store, queues = self.open()
         held = []
