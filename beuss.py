@@ -1813,7 +1813,7 @@ class Queues:
         count = message.deliveries + 1 if message.__class__ is Returned \
             else 1 if record is None else record[1] + 1
         if self.journal is not None:
-            self.journal.reserve(name, held_id, count)
+            self.journal.reserve(name, self.next_id, count)
         self.next_id += 1
         head.popleft()
         if not head and (head is queue or not queue.refill()):
@@ -1854,11 +1854,10 @@ class Queues:
 
     def ack(self, helds):
         """Remove held messages for good."""
-        journal = self.journal
+        if self.journal is not None and helds:
+            self.journal.ack([held.id for held in helds])
+        self._forget(helds)
         for held in helds:
-            if journal is not None:
-                journal.ack(held.id)
-            self._forget(held)
             counts = self.counts.get(held.queue)
             if counts is not None:              # _count, written out
                 counts.acknowledged += 1
@@ -1883,7 +1882,7 @@ class Queues:
                 if self.journal is not None:
                     self.journal.unreserve(held.id, target, False, record)
                 letter = dead_letter(held.message, *record)
-                self._forget(held)
+                self._forget((held,))
                 self._arrived(target, 1)
                 self._add(target, [letter], False)
                 dead.append(target)
@@ -1910,14 +1909,14 @@ class Queues:
                     self.journal.defer_held(held.id, deferred_id, now + wait,
                                             record)
                 self.next_id += 1
-                self._forget(held)
+                self._forget((held,))
                 self._set_aside(deferred_id, held.queue, message, now + wait,
                                 True)
                 continue
             if self.journal is not None:
                 self.journal.unreserve(held.id, held.queue, True, record,
                                        count)
-            self._forget(held)
+            self._forget((held,))
             self._count(held.queue, "returned")
             self._add(held.queue, [message] if count or record[0] is not None
                       else [bytes(message)], True)
@@ -1938,25 +1937,32 @@ class Queues:
         return bool(self.max_deliveries) and count >= self.max_deliveries \
             and not name.endswith(b".dead")
 
-    def _forget(self, held):
-        # Its owner and message become None: a Held that is no longer held
-        # says so to whoever still has it (a lease's entry), and keeps no
-        # copy of the message there.
-        self.size -= len(held.message) + MESSAGE_COST
-        owner, name, held_id = held.owner, held.queue, held.id
-        mine = self._held_by[owner]
-        del mine[held_id]
-        if not mine:
-            del self._held_by[owner]
-        holds, holders = self.holds[name], self.holders[name]
-        del holds[held_id]
-        if not holds:               # the queue's last: one holder, once
-            del self.holds[name], self.holders[name]
-        elif holders[owner] == 1:
-            del holders[owner]
-        else:
-            holders[owner] -= 1
-        held.owner = held.message = None
+    def _forget(self, helds):
+        # Their owner and message become None: a Held that is no longer
+        # held says so to whoever still has it (a lease's entry), and keeps
+        # no copy of the message there. (One call for many: an ACK names a
+        # hundred.)
+        held_by, holds_of, holders_of = self._held_by, self.holds, self.holders
+        size = MESSAGE_COST * len(helds)
+        for held in helds:
+            size += len(held.message)
+            owner, name, held_id = held.owner, held.queue, held.id
+            mine = held_by[owner]
+            del mine[held_id]
+            if not mine:
+                del held_by[owner]
+            holds = holds_of[name]
+            del holds[held_id]
+            if not holds:           # the queue's last: one holder, once
+                del holds_of[name], holders_of[name]
+            else:
+                holders = holders_of[name]
+                if holders[owner] == 1:
+                    del holders[owner]
+                else:
+                    holders[owner] -= 1
+            held.owner = held.message = None
+        self.size -= size
 
     # Counting ------------------------------------------------------------
     #
@@ -3115,28 +3121,19 @@ class Store:
 
     def push(self, name, messages, left, until=None, ttl=None):
         positions = self._positions.get(name)
-        step = -1.0 if left else 1.0
         edge = (positions[0] if left else positions[-1]) if positions else 0.0
-        new = [edge + step] if len(messages) == 1 else [
-            edge + step * (i + 1) for i in range(len(messages))]
-        key = _name_key(name)
-        if _RECORDS and name.endswith(b".dead") and any(
-                id(message) in _RECORDS for message in messages):
-            self._add(("push", name, True), [
-                (key, position, message, deliveries(message))
-                + dead_record(message)
-                for position, message in zip(new, messages)])
-        elif len(messages) == 1:
-            # A job's put: its row without the loop and calls below (a
+        key = name.decode() if name.isascii() else _name_key(name)
+        if len(messages) == 1 and not (_RECORDS and name.endswith(b".dead")):
+            # A job's put: its row without the loops and calls below (a
             # tenth of the instructions the store adds to a job).
             message = messages[0]
+            new = (edge - 1.0 if left else edge + 1.0,)
             self._add(("push", name, False), [(
                 key, new[0], bytearray(message), message.deliveries
                 if message.__class__ is Returned else 0)])
         else:
-            self._add(("push", name, False), [
-                (key, position, _blob(message), deliveries(message, False))
-                for position, message in zip(new, messages)])
+            new = self._push_rows(name, key, messages, edge, -1.0 if left
+                                  else 1.0)
         if positions is None:
             positions = self._positions[name] = collections.deque()
         if left:
@@ -3144,9 +3141,27 @@ class Store:
         else:
             positions.extend(new)
         if until is not None:
-            self._run([("INSERT INTO expiring VALUES (?, ?, ?, ?)", [
-                (key, position, until, ttl) for position in new])])
+            rows = []           # (a loop: a comprehension costs cells)
+            for position in new:
+                rows.append((key, position, until, ttl))
+            self._run([("INSERT INTO expiring VALUES (?, ?, ?, ?)", rows)])
             self.expiring_rows = True
+
+    def _push_rows(self, name, key, messages, edge, step):
+        # The rest of push (its comprehensions would make every push pay
+        # for closures); returns the new positions.
+        new = [edge + step * (i + 1) for i in range(len(messages))]
+        if _RECORDS and name.endswith(b".dead") and any(
+                id(message) in _RECORDS for message in messages):
+            self._add(("push", name, True), [
+                (key, position, message, deliveries(message))
+                + dead_record(message)
+                for position, message in zip(new, messages)])
+        else:
+            self._add(("push", name, False), [
+                (key, position, _blob(message), deliveries(message, False))
+                for position, message in zip(new, messages)])
+        return new
 
     def forget_expiring(self, now):
         # The rows of messages gone from their queue (delivered, expired)
@@ -3318,13 +3333,14 @@ class Store:
 
     def reserve(self, name, held_id, count):
         positions = self._positions[name]
-        self._add(("reserve", name), [(int(held_id), count,
-                                       positions.popleft(), _name_key(name))])
+        self._add(("reserve", name), [(held_id, count, positions.popleft(),
+                                       name.decode() if name.isascii()
+                                       else _name_key(name))])
         if not positions:
             del self._positions[name]
 
-    def ack(self, held_id):
-        self._add(("ack",), [(int(held_id),)])
+    def ack(self, held_ids):
+        self._add(("ack",), [(int(held_id),) for held_id in held_ids])
 
     def unreserve(self, held_id, name, to_head, record=(None, None, None),
                   deliveries=None):
@@ -5856,15 +5872,25 @@ def cmd_reserve(server, conn, args):
             args = args[:-2]
         timeout = _timeout(args[-1])
         names = list(dict.fromkeys(args[1:-1]))
-    if count is None:
-        for name in names:
-            held = server.queues.reserve(name, conn)
-            if held is not None:
-                return server.reserved(held)
-        waiter = Waiter(names, lambda queues, name: queues.reserve(name, conn),
-                        lambda name, held: server.reserved(held))
-        return server.block(conn, waiter, timeout, conn.null_array)
+    if count is not None:
+        return _reserve_many(server, conn, names, timeout, count)
+    for name in names:
+        held = server.queues.reserve(name, conn)
+        if held is not None:
+            return server.reserved(held)
+    return _wait_to_reserve(server, conn, names, timeout)
 
+
+# cmd_reserve's wait and its COUNT, apart: a function that makes closures
+# pays for their cells at every call, even one that makes none.
+
+def _wait_to_reserve(server, conn, names, timeout):
+    waiter = Waiter(names, lambda queues, name: queues.reserve(name, conn),
+                    lambda name, held: server.reserved(held))
+    return server.block(conn, waiter, timeout, conn.null_array)
+
+
+def _reserve_many(server, conn, names, timeout, count):
     def take(queues, name):
         helds = []
         while len(helds) < count:
