@@ -2831,7 +2831,8 @@ def _blob(data):
 
 def _name_key(name):
     """A queue's name as the store keeps it: TEXT when it is UTF-8, so that
-    plain SQL finds it (WHERE queue = 'jobs'), else a BLOB."""
+    plain SQL finds it (WHERE queue = 'jobs'), else a BLOB. (Store.push and
+    Store.reserve, on every job's path, decode an ASCII name themselves.)"""
     try:
         return name.decode("utf-8")
     except UnicodeDecodeError:
