@@ -2796,9 +2796,8 @@ _ROWS_SQL = {}                  # (statement, rows) -> its text
 
 
 def _by_rows(items, statement):
-    """The statements that write items, each a row's parameters (a tuple).
-    A pass's first change comes alone (Store._add), so one row is the most
-    common run: it is one execute."""
+    """The statements that write items, each a row's parameters (a tuple);
+    a run of one row is one execute."""
     if len(items) == 1:
         return [(_rows_text(statement, 1), items[0])]
     statements, at = [], 0
@@ -3406,10 +3405,12 @@ class Store:
     # _pending and is written when something else comes, or at commit, in
     # as few statements as it can (pushes a hundred rows an INSERT, pops
     # one DELETE of a range of positions): SQLite's cost per statement is
-    # paid once a run, not once a message. The first change of a pass is written at once, so
-    # that a file locked by another process refuses it at once; once the
-    # pass holds the lock, what can still fail (a full disk, an I/O error)
-    # fails its commit as well, and is handled as a failed commit is.
+    # paid once a run, not once a message. A pass's first change takes the
+    # file's write lock (BEGIN IMMEDIATE), so that a file locked by another
+    # process refuses it at once; once the pass holds the lock, what can
+    # still fail (a full disk, an I/O error) fails when a run is written or
+    # at the commit, and is handled as a failed commit is: the pass's
+    # replies wait until it is written.
 
     def _add(self, key, items):
         """A change of a run (key: its kind, queue and end), items its rows
@@ -3417,13 +3418,23 @@ class Store:
         pending = self._pending
         if pending is not None and pending[0] == key:
             pending[1].extend(items)
-        elif not self._in_pass or self.failing is not None:
+        elif self.failing is not None:
             self._run(_run_statements(key, items))      # counts the change
             return
+        elif not self._in_pass:
+            try:
+                self._begin()
+            except self._sqlite3.Error as exc:
+                raise StoreError(_store_reason(exc))
+            self._pending = (key, items)
         else:
             self._flush()
             self._pending = (key, items)
         self.changes += 1
+
+    def _begin(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        self._in_pass = True
 
     def _flush(self):
         """Write the pending run; if that fails, the store starts failing
@@ -3462,8 +3473,7 @@ class Store:
         several = len(statements) > 1
         try:
             if not self._in_pass:
-                db.execute("BEGIN")
-                self._in_pass = True
+                self._begin()
             if several:
                 db.execute("SAVEPOINT change")
             for statement in statements:
@@ -3493,8 +3503,7 @@ class Store:
             self._fail(exc)
 
     def _replay(self):
-        self._db.execute("BEGIN")
-        self._in_pass = True
+        self._begin()
         for statement in self._backlog:
             self._execute(statement)
 
