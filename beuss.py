@@ -1160,10 +1160,10 @@ class QueueCounts:
 # a pop reaches it or a change (LSET, LINSERT) lands in it. What it costs:
 # each push on a packed queue is a method call more (a reserve takes from
 # its head directly), and each message is copied into its run and out
-# again: 5 to 7 % more instructions a job in the job loop of `python
-# test_beuss.py --bench --instructions` (its row "a packed queue"; the
-# wall-clock job loop of --bench puts its 100,000 jobs first, so its queue
-# packs). Below PACK_FROM that is not worth what packing saves (about 45
+# again: about 5 % more instructions a job in the job loop of `python
+# test_beuss.py --bench --instructions` (its row "a packed queue", against
+# the same load on a queue that does not pack; --bench has a row with all
+# its 100,000 jobs queued first, where the queue packs). Below PACK_FROM that is not worth what packing saves (about 45
 # bytes a message, 0.7 MB at most), so a shorter queue stays a deque; a
 # packed one stays packed until it empties.
 #
