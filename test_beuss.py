@@ -1690,6 +1690,16 @@ class ServerCase(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.005)
 
+    def held_count(self):
+        """How many messages the server holds, read from the test's thread
+        while its loop may change them: a count cut short by a change
+        (RuntimeError: the dictionary changed size) is taken again."""
+        while True:
+            try:
+                return self.server.queues.held_count()
+            except RuntimeError:
+                pass
+
     def wait_blocked(self, count):
         deadline = time.monotonic() + TIMEOUT
         while self.server.queues.waiting != count:
@@ -2031,12 +2041,12 @@ class ReserveTest(ServerCase):
         holder = self.exchange(requests(["RPUSH", "q", "a", "b", "c", "d"])
                                + requests(*[["RESERVE", "q", "0"]] * 3), b":4\r\n")
         deadline = time.monotonic() + TIMEOUT
-        while self.server.queues.held_count() != 3:
+        while self.held_count() != 3:
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.005)
         self.exchange(requests(["LPUSH", "q", "new"]), b":2\r\n")
         holder.close()
-        while self.server.queues.held_count():
+        while self.held_count():
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.005)
         self.exchange(requests(["LRANGE", "q", "0", "-1"]),
@@ -5277,7 +5287,7 @@ class SubprocessTest(ServerCase):
                 [sys.executable, BEUSS, "ON", "jobs", "--exec", "sleep 0.6; echo done"]
                 + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=environment)
-            self.wait_until(lambda: self.server.queues.held_count() == 1)
+            self.wait_until(lambda: self.held_count() == 1)
             for signum in signals:
                 time.sleep(0.2)
                 process.send_signal(signum)
@@ -5370,7 +5380,7 @@ time.sleep(60)
             first.kill()
             first.wait(TIMEOUT)
             deadline = time.monotonic() + TIMEOUT
-            while self.server.queues.held_count() != 5:
+            while self.held_count() != 5:
                 self.assertLess(time.monotonic(), deadline)
                 time.sleep(0.01)
             again = [client.reserve("jobs").data for _ in range(10)]
