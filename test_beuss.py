@@ -325,6 +325,11 @@ class RequestReaderTest(unittest.TestCase):
         for _ in range(2000):
             if rng.random() < 0.05:     # runs of requests alike, then not
                 width = rng.randrange(1, 6)
+            if expected and rng.random() < 0.05:   # ... and the same again
+                times = rng.randrange(1, 200)
+                data += [beuss.encode_bulks(expected[-1])] * times
+                expected += [expected[-1]] * times
+                continue
             kind = rng.random()
             if kind < 0.05:
                 data.append(b"*0\r\n")
@@ -357,6 +362,52 @@ class RequestReaderTest(unittest.TestCase):
             slow.feed(data[i:i + 1])
             found += self.read_all(slow)
         self.assertEqual(found, expected)
+
+    def test_a_repeated_request_is_counted_not_split_and_stops_where_it_changes(self):
+        reader, repeats = beuss.RequestReader(), []
+        read_repeats = reader._read_repeats
+        reader._read_repeats = lambda window: repeats.append(
+            read_repeats(window)) or repeats[-1]
+        reserve = requests(["RESERVE", "jobs", "0.001"])
+        # Seen twice in a batch first, then read as repeats, here 110 a
+        # window (whole copies only: the last one is cut by the window).
+        reader.feed(reserve * 3 + requests(["ACK", "1"]))
+        self.assertEqual(self.read_all(reader), [
+            [b"RESERVE", b"jobs", b"0.001"]] * 3 + [[b"ACK", b"1"]])
+        self.assertEqual(repeats, [])
+        reader.feed(reserve * 500)
+        found = self.read_all(reader)
+        self.assertEqual(found, [[b"RESERVE", b"jobs", b"0.001"]] * 500)
+        self.assertEqual(repeats[0], beuss.BATCH_WINDOW // len(reserve))
+        self.assertEqual(sum(repeats), 500)
+        self.assertEqual(reader.pending(), 0)
+        # A copy that differs in its last byte ends the run, and one cut
+        # between two feeds is read whole.
+        repeats.clear()
+        other = requests(["RESERVE", "jobs", "0.002"])
+        data = reserve * 20 + other + reserve * 20
+        reader.feed(data[:len(data) - 5])
+        found = self.read_all(reader)
+        reader.feed(data[len(data) - 5:])
+        found += self.read_all(reader)
+        self.assertEqual(found[:20], [[b"RESERVE", b"jobs", b"0.001"]] * 20)
+        self.assertEqual(found[20], [b"RESERVE", b"jobs", b"0.002"])
+        self.assertEqual(found[21:], [[b"RESERVE", b"jobs", b"0.001"]] * 20)
+        self.assertEqual(repeats[0], 20)
+        self.assertEqual(reader.pending(), 0)
+
+    def test_only_a_short_request_is_remembered_as_repeated(self):
+        for size, remembered in ((beuss.REPEATED_MAXIMUM, True),
+                                 (beuss.REPEATED_MAXIMUM + 1, False)):
+            head = len(requests(["RPUSH", "q", b""]))
+            length = size - head - len(str(size - head)) + 1
+            request = requests(["RPUSH", "q", b"m" * length])
+            self.assertEqual(len(request), size)
+            reader = beuss.RequestReader()
+            reader.feed(request * 4)
+            self.assertEqual(self.read_all(reader),
+                             [[b"RPUSH", b"q", b"m" * length]] * 4)
+            self.assertEqual(reader._repeated is not None, remembered)
 
     def test_every_byte_value_survives(self):
         message = bytes(range(256))
@@ -523,7 +574,10 @@ class MessageCostTest(unittest.TestCase):
         for size in (10, 1000):
             reader = beuss.RequestReader(1024 * 1024)
             queues = beuss.Queues()
-            request = requests(*[["RPUSH", "q", os.urandom(size)]] * 20000)
+            # (Each message its own: a pipeline of one request repeated
+            # would queue one bytes object 20,000 times.)
+            request = requests(*[["RPUSH", "q", os.urandom(size)]
+                                 for _ in range(20000)])
             tracemalloc.start()
             try:
                 before = tracemalloc.get_traced_memory()[0]
@@ -2028,6 +2082,19 @@ class ReserveTest(ServerCase):
                                ["MULTI"], ["RESERVE", "none", "0"], ["EXEC"]),
                       b"*-1\r\n-ERR wrong number of arguments for 'reserve' "
                       b"command\r\n+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n", sock)
+
+    def test_pipelined_requests_alike_byte_for_byte_each_run_once(self):
+        # Read as repeats of one request (RequestReader._read_repeats),
+        # each still runs as itself: 300 pushes of one message, then 300
+        # RESERVEs, each holding its own message under its own id.
+        sock = self.exchange(requests(*[["RPUSH", "q", "m"]] * 300),
+                             b"".join(b":%d\r\n" % n for n in range(1, 301)))
+        self.exchange(requests(*[["RESERVE", "q", "0"]] * 300), b"".join(
+            b"*4\r\n$1\r\nq\r\n$%d\r\n%d\r\n$1\r\nm\r\n:1\r\n"
+            % (len(b"%d" % n), n) for n in range(1, 301)), sock)
+        self.assertEqual(self.held_count(), 300)
+        self.exchange(requests(*[["RESERVE", "q", "0.01"]] * 20),
+                      b"*-1\r\n" * 20, sock)
 
     def test_another_connection_cannot_ack_or_nack_what_it_does_not_hold(self):
         holder = self.exchange(requests(["RPUSH", "q", "m"], ["RESERVE", "q", "0"]),
