@@ -1091,8 +1091,10 @@ def deliveries(message, dead=True):
 # bytes it never visits. _RECORDS maps a dead letter's id to (the letter,
 # tries, died, why): the entry keeps the letter alive, so that id names no
 # other object while the entry lasts, and Queues drops the entry whenever
-# the letter leaves its queue or its place set aside (_unrecord). So a
-# message object is in one place at a time, as every path here keeps it.
+# the letter leaves its queue or its place set aside (_unrecord). A letter
+# is always a copy made for it: one bytes object may be queued in many
+# places (the reader hands out one for every copy of a repeated request),
+# and a record on it would name them all.
 # Only queues named "<queue>.dead" hold dead letters (one moved elsewhere
 # leaves its record behind), so only their messages are looked up.
 
@@ -1107,10 +1109,9 @@ class _Unique(bytes):
 
 
 def dead_letter(message, tries, died, why):
-    if message.__class__ is not bytes:
-        message = bytes(message)
-    if len(message) < 2 or id(message) in _RECORDS:
-        message = _Unique(message)
+    # (bytes() of a bytes is the same object; of a view, a new one.)
+    message = bytes(memoryview(message)) if len(message) > 1 \
+        else _Unique(message)
     _RECORDS[id(message)] = (message, tries, died, why)
     return message
 
@@ -6823,7 +6824,9 @@ def cmd_info(server, conn, args):
 # One row per command and per subcommand; adding a command is one function
 # above and one row here. The dispatch (Server._run and _run_checked)
 # enforces a row's flags, COMMAND INFO prints them and COMMAND DOCS prints
-# the rest, so what the server says of a command is what it does.
+# the rest, so what the server says of a command is what it does. A
+# function reads its arguments' list and never changes it: the reader
+# hands out one list for every copy of a repeated request.
 #
 # A row: name (a subcommand after its command's name and a space) |
 # function (a subcommand's is its command's) | arity, as Redis counts it

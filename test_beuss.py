@@ -851,6 +851,20 @@ class RetryQueuesTest(unittest.TestCase):
         queues.delete(b"q.dead")
         self.assertEqual(len(beuss._RECORDS), before)
 
+    def test_a_message_object_queued_twice_gets_a_record_once(self):
+        # One bytes object in two places (the reader hands out one for
+        # each copy of a repeated request): the copy that dies gets the
+        # record, the other, moved to the dead letters by hand, none.
+        queues = beuss.Queues(max_deliveries=1)
+        message = b"same" * 10
+        queues.push(b"q", [message, message])
+        held = queues.reserve(b"q", "c")
+        queues.give_back([held], why="broke")
+        queues.move(b"q", b"q.dead")
+        self.assertEqual([(tries, why) for _, tries, _, why
+                          in queues.dead_records(b"q.dead")],
+                         [(None, None), (1, "broke")])
+
     def test_an_explicit_delay_or_a_vanished_consumer_overrides_the_schedule(self):
         queues = beuss.Queues(max_deliveries=5, retry_delay=10)
         queues.push(b"q", [b"a", b"b"])
@@ -9136,13 +9150,18 @@ with socket.create_connection(server.address) as sock:
     if not way.isdigit():
         import test_beuss
         test_beuss.job_loop(sock, count, way, backlog=sys.argv[3] == "packed")
-    for command, line_ends in (([b"RPUSH", b"q", b"hello"], 1), ([b"LPOP", b"q"], 2)):
+    for command, line_ends in (([b"RPUSH", b"q"], 1), ([b"LPOP", b"q"], 2)):
         if not way.isdigit():
             break
-        pipeline, request = int(way), beuss.encode_bulks(command)
+        pipeline = int(way)
         for done in range(0, count, pipeline):
             batch = min(pipeline, count - done)
-            sock.sendall(request * batch)
+            # Each message its own, as a producer's are (a pipeline that
+            # repeats one request is read faster); the LPOPs are alike, as
+            # a consumer's are.
+            sock.sendall(b"".join(beuss.encode_bulks(command + (
+                [b"%05d" % (done + i)] if line_ends == 1 else []))
+                for i in range(batch)))
             due = batch * line_ends
             while due > 0:
                 due -= sock.recv(65536).count(b"\\r\\n")
