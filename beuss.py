@@ -1109,9 +1109,10 @@ class _Unique(bytes):
 
 
 def dead_letter(message, tries, died, why):
-    # (bytes() of a bytes is the same object; of a view, a new one.)
-    message = bytes(memoryview(message)) if len(message) > 1 \
-        else _Unique(message)
+    # (bytes() of a bytes is the same object; of a view, a new one. On
+    # PyPy a bytes' id is its value: there the copy is always a _Unique.)
+    message = bytes(memoryview(message)) if len(message) > 1 and \
+        sys.implementation.name != "pypy" else _Unique(message)
     _RECORDS[id(message)] = (message, tries, died, why)
     return message
 

@@ -833,8 +833,8 @@ class RetryQueuesTest(unittest.TestCase):
                                      in [b"aa", b"b", b"", b"aa", b"one more"]])
         letters = queues.peek(b"q.dead", 0, -1)
         self.assertEqual(len(set(map(id, letters))), 5)     # one object each
-        self.assertIs(type(letters[0]), bytes)
         if hasattr(gc, "is_tracked"):                       # not on PyPy
+            self.assertIs(type(letters[0]), bytes)
             self.assertFalse(gc.is_tracked(letters[0]))
         self.assertEqual(len(beuss._RECORDS), before + 5)
         queues.move(b"q.dead", b"elsewhere")                 # by hand: no record
