@@ -1040,7 +1040,7 @@ class Held:
     __slots__ = ("id", "queue", "message", "deliveries", "owner", "deadline",
                  "died", "since")
 
-    def __init__(self, held_id, queue, message, deliveries, owner):
+    def __init__(self, held_id, queue, message, deliveries, owner, since):
         self.id = held_id           # bytes, unique for the life of the data
         self.queue = queue
         self.message = message
@@ -1048,7 +1048,7 @@ class Held:
         self.owner = owner
         self.deadline = None        # when the lease runs out (the server's)
         self.died = None            # a dead letter's (when, why) it died
-        self.since = time.monotonic()
+        self.since = since          # when it was reserved (monotonic)
 
 
 class Returned(bytes):
@@ -1430,7 +1430,11 @@ class Queues:
         self._deferred = []
         self.deferred_by = collections.Counter()    # queue -> how many
         self.counts = {}            # queue -> QueueCounts (see Counting)
-        self.second = 0             # the server's clock, in whole seconds
+        # The server's clock (time.monotonic()), read once a pass, and in
+        # whole seconds: what reserves and counts in that pass are stamped
+        # with, without a clock call a message.
+        self.now = time.monotonic()
+        self.second = int(self.now)
         self.journal = journal      # the store, or None
         self.next_id = 1            # of the next reservation
         self.size = 0               # memory all messages take, held too
@@ -1863,7 +1867,7 @@ class Queues:
             self._changed(name)
         if message.__class__ is not bytes:
             message = bytes(message)
-        held = Held(held_id, name, message, count, owner)
+        held = Held(held_id, name, message, count, owner, self.now)
         if record is not None:
             held.died = record[2:]
         # (get, not setdefault: setdefault would make a dict every time.)
@@ -4623,7 +4627,8 @@ class Server(_Connections):
         try:
             while not self._stopping:
                 events = self._selector.select(self._select_timeout())
-                queues.second = int(time.monotonic())
+                queues.now = time.monotonic()
+                queues.second = int(queues.now)
                 for key, mask in events:
                     conn = key.data
                     if conn.__class__ is not _Conn:
@@ -5217,13 +5222,16 @@ class Server(_Connections):
     # when they outnumber the live ones, so no call leaves anything behind.
 
     def reserved(self, held):
-        """Start the lease of a message just reserved; its reply."""
+        """Start the lease of a message just reserved; its reply: queue,
+        id, message and how many times it was delivered."""
         if self.lease:
             held.deadline = time.monotonic() + self.lease
             self._sequence += 1
             heapq.heappush(self._leases, (held.deadline, self._sequence,
                                           held))
-        return _encode_reserved(held)
+        return b"*4\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n:%d\r\n" % (
+            len(held.queue), held.queue, len(held.id), held.id,
+            len(held.message), held.message, held.deliveries)
 
     def touch(self, held):
         if self.lease:
@@ -5368,12 +5376,6 @@ def half_the_memory():
 def _encode_push(conn, items):
     """A pub/sub message: a push frame in RESP3, an array in RESP2."""
     return (b">" if conn.resp3 else b"*") + encode_bulks(items)[1:]
-
-
-def _encode_reserved(held):
-    return b"*4\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n:%d\r\n" % (
-        len(held.queue), held.queue, len(held.id), held.id,
-        len(held.message), held.message, held.deliveries)
 
 
 def _encode_mpop(name, messages):
@@ -5910,7 +5912,9 @@ def cmd_reserve(server, conn, args):
     # the first queue that has any, as an array of what RESERVE gives one.
     count = None
     if len(args) == 3:              # one queue, no COUNT: most often
-        timeout, names = _timeout(args[2]), (args[1],)
+        # (_timeout's cache read here first: a consumer's every request.)
+        timeout = _TIMEOUTS.get(args[2]) or _timeout(args[2])
+        names = (args[1],)
     else:
         if len(args) >= 5 and args[-2].upper() == b"COUNT":
             count = parse_integer(args[-1])
@@ -5940,7 +5944,7 @@ def _wait_to_reserve(server, conn, names, timeout):
 def _reserve_many(server, conn, names, timeout, count):
     def take(queues, name):
         helds = []
-        while len(helds) < count:
+        for _ in range(count):
             held = queues.reserve(name, conn)
             if held is None:
                 break
