@@ -454,6 +454,11 @@ class RequestReader:
         self.max_message = max_message
         self.locked = False
         self._max_argument = max(max_message, MAX_INLINE_LENGTH)
+        # True when no argument of the request read last, nor of those
+        # left in batch, passes max_message: so for a batch's (they lie in
+        # BATCH_WINDOW bytes), whose messages the server need not measure.
+        self.bounded = False
+        self._batch_bounded = max_message >= BATCH_WINDOW
         self._buf = b""
         self._pos = 0
         self._chunks = []
@@ -528,7 +533,9 @@ class RequestReader:
             if len(self._buf) - self._pos < BATCH_MINIMUM or (
                     self._pos < self._plain_until or self._args is not None
                     or self._skip or self.locked or not self._read_batch()):
+                self.bounded = False
                 return self._parse()
+            self.bounded = self._batch_bounded
         return batch.pop()
 
     def _read_batch(self):
@@ -4357,6 +4364,7 @@ class Server(_Connections):
             DEFAULT_MAX_INPUT, self.max_message_size + 1024 * 1024)
         if self.max_memory is None:     # 0: no bound
             self.max_memory = half_the_memory()
+        self._memory_bound = self.max_memory or float("inf")    # for _run
         self._max_fd = None         # select(): descriptors must stay below
         if self.selector is getattr(selectors, "SelectSelector", None):
             if sys.platform == "win32":
@@ -4788,8 +4796,12 @@ class Server(_Connections):
                 else:
                     # _call, written out: the flags that can matter on a
                     # connection that is not guarded are denyoom's alone.
+                    # _admit is called only when it may refuse (the call
+                    # is a thirtieth of a job): past the memory bound, or
+                    # when the reader has not bounded the messages.
                     try:
-                        if route:
+                        if route and (queues.size > self._memory_bound
+                                      or not reader.bounded):
                             self._admit(command, args)
                         reply = function(self, conn, args)
                     except ReplyError as exc:
@@ -5943,21 +5955,22 @@ def _wait_to_reserve(server, conn, names, timeout):
 
 def _reserve_many(server, conn, names, timeout, count):
     def take(queues, name):
-        helds = []
+        # Each one's reply as it is taken (what take returns is handed to
+        # reply): its lease starts now.
+        replies = []
         for _ in range(count):
             held = queues.reserve(name, conn)
             if held is None:
                 break
-            helds.append(held)
-        return helds
+            replies.append(server.reserved(held))
+        return replies
 
-    def reply(name, helds):
-        return b"*%d\r\n" % len(helds) + b"".join(map(server.reserved,
-                                                       helds))
+    def reply(name, replies):
+        return b"*%d\r\n" % len(replies) + b"".join(replies)
     for name in names:
-        helds = take(server.queues, name)
-        if helds:
-            return reply(name, helds)
+        replies = take(server.queues, name)
+        if replies:
+            return reply(name, replies)
     return server.block(conn, Waiter(names, take, reply), timeout,
                         conn.null_array)
 

@@ -363,6 +363,35 @@ class RequestReaderTest(unittest.TestCase):
             found += self.read_all(slow)
         self.assertEqual(found, expected)
 
+    def test_bounded_says_no_argument_passes_max_message(self):
+        # The server does not measure the messages of a request the reader
+        # calls bounded: so are a batch's when max_message covers the
+        # batch's window, and no request read alone. Seeded pipelines of
+        # messages at, under and past each limit, fed in random pieces.
+        for max_message in (10, beuss.BATCH_WINDOW - 1, beuss.BATCH_WINDOW,
+                            10240):
+            rng = random.Random(max_message)
+            reader = beuss.RequestReader(max_message=max_message)
+            data = b"".join(beuss.encode_bulks([b"RPUSH", b"q", b"x" * rng.choice(
+                [1, 9, 10, 11, 100, 4095, 4096, 5000])]) for _ in range(300))
+            bounded, read, i = 0, 0, 0
+            while i < len(data):
+                step = rng.choice([7, 200, 5000])
+                reader.feed(data[i:i + step])
+                i += step
+                request = reader.read()
+                while request is not None:
+                    read += 1
+                    if reader.bounded:
+                        bounded += 1
+                        self.assertLessEqual(len(request[2]), max_message)
+                    request = reader.read()
+            self.assertEqual(read, 300)
+            if max_message >= beuss.BATCH_WINDOW:
+                self.assertGreater(bounded, 100, max_message)
+            else:
+                self.assertEqual(bounded, 0, max_message)
+
     def test_a_repeated_request_is_counted_not_split_and_stops_where_it_changes(self):
         reader, repeats = beuss.RequestReader(), []
         read_repeats = reader._read_repeats
@@ -3034,6 +3063,32 @@ class CommandFlagsTest(unittest.TestCase):
         # Names and search terms are not messages.
         self.assertEqual(self.reply(server, "LPOS q 1234"), b"$-1")
         self.assertEqual(self.reply(server, "RPUSH queue-name-longer 123"), b":1")
+
+    def test_message_size_holds_for_pipelined_messages(self):
+        # A pipeline is read many requests at a time, from a window of
+        # BATCH_WINDOW bytes; the server measures their messages unless
+        # the limit is at least that window. At the limit and one past it,
+        # on both sides of the window, in one pipeline each.
+        for limit in (100, beuss.BATCH_WINDOW - 1, beuss.BATCH_WINDOW):
+            server = self.start(max_message_size=limit)
+            sizes = [limit, 1, limit + 1, 2] * 3
+            with socket.create_connection(server.address, TIMEOUT) as sock:
+                sock.settimeout(TIMEOUT)
+                sock.sendall(b"".join(requests(
+                    [b"RPUSH", b"q", b"m" * size]) for size in sizes))
+                reader = beuss.ReplyReader(sock)
+                replies = [reader.read() for _ in sizes]
+            expected, length = [], 0
+            for size in sizes:
+                if size > limit:
+                    expected.append("ERR message too large (max %d bytes)"
+                                    % limit)
+                else:
+                    length += 1
+                    expected.append(length)
+            self.assertEqual([str(reply) if isinstance(reply, beuss.ReplyError)
+                              else reply for reply in replies], expected, limit)
+            self.assertEqual(server.queues.length(b"q"), length)
 
 
 class ClientCommandsTest(ServerCase):
