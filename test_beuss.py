@@ -1264,10 +1264,15 @@ class StoreTest(unittest.TestCase):
                          failed=False)      # back at the head, delivered once
         self.assertTrue(store.commit())
         held = [queues.reserve(b"q", "owner") for _ in range(237)]
-        queues.ack(held[50:200])
+        queues.ack(held[50:200])            # one range of ids, in a pass
+        self.assertTrue(store.commit())
+        queues.ack(held[230:237][::-1])     # a range named out of order
+        self.assertTrue(store.commit())
+        queues.ack(held[0:20:2])            # ids with gaps between them
         self.assertTrue(store.commit())
         self.assertEqual([h.deliveries for h in held[8:12]], [2, 2, 1, 1])
-        expected = [(h.message, h.deliveries) for h in held[:50] + held[200:]] \
+        kept = held[1:20:2] + held[20:50] + held[200:230]
+        expected = [(h.message, h.deliveries) for h in kept] \
             + [(bytes(m), 0) for m in queues.peek(b"q", 0, -1)]
         next_id = queues.next_id
         store.close()
