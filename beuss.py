@@ -3180,12 +3180,18 @@ class Store:
         key = name.decode() if name.isascii() else _name_key(name)
         if len(messages) == 1 and not (_RECORDS and name.endswith(b".dead")):
             # A job's put: its row without the loops and calls below (a
-            # tenth of the instructions the store adds to a job).
+            # tenth of the instructions the store adds to a job), added to
+            # the run under way without a call to _add (a twentieth).
             message = messages[0]
             new = (edge - 1.0 if left else edge + 1.0,)
-            self._add(("push", name, False), [(
-                key, new[0], bytearray(message), message.deliveries
-                if message.__class__ is Returned else 0)])
+            row = (key, new[0], bytearray(message), message.deliveries
+                   if message.__class__ is Returned else 0)
+            pending = self._pending
+            if pending is not None and pending[0] == ("push", name, False):
+                pending[1].append(row)  # _add, written out: the run goes on
+                self.changes += 1
+            else:
+                self._add(("push", name, False), [row])
         else:
             new = self._push_rows(name, key, messages, edge, -1.0 if left
                                   else 1.0)
@@ -3388,9 +3394,14 @@ class Store:
 
     def reserve(self, name, held_id, count):
         positions = self._positions[name]
-        self._add(("reserve", name), [(held_id, count, positions.popleft(),
-                                       name.decode() if name.isascii()
-                                       else _name_key(name))])
+        row = (held_id, count, positions.popleft(),
+               name.decode() if name.isascii() else _name_key(name))
+        pending = self._pending
+        if pending is not None and pending[0] == ("reserve", name):
+            pending[1].append(row)      # as in push
+            self.changes += 1
+        else:
+            self._add(("reserve", name), [row])
         if not positions:
             del self._positions[name]
 
