@@ -1897,8 +1897,8 @@ class Queues:
             return []
         if ids is None:
             return list(mine.values())
-        return [mine[held_id] for held_id in dict.fromkeys(ids)
-                if held_id in mine]
+        return [held for held in map(mine.get, dict.fromkeys(ids))
+                if held is not None]
 
     def ack(self, helds):
         """Remove held messages for good."""
