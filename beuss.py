@@ -5940,19 +5940,21 @@ _UNSCRIPTED = {
 def cmd_reserve(server, conn, args):
     # RESERVE q [q ...] timeout [COUNT n]: with COUNT, up to n messages of
     # the first queue that has any, as an array of what RESERVE gives one.
-    count = None
     if len(args) == 3:              # one queue, no COUNT: most often
         # (_timeout's cache read here first: a consumer's every request.)
         timeout = _TIMEOUTS.get(args[2]) or _timeout(args[2])
-        names = (args[1],)
-    else:
-        if len(args) >= 5 and args[-2].upper() == b"COUNT":
-            count = parse_integer(args[-1])
-            if count is None or count < 1:
-                raise ReplyError("ERR count should be greater than 0")
-            args = args[:-2]
-        timeout = _timeout(args[-1])
-        names = list(dict.fromkeys(args[1:-1]))
+        held = server.queues.reserve(args[1], conn)
+        if held is not None:
+            return server.reserved(held)
+        return _wait_to_reserve(server, conn, (args[1],), timeout)
+    count = None
+    if len(args) >= 5 and args[-2].upper() == b"COUNT":
+        count = parse_integer(args[-1])
+        if count is None or count < 1:
+            raise ReplyError("ERR count should be greater than 0")
+        args = args[:-2]
+    timeout = _timeout(args[-1])
+    names = list(dict.fromkeys(args[1:-1]))
     if count is not None:
         return _reserve_many(server, conn, names, timeout, count)
     for name in names:
