@@ -1886,7 +1886,10 @@ class Queues:
             self.holders[name] = {owner: 0}
         mine[held_id] = holds[held_id] = held
         holders = self.holders[name]
-        holders[owner] = holders.get(owner, 0) + 1
+        if owner in holders:
+            holders[owner] += 1
+        else:
+            holders[owner] = 1
         return held
 
     def held_by(self, owner, ids=None):
@@ -2005,10 +2008,11 @@ class Queues:
                 del holds_of[name], holders_of[name]
             else:
                 holders = holders_of[name]
-                if holders[owner] == 1:
-                    del holders[owner]
+                count = holders[owner] - 1
+                if count:
+                    holders[owner] = count
                 else:
-                    holders[owner] -= 1
+                    del holders[owner]
             held.owner = held.message = None
         self.size -= size
 
