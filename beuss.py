@@ -4772,6 +4772,7 @@ class Server(_Connections):
         reader, out, queues = conn.reader, conn.out, self.queues
         batch = reader.batch
         budget = REQUESTS_PER_PASS
+        last = None
         while conn.waiter is None and not conn.closing:
             if conn.out_size > OUTPUT_LIMIT:
                 conn.backlogged = True  # _write resumes it as the client reads
@@ -4801,35 +4802,40 @@ class Server(_Connections):
                     break
                 if args is None:
                     break
-            # COMMANDS holds each name in upper and lower case, so most
-            # requests find theirs without making a lower-case copy.
-            command = COMMANDS.get(args[0]) or COMMANDS.get(args[0].lower())
-            if command is None:
-                reply = self._unknown(conn, args)
+            # The request before, again (the same list: see _read_repeats,
+            # a consumer's pipelined RESERVEs) has its command found and its
+            # arity checked already. COMMANDS holds each name in upper and
+            # lower case, so most requests find theirs without making a
+            # lower-case copy.
+            if args is not last:
+                command = COMMANDS.get(args[0]) or COMMANDS.get(
+                    args[0].lower())
+                if command is not None:
+                    function, arity, name, route = command.dispatch
+                    conn.command = name
+                    if (len(args) == arity) if arity > 0 else (
+                            len(args) >= -arity):
+                        last = args
+            if args is not last:
+                reply = self._unknown(conn, args) if command is None else \
+                    self._refuse(conn, str(_wrong_arity(name)), command)
+            elif conn.guarded or route == 2:
+                reply = self._run_checked(conn, command, args)
             else:
-                function, arity, name, route = command.dispatch
-                conn.command = name
-                if (len(args) != arity) if arity > 0 else (
-                        len(args) < -arity):
-                    reply = self._refuse(conn, str(_wrong_arity(name)),
-                                         command)
-                elif conn.guarded or route == 2:
-                    reply = self._run_checked(conn, command, args)
-                else:
-                    # _call, written out: the flags that can matter on a
-                    # connection that is not guarded are denyoom's alone.
-                    # _admit is called only when it may refuse (the call
-                    # is a thirtieth of a job): past the memory bound, or
-                    # when the reader has not bounded the messages.
-                    try:
-                        if route and (queues.size > self._memory_bound
-                                      or not reader.bounded):
-                            self._admit(command, args)
-                        reply = function(self, conn, args)
-                    except ReplyError as exc:
-                        reply = encode_error(str(exc))
-                    except Exception as exc:
-                        reply = _internal_error(args, exc)
+                # _call, written out: the flags that can matter on a
+                # connection that is not guarded are denyoom's alone.
+                # _admit is called only when it may refuse (the call
+                # is a thirtieth of a job): past the memory bound, or
+                # when the reader has not bounded the messages.
+                try:
+                    if route and (queues.size > self._memory_bound
+                                  or not reader.bounded):
+                        self._admit(command, args)
+                    reply = function(self, conn, args)
+                except ReplyError as exc:
+                    reply = encode_error(str(exc))
+                except Exception as exc:
+                    reply = _internal_error(args, exc)
             if reply is not None:
                 if not out and conn.unsent is None:
                     self._dirty.append(conn)
