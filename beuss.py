@@ -1607,7 +1607,21 @@ class Queues:
             counts.pushed += len(messages)      # _arrived, without a call
         else:
             self._arrived(name, len(messages))
-        return self._add(name, messages, left)
+        queue = self._queues.get(name)
+        if left or queue.__class__ is not collections.deque or \
+                len(messages) != 1 or self.expiring or self.weights:
+            return self._add(name, messages, left)
+        # _add, written out for one message at the tail of a queue that
+        # exists and is not packed: a producer's every request.
+        queue.append(messages[0])
+        self.size += len(messages[0]) + MESSAGE_COST
+        if len(queue) > PACK_FROM:
+            self._pack(name)
+        if name in self._waiters:
+            self.ready[name] = None
+        if name in self._watches:
+            self._changed(name)
+        return len(queue)
 
     def _add(self, name, messages, left, until=FOREVER, ttl=None):
         if not left and (ttl or self.expiring and name in self.expiring):
