@@ -1922,8 +1922,11 @@ class Queues:
         if self.journal is not None and helds:
             self.journal.ack([held.id for held in helds])
         self._forget(helds)
+        name = None
         for held in helds:
-            counts = self.counts.get(held.queue)
+            if held.queue is not name:          # as in _forget
+                name = held.queue
+                counts = self.counts.get(name)
             if counts is not None:              # _count, written out
                 counts.acknowledged += 1
 
@@ -2007,21 +2010,29 @@ class Queues:
         # held says so to whoever still has it (a lease's entry), and keeps
         # no copy of the message there. (One call for many: an ACK names a
         # hundred.)
+        # An ACK's are one owner's, and mostly of one queue (the same name
+        # object, when the RESERVEs were one request repeated): their tables
+        # are looked up again only when the owner or the name changes. A
+        # table emptied by one is deleted; none after it can be in it.
         held_by, holds_of, holders_of = self._held_by, self.holds, self.holders
         size = MESSAGE_COST * len(helds)
+        owner = name = None
         for held in helds:
             size += len(held.message)
-            owner, name, held_id = held.owner, held.queue, held.id
-            mine = held_by[owner]
+            held_id = held.id
+            if held.owner is not owner:
+                owner = held.owner
+                mine = held_by[owner]
+            if held.queue is not name:
+                name = held.queue
+                holds, holders = holds_of[name], holders_of[name]
             del mine[held_id]
             if not mine:
                 del held_by[owner]
-            holds = holds_of[name]
             del holds[held_id]
             if not holds:           # the queue's last: one holder, once
                 del holds_of[name], holders_of[name]
             else:
-                holders = holders_of[name]
                 count = holders[owner] - 1
                 if count:
                     holders[owner] = count
