@@ -5290,13 +5290,20 @@ class Server(_Connections):
         """Start the lease of a message just reserved; its reply: queue,
         id, message and how many times it was delivered."""
         if self.lease:
-            held.deadline = time.monotonic() + self.lease
-            self._sequence += 1
-            heapq.heappush(self._leases, (held.deadline, self._sequence,
-                                          held))
-        return b"*4\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n:%d\r\n" % (
-            len(held.queue), held.queue, len(held.id), held.id,
-            len(held.message), held.message, held.deliveries)
+            self.lease_held(held)
+        try:
+            lines = _BULK_LINES
+            return RESERVED_REPLY % (
+                lines[len(held.queue)], held.queue, lines[len(held.id)],
+                held.id, lines[len(held.message)], held.message,
+                _DELIVERIES[held.deliveries])
+        except IndexError:  # a message of 4 KiB or more, or many deliveries
+            return reserved_reply(held)
+
+    def lease_held(self, held):
+        held.deadline = time.monotonic() + self.lease
+        self._sequence += 1
+        heapq.heappush(self._leases, (held.deadline, self._sequence, held))
 
     def touch(self, held):
         if self.lease:
@@ -5972,6 +5979,19 @@ _UNSCRIPTED = {
 }
 
 
+# What RESERVE gives for one message: queue, id, message and deliveries.
+# Its numbers come from tables where they can: formatting a number costs
+# more than looking it up and copying it (1.5 % of a job, four of them).
+RESERVED_REPLY = b"*4\r\n%s\r\n%s\r\n%s\r\n%s\r\n%s\r\n%s\r\n%s"
+_DELIVERIES = [b":%d\r\n" % n for n in range(64)]
+
+
+def reserved_reply(held):
+    """RESERVE's reply for held, whatever the sizes of its numbers."""
+    return b"*4\r\n" + b"".join(map(encode_bulk, (
+        held.queue, held.id, held.message))) + encode_int(held.deliveries)
+
+
 def cmd_reserve(server, conn, args):
     # RESERVE q [q ...] timeout [COUNT n]: with COUNT, up to n messages of
     # the first queue that has any, as an array of what RESERVE gives one.
@@ -5980,7 +6000,18 @@ def cmd_reserve(server, conn, args):
         timeout = _TIMEOUTS.get(args[2]) or _timeout(args[2])
         held = server.queues.reserve(args[1], conn)
         if held is not None:
-            return server.reserved(held)
+            # server.reserved(held), written out: a consumer's every
+            # request (a call is 1.3 % of a job).
+            if server.lease:
+                server.lease_held(held)
+            try:
+                lines = _BULK_LINES
+                return RESERVED_REPLY % (
+                    lines[len(held.queue)], held.queue, lines[len(held.id)],
+                    held.id, lines[len(held.message)], held.message,
+                    _DELIVERIES[held.deliveries])
+            except IndexError:
+                return reserved_reply(held)
         return _wait_to_reserve(server, conn, (args[1],), timeout)
     count = None
     if len(args) >= 5 and args[-2].upper() == b"COUNT":

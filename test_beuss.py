@@ -2144,6 +2144,35 @@ class ReserveTest(ServerCase):
         self.exchange(requests(*[["RESERVE", "q", "0.01"]] * 20),
                       b"*-1\r\n" * 20, sock)
 
+    def test_reserve_replies_at_and_past_what_their_tables_hold(self):
+        # The lengths in RESERVE's reply come from a table of those under
+        # 4096, and its count of deliveries from one under 64; past them
+        # they are formatted: the same bytes either way, whether the
+        # request names one queue or has COUNT.
+        self.server.queues.max_deliveries = 0
+        sock, held_id = self.connect(), 0
+
+        def reserve(name, message, deliveries, count):
+            request = ["RESERVE", name, "0"] + (["COUNT", "1"] if count else [])
+            reply = b"*4\r\n" + b"".join(beuss.encode_bulk(part) for part in (
+                name, b"%d" % held_id, message)) + b":%d\r\n" % deliveries
+            return request, b"*1\r\n" + reply if count else reply
+        for size in (4095, 4096, 4097):
+            for name, count in ((b"q", False), (b"n" * size, True),
+                                (b"n" * size, False)):
+                held_id += 1
+                message = bytes(range(256)) * 17
+                request, reply = reserve(name, message[:size], 1, count)
+                self.exchange(requests(["RPUSH", name, message[:size]], request,
+                                       ["ACK", b"%d" % held_id]),
+                              b":1\r\n" + reply + b":1\r\n", sock)
+        self.exchange(requests(["RPUSH", "q", "m"]), b":1\r\n", sock)
+        for deliveries in range(1, 67):
+            held_id += 1
+            request, reply = reserve(b"q", b"m", deliveries, deliveries % 2)
+            self.exchange(requests(request, ["NACK", b"%d" % held_id, "DELAY",
+                                             "0"]), reply + b":1\r\n", sock)
+
     def test_another_connection_cannot_ack_or_nack_what_it_does_not_hold(self):
         holder = self.exchange(requests(["RPUSH", "q", "m"], ["RESERVE", "q", "0"]),
                                b":1\r\n*4\r\n")
