@@ -1053,6 +1053,8 @@ class PackedQueueTest(unittest.TestCase):
                 queues.push(b"q", messages, left)
                 model[0 if left else n:0 if left else n] = \
                     messages[::-1] if left else messages
+                if len(model) > beuss.PACK_FROM:    # a push packs it
+                    self.assertIsInstance(queues._queues[b"q"], beuss.Packed)
             elif change == 3:
                 left, count = rng.random() < 0.5, rng.randint(1, 5)
                 taken = model[:count] if left else model[::-1][:count]
