@@ -2146,13 +2146,20 @@ class ReserveTest(ServerCase):
         self.exchange(requests(*[["RESERVE", "q", "0.01"]] * 20),
                       b"*-1\r\n" * 20, sock)
 
-    def test_reserve_replies_at_and_past_what_their_tables_hold(self):
+    def test_replies_at_and_past_what_their_tables_hold(self):
         # The lengths in RESERVE's reply come from a table of those under
-        # 4096, and its count of deliveries from one under 64; past them
-        # they are formatted: the same bytes either way, whether the
-        # request names one queue or has COUNT.
+        # 4096, and its count of deliveries, as a put's reply, from one of
+        # small integers (cut to 64 here); past them they are formatted:
+        # the same bytes either way, whether RESERVE names one queue or has
+        # COUNT.
+        patch = mock.patch.multiple(beuss, SMALL_INTEGERS=64, _INTEGER_REPLIES=(
+            beuss._INTEGER_REPLIES[:64]))
+        patch.start()
+        self.addCleanup(patch.stop)
         self.server.queues.max_deliveries = 0
         sock, held_id = self.connect(), 0
+        self.exchange(requests(*[["RPUSH", "long", "m"]] * 66), b"".join(
+            b":%d\r\n" % length for length in range(1, 67)), sock)
 
         def reserve(name, message, deliveries, count):
             request = ["RESERVE", name, "0"] + (["COUNT", "1"] if count else [])
