@@ -2015,12 +2015,11 @@ class Queues:
     def _forget(self, helds):
         # Their owner and message become None: a Held that is no longer
         # held says so to whoever still has it (a lease's entry), and keeps
-        # no copy of the message there. (One call for many: an ACK names a
-        # hundred.)
-        # An ACK's are one owner's, and mostly of one queue (the same name
-        # object, when the RESERVEs were one request repeated): their tables
-        # are looked up again only when the owner or the name changes. A
-        # table emptied by one is deleted; none after it can be in it.
+        # no copy of the message there. One call for many: an ACK names a
+        # hundred, one owner's, mostly of one queue (the same name object
+        # when the RESERVEs were one request repeated), so the owner's and
+        # the queue's tables are looked up again only when the owner or the
+        # name changes. A table emptied is deleted: none after can be in it.
         held_by, holds_of, holders_of = self._held_by, self.holds, self.holders
         size = MESSAGE_COST * len(helds)
         owner = name = None
@@ -4835,10 +4834,10 @@ class Server(_Connections):
                 if args is None:
                     break
             # The request before, again (the same list: see _read_repeats,
-            # a consumer's pipelined RESERVEs) has its command found and its
-            # arity checked already. COMMANDS holds each name in upper and
-            # lower case, so most requests find theirs without making a
-            # lower-case copy.
+            # a consumer's pipelined RESERVEs), has its command found and
+            # its arity checked already: 2 % of a job. COMMANDS holds each
+            # name in upper and lower case, so most requests find theirs
+            # without making a lower-case copy.
             if args is not last:
                 command = COMMANDS.get(args[0]) or COMMANDS.get(
                     args[0].lower())
@@ -4855,10 +4854,10 @@ class Server(_Connections):
                 reply = self._run_checked(conn, command, args)
             else:
                 # _call, written out: the flags that can matter on a
-                # connection that is not guarded are denyoom's alone.
-                # _admit is called only when it may refuse (the call
-                # is a thirtieth of a job): past the memory bound, or
-                # when the reader has not bounded the messages.
+                # connection that is not guarded are denyoom's alone. _admit
+                # is called only when it may refuse (the call is a thirtieth
+                # of a job): past the memory bound, or when the reader has
+                # not bounded the messages.
                 try:
                     if route and (queues.size > self._memory_bound
                                   or not reader.bounded):
