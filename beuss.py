@@ -1921,8 +1921,8 @@ class Queues:
             return []
         if ids is None:
             return list(mine.values())
-        return [held for held in map(mine.get, dict.fromkeys(ids))
-                if held is not None]
+        # (filter(None, ...): a Held is always true.)
+        return list(filter(None, map(mine.get, dict.fromkeys(ids))))
 
     def ack(self, helds):
         """Remove held messages for good."""
