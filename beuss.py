@@ -1049,20 +1049,23 @@ class Watch:
 
 
 class Held:
-    """A reserved message: out of its queue, held by its owner."""
+    """A reserved message: out of its queue, held by its owner.
 
-    __slots__ = ("id", "queue", "message", "deliveries", "owner", "deadline",
-                 "died", "since")
+    Queues.reserve alone makes them, and sets every field itself: a call
+    to an __init__ would cost 1.7 % of a job."""
 
-    def __init__(self, held_id, queue, message, deliveries, owner, since):
-        self.id = held_id           # bytes, unique for the life of the data
-        self.queue = queue
-        self.message = message
-        self.deliveries = deliveries    # this delivery included
-        self.owner = owner
-        self.deadline = None        # when the lease runs out (the server's)
-        self.died = None            # a dead letter's (when, why) it died
-        self.since = since          # when it was reserved (monotonic)
+    __slots__ = (
+        "id",               # bytes, unique for the life of the data
+        "queue",
+        "message",
+        "deliveries",       # this delivery included
+        "owner",
+        "deadline",         # when the lease runs out (the server's), or None
+        "died",             # a dead letter's (when, why) it died, or None
+        "since")            # when it was reserved (monotonic)
+
+
+_new_object = object.__new__
 
 
 class Returned(bytes):
@@ -1895,9 +1898,15 @@ class Queues:
             self._changed(name)
         if message.__class__ is not bytes:
             message = bytes(message)
-        held = Held(held_id, name, message, count, owner, self.now)
-        if record is not None:
-            held.died = record[2:]
+        held = _new_object(Held)    # see Held
+        held.id = held_id
+        held.queue = name
+        held.message = message
+        held.deliveries = count
+        held.owner = owner
+        held.deadline = None
+        held.died = None if record is None else record[2:]
+        held.since = self.now
         # (get, not setdefault: setdefault would make a dict every time.)
         mine, holds = self._held_by.get(owner), self.holds.get(name)
         if mine is None:
