@@ -308,7 +308,7 @@ def encode_int(number):
 
 # The replies of small integers, as most integer replies are (a queue's
 # length after a put, a count of deliveries): looking one up costs less
-# than formatting it (see RESERVED_REPLY).
+# than formatting it (see reserved_reply).
 SMALL_INTEGERS = 1024
 _INTEGER_REPLIES = [encode_int(number) for number in range(SMALL_INTEGERS)]
 
@@ -409,6 +409,7 @@ def _is_hex(two):
 _ARRAY_LENGTHS = {}
 _BULK_LENGTHS = {}
 _BULK_LINES = []                        # the length line of each length
+_BULK_HEADS = []                        # ... with its CRLF, for replies
 BATCH_WINDOW = 4096                     # bytes split at once into requests
 BATCH_MINIMUM = 128                     # fewer are read one request at a time
 REPEATED_MAXIMUM = 512                  # bytes of a request remembered
@@ -419,6 +420,7 @@ def _fill_length_tables():
     # do this together), _BULK_LENGTHS last: it says they are there.
     _ARRAY_LENGTHS.update({b"*%d" % n: n for n in range(1024)})
     lines = [b"$%d" % n for n in range(4096)]
+    _BULK_HEADS[:] = [line + b"\r\n" for line in lines]
     _BULK_LINES[:] = lines
     _BULK_LENGTHS.update({line: n for n, line in enumerate(lines)})
 
@@ -5307,11 +5309,12 @@ class Server(_Connections):
         if self.lease:
             self.lease_held(held)
         try:
-            lines = _BULK_LINES
-            return RESERVED_REPLY % (
-                lines[len(held.queue)], held.queue, lines[len(held.id)],
-                held.id, lines[len(held.message)], held.message,
-                _INTEGER_REPLIES[held.deliveries])
+            heads = _BULK_HEADS
+            return b"".join((
+                _RESERVED_HEADS.get(held.queue) or _reserved_head(held.queue),
+                heads[len(held.id)], held.id, b"\r\n", heads[len(
+                    held.message)], held.message, b"\r\n",
+                _INTEGER_REPLIES[held.deliveries]))
         except IndexError:  # a message of 4 KiB or more, or many deliveries
             return reserved_reply(held)
 
@@ -5998,10 +6001,23 @@ _UNSCRIPTED = {
 
 
 # What RESERVE gives for one message: queue, id, message and deliveries.
-# Its numbers come from tables where they can (the reader's length lines,
-# and _INTEGER_REPLIES): formatting a number costs more than looking it up
-# and copying it (four of them, 1.5 % of a job).
-RESERVED_REPLY = b"*4\r\n%s\r\n%s\r\n%s\r\n%s\r\n%s\r\n%s\r\n%s"
+# It is joined from pieces kept ready where they can be: the part that
+# names the queue (_RESERVED_HEADS, for up to RESERVED_HEADS_KEPT names of
+# up to 256 bytes: 270 KB at most), the length lines (_BULK_HEADS) and the
+# count (_INTEGER_REPLIES). Formatting them each time cost about 4 % of a
+# job more.
+_RESERVED_HEADS = {}
+RESERVED_HEADS_KEPT = 1024
+
+
+def _reserved_head(name):
+    """The part of RESERVE's reply that names queue name, kept ready."""
+    head = b"*4\r\n" + encode_bulk(name)
+    if len(name) <= 256:
+        if len(_RESERVED_HEADS) >= RESERVED_HEADS_KEPT:
+            _RESERVED_HEADS.clear()
+        _RESERVED_HEADS[name] = head
+    return head
 
 
 def reserved_reply(held):
@@ -6023,11 +6039,12 @@ def cmd_reserve(server, conn, args):
             if server.lease:
                 server.lease_held(held)
             try:
-                lines = _BULK_LINES
-                return RESERVED_REPLY % (
-                    lines[len(held.queue)], held.queue, lines[len(held.id)],
-                    held.id, lines[len(held.message)], held.message,
-                    _INTEGER_REPLIES[held.deliveries])
+                heads = _BULK_HEADS
+                return b"".join((
+                    _RESERVED_HEADS.get(held.queue) or _reserved_head(
+                        held.queue), heads[len(held.id)], held.id, b"\r\n",
+                    heads[len(held.message)], held.message, b"\r\n",
+                    _INTEGER_REPLIES[held.deliveries]))
             except IndexError:
                 return reserved_reply(held)
         return _wait_to_reserve(server, conn, (args[1],), timeout)

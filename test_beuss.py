@@ -2176,11 +2176,32 @@ class ReserveTest(ServerCase):
                                        ["ACK", b"%d" % held_id]),
                               b":1\r\n" + reply + b":1\r\n", sock)
         self.exchange(requests(["RPUSH", "q", "m"]), b":1\r\n", sock)
+        self.assertLessEqual(len(beuss._RESERVED_HEADS),
+                             beuss.RESERVED_HEADS_KEPT)
         for deliveries in range(1, 67):
             held_id += 1
             request, reply = reserve(b"q", b"m", deliveries, deliveries % 2)
             self.exchange(requests(request, ["NACK", b"%d" % held_id, "DELAY",
                                              "0"]), reply + b":1\r\n", sock)
+
+    def test_replies_name_their_queue_past_the_names_kept_ready(self):
+        # The part of RESERVE's reply that names the queue is kept ready
+        # for RESERVED_HEADS_KEPT names (3 here) of up to 256 bytes; a
+        # fourth starts afresh, and a longer name is never kept.
+        patch = mock.patch.object(beuss, "RESERVED_HEADS_KEPT", 3)
+        patch.start()
+        self.addCleanup(patch.stop)
+        sock = self.connect()
+        for held_id, name in enumerate([b"a", b"bb", b"ccc", b"d" * 256,
+                                        b"e" * 257] * 3, 1):
+            reply = b"*4\r\n" + b"".join(map(beuss.encode_bulk, (
+                name, b"%d" % held_id, name + b"!"))) + b":1\r\n"
+            self.exchange(requests(["RPUSH", name, name + b"!"],
+                                   ["RESERVE", name, "0"]),
+                          b":1\r\n" + reply, sock)
+            self.assertLessEqual(len(beuss._RESERVED_HEADS), 3)
+            self.assertEqual(beuss._RESERVED_HEADS.get(name), None if len(
+                name) > 256 else b"*4\r\n" + beuss.encode_bulk(name))
 
     def test_another_connection_cannot_ack_or_nack_what_it_does_not_hold(self):
         holder = self.exchange(requests(["RPUSH", "q", "m"], ["RESERVE", "q", "0"]),
