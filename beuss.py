@@ -2544,6 +2544,12 @@ class Queues:
 
     # Waiting -------------------------------------------------------------
 
+    def takes_runs(self, name):
+        """Whether pushes onto name, one after another, do what one push
+        of all their messages does: nothing waits to take from it between
+        them, and it has no bound that could refuse some of them."""
+        return name not in self._waiters and name not in self.bounded
+
     def wait(self, waiter):
         for name in waiter.names:
             line = self._waiters.get(name)
@@ -4873,7 +4879,12 @@ class Server(_Connections):
                     if route and (queues.size > self._memory_bound
                                   or not reader.bounded):
                         self._admit(command, args)
-                    reply = function(self, conn, args)
+                    if function is cmd_push and batch:   # see _push_run
+                        waiting = len(batch)
+                        reply = self._push_run(conn, args, budget)
+                        budget -= waiting - len(batch)
+                    else:
+                        reply = function(self, conn, args)
                 except ReplyError as exc:
                     reply = encode_error(str(exc))
                 except Exception as exc:
@@ -4885,6 +4896,51 @@ class Server(_Connections):
                 conn.out_size += len(reply)
             if queues.ready:
                 self._serve_waiters()
+
+    def _push_run(self, conn, args, most):
+        """RPUSH or LPUSH of one message, with the like pushes onto the same
+        queue that follow it in the batch (at most `most` of them), as one
+        push: their replies, one after another.
+
+        A push's reply is its queue's length after it, so pushes that come
+        one after another give the same replies, and leave the queue as
+        one push of all their messages does, as long as nothing can take
+        from the queue between them and none of them would be refused:
+        the queue has no waiters (they are served after each request, as
+        in Redis) and no bound, and the memory bound is not passed before
+        the last one (each request is checked before it runs, as in
+        Redis). This saves each put after the first the loop's checks and
+        the queue's: a fifth of the instructions of a job in the job loop
+        (42,300 -> 34,600) and of `-P 16` (15,500 -> 12,400). Messages
+        of a run with a ttl expire together, at the first one's time plus
+        the ttl, microseconds early for the others."""
+        queues, batch = self.queues, conn.reader.batch
+        verb, name = args[0], args[1]
+        if len(args) != 3 or not conn.reader.bounded or \
+                not queues.takes_runs(name):
+            return cmd_push(self, conn, args)
+        messages, bound = [args[2]], self._memory_bound
+        size = queues.size + len(args[2]) + MESSAGE_COST
+        while batch and len(messages) <= most and size <= bound:
+            following = batch[-1]
+            if len(following) != 3 or following[1] != name or \
+                    following[0] != verb:
+                break
+            batch.pop()
+            message = following[2]
+            messages.append(message)
+            size += len(message) + MESSAGE_COST
+        try:
+            length = queues.push(name, messages, verb[0] in b"lL")
+        except ReplyError as exc:
+            return encode_error(str(exc)) * len(messages)
+        except Exception as exc:
+            return _internal_error(args, exc) * len(messages)
+        if length < SMALL_INTEGERS:
+            return b"".join(_INTEGER_REPLIES[length - len(messages) + 1:
+                                             length + 1])
+        return b"".join(map(encode_int, range(length - len(messages) + 1,
+                                              length + 1)))
 
     def _unknown(self, conn, args):
         """The reply to a command beuss does not know; None when the

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 from unittest import mock
 
@@ -3383,6 +3384,16 @@ class MaxMemoryTest(ServerCase):
         sock.recv(1000)
         self.exchange(requests(["RPUSH", "q", message]), b":10\r\n", sock)
 
+    def test_pipelined_pushes_stop_at_the_bound_as_they_do_one_by_one(self):
+        # A pipeline's pushes onto one queue run as one push (Server.
+        # _push_run), yet each is checked against the bound before it, as
+        # it would be alone: the eleventh goes through, the rest do not.
+        sock, message = self.connect(), "m" * 100
+        oom = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+        self.exchange(requests(*[["RPUSH", "q", message]] * 15), b"".join(
+            b":%d\r\n" % n for n in range(1, 12)) + oom * 4, sock)
+        self.assertEqual(self.server.queues.length(b"q"), 11)
+
     def test_one_command_may_cross_the_bound_as_in_redis_then_none_goes_on(self):
         # Redis's rule: the bound is checked before a command, so the one
         # that crosses it goes through whole, DEFER and RPUSH of many alike.
@@ -3400,6 +3411,39 @@ class MaxMemoryTest(ServerCase):
         with beuss.Server(("127.0.0.1", 0)) as server:
             self.assertEqual(server.max_memory, os.sysconf("SC_PAGE_SIZE")
                              * os.sysconf("SC_PHYS_PAGES") // 2)
+
+
+class PushRunTest(unittest.TestCase):
+    """Server._push_run, the pushes onto one queue that follow one another
+    in a batch run as one push, on a server whose loop is not running."""
+
+    def run_of(self, count, most):
+        server = beuss.Server(("127.0.0.1", 0), max_memory=0)
+        self.addCleanup(server.stop)
+        reader = beuss.RequestReader()
+        reader.feed(requests(*[["RPUSH", "q", "m%d" % i] for i in range(count)]))
+        first = reader.read()
+        conn = types.SimpleNamespace(reader=reader)
+        return server, reader, server._push_run(conn, first, most)
+
+    def test_a_run_takes_no_more_requests_than_the_pass_has_left(self):
+        for most in (0, 1, 3, 9, 20):
+            server, reader, reply = self.run_of(10, most)
+            taken = min(most, 9) + 1
+            self.assertEqual(reply, b"".join(b":%d\r\n" % n for n in range(
+                1, taken + 1)), most)
+            self.assertEqual(len(reader.batch), 10 - taken, most)
+            self.assertEqual(server.queues.peek(b"q", 0, -1), [
+                b"m%d" % i for i in range(taken)], most)
+
+    def test_a_push_that_fails_answers_every_request_of_its_run(self):
+        for error, reply in ((beuss.ReplyError("ERR no"), b"-ERR no\r\n"), (
+                RuntimeError("bug"), b"-ERR internal error in 'rpush': "
+                b"RuntimeError('bug')\r\n")):
+            with mock.patch.object(beuss.Queues, "push", side_effect=error):
+                _, reader, replies = self.run_of(5, 3)
+            self.assertEqual(replies, reply * 4)
+            self.assertEqual(len(reader.batch), 1)
 
 
 class TokenTest(ServerCase):
@@ -6725,6 +6769,34 @@ class DifferentialTest(ServerCase):
             without = [b"".join(stream).replace(messages[0], b"").replace(
                 messages[1], b"").replace(messages[2], b"") for stream in (theirs, ours)]
             self.assertEqual(without[0], without[1])
+
+    def test_pipelined_pushes_match_redis_with_a_waiter_and_other_queues(self):
+        # Pushes onto one queue that follow one another in a pipeline run
+        # as one push (Server._push_run): the replies, what the waiter
+        # gets and the queues must be those Redis gives, which serves a
+        # waiter after each command.
+        steps = ([["RPUSH", "q", "a"], ["RPUSH", "q", "b"], ["RPUSH", "q", "c"],
+                  ["LPUSH", "q", "d"], ["LPUSH", "q", "e"], ["rpush", "q", "f"],
+                  ["RPUSH", "q", "g", "h"], ["RPUSH", "r", "x"], ["RPUSH", "q", "i"]]
+                 + [["RPUSH", "q", "j%d" % i] for i in range(40)]
+                 + [["LPUSH", "r", "y%d" % i] for i in range(30)]
+                 + [["LRANGE", "q", "0", "-1"], ["LRANGE", "r", "0", "-1"],
+                    ["DEL", "q", "r"]])
+
+        def run(port):
+            with socket.create_connection(("127.0.0.1", port), TIMEOUT) as waiter, \
+                    beuss.Client(port=port, timeout=TIMEOUT) as probe:
+                waiter.settimeout(TIMEOUT)
+                waiter.sendall(requests(["BLPOP", "q", "0"]))
+                deadline = time.monotonic() + TIMEOUT
+                while probe.info()["blocked_clients"] != "1":
+                    self.assertLess(time.monotonic(), deadline)
+                    time.sleep(0.005)
+                replies = self.raw_replies(port, [(requests(*steps), len(steps))])
+                return replies, self.receive(waiter, 18)
+        theirs, ours = self.on_both(run)
+        self.assertEqual(ours, theirs)
+        self.assertEqual(ours[1], b"*2\r\n$1\r\nq\r\n$1\r\na\r\n")
 
     def test_client_list_and_info_carry_the_fields_redis_gives(self):
         def run(port):
