@@ -1216,7 +1216,7 @@ class QueueCounts:
 # a pop reaches it or a change (LSET, LINSERT) lands in it. What it costs:
 # each push on a packed queue is a method call more (a reserve takes from
 # its head directly), and each message is copied into its run and out
-# again: about 5 % more instructions a job in the job loop of `python
+# again: about 6 % more instructions a job in the job loop of `python
 # test_beuss.py --bench --instructions` (its row "a packed queue", against
 # the same load on a queue that does not pack; --bench has a row with all
 # its 100,000 jobs queued first, where the queue packs). Below PACK_FROM that is not worth what packing saves (about 45
