@@ -5619,9 +5619,9 @@ def _side(arg):
 def cmd_push(server, conn, args):
     left = args[0][0] in b"lL"
     length = server.queues.push(args[1], args[2:], left)
-    # encode_int, written out: a producer's every reply.
+    # From the table without a call: a producer's every reply.
     return _INTEGER_REPLIES[length] if length < SMALL_INTEGERS else \
-        b":%d\r\n" % length
+        encode_int(length)
 
 
 def cmd_pushx(server, conn, args):
